@@ -1,0 +1,25 @@
+"""Worker roles and the Kubernetes labels that carry them."""
+
+from __future__ import annotations
+
+import enum
+
+LABEL_PREFIX = "triphase.dev"
+ROLE_LABEL = f"{LABEL_PREFIX}/role"
+
+
+class Role(enum.StrEnum):
+    """What a worker does with a request; a worker's role can change at runtime."""
+
+    ENCODE = "encode"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    BOTH = "both"
+
+    @property
+    def can_prefill(self) -> bool:
+        return self in (Role.PREFILL, Role.BOTH)
+
+    @property
+    def can_decode(self) -> bool:
+        return self in (Role.DECODE, Role.BOTH)

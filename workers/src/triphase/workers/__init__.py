@@ -1,0 +1,1 @@
+"""triphase workers: the torch engine and the gRPC worker around it."""

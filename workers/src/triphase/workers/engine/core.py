@@ -1,0 +1,277 @@
+"""The engine: step = schedule -> run -> update, plus stop checks, streaming output and KV hand-off.
+
+Single-threaded by design: callers (the CLI, tests, the gRPC worker) drive `step()` from one
+thread. Export/import is the seed of disaggregation: a prefill-only request keeps its blocks
+pinned after its first token is sampled; another engine imports those blocks and decodes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from triphase.common.errors import UserError
+from triphase.workers.engine.detokenizer import IncrementalDetokenizer
+from triphase.workers.engine.kv_cache_manager import KVCacheManager, cdiv
+from triphase.workers.engine.kv_layout import KvLayout
+from triphase.workers.engine.model_runner import TORCH_DTYPES, ModelRunner
+from triphase.workers.engine.request import Request, RequestStatus
+from triphase.workers.engine.sampling import SamplingParams
+from triphase.workers.engine.scheduler import Scheduler, SchedulerConfig
+from triphase.workers.models.llama import FAMILIES
+from triphase.workers.models.loader import LoadedModel, load_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: derived from kv_cache_bytes
+    kv_cache_bytes: int = 1 << 30
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # None: the model's context length
+    dtype: str = "float32"
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in TORCH_DTYPES:
+            raise UserError(f"unsupported dtype {self.dtype!r} (choose from {', '.join(TORCH_DTYPES)})")
+        if self.block_size < 1 or self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise UserError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    logprobs: list[dict[int, float]] | None = None
+
+
+@dataclasses.dataclass
+class Completion:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    num_cached_tokens: int
+    ttft_s: float
+    e2e_s: float
+    logprobs: list[dict[int, float]] | None = None
+
+
+@dataclasses.dataclass
+class KvExport:
+    """A prefilled request's KV, ready to move: metadata plus (for in-process or stream transfer) data."""
+
+    request_id: str
+    layout: KvLayout
+    block_ids: list[int]  # in the source engine's tensor, in token order
+    num_tokens: int  # tokens whose KV the blocks hold (the prompt)
+    first_token_id: int
+    first_logprobs: dict[int, float] | None = None
+    data: torch.Tensor | None = None  # [len(block_ids), *block shape] when copied out
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        cfg = loaded.config
+        self.model_config = cfg
+        self.tokenizer = loaded.tokenizer
+        self.model_path = loaded.path
+        dtype = TORCH_DTYPES[self.config.dtype]
+        self.model = FAMILIES[cfg.architecture](cfg, loaded.weights, dtype)
+        block_bytes = KvLayout(1, cfg.num_hidden_layers, self.config.block_size, cfg.num_key_value_heads,
+                               cfg.head_dim, self.config.dtype).block_bytes
+        num_blocks = self.config.num_kv_blocks or max(1, self.config.kv_cache_bytes // block_bytes)
+        self.layout = KvLayout(num_blocks, cfg.num_hidden_layers, self.config.block_size,
+                               cfg.num_key_value_heads, cfg.head_dim, self.config.dtype)
+        self.kv = KVCacheManager(num_blocks, self.config.block_size,
+                                 enable_prefix_caching=self.config.enable_prefix_caching)
+        max_len = min(self.config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.scheduler = Scheduler(
+            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens, max_len),
+            self.kv,
+        )
+        self.runner = ModelRunner(self.model, self.layout)
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._stop_ids = frozenset(cfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
+        self.num_steps = 0
+
+    @classmethod
+    def from_path(cls, path: str | None = None, config: EngineConfig | None = None,
+                  progress: Callable[..., Iterable[Any]] | None = None) -> Engine:
+        config = config or EngineConfig()
+        kwargs = {"progress": progress} if progress is not None else {}
+        return cls(load_model(path, dtype=TORCH_DTYPES[config.dtype], **kwargs), config)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler.config.max_model_len
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
+                    *, prefill_only: bool = False) -> Request:
+        """Queue a request; raises ValueError for one that can never run (too long, empty)."""
+        if self.scheduler.find(request_id) is not None:
+            raise ValueError(f"request {request_id!r} already exists")
+        request = Request(request_id, prompt_token_ids, sampling, prefill_only=prefill_only)
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
+            raise ValueError(f"prompt contains token ids outside the vocabulary (0..{vocab - 1})")
+        self.scheduler.add(request)
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks at once (pinned ones included)."""
+        if self.scheduler.release(request_id):
+            return True
+        request = self.scheduler.find(request_id)
+        if request is None:
+            return False
+        self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        self._detok.pop(request_id, None)
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduler step: returns outputs for requests that produced a token or ended."""
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return []
+        samples = self.runner.execute(plan)
+        self.num_steps += 1
+        advanced = self.scheduler.update(plan, {rid: s.token_id for rid, s in samples.items()})
+        now = time.monotonic()
+        outputs = []
+        for request in advanced:
+            sample = samples[request.request_id]
+            if sample.logprobs is not None:
+                request.logprobs.append(sample.logprobs)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            outputs.append(self._emit(request, sample.token_id, sample.logprobs))
+        return outputs
+
+    def _emit(self, request: Request, token: int, logprobs: dict[int, float] | None) -> RequestOutput:
+        detok = self._detok[request.request_id]
+        params = request.sampling
+        reason: str | None = None
+        text, matched = detok.add(token)
+        if matched is not None:
+            reason, request.stop_reason = "stop", matched
+        elif token in params.stop_token_ids or (token in self._stop_ids and not params.ignore_eos):
+            reason, request.stop_reason = "stop", token
+        elif request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            text += detok.flush()
+        if request.prefill_only:
+            self.scheduler.finish(request, RequestStatus.PREFILLED)
+            return RequestOutput(request.request_id, [token], text, True, reason, [logprobs] if logprobs else None)
+        if reason is not None:
+            status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
+            self.scheduler.finish(request, status)
+            self._detok.pop(request.request_id, None)
+        return RequestOutput(request.request_id, [token], text, reason is not None, reason,
+                             [logprobs] if logprobs else None)
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams],
+                 ) -> list[Completion]:
+        """Run prompts to completion together (continuous batching); results in prompt order."""
+        params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+        ids = [f"gen-{self.num_steps}-{i}" for i in range(len(prompts))]
+        requests = {rid: self.add_request(rid, p, sp) for rid, p, sp in zip(ids, prompts, params, strict=True)}
+        texts = dict.fromkeys(ids, "")
+        reasons: dict[str, str] = {}
+        while len(reasons) < len(ids):
+            for out in self.step():
+                texts[out.request_id] += out.new_text
+                if out.finished:
+                    reasons[out.request_id] = out.finish_reason or "stop"
+        done = time.monotonic()
+        return [self._completion(requests[rid], texts[rid], reasons[rid], done) for rid in ids]
+
+    @staticmethod
+    def _completion(request: Request, text: str, reason: str, done: float) -> Completion:
+        first = request.first_token_time or done
+        return Completion(
+            request.request_id, request.prompt_token_ids, request.output_token_ids, text, reason,
+            request.num_cached_tokens, first - request.arrival_time, done - request.arrival_time,
+            request.logprobs or None,
+        )
+
+    # ------------------------------------------------------------------ KV hand-off
+    def prefill(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams) -> KvExport:
+        """Prefill only (stepping the engine until done) and describe the pinned KV for export."""
+        request = self.add_request(request_id, prompt_token_ids, sampling, prefill_only=True)
+        while request.status is not RequestStatus.PREFILLED:
+            if request.status.finished:
+                raise RuntimeError(f"request {request_id} ended during prefill ({request.status.value})")
+            self.step()
+        return self.export_kv(request_id)
+
+    def export_kv(self, request_id: str, *, with_data: bool = False) -> KvExport:
+        request = self.scheduler.pinned.get(request_id)
+        if request is None:
+            raise KeyError(f"no prefilled request {request_id!r} is pinned here")
+        block_ids = self.kv.block_ids(request_id)[: cdiv(request.num_prompt_tokens, self.layout.block_size)]
+        export = KvExport(request_id, self.layout, block_ids, request.num_prompt_tokens,
+                          request.output_token_ids[0], request.logprobs[0] if request.logprobs else None)
+        if with_data:
+            export.data = self.runner.read_blocks(block_ids)
+        return export
+
+    def release_kv(self, request_id: str) -> bool:
+        """The receiver has the blocks: unpin and free them."""
+        self._detok.pop(request_id, None)
+        return self.scheduler.release(request_id)
+
+    def import_kv(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
+                  export: KvExport, source: Engine | None = None) -> tuple[Request, RequestOutput]:
+        """Adopt another engine's prefill: allocate blocks, copy the KV in (from `export.data`, or
+        block-to-block from `source` in the same process), and decode from the next step on."""
+        if not self.layout.compatible_with(export.layout):
+            raise ValueError("KV layouts differ between the engines")
+        if export.num_tokens != len(prompt_token_ids):
+            raise ValueError(f"export holds {export.num_tokens} tokens, prompt has {len(prompt_token_ids)}")
+        request = Request(request_id, prompt_token_ids, sampling)
+        self.scheduler.check(request)
+        dst = self.kv.adopt_imported(request, export.num_tokens)
+        if dst is None:
+            raise MemoryError(f"no room for {len(export.block_ids)} KV blocks")
+        if export.data is not None:
+            self.runner.write_blocks(dst, export.data)
+        elif source is not None:
+            self.runner.copy_blocks_from(source.runner, export.block_ids, dst)
+        else:
+            self.kv.free(request_id)
+            raise ValueError("the export carries no data and no source engine was given")
+        request.num_computed_tokens = export.num_tokens
+        request.append_token(export.first_token_id)
+        if export.first_logprobs is not None:
+            request.logprobs.append(export.first_logprobs)
+        self.kv.cache_computed_blocks(request)
+        detok = IncrementalDetokenizer(self.tokenizer, sampling.stop)
+        self._detok[request_id] = detok
+        self.scheduler.add_running(request)
+        request.first_token_time = time.monotonic()
+        # The first token may already end the request (EOS, max_tokens=1, a stop string).
+        return request, self._emit(request, export.first_token_id, None)

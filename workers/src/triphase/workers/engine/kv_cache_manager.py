@@ -1,0 +1,130 @@
+"""Which blocks each request owns, prefix-cache look-ups, and slot allocation.
+
+A request's blocks hold its tokens in order: token i lives in block table[i // block_size], slot
+i % block_size. Full blocks whose KV has been computed are indexed by their chained hash so a
+later request with the same prefix shares them (reference counted) instead of recomputing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from triphase.workers.engine.block_pool import Block, BlockPool, hash_block_tokens
+from triphase.workers.engine.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self.enable_prefix_caching = enable_prefix_caching
+        self._blocks: dict[str, list[Block]] = {}
+        self._hashes: dict[str, list[int]] = {}  # hashes of the request's full blocks, in order
+        self._num_cached: dict[str, int] = {}  # how many of its blocks are already indexed
+        self.prefix_queries = 0  # prompt tokens looked up
+        self.prefix_hits = 0  # of which found in the cache
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free / self.pool.num_blocks
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self._blocks.get(request_id, ())]
+
+    def owns(self, request_id: str) -> bool:
+        return request_id in self._blocks
+
+    def block_hashes(self, token_ids: Sequence[int]) -> list[int]:
+        """Chained hashes of every full block of `token_ids`."""
+        hashes: list[int] = []
+        parent: int | None = None
+        bs = self.block_size
+        for start in range(0, len(token_ids) - bs + 1, bs):
+            parent = hash_block_tokens(parent, token_ids[start : start + bs])
+            hashes.append(parent)
+        return hashes
+
+    def _request_hashes(self, request: Request) -> list[int]:
+        hashes = self._hashes.setdefault(request.request_id, [])
+        bs = self.block_size
+        full = request.num_tokens // bs
+        while len(hashes) < full:
+            i = len(hashes)
+            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, request.token_ids[i * bs : (i + 1) * bs]))
+        return hashes
+
+    # ------------------------------------------------------------------ allocation
+    def get_computed_blocks(self, request: Request) -> tuple[list[Block], int]:
+        """Longest cached prefix of the request's tokens: (blocks, tokens). At least one token is left
+        to compute, because the step that computes it also produces the next token's logits."""
+        if not self.enable_prefix_caching:
+            return [], 0
+        hits: list[Block] = []
+        for block_hash in self._request_hashes(request):
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        if hits and len(hits) * self.block_size >= request.num_tokens:
+            hits.pop()
+        self.prefix_queries += request.num_tokens
+        self.prefix_hits += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       computed_blocks: Sequence[Block] = ()) -> bool:
+        """Make room for `num_new_tokens` more tokens after the computed ones (and after
+        `computed_blocks`, prefix hits being adopted now). False, changing nothing, if the pool
+        cannot supply the blocks."""
+        owned = self._blocks.get(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        needed = cdiv(num_computed + num_new_tokens, self.block_size) - len(owned) - len(computed_blocks)
+        reusable_free = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        if needed > self.pool.num_free - reusable_free:
+            return False
+        self.pool.touch(computed_blocks)
+        new = self.pool.allocate(max(needed, 0))
+        self._blocks[request.request_id] = [*owned, *computed_blocks, *new]
+        if computed_blocks:
+            self._num_cached[request.request_id] = len(owned) + len(computed_blocks)
+        return True
+
+    def cache_computed_blocks(self, request: Request) -> None:
+        """Index the request's full blocks whose KV is now computed."""
+        if not self.enable_prefix_caching:
+            return
+        rid = request.request_id
+        blocks = self._blocks.get(rid)
+        if not blocks:
+            return
+        full = min(request.num_computed_tokens // self.block_size, len(blocks))
+        done = self._num_cached.get(rid, 0)
+        if full <= done:
+            return
+        hashes = self._request_hashes(request)
+        for i in range(done, full):
+            self.pool.cache(blocks[i], hashes[i])
+        self._num_cached[rid] = full
+
+    def free(self, request_id: str) -> None:
+        """Release a request's blocks (tail first, so its last blocks are evicted first)."""
+        blocks = self._blocks.pop(request_id, None)
+        self._hashes.pop(request_id, None)
+        self._num_cached.pop(request_id, None)
+        if blocks:
+            self.pool.release(reversed(blocks))
+
+    def adopt_imported(self, request: Request, num_tokens: int) -> list[int] | None:
+        """Allocate fresh blocks for `num_tokens` of KV arriving from another engine."""
+        if not self.allocate_slots(request, num_tokens):
+            return None
+        return self.block_ids(request.request_id)

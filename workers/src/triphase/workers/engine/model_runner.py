@@ -1,0 +1,109 @@
+"""The torch side of a step: owns the one KV tensor, builds model inputs from a SchedulerOutput,
+runs the model and samples.
+
+Nothing here decides what runs; the scheduler did. Block and slot indices are computed with
+tensor ops so a batch of 64 long decodes costs a handful of torch calls, not a Python loop per
+token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from triphase.workers.engine.kv_layout import KvLayout, transfer_plan
+from triphase.workers.engine.sampler import Sample, sample
+from triphase.workers.engine.scheduler import SchedulerOutput
+from triphase.workers.models.attention import AttentionBatch, PrefillSeq
+from triphase.workers.models.llama import LlamaModel
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, layout: KvLayout) -> None:
+        self.model = model
+        self.layout = layout
+        self.kv_cache = torch.zeros(layout.shape, dtype=TORCH_DTYPES[layout.dtype])
+        self.generator = torch.Generator().manual_seed(0)
+
+    # ------------------------------------------------------------------ a step
+    def execute(self, output: SchedulerOutput) -> dict[str, Sample]:
+        """Run the scheduled tokens; returns a sample for every request whose step reaches its end."""
+        bs = self.layout.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        write_blocks: list[int] = []
+        write_slots: list[int] = []
+        logits_rows: list[int] = []
+        sampled_items = []
+        decode_ctx: list[int] = []
+        decode_tables: list[list[int]] = []
+        prefills: list[PrefillSeq] = []
+        for item in output.scheduled:
+            request, start, n = item.request, item.start, item.num_new_tokens
+            offset = len(tokens)
+            tokens.extend(request.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            for p in range(start, start + n):
+                write_blocks.append(item.block_ids[p // bs])
+                write_slots.append(p % bs)
+            if n == 1 and start > 0 and not prefills:
+                decode_ctx.append(start + 1)
+                decode_tables.append(item.block_ids)
+            else:
+                gather_blocks = gather_slots = None
+                if start > 0:
+                    table = torch.tensor(item.block_ids, dtype=torch.long)
+                    pos = torch.arange(start + n)
+                    gather_blocks, gather_slots = table[pos // bs], pos % bs
+                prefills.append(PrefillSeq(offset, offset + n, start, gather_blocks, gather_slots))
+            if item.samples:
+                logits_rows.append(len(tokens) - 1)
+                sampled_items.append(item)
+
+        batch = AttentionBatch(
+            write_blocks=torch.tensor(write_blocks, dtype=torch.long),
+            write_slots=torch.tensor(write_slots, dtype=torch.long),
+            num_decode=len(decode_ctx),
+            decode_blocks=None, decode_slots=None, decode_mask=None,
+            prefills=prefills,
+        )
+        if decode_ctx:
+            longest = max(decode_ctx)
+            width = -(-longest // bs)
+            table = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in decode_tables], dtype=torch.long)
+            pos = torch.arange(longest)
+            batch.decode_blocks = table[:, pos // bs]
+            batch.decode_slots = (pos % bs).expand(len(decode_ctx), longest)
+            if min(decode_ctx) < longest:
+                ctx = torch.tensor(decode_ctx)
+                batch.decode_mask = (pos.unsqueeze(0) < ctx.unsqueeze(1))[:, None, None, :]
+        logits = self.model.forward(
+            torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long), batch,
+            self.kv_cache, torch.tensor(logits_rows, dtype=torch.long),
+        )
+        if not sampled_items:
+            return {}
+        samples = sample(
+            logits,
+            [i.request.sampling for i in sampled_items],
+            [i.request.num_output_tokens for i in sampled_items],
+            self.generator,
+        )
+        return {i.request.request_id: s for i, s in zip(sampled_items, samples, strict=True)}
+
+    # ------------------------------------------------------------------ KV export / import
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """Copy of the given blocks: [len(block_ids), *block shape]."""
+        return self.kv_cache[torch.tensor(block_ids, dtype=torch.long)].clone()
+
+    def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        expected = (len(block_ids), *self.layout.shape[1:])
+        if tuple(data.shape) != expected:
+            raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
+        self.kv_cache[torch.tensor(block_ids, dtype=torch.long)] = data.to(self.kv_cache.dtype)
+
+    def copy_blocks_from(self, source: ModelRunner, src_ids: list[int], dst_ids: list[int]) -> None:
+        """Block copy between two runners in one process, one slice copy per contiguous run."""
+        for s, d, n in transfer_plan(src_ids, dst_ids):
+            self.kv_cache[d : d + n].copy_(source.kv_cache[s : s + n])

