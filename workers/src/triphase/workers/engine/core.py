@@ -22,7 +22,7 @@ from triphase.workers.engine.kv_layout import KvLayout
 from triphase.workers.engine.model_runner import TORCH_DTYPES, ModelRunner
 from triphase.workers.engine.request import Request, RequestStatus
 from triphase.workers.engine.sampling import SamplingParams
-from triphase.workers.engine.scheduler import Scheduler, SchedulerConfig
+from triphase.workers.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
 from triphase.workers.models.llama import FAMILIES
 from triphase.workers.models.loader import LoadedModel, load_model
 
@@ -217,6 +217,25 @@ class Engine:
             request.num_cached_tokens, first - request.arrival_time, done - request.arrival_time,
             request.logprobs or None,
         )
+
+    def prompt_logits(self, token_ids: Sequence[int], chunk_size: int | None = None) -> torch.Tensor:
+        """Teacher-forced float32 logits at every position [len(token_ids), vocab], computed through
+        the paged cache in chunks of `chunk_size` tokens (default: the step budget)."""
+        request = Request(f"score-{self.num_steps}", token_ids, SamplingParams(max_tokens=1, temperature=0))
+        self.scheduler.check(request)
+        chunk = chunk_size or self.config.max_num_batched_tokens
+        rows = []
+        try:
+            while request.num_computed_tokens < request.num_tokens:
+                n = min(chunk, request.num_tokens - request.num_computed_tokens)
+                if not self.kv.allocate_slots(request, n):
+                    raise MemoryError("not enough free KV blocks to score this prompt")
+                item = ScheduledRequest.of(request, n, self.kv.block_ids(request.request_id))
+                rows.append(self.runner.logits(item))
+                request.num_computed_tokens += n
+        finally:
+            self.kv.free(request.request_id)
+        return torch.cat(rows)
 
     # ------------------------------------------------------------------ KV hand-off
     def prefill(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams) -> KvExport:

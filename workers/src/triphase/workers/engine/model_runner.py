@@ -12,7 +12,7 @@ import torch
 
 from triphase.workers.engine.kv_layout import KvLayout, transfer_plan
 from triphase.workers.engine.sampler import Sample, sample
-from triphase.workers.engine.scheduler import SchedulerOutput
+from triphase.workers.engine.scheduler import ScheduledRequest, SchedulerOutput
 from triphase.workers.models.attention import AttentionBatch, PrefillSeq
 from triphase.workers.models.llama import LlamaModel
 
@@ -29,6 +29,23 @@ class ModelRunner:
     # ------------------------------------------------------------------ a step
     def execute(self, output: SchedulerOutput) -> dict[str, Sample]:
         """Run the scheduled tokens; returns a sample for every request whose step reaches its end."""
+        logits, sampled_items = self._forward(output.scheduled, all_logits=False)
+        if not sampled_items:
+            return {}
+        samples = sample(
+            logits,
+            [i.request.sampling for i in sampled_items],
+            [i.request.num_output_tokens for i in sampled_items],
+            self.generator,
+        )
+        return {i.request.request_id: s for i, s in zip(sampled_items, samples, strict=True)}
+
+    def logits(self, item: ScheduledRequest) -> torch.Tensor:
+        """Logits for every token of one scheduled chunk (teacher forcing, scoring)."""
+        return self._forward([item], all_logits=True)[0]
+
+    def _forward(self, scheduled: list[ScheduledRequest], *, all_logits: bool,
+                 ) -> tuple[torch.Tensor, list[ScheduledRequest]]:
         bs = self.layout.block_size
         tokens: list[int] = []
         positions: list[int] = []
@@ -39,7 +56,7 @@ class ModelRunner:
         decode_ctx: list[int] = []
         decode_tables: list[list[int]] = []
         prefills: list[PrefillSeq] = []
-        for item in output.scheduled:
+        for item in scheduled:
             request, start, n = item.request, item.start, item.num_new_tokens
             offset = len(tokens)
             tokens.extend(request.token_ids[start : start + n])
@@ -57,7 +74,9 @@ class ModelRunner:
                     pos = torch.arange(start + n)
                     gather_blocks, gather_slots = table[pos // bs], pos % bs
                 prefills.append(PrefillSeq(offset, offset + n, start, gather_blocks, gather_slots))
-            if item.samples:
+            if all_logits:
+                logits_rows.extend(range(offset, offset + n))
+            elif item.samples:
                 logits_rows.append(len(tokens) - 1)
                 sampled_items.append(item)
 
@@ -82,15 +101,7 @@ class ModelRunner:
             torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long), batch,
             self.kv_cache, torch.tensor(logits_rows, dtype=torch.long),
         )
-        if not sampled_items:
-            return {}
-        samples = sample(
-            logits,
-            [i.request.sampling for i in sampled_items],
-            [i.request.num_output_tokens for i in sampled_items],
-            self.generator,
-        )
-        return {i.request.request_id: s for i, s in zip(sampled_items, samples, strict=True)}
+        return logits, sampled_items
 
     # ------------------------------------------------------------------ KV export / import
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:

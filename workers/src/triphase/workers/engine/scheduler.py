@@ -19,19 +19,18 @@ from triphase.workers.engine.request import Request, RequestStatus
 
 @dataclasses.dataclass
 class ScheduledRequest:
+    """One request's share of a step, fixed when scheduled (the request itself moves on)."""
+
     request: Request
     num_new_tokens: int
     block_ids: list[int]
+    start: int = 0  # position of the first token computed in this step
+    samples: bool = False  # the step reaches the end of the request's tokens, so it samples one
 
-    @property
-    def start(self) -> int:
-        """Position of the first token computed in this step."""
-        return self.request.num_computed_tokens
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the request's tokens and so samples a new one."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+    @classmethod
+    def of(cls, request: Request, num_new_tokens: int, block_ids: list[int]) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return cls(request, num_new_tokens, block_ids, start, start + num_new_tokens == request.num_tokens)
 
 
 @dataclasses.dataclass
@@ -115,7 +114,7 @@ class Scheduler:
                     break
             if request.status is not RequestStatus.RUNNING:
                 continue
-            item = ScheduledRequest(request, num_new, self.kv.block_ids(request.request_id))
+            item = ScheduledRequest.of(request, num_new, self.kv.block_ids(request.request_id))
             (decodes if remaining == 1 else prefills).append(item)
             scheduled_ids.add(request.request_id)
             budget -= num_new
@@ -136,7 +135,7 @@ class Scheduler:
                 request.num_cached_tokens = num_hit
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            prefills.append(ScheduledRequest(request, num_new, self.kv.block_ids(request.request_id)))
+            prefills.append(ScheduledRequest.of(request, num_new, self.kv.block_ids(request.request_id)))
             scheduled_ids.add(request.request_id)
             budget -= num_new
         return SchedulerOutput(decodes + prefills, preempted)
