@@ -238,6 +238,7 @@ def _hf_config(raw: dict[str, Any], arch: str, path: str, folder: pathlib.Path) 
     try:
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
+        rope = raw.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
         eos = raw.get("eos_token_id")
         gen_path = folder / "generation_config.json"
         if gen_path.exists():
@@ -253,11 +254,11 @@ def _hf_config(raw: dict[str, Any], arch: str, path: str, folder: pathlib.Path) 
             num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
             head_dim=int(raw.get("head_dim") or hidden // heads),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=bool(raw.get("attention_bias", arch == "qwen2")),
-            rope_scaling=rope_scaling_from_dict(raw.get("rope_scaling")),
+            rope_scaling=rope_scaling_from_dict(raw.get("rope_scaling") or rope),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             name=folder.name,
