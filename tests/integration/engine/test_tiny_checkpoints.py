@@ -67,7 +67,8 @@ def test_tiny_checkpoint_tokens_match(kind, tmp_path):
     for prompt, completion in zip(prompts, ours, strict=True):
         with torch.no_grad():
             ref_logits = reference(torch.tensor([prompt])).logits[0]
-            out = reference.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+            mask = torch.ones(1, len(prompt), dtype=torch.long)
+            out = reference.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, attention_mask=mask)
         assert completion.token_ids == out[0, len(prompt):].tolist()
         ours_logits = engine.prompt_logits(prompt)
         assert float((ours_logits - ref_logits).abs().max()) < 1e-4

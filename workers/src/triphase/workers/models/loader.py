@@ -39,6 +39,10 @@ class LoadedModel:
     path: str
 
 
+def _unsupported(arch: str, path: str) -> UserError:
+    return UserError(f"unsupported architecture {arch!r} in {path} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+
+
 def _no_progress(items: Iterable[T], total: int, desc: str) -> Iterable[T]:
     return items
 
@@ -113,7 +117,7 @@ def _load_gguf(path: str, dtype: torch.dtype, progress: Progress[Any]) -> Loaded
         raise UserError(f"{path} is a corrupted GGUF file ({exc})") from None
     arch = str(meta.get("general.architecture", "?"))
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise UserError(f"unsupported architecture {arch!r} in {path} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        raise _unsupported(arch, path)
     try:
         config = _gguf_config(meta, arch, path)
         tokenizer = tok.from_gguf_metadata(meta)
@@ -209,7 +213,7 @@ def _load_hf_dir(path: str, dtype: torch.dtype, progress: Progress[Any]) -> Load
     if arch == "mistral":
         arch = "llama"
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise UserError(f"unsupported architecture {arch!r} in {path} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        raise _unsupported(arch, path)
     config = _hf_config(raw, arch, path, folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:

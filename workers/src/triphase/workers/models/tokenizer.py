@@ -60,9 +60,9 @@ class Tokenizer:
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         ids = list(self.backend.encode(text, add_special_tokens=False).ids)
-        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
-            if not ids or ids[0] != self.bos_token_id:
-                ids.insert(0, self.bos_token_id)
+        bos = self.bos_token_id
+        if add_special_tokens and self.add_bos_token and bos is not None and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
         return ids
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
@@ -72,7 +72,8 @@ class Tokenizer:
         token = self.backend.id_to_token(token_id)
         return None if token is None else str(token)
 
-    def render_chat(self, messages: Sequence[ChatMessage | dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: Sequence[ChatMessage | dict[str, Any]], *,
+                    add_generation_prompt: bool = True) -> str:
         """Apply the model's own chat template (Jinja, sandboxed, HF's whitespace settings)."""
         if self.chat_template is None:
             raise ValueError("this model has no chat template")

@@ -1,0 +1,40 @@
+"""The `triphase` command: parses arguments and hands each subcommand to its component.
+
+Components are imported only when their subcommand runs, so `triphase --help` is instant and
+a broken optional dependency of one component cannot break another's command. Errors a user can
+fix (`UserError`, `ValueError` from input validation) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="triphase", description="Disaggregated LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from triphase.workers import generate
+
+    gen = sub.add_parser("generate", help="generate a completion with the local engine")
+    generate.add_arguments(gen)
+    gen.set_defaults(run=generate.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from triphase.common import logs
+    from triphase.common.errors import UserError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.configure("WARNING")
+    try:
+        return int(args.run(args))
+    except (UserError, ValueError) as exc:
+        sys.stderr.write(f"triphase: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130

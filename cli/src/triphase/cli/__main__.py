@@ -1,0 +1,5 @@
+import sys
+
+from triphase.cli import main
+
+sys.exit(main())

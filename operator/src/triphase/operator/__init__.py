@@ -1,0 +1,1 @@
+"""triphase operator (see the issues: it lands after the engine)."""

@@ -1,0 +1,1 @@
+"""triphase router (see the issues: it lands after the engine)."""

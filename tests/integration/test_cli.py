@@ -1,0 +1,79 @@
+"""`triphase generate` as a user runs it: real process, real model, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def triphase(*args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "triphase.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_generate_json(loaded_model):
+    proc = triphase("generate", "--prompt", "What is the capital of France?", "--chat", "--max-tokens", "12",
+                    "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert "Paris" in result["text"]
+    assert result["text"] == loaded_model.tokenizer.decode(result["token_ids"])
+    assert result["prompt_tokens"] > 10 and result["completion_tokens"] == len(result["token_ids"]) <= 12
+    assert result["timings"]["total_s"] > 0
+
+
+def test_generate_streams_text_and_reports_speed():
+    proc = triphase("generate", "--prompt", "Once upon a time", "--max-tokens", "8", "--ignore-eos")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.split()) >= 3  # the continuation, streamed to stdout
+    assert "tokens/s decode" in proc.stderr
+
+
+def corrupt_gguf(tmp_path):
+    from triphase.workers.models.loader import bundled_model_path
+
+    with open(bundled_model_path(), "rb") as handle:
+        data = handle.read(4096)  # header and part of the metadata, then nothing
+    path = tmp_path / "truncated.gguf"
+    path.write_bytes(data)
+    return path
+
+
+def unsupported_gguf(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "gpt2.gguf"
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing", "not-a-model", "truncated", "unsupported", "bad-flag-value"])
+def test_errors_are_one_line_without_traceback(case, tmp_path, loaded_model):
+    if case == "missing":
+        args, expected = ["--model", str(tmp_path / "nope.gguf")], "model not found"
+    elif case == "not-a-model":
+        (tmp_path / "x.bin").write_bytes(b"hello world")
+        args, expected = ["--model", str(tmp_path / "x.bin")], "neither a GGUF file"
+    elif case == "truncated":
+        args, expected = ["--model", str(corrupt_gguf(tmp_path))], "corrupted GGUF"
+    elif case == "unsupported":
+        args, expected = ["--model", str(unsupported_gguf(tmp_path))], "unsupported architecture 'gpt2'"
+    else:
+        args, expected = ["--max-tokens", "-3"], "max_tokens must be at least 1"
+    proc = triphase("generate", "--prompt", "hi", *args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr

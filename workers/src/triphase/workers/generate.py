@@ -1,0 +1,89 @@
+"""`triphase generate`: one completion from the engine, streamed to the terminal or as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from triphase.workers.engine.core import Engine, EngineConfig
+from triphase.workers.engine.sampling import SamplingParams
+
+T = TypeVar("T")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", required=True, help="the prompt text (or the user message with --chat)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--system", help="system message (with --chat)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="makes sampling reproducible")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    parser.add_argument("--model", help="GGUF file or Hugging Face directory (default: bundled SmolLM2-135M)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV cache")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def _progress(quiet: bool):
+    def wrap(items: Iterable[T], total: int, desc: str) -> Iterable[T]:
+        from tqdm import tqdm
+
+        return tqdm(items, total=total, desc=desc, unit="tensor", disable=quiet, file=sys.stderr, leave=False)
+
+    return wrap
+
+
+def run(args: argparse.Namespace) -> int:
+    sampling = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+    )
+    started = time.monotonic()
+    engine = Engine.from_path(args.model, EngineConfig(dtype=args.dtype, kv_cache_bytes=256 << 20),
+                              progress=_progress(quiet=args.json or not sys.stderr.isatty()))
+    load_s = time.monotonic() - started
+    tok = engine.tokenizer
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        prompt_ids = tok.encode_chat([*messages, {"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = tok.encode(args.prompt)
+
+    request = engine.add_request("cli", prompt_ids, sampling)
+    text, reason = "", None
+    first_at = None
+    t0 = time.monotonic()
+    while reason is None:
+        for out in engine.step():
+            if first_at is None:
+                first_at = time.monotonic()
+            text += out.new_text
+            if not args.json:
+                sys.stdout.write(out.new_text)
+                sys.stdout.flush()
+            if out.finished:
+                reason = out.finish_reason
+    total = time.monotonic() - t0
+    ttft = (first_at or t0) - t0
+    generated = request.output_token_ids
+    decode_tps = (len(generated) - 1) / (total - ttft) if len(generated) > 1 and total > ttft else 0.0
+    timings = {"load_s": round(load_s, 3), "ttft_s": round(ttft, 4), "total_s": round(total, 4),
+               "decode_tokens_per_s": round(decode_tps, 1)}
+    if args.json:
+        result: dict[str, Any] = {
+            "text": text, "token_ids": generated, "prompt_tokens": len(prompt_ids),
+            "completion_tokens": len(generated), "finish_reason": reason, "timings": timings,
+        }
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        sys.stdout.write("\n")
+        sys.stderr.write(f"[{len(generated)} tokens, prompt {len(prompt_ids)} tokens, "
+                         f"first token {ttft * 1000:.0f} ms, {decode_tps:.1f} tokens/s decode, finish: {reason}]\n")
+    return 0
