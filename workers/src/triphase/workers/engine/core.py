@@ -39,10 +39,18 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     dtype: str = "float32"
     enable_prefix_caching: bool = True
+    # "dense": every matrix in `dtype`. "int4": also keep a GGUF file's Q4_0/Q4_1 matrices packed and
+    # use them for steps of at most int4_max_tokens tokens (needs dtype bfloat16).
+    weights: str = "dense"
+    int4_max_tokens: int = 8
 
     def __post_init__(self) -> None:
         if self.dtype not in TORCH_DTYPES:
             raise UserError(f"unsupported dtype {self.dtype!r} (choose from {', '.join(TORCH_DTYPES)})")
+        if self.weights not in ("dense", "int4"):
+            raise UserError(f"unsupported weights mode {self.weights!r} (choose dense or int4)")
+        if self.weights == "int4" and self.dtype != "bfloat16":
+            raise UserError("int4 weights compute in bfloat16: use dtype bfloat16")
         if self.block_size < 1 or self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise UserError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
 
@@ -93,7 +101,11 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.path
         dtype = TORCH_DTYPES[self.config.dtype]
-        self.model = FAMILIES[cfg.architecture](cfg, loaded.weights, dtype)
+        int4 = self.config.weights == "int4"
+        if int4 and not loaded.quantized:
+            raise UserError("int4 weights need a GGUF file with Q4_0/Q4_1 matrices, loaded with keep_quantized")
+        self.model = FAMILIES[cfg.architecture](cfg, loaded.weights, dtype, loaded.quantized if int4 else None,
+                                                self.config.int4_max_tokens if int4 else 0)
         block_bytes = KvLayout(1, cfg.num_hidden_layers, self.config.block_size, cfg.num_key_value_heads,
                                cfg.head_dim, self.config.dtype).block_bytes
         num_blocks = self.config.num_kv_blocks or max(1, self.config.kv_cache_bytes // block_bytes)
@@ -116,7 +128,8 @@ class Engine:
                   progress: Callable[..., Iterable[Any]] | None = None) -> Engine:
         config = config or EngineConfig()
         kwargs = {"progress": progress} if progress is not None else {}
-        return cls(load_model(path, dtype=TORCH_DTYPES[config.dtype], **kwargs), config)
+        loaded = load_model(path, dtype=TORCH_DTYPES[config.dtype], keep_quantized=config.weights == "int4", **kwargs)
+        return cls(loaded, config)
 
     @property
     def max_model_len(self) -> int:

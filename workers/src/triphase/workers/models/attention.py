@@ -35,40 +35,36 @@ class AttentionBatch:
     prefills: list[PrefillSeq]
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_kv: torch.Tensor,
-                    batch: AttentionBatch, scale: float) -> torch.Tensor:
-    """q [T, H, D], k/v [T, KVH, D] for the new tokens; layer_kv is kv[:, layer] ([N, 2, S, KVH, D]).
-
-    Writes k/v into the cache, attends, and returns [T, H, D].
-    """
-    k_cache = layer_kv[:, 0]
-    v_cache = layer_kv[:, 1]
-    k_cache[batch.write_blocks, batch.write_slots] = k
-    v_cache[batch.write_blocks, batch.write_slots] = v
+def paged_attention(q: torch.Tensor, kv: torch.Tensor, layer_kv: torch.Tensor, batch: AttentionBatch,
+                    scale: float) -> torch.Tensor:
+    """q [T, H, D] and kv [T, 2, KVH, D] for the new tokens; layer_kv is kv_cache[:, layer]
+    ([N, 2, S, KVH, D]). Writes the new K/V into the cache, attends, and returns [T, H, D]."""
+    layer_kv[batch.write_blocks, :, batch.write_slots] = kv
     outputs: list[torch.Tensor] = []
     nd = batch.num_decode
     if nd:
         assert batch.decode_blocks is not None and batch.decode_slots is not None
-        kd = k_cache[batch.decode_blocks, batch.decode_slots].transpose(1, 2)  # [B, KVH, L, D]
-        vd = v_cache[batch.decode_blocks, batch.decode_slots].transpose(1, 2)
-        qd = q[:nd].unsqueeze(2)  # [B, H, 1, D]
-        out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, scale=scale,
-                                             enable_gqa=True)
+        past = layer_kv[batch.decode_blocks, :, batch.decode_slots]  # [B, L, 2, KVH, D]
+        kd = past[:, :, 0].transpose(1, 2)  # [B, KVH, L, D]
+        vd = past[:, :, 1].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), kd, vd, attn_mask=batch.decode_mask,
+                                             scale=scale, enable_gqa=True)
         outputs.append(out.squeeze(2))
     for seq in batch.prefills:
         qs = q[seq.start:seq.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         if seq.context_len == 0:
-            ks = k[seq.start:seq.end].transpose(0, 1).unsqueeze(0)
-            vs = v[seq.start:seq.end].transpose(0, 1).unsqueeze(0)
+            new = kv[seq.start:seq.end]
+            ks = new[:, 0].transpose(0, 1).unsqueeze(0)
+            vs = new[:, 1].transpose(0, 1).unsqueeze(0)
             out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
         else:
             assert seq.gather_blocks is not None and seq.gather_slots is not None
-            ks = k_cache[seq.gather_blocks, seq.gather_slots].transpose(0, 1).unsqueeze(0)
-            vs = v_cache[seq.gather_blocks, seq.gather_slots].transpose(0, 1).unsqueeze(0)
+            past = layer_kv[seq.gather_blocks, :, seq.gather_slots]  # [L, 2, KVH, D]
+            ks = past[:, 0].transpose(0, 1).unsqueeze(0)
+            vs = past[:, 1].transpose(0, 1).unsqueeze(0)
             n = seq.end - seq.start
-            total = seq.context_len + n
             # Query i (absolute position context_len + i) sees keys 0 .. context_len + i.
-            mask = torch.ones(n, total, dtype=torch.bool).tril(diagonal=seq.context_len)
+            mask = torch.ones(n, seq.context_len + n, dtype=torch.bool).tril(diagonal=seq.context_len)
             out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         outputs.append(out.squeeze(0).transpose(0, 1))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from triphase.workers.models.attention import AttentionBatch, paged_attention
 from triphase.workers.models.config import ModelConfig
+from triphase.workers.models.quant import Int4Linear, Q4Blocks, concat_rows
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -41,58 +42,70 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    """Normalize in float32, scale in the model dtype (the Hugging Face Llama order of operations)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+    return F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype) * weight
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+class Linear:
+    """y = x W^T (+ b). Dense weights are stored transposed ([in, out], contiguous) and applied as
+    `x @ w`; with 4-bit GGUF blocks available, steps of at most `int4_max_tokens` rows use the
+    packed int4 kernel instead (fewer bytes read: small steps are bandwidth-bound)."""
 
+    __slots__ = ("bias", "int4", "int4_max_tokens", "weight_t")
 
-def _transposed(weight: torch.Tensor) -> torch.Tensor:
-    return weight.t().contiguous()
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 q4: Q4Blocks | None = None, int4_max_tokens: int = 0) -> None:
+        self.weight_t = weight.t().contiguous()
+        self.bias = bias
+        self.int4 = Int4Linear(q4) if q4 is not None and int4_max_tokens > 0 else None
+        self.int4_max_tokens = int4_max_tokens
 
-
-def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    out = x @ weight_t
-    return out if bias is None else out + bias
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        small = self.int4 is not None and x.shape[0] <= self.int4_max_tokens
+        out = self.int4(x) if small and self.int4 is not None else x @ self.weight_t
+        return out if self.bias is None else out + self.bias
 
 
 class _Layer:
-    __slots__ = ("attn_norm", "down", "gate_up", "mlp_norm", "o", "qkv", "qkv_bias")
+    __slots__ = ("attn_norm", "down", "gate_up", "mlp_norm", "o", "qkv")
 
-    def __init__(self, weights: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> None:
+    def __init__(self, weights: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype,
+                 quantized: dict[str, Q4Blocks], int4_max_tokens: int) -> None:
         def w(name: str) -> torch.Tensor:
-            return weights[prefix + name].to(dtype).contiguous()
+            return weights[prefix + name].to(dtype)
+
+        def fused(*names: str, bias: bool = False) -> Linear:
+            """One Linear over the row-concatenation of several matrices (q|k|v, gate|up)."""
+            weight = torch.cat([w(f"{n}.weight") for n in names])
+            b = torch.cat([w(f"{n}.bias") for n in names]) if bias else None
+            blocks = [quantized.get(f"{prefix}{n}.weight") for n in names]
+            q4 = concat_rows([x for x in blocks if x is not None]) if all(x is not None for x in blocks) else None
+            return Linear(weight, b, q4=q4, int4_max_tokens=int4_max_tokens)
 
         self.attn_norm = w("input_layernorm.weight")
         self.mlp_norm = w("post_attention_layernorm.weight")
-        self.qkv = _transposed(torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"),
-                                          w("self_attn.v_proj.weight")]))
-        self.qkv_bias = None
-        if prefix + "self_attn.q_proj.bias" in weights:
-            self.qkv_bias = torch.cat([w("self_attn.q_proj.bias"), w("self_attn.k_proj.bias"),
-                                       w("self_attn.v_proj.bias")]).contiguous()
-        self.o = _transposed(w("self_attn.o_proj.weight"))
-        self.gate_up = _transposed(torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]))
-        self.down = _transposed(w("mlp.down_proj.weight"))
+        has_bias = prefix + "self_attn.q_proj.bias" in weights
+        self.qkv = fused("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", bias=has_bias)
+        self.o = fused("self_attn.o_proj")
+        self.gate_up = fused("mlp.gate_proj", "mlp.up_proj")
+        self.down = fused("mlp.down_proj")
 
 
 class LlamaModel:
     """Forward pass over a flat batch of new tokens; see attention.py for the batch layout."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 quantized: dict[str, Q4Blocks] | None = None, int4_max_tokens: int = 0) -> None:
         self.config = config
         self.dtype = dtype
         self.embed = weights["model.embed_tokens.weight"].to(dtype).contiguous()
         self.norm = weights["model.norm.weight"].to(dtype)
         lm_head = weights.get("lm_head.weight")
-        head = self.embed if lm_head is None or config.tie_word_embeddings else lm_head.to(dtype)
-        self.lm_head = _transposed(head)
-        self.layers = [_Layer(weights, f"model.layers.{i}.", dtype) for i in range(config.num_hidden_layers)]
+        self.lm_head = Linear(self.embed if lm_head is None or config.tie_word_embeddings else lm_head.to(dtype))
+        self.layers = [_Layer(weights, f"model.layers.{i}.", dtype, quantized or {}, int4_max_tokens)
+                       for i in range(config.num_hidden_layers)]
         self.q_size = config.num_attention_heads * config.head_dim
         self.kv_size = config.num_key_value_heads * config.head_dim
         self.scale = config.head_dim ** -0.5
@@ -102,13 +115,13 @@ class LlamaModel:
         self._ensure_rope(config.max_position_embeddings)
 
     def _ensure_rope(self, length: int) -> None:
+        """cos and sign-folded sin tables: rotate_half(x) * sin == x.roll(D/2) * [-sin, sin]."""
         if self._cos.shape[0] >= length:
             return
         t = torch.arange(length, dtype=torch.int64).float()
         freqs = torch.outer(t, self._inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self._cos = emb.cos().to(self.dtype)
-        self._sin = emb.sin().to(self.dtype)
+        self._cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1).to(self.dtype)
+        self._sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(self.dtype)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
@@ -121,21 +134,22 @@ class LlamaModel:
         sin = self._sin[positions].unsqueeze(1)
         h = F.embedding(input_ids, self.embed)
         heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qk_size, half = self.q_size + self.kv_size, dim // 2
         for index, layer in enumerate(self.layers):
             x = rms_norm(h, layer.attn_norm, cfg.rms_norm_eps)
-            qkv = _linear(x, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(x)
+            # Rotate q and k together, in place, so k|v stay adjacent for a single cache write.
+            qk = qkv[:, :qk_size].view(n, heads + kv_heads, dim)
+            qk.copy_(qk * cos + qk.roll(half, dims=-1) * sin)
             q = qkv[:, : self.q_size].view(n, heads, dim)
-            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, kv_heads, dim)
-            v = qkv[:, self.q_size + self.kv_size :].view(n, kv_heads, dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            attn = paged_attention(q, k, v, kv_cache[:, index], batch, self.scale)
-            h = h + _linear(attn.reshape(n, self.q_size), layer.o)
+            kv = qkv[:, self.q_size :].view(n, 2, kv_heads, dim)
+            attn = paged_attention(q, kv, kv_cache[:, index], batch, self.scale)
+            h = h + layer.o(attn.reshape(n, self.q_size))
             x = rms_norm(h, layer.mlp_norm, cfg.rms_norm_eps)
-            gate, up = _linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = h + _linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
         h = rms_norm(h[logits_indices], self.norm, cfg.rms_norm_eps)
-        return _linear(h, self.lm_head).float()
+        return self.lm_head(h).float()
 
 
 FAMILIES = {"llama": LlamaModel, "qwen2": LlamaModel}

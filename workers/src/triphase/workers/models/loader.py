@@ -22,6 +22,7 @@ import torch
 from triphase.common.errors import UserError
 from triphase.workers.models import tokenizer as tok
 from triphase.workers.models.config import ModelConfig, RopeScaling, rope_scaling_from_dict
+from triphase.workers.models.quant import Q4_0, Q4_1, Q4Blocks, parse_gguf_q4
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class LoadedModel:
     weights: dict[str, torch.Tensor]
     tokenizer: tok.Tokenizer
     path: str
+    # 4-bit GGUF matrices kept packed (HF names), when asked for with keep_quantized=True
+    quantized: dict[str, Q4Blocks] = dataclasses.field(default_factory=dict)
 
 
 def _unsupported(arch: str, path: str) -> UserError:
@@ -62,8 +65,9 @@ def bundled_model_path() -> str:
 
 
 def load_model(path: str | None = None, *, dtype: torch.dtype = torch.float32,
-               progress: Progress[Any] = _no_progress) -> LoadedModel:
-    """Load a GGUF file or HF directory (`None`: the bundled model)."""
+               progress: Progress[Any] = _no_progress, keep_quantized: bool = False) -> LoadedModel:
+    """Load a GGUF file or HF directory (`None`: the bundled model). With `keep_quantized`, Q4_0/Q4_1
+    matrices of a GGUF file are also returned unpacked (see quant.py) beside their dense copies."""
     path = path or bundled_model_path()
     if not os.path.exists(path):
         raise UserError(f"model not found: {path}")
@@ -73,7 +77,7 @@ def load_model(path: str | None = None, *, dtype: torch.dtype = torch.float32,
         magic = handle.read(4)
     if magic != b"GGUF":
         raise UserError(f"{path} is neither a GGUF file nor a Hugging Face model directory")
-    return _load_gguf(path, dtype, progress)
+    return _load_gguf(path, dtype, progress, keep_quantized)
 
 
 # ---------------------------------------------------------------------------------------- GGUF
@@ -107,7 +111,7 @@ def _gguf_metadata(reader: Any) -> dict[str, Any]:
     return meta
 
 
-def _load_gguf(path: str, dtype: torch.dtype, progress: Progress[Any]) -> LoadedModel:
+def _load_gguf(path: str, dtype: torch.dtype, progress: Progress[Any], keep_quantized: bool) -> LoadedModel:
     import gguf
 
     try:
@@ -125,23 +129,40 @@ def _load_gguf(path: str, dtype: torch.dtype, progress: Progress[Any]) -> Loaded
         raise UserError(f"{path}: incomplete metadata ({exc})") from None
 
     weights: dict[str, torch.Tensor] = {}
+    quantized: dict[str, Q4Blocks] = {}
     for tensor in progress(reader.tensors, len(reader.tensors), "loading weights"):
         name = _gguf_to_hf_name(tensor.name)
         if name is None:
             continue
+        heads = _rope_heads(arch, name, config)
+        kind = tensor.tensor_type.name
+        if keep_quantized and kind in (Q4_0, Q4_1) and name.endswith("_proj.weight"):
+            blocks = parse_gguf_q4(tensor.data, kind, int(tensor.shape[1]), int(tensor.shape[0]))
+            if heads:
+                blocks = blocks.permute_rows(_unpermute_rope_rows(np.arange(blocks.shape[0]), heads))
+            quantized[name] = blocks
         try:
             array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except (NotImplementedError, ValueError) as exc:
             raise UserError(f"{path}: cannot dequantize {tensor.name} ({exc})") from None
         shape = tuple(int(d) for d in reversed(tensor.shape))
         array = np.array(array, dtype=np.float32, copy=True).reshape(shape)
-        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            array = _unpermute_rope_rows(array, config.num_attention_heads)
-        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            array = _unpermute_rope_rows(array, config.num_key_value_heads)
+        if heads:
+            array = _unpermute_rope_rows(array, heads)
         weights[name] = torch.from_numpy(array).to(dtype)
     _check_complete(weights, config, path)
-    return LoadedModel(config, weights, tokenizer, path)
+    return LoadedModel(config, weights, tokenizer, path, quantized)
+
+
+def _rope_heads(arch: str, name: str, config: ModelConfig) -> int:
+    """Heads whose rows llama.cpp permuted in this tensor (0: not permuted)."""
+    if arch != "llama":
+        return 0
+    if name.endswith(("q_proj.weight", "q_proj.bias")):
+        return config.num_attention_heads
+    if name.endswith(("k_proj.weight", "k_proj.bias")):
+        return config.num_key_value_heads
+    return 0
 
 
 def _gguf_to_hf_name(name: str) -> str | None:
