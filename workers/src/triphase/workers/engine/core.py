@@ -42,7 +42,7 @@ class EngineConfig:
     # "dense": every matrix in `dtype`. "int4": also keep a GGUF file's Q4_0/Q4_1 matrices packed and
     # use them for steps of at most int4_max_tokens tokens (needs dtype bfloat16).
     weights: str = "dense"
-    int4_max_tokens: int = 8
+    int4_max_tokens: int = 16  # measured crossover with dense bfloat16: ~20 rows (BENCHMARKS.md)
 
     def __post_init__(self) -> None:
         if self.dtype not in TORCH_DTYPES:

@@ -68,12 +68,10 @@ class ModelRunner:
                 decode_ctx.append(start + 1)
                 decode_tables.append(item.block_ids)
             else:
-                gather_blocks = gather_slots = None
+                table = None
                 if start > 0:
-                    table = torch.tensor(item.block_ids, dtype=torch.long)
-                    pos = torch.arange(start + n)
-                    gather_blocks, gather_slots = table[pos // bs], pos % bs
-                prefills.append(PrefillSeq(offset, offset + n, start, gather_blocks, gather_slots))
+                    table = torch.tensor(item.block_ids[: -(-(start + n) // bs)], dtype=torch.long)
+                prefills.append(PrefillSeq(offset, offset + n, start, table))
             if all_logits:
                 logits_rows.extend(range(offset, offset + n))
             elif item.samples:
@@ -84,17 +82,16 @@ class ModelRunner:
             write_blocks=torch.tensor(write_blocks, dtype=torch.long),
             write_slots=torch.tensor(write_slots, dtype=torch.long),
             num_decode=len(decode_ctx),
-            decode_blocks=None, decode_slots=None, decode_mask=None,
+            decode_table=None, decode_len=0, decode_mask=None,
             prefills=prefills,
         )
         if decode_ctx:
-            longest = max(decode_ctx)
-            width = -(-longest // bs)
-            table = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in decode_tables], dtype=torch.long)
-            pos = torch.arange(longest)
-            batch.decode_blocks = table[:, pos // bs]
-            batch.decode_slots = (pos % bs).expand(len(decode_ctx), longest)
-            if min(decode_ctx) < longest:
+            width = -(-max(decode_ctx) // bs)
+            rows = [t[:width] + [t[0]] * (width - min(width, len(t))) for t in decode_tables]
+            batch.decode_table = torch.tensor(rows, dtype=torch.long)
+            batch.decode_len = decode_ctx[0]
+            if len(decode_ctx) > 1:
+                pos = torch.arange(width * bs)
                 ctx = torch.tensor(decode_ctx)
                 batch.decode_mask = (pos.unsqueeze(0) < ctx.unsqueeze(1))[:, None, None, :]
         logits = self.model.forward(

@@ -3,8 +3,12 @@
 The KV tensor is block-major: `kv[block, layer, k_or_v, slot, kv_head, head_dim]`, so one block
 is one contiguous byte range holding every layer (see `engine/kv_layout.py`). For a step the
 model runner hands over `AttentionBatch`: where each new token's K/V goes (block, slot) and, per
-sequence, which (block, slot) pairs to read back. Tokens are ordered decodes first (one token per
-sequence, attended as one padded batch), then prefill chunks (one SDPA call each).
+sequence, which blocks to read back. Tokens are ordered decodes first (one token per sequence,
+attended as one padded batch), then prefill chunks (one SDPA call each).
+
+Decode attention always runs in float32: torch's CPU SDPA kernel for a single bfloat16 query row
+is 7-12x slower than the float32 one (measured: 1.2 ms vs 0.16 ms per layer at batch 8, 300
+tokens), and the gathered K/V are copied anyway, so the conversion rides along with that copy.
 """
 
 from __future__ import annotations
@@ -20,8 +24,7 @@ class PrefillSeq:
     start: int  # first token of this chunk in the flat batch
     end: int
     context_len: int  # tokens already in the cache before this chunk
-    gather_blocks: torch.Tensor | None  # [context_len + n] block ids (None when context_len == 0)
-    gather_slots: torch.Tensor | None
+    table: torch.Tensor | None  # block ids covering context_len + n tokens (None when context_len == 0)
 
 
 @dataclasses.dataclass
@@ -29,10 +32,23 @@ class AttentionBatch:
     write_blocks: torch.Tensor  # [T] block id per new token
     write_slots: torch.Tensor  # [T] slot inside the block
     num_decode: int  # the first num_decode tokens are single-token decodes
-    decode_blocks: torch.Tensor | None  # [B, Lmax]
-    decode_slots: torch.Tensor | None
-    decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax] True = attend
+    decode_table: torch.Tensor | None  # [B, nb] block ids, padded with any valid id
+    decode_len: int  # tokens to attend for a single decode (B == 1); else see decode_mask
+    decode_mask: torch.Tensor | None  # [B, 1, 1, nb * block_size] True = attend (B > 1)
     prefills: list[PrefillSeq]
+
+
+def gather_blocks(layer_kv: torch.Tensor, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """K and V of whole blocks: [2, B, KVH, nb * block_size, D] from table [B, nb], in `dtype`.
+
+    One index_select of whole blocks (a memcpy per block) and one copy that both reorders and
+    converts; far cheaper than per-token advanced indexing for long contexts."""
+    batch, nb = table.shape
+    _, _, size, kv_heads, dim = layer_kv.shape
+    blocks = layer_kv.index_select(0, table.reshape(-1)).view(batch, nb, 2, size, kv_heads, dim)
+    ordered = torch.empty((2, batch, kv_heads, nb, size, dim), dtype=dtype)
+    ordered.copy_(blocks.permute(2, 0, 4, 1, 3, 5))
+    return ordered.view(2, batch, kv_heads, nb * size, dim)
 
 
 def paged_attention(q: torch.Tensor, kv: torch.Tensor, layer_kv: torch.Tensor, batch: AttentionBatch,
@@ -43,28 +59,29 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, layer_kv: torch.Tensor, b
     outputs: list[torch.Tensor] = []
     nd = batch.num_decode
     if nd:
-        assert batch.decode_blocks is not None and batch.decode_slots is not None
-        past = layer_kv[batch.decode_blocks, :, batch.decode_slots]  # [B, L, 2, KVH, D]
-        kd = past[:, :, 0].transpose(1, 2)  # [B, KVH, L, D]
-        vd = past[:, :, 1].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), kd, vd, attn_mask=batch.decode_mask,
-                                             scale=scale, enable_gqa=True)
-        outputs.append(out.squeeze(2))
+        assert batch.decode_table is not None
+        past = gather_blocks(layer_kv, batch.decode_table, torch.float32)
+        kd, vd = past[0], past[1]
+        if batch.decode_mask is None:  # a single sequence: attend to exactly its tokens
+            kd, vd = kd[:, :, : batch.decode_len], vd[:, :, : batch.decode_len]
+        qd = q[:nd].unsqueeze(2).float()  # [B, H, 1, D]
+        out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, scale=scale, enable_gqa=True)
+        outputs.append(out.squeeze(2).to(q.dtype))
     for seq in batch.prefills:
         qs = q[seq.start:seq.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        n = seq.end - seq.start
         if seq.context_len == 0:
             new = kv[seq.start:seq.end]
             ks = new[:, 0].transpose(0, 1).unsqueeze(0)
             vs = new[:, 1].transpose(0, 1).unsqueeze(0)
             out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            assert seq.gather_blocks is not None and seq.gather_slots is not None
-            past = layer_kv[seq.gather_blocks, :, seq.gather_slots]  # [L, 2, KVH, D]
-            ks = past[:, 0].transpose(0, 1).unsqueeze(0)
-            vs = past[:, 1].transpose(0, 1).unsqueeze(0)
-            n = seq.end - seq.start
+            assert seq.table is not None
+            total = seq.context_len + n
+            past = gather_blocks(layer_kv, seq.table.unsqueeze(0), q.dtype)
+            ks, vs = past[0][:, :, :total], past[1][:, :, :total]
             # Query i (absolute position context_len + i) sees keys 0 .. context_len + i.
-            mask = torch.ones(n, seq.context_len + n, dtype=torch.bool).tril(diagonal=seq.context_len)
+            mask = torch.ones(n, total, dtype=torch.bool).tril(diagonal=seq.context_len)
             out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         outputs.append(out.squeeze(0).transpose(0, 1))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)

@@ -42,10 +42,9 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalize in float32, scale in the model dtype (the Hugging Face Llama order of operations)."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, x.shape[-1:], weight, eps)
-    return F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype) * weight
+    """x / rms(x) * weight. In float32 this is exactly Hugging Face's order of operations; in
+    bfloat16 torch accumulates in float32 and rounds once (HF rounds before scaling: one ulp apart)."""
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
 
 
 class Linear:
