@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import pathlib
-import resource
 import statistics
 import subprocess
 import sys
@@ -100,16 +99,11 @@ def run_triphase(spec: dict, quick: bool) -> dict:
 def weight_bytes(engine) -> int:
     """Bytes of weights one batch-1 decode step reads (matrices + norms; one embedding row ignored)."""
     model = engine.model
-    total = 0
+    total = model.lm_head.nbytes_small_step
     for layer in model.layers:
-        for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
-            if linear.int4 is not None:
-                total += linear.int4.nbytes
-            else:
-                total += linear.weight_t.numel() * linear.weight_t.element_size()
+        total += sum(linear.nbytes_small_step for linear in (layer.qkv, layer.o, layer.gate_up, layer.down))
         total += 2 * layer.attn_norm.numel() * layer.attn_norm.element_size()
-    head = model.lm_head.weight_t
-    return total + head.numel() * head.element_size()
+    return total
 
 
 def run_hf(spec: dict, quick: bool) -> dict:
@@ -153,10 +147,18 @@ def run_hf(spec: dict, quick: bool) -> dict:
     return result
 
 
+def peak_rss() -> int:
+    """This process's high-water RSS. (ru_maxrss would also count the parent's, inherited over exec.)"""
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def child(name: str, quick: bool) -> None:
     spec = CONFIGS[name]
     result = run_triphase(spec, quick) if spec["engine"] == "triphase" else run_hf(spec, quick)
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_rss_bytes"] = peak_rss()
     sys.stdout.write(json.dumps(result) + "\n")
 
 

@@ -27,7 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     parser.add_argument("--model", help="GGUF file or Hugging Face directory (default: bundled SmolLM2-135M)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV cache")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                        help="compute and KV dtype (default bfloat16; float32 reproduces transformers exactly)")
+    parser.add_argument("--weights", default="auto", choices=["auto", "dense", "int4"],
+                        help="auto (default): run a GGUF file's 4-bit matrices packed when the dtype is bfloat16")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
@@ -46,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
     )
     started = time.monotonic()
-    engine = Engine.from_path(args.model, EngineConfig(dtype=args.dtype, kv_cache_bytes=256 << 20),
+    config = EngineConfig(dtype=args.dtype, weights=args.weights, kv_cache_bytes=256 << 20)
+    engine = Engine.from_path(args.model, config,
                               progress=_progress(quiet=args.json or not sys.stderr.isatty()))
     load_s = time.monotonic() - started
     tok = engine.tokenizer

@@ -40,15 +40,16 @@ class EngineConfig:
     dtype: str = "float32"
     enable_prefix_caching: bool = True
     # "dense": every matrix in `dtype`. "int4": also keep a GGUF file's Q4_0/Q4_1 matrices packed and
-    # use them for steps of at most int4_max_tokens tokens (needs dtype bfloat16).
+    # use them for steps of at most int4_max_tokens tokens (needs dtype bfloat16). "auto": int4 when
+    # dtype is bfloat16 and the file has such matrices, else dense.
     weights: str = "dense"
     int4_max_tokens: int = 16  # measured crossover with dense bfloat16: ~20 rows (BENCHMARKS.md)
 
     def __post_init__(self) -> None:
         if self.dtype not in TORCH_DTYPES:
             raise UserError(f"unsupported dtype {self.dtype!r} (choose from {', '.join(TORCH_DTYPES)})")
-        if self.weights not in ("dense", "int4"):
-            raise UserError(f"unsupported weights mode {self.weights!r} (choose dense or int4)")
+        if self.weights not in ("dense", "int4", "auto"):
+            raise UserError(f"unsupported weights mode {self.weights!r} (choose dense, int4 or auto)")
         if self.weights == "int4" and self.dtype != "bfloat16":
             raise UserError("int4 weights compute in bfloat16: use dtype bfloat16")
         if self.block_size < 1 or self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
@@ -101,7 +102,8 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.path
         dtype = TORCH_DTYPES[self.config.dtype]
-        int4 = self.config.weights == "int4"
+        int4 = self.config.weights == "int4" or (
+            self.config.weights == "auto" and self.config.dtype == "bfloat16" and bool(loaded.quantized))
         if int4 and not loaded.quantized:
             raise UserError("int4 weights need a GGUF file with Q4_0/Q4_1 matrices, loaded with keep_quantized")
         self.model = FAMILIES[cfg.architecture](cfg, loaded.weights, dtype, loaded.quantized if int4 else None,
@@ -128,7 +130,8 @@ class Engine:
                   progress: Callable[..., Iterable[Any]] | None = None) -> Engine:
         config = config or EngineConfig()
         kwargs = {"progress": progress} if progress is not None else {}
-        loaded = load_model(path, dtype=TORCH_DTYPES[config.dtype], keep_quantized=config.weights == "int4", **kwargs)
+        keep = config.weights == "int4" or (config.weights == "auto" and config.dtype == "bfloat16")
+        loaded = load_model(path, dtype=TORCH_DTYPES[config.dtype], keep_quantized=keep, **kwargs)
         return cls(loaded, config)
 
     @property

@@ -41,30 +41,45 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) * weight. In float32 this is exactly Hugging Face's order of operations; in
-    bfloat16 torch accumulates in float32 and rounds once (HF rounds before scaling: one ulp apart)."""
-    return F.rms_norm(x, x.shape[-1:], weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """x / rms(x) * weight on the float32 residual stream, returned in the compute dtype."""
+    return F.rms_norm(x, x.shape[-1:], weight, eps).to(dtype)
 
 
 class Linear:
     """y = x W^T (+ b). Dense weights are stored transposed ([in, out], contiguous) and applied as
-    `x @ w`; with 4-bit GGUF blocks available, steps of at most `int4_max_tokens` rows use the
-    packed int4 kernel instead (fewer bytes read: small steps are bandwidth-bound)."""
+    `x @ w`. Small steps are bandwidth-bound, so they may use a kernel that reads fewer bytes or
+    reads them faster: the packed int4 kernel when 4-bit GGUF blocks are available (steps of at
+    most `int4_max_tokens` rows), or, for one row, a float16 copy (`single_row_f16`: torch's f16
+    GEMV streams ~2x faster than its bf16 one on this class of CPU, but is slow for more rows)."""
 
-    __slots__ = ("bias", "int4", "int4_max_tokens", "weight_t")
+    __slots__ = ("bias", "int4", "int4_max_tokens", "weight_f16", "weight_t")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 q4: Q4Blocks | None = None, int4_max_tokens: int = 0) -> None:
+                 q4: Q4Blocks | None = None, int4_max_tokens: int = 0, single_row_f16: bool = False) -> None:
         self.weight_t = weight.t().contiguous()
         self.bias = bias
         self.int4 = Int4Linear(q4) if q4 is not None and int4_max_tokens > 0 else None
         self.int4_max_tokens = int4_max_tokens
+        self.weight_f16 = weight.to(torch.float16).contiguous() if single_row_f16 else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        small = self.int4 is not None and x.shape[0] <= self.int4_max_tokens
-        out = self.int4(x) if small and self.int4 is not None else x @ self.weight_t
+        rows = x.shape[0]
+        if self.int4 is not None and rows <= self.int4_max_tokens:
+            out = self.int4(x)
+        elif self.weight_f16 is not None and rows == 1:
+            out = F.linear(x.to(torch.float16), self.weight_f16).to(x.dtype)
+        else:
+            out = x @ self.weight_t
         return out if self.bias is None else out + self.bias
+
+    @property
+    def nbytes_small_step(self) -> int:
+        """Bytes of weights a one-row step reads."""
+        if self.int4 is not None:
+            return self.int4.nbytes
+        weight = self.weight_f16 if self.weight_f16 is not None else self.weight_t
+        return weight.numel() * weight.element_size()
 
 
 class _Layer:
@@ -83,8 +98,8 @@ class _Layer:
             q4 = concat_rows([x for x in blocks if x is not None]) if all(x is not None for x in blocks) else None
             return Linear(weight, b, q4=q4, int4_max_tokens=int4_max_tokens)
 
-        self.attn_norm = w("input_layernorm.weight")
-        self.mlp_norm = w("post_attention_layernorm.weight")
+        self.attn_norm = weights[prefix + "input_layernorm.weight"].float()
+        self.mlp_norm = weights[prefix + "post_attention_layernorm.weight"].float()
         has_bias = prefix + "self_attn.q_proj.bias" in weights
         self.qkv = fused("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", bias=has_bias)
         self.o = fused("self_attn.o_proj")
@@ -100,9 +115,11 @@ class LlamaModel:
         self.config = config
         self.dtype = dtype
         self.embed = weights["model.embed_tokens.weight"].to(dtype).contiguous()
-        self.norm = weights["model.norm.weight"].to(dtype)
+        self.norm = weights["model.norm.weight"].float()
         lm_head = weights.get("lm_head.weight")
-        self.lm_head = Linear(self.embed if lm_head is None or config.tie_word_embeddings else lm_head.to(dtype))
+        head = self.embed if lm_head is None or config.tie_word_embeddings else lm_head.to(dtype)
+        # In the int4 (speed) mode the one-row LM head also takes the faster float16 GEMV.
+        self.lm_head = Linear(head, single_row_f16=int4_max_tokens > 0)
         self.layers = [_Layer(weights, f"model.layers.{i}.", dtype, quantized or {}, int4_max_tokens)
                        for i in range(config.num_hidden_layers)]
         self.q_size = config.num_attention_heads * config.head_dim
@@ -131,11 +148,14 @@ class LlamaModel:
         self._ensure_rope(int(positions.max()) + 1)
         cos = self._cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self._sin[positions].unsqueeze(1)
-        h = F.embedding(input_ids, self.embed)
+        # The residual stream stays float32 whatever the compute dtype: summing 60 sublayer outputs
+        # in bfloat16 loses ~2 significant bits, enough to flip near-tied tokens of a small model.
+        h = F.embedding(input_ids, self.embed).float()
+        dtype, eps = self.dtype, cfg.rms_norm_eps
         heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qk_size, half = self.q_size + self.kv_size, dim // 2
         for index, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.attn_norm, cfg.rms_norm_eps)
+            x = rms_norm(h, layer.attn_norm, eps, dtype)
             qkv = layer.qkv(x)
             # Rotate q and k together, in place, so k|v stay adjacent for a single cache write.
             qk = qkv[:, :qk_size].view(n, heads + kv_heads, dim)
@@ -144,10 +164,10 @@ class LlamaModel:
             kv = qkv[:, self.q_size :].view(n, 2, kv_heads, dim)
             attn = paged_attention(q, kv, kv_cache[:, index], batch, self.scale)
             h = h + layer.o(attn.reshape(n, self.q_size))
-            x = rms_norm(h, layer.mlp_norm, cfg.rms_norm_eps)
+            x = rms_norm(h, layer.mlp_norm, eps, dtype)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
             h = h + layer.down(F.silu(gate) * up)
-        h = rms_norm(h[logits_indices], self.norm, cfg.rms_norm_eps)
+        h = rms_norm(h[logits_indices], self.norm, eps, dtype)
         return self.lm_head(h).float()
 
 
