@@ -8,6 +8,7 @@ pinned after its first token is sampled; another engine imports those blocks and
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -124,6 +125,7 @@ class Engine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._stop_ids = frozenset(cfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.num_steps = 0
+        self._batches = itertools.count()
 
     @classmethod
     def from_path(cls, path: str | None = None, config: EngineConfig | None = None,
@@ -213,7 +215,8 @@ class Engine:
                  ) -> list[Completion]:
         """Run prompts to completion together (continuous batching); results in prompt order."""
         params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
-        ids = [f"gen-{self.num_steps}-{i}" for i in range(len(prompts))]
+        batch = next(self._batches)
+        ids = [f"gen-{batch}-{i}" for i in range(len(prompts))]
         requests = {rid: self.add_request(rid, p, sp) for rid, p, sp in zip(ids, prompts, params, strict=True)}
         texts = dict.fromkeys(ids, "")
         reasons: dict[str, str] = {}
@@ -237,7 +240,7 @@ class Engine:
     def prompt_logits(self, token_ids: Sequence[int], chunk_size: int | None = None) -> torch.Tensor:
         """Teacher-forced float32 logits at every position [len(token_ids), vocab], computed through
         the paged cache in chunks of `chunk_size` tokens (default: the step budget)."""
-        request = Request(f"score-{self.num_steps}", token_ids, SamplingParams(max_tokens=1, temperature=0))
+        request = Request(f"score-{next(self._batches)}", token_ids, SamplingParams(max_tokens=1, temperature=0))
         self.scheduler.check(request)
         chunk = chunk_size or self.config.max_num_batched_tokens
         rows = []
