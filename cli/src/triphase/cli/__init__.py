@@ -20,7 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate a completion with the local engine")
     generate.add_arguments(gen)
-    gen.set_defaults(run=generate.run)
+    gen.set_defaults(run=generate.run, log_level="WARNING")
+
+    worker = sub.add_parser("worker", help="serve the engine over gRPC (prefill, decode or both)")
+    from triphase.workers import main as worker_main
+
+    worker_main.add_arguments(worker)
+    worker.set_defaults(run=worker_main.run, log_level="INFO")
     return parser
 
 
@@ -30,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logs.configure("WARNING")
+    logs.configure(args.log_level)
     try:
         return int(args.run(args))
     except (UserError, ValueError) as exc:

@@ -1,4 +1,6 @@
-"""`triphase generate`: one completion from the engine, streamed to the terminal or as JSON."""
+"""`triphase generate`: one completion from the engine, streamed to the terminal or as JSON.
+
+Only `run` imports the engine (and torch), so building the CLI parser stays instant."""
 
 from __future__ import annotations
 
@@ -8,9 +10,6 @@ import sys
 import time
 from collections.abc import Iterable
 from typing import Any, TypeVar
-
-from triphase.workers.engine.core import Engine, EngineConfig
-from triphase.workers.engine.sampling import SamplingParams
 
 T = TypeVar("T")
 
@@ -34,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
-def _progress(quiet: bool):
+def progress_bar(quiet: bool):
+    """A loader progress callback: tqdm on stderr, or nothing when quiet."""
     def wrap(items: Iterable[T], total: int, desc: str) -> Iterable[T]:
         from tqdm import tqdm
 
@@ -44,6 +44,9 @@ def _progress(quiet: bool):
 
 
 def run(args: argparse.Namespace) -> int:
+    from triphase.workers.engine.core import Engine, EngineConfig
+    from triphase.workers.engine.sampling import SamplingParams
+
     sampling = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     config = EngineConfig(dtype=args.dtype, weights=args.weights, kv_cache_bytes=256 << 20)
     engine = Engine.from_path(args.model, config,
-                              progress=_progress(quiet=args.json or not sys.stderr.isatty()))
+                              progress=progress_bar(quiet=args.json or not sys.stderr.isatty()))
     load_s = time.monotonic() - started
     tok = engine.tokenizer
     if args.chat:

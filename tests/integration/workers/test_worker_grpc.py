@@ -1,0 +1,148 @@
+"""Real `triphase worker` processes on 127.0.0.1, driven over gRPC: generate, prefill on one worker
+and decode on another with the KV streamed between them, roles, cancellation and errors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from triphase.api.v1 import worker_pb2 as pb
+from triphase.api.v1 import worker_pb2_grpc
+from triphase.workers.engine.sampling import SamplingParams
+
+pytestmark = pytest.mark.slow
+GREEDY = pb.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+def wait_for(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)  # polling interval of a condition with a deadline, not synchronisation
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def worker(tmp_path, role):
+    ready = tmp_path / f"{role}.port"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "triphase.cli", "worker", "--role", role, "--port", "0", "--ready-file", str(ready),
+         "--dtype", "float32", "--kv-cache-mib", "64", "--kv-pin-timeout", "60"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        port = wait_for(lambda: ready.exists() and ready.read_text(), 120, f"{role} worker to listen")
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=30)
+        yield worker_pb2_grpc.WorkerServiceStub(channel), f"127.0.0.1:{port}"
+        channel.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            raise
+    assert proc.returncode == 0, proc.stderr.read()
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("workers")
+    with worker(tmp, "prefill") as prefill, worker(tmp, "decode") as decode:
+        yield {"prefill": prefill, "decode": decode}
+
+
+@pytest.fixture(scope="module")
+def prompt(loaded_model):
+    return loaded_model.tokenizer.encode_chat([{"role": "user", "content": "Tell me about the moon."}])
+
+
+@pytest.fixture(scope="module")
+def expected(make_engine, prompt):
+    return make_engine().generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+
+
+def stats(stub):
+    return next(iter(stub.WatchStats(pb.WatchStatsRequest(interval_seconds=0.2), timeout=5)))
+
+
+def all_free(stub):
+    s = stats(stub)
+    return s.free_kv_blocks == s.total_kv_blocks and s.running_requests == 0 and s.pinned_requests == 0
+
+
+def test_generate_streams_the_engines_tokens(workers, prompt, expected):
+    stub, _ = workers["decode"]
+    deltas = list(stub.Generate(pb.GenerateRequest(request_id="g1", prompt_token_ids=prompt, sampling=GREEDY)))
+    tokens = [t for d in deltas for t in d.token_ids]
+    assert tokens == expected.token_ids
+    assert "".join(d.text for d in deltas) == expected.text
+    assert deltas[0].prompt_tokens == len(prompt)
+    assert deltas[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_prefill_here_decode_there_equals_one_worker(workers, prompt, expected):
+    prefill, _ = workers["prefill"]
+    decode, _ = workers["decode"]
+    response = prefill.Prefill(pb.PrefillRequest(request_id="d1", prompt_token_ids=prompt, sampling=GREEDY))
+    assert response.kv.num_tokens == len(prompt) and response.kv.block_ids
+    assert list(response.first.token_ids) == expected.token_ids[:1]
+    assert stats(prefill).pinned_requests == 1
+    deltas = list(decode.Decode(pb.DecodeRequest(request_id="d1", prompt_token_ids=prompt, sampling=GREEDY,
+                                                 kv=response.kv)))
+    assert [t for d in deltas for t in d.token_ids] == expected.token_ids
+    wait_for(lambda: all_free(prefill), 10, "the prefill worker to free the pinned blocks")
+    wait_for(lambda: all_free(decode), 10, "the decode worker to free its blocks")
+
+
+def test_cancelled_stream_frees_blocks(workers, prompt):
+    stub, _ = workers["decode"]
+    long = pb.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    call = stub.Generate(pb.GenerateRequest(request_id="c1", prompt_token_ids=prompt, sampling=long))
+    next(call)
+    next(call)
+    assert stats(stub).running_requests == 1
+    call.cancel()
+    wait_for(lambda: all_free(stub), 10, "the cancelled request's blocks to be freed")
+
+
+def test_errors_are_status_codes(workers, prompt):
+    prefill, _ = workers["prefill"]
+    decode, _ = workers["decode"]
+    with pytest.raises(grpc.RpcError) as err:
+        decode.Prefill(pb.PrefillRequest(request_id="x", prompt_token_ids=prompt, sampling=GREEDY))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as err:
+        list(decode.Generate(pb.GenerateRequest(request_id="y", prompt_token_ids=[1] * 9000, sampling=GREEDY)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        list(decode.Generate(pb.GenerateRequest(request_id="z", prompt_token_ids=prompt,
+                                                sampling=pb.SamplingParams(max_tokens=4, temperature=-1))))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        list(prefill.ReadKv(pb.ReadKvRequest(request_id="nope")))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not prefill.ReleaseKv(pb.ReleaseKvRequest(request_id="nope")).released
+
+
+def test_set_role_at_runtime(workers, prompt):
+    stub, _ = workers["decode"]
+    changed = stub.SetRole(pb.SetRoleRequest(role=pb.ROLE_PREFILL))
+    assert (changed.previous, changed.current) == (pb.ROLE_DECODE, pb.ROLE_PREFILL)
+    try:
+        response = stub.Prefill(pb.PrefillRequest(request_id="r1", prompt_token_ids=prompt, sampling=GREEDY))
+        assert stub.ReleaseKv(pb.ReleaseKvRequest(request_id="r1")).released
+        assert response.kv.source_worker == stats(stub).worker_id
+    finally:
+        stub.SetRole(pb.SetRoleRequest(role=pb.ROLE_DECODE))
+    assert stats(stub).role == pb.ROLE_DECODE

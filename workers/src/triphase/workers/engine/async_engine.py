@@ -1,0 +1,233 @@
+"""The engine on its own thread, driven from asyncio.
+
+`Engine` is single-threaded. `AsyncEngine` owns one thread that runs every engine call: commands
+from the event loop (add, abort, prefill, import, release, read) are queued to it, and each
+step's outputs are handed back to per-request asyncio queues with `call_soon_threadsafe`. The
+thread steps while there is work and sleeps on the command queue otherwise, so an idle worker
+costs nothing. Pinned prefill KV that nobody reads is released after `pin_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+
+from triphase.workers.engine.core import Engine, KvExport, RequestOutput
+from triphase.workers.engine.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+_END = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    pinned: int = 0
+    free_blocks: int = 0
+    total_blocks: int = 0
+    queued_prefill_tokens: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    preemptions: int = 0
+    steps: int = 0
+    cached_block_hashes: tuple[int, ...] = ()
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, *, pin_timeout_s: float = 30.0, max_reported_hashes: int = 4096) -> None:
+        self.engine = engine
+        self.pin_timeout_s = pin_timeout_s
+        self.max_reported_hashes = max_reported_hashes
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[Any]] = {}
+        self._pinned_at: dict[str, float] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.stats = EngineStats()
+        self.stats_changed = asyncio.Event()
+        self.pins_expired = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="triphase-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._commands.put(lambda: None)  # wake the thread
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stopping:
+            ran = 0
+            try:
+                block = not self.engine.has_work
+                command = self._commands.get(timeout=1.0) if block else self._commands.get_nowait()
+                command()
+                ran = 1
+                while True:  # everything queued runs before the next step
+                    self._commands.get_nowait()()
+                    ran += 1
+            except queue.Empty:
+                pass
+            stepped = self.engine.has_work
+            if stepped:
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out)
+            if ran or stepped:
+                self._publish_stats()
+            self._expire_pins()
+
+    def _deliver(self, request_id: str, item: Any) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _publish_stats(self) -> None:
+        engine = self.engine
+        sched, kv = engine.scheduler, engine.kv
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
+        hashes = tuple(list(kv.pool.cached)[: self.max_reported_hashes])
+        self.stats = EngineStats(
+            running=len(sched.running), waiting=len(sched.waiting), pinned=len(sched.pinned),
+            free_blocks=kv.num_free_blocks, total_blocks=kv.pool.num_blocks, queued_prefill_tokens=queued,
+            prefix_queries=kv.prefix_queries, prefix_hits=kv.prefix_hits, preemptions=sched.num_preemptions,
+            steps=engine.num_steps, cached_block_hashes=hashes,
+        )
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.stats_changed.set)
+
+    def _expire_pins(self) -> None:
+        if not self._pinned_at:
+            return
+        now = time.monotonic()
+        for request_id, since in list(self._pinned_at.items()):
+            if now - since > self.pin_timeout_s:
+                del self._pinned_at[request_id]
+                if self.engine.release_kv(request_id):
+                    self.pins_expired += 1
+                    logger.warning("Released unread KV of %s after %.0f s", request_id, self.pin_timeout_s)
+                    self._publish_stats()
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread and await its result (exceptions propagate)."""
+        assert self._loop is not None, "start() first"
+        future: asyncio.Future[T] = self._loop.create_future()
+        loop = self._loop
+
+        def run() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:  # handed to the awaiting coroutine, which re-raises
+                loop.call_soon_threadsafe(_set_exception, future, exc)
+            else:
+                loop.call_soon_threadsafe(_set_result, future, result)
+
+        self._commands.put(run)
+        return await future
+
+    # ------------------------------------------------------------------ requests
+    async def generate(self, request_id: str, prompt: Sequence[int], sampling: SamplingParams,
+                       ) -> AsyncGenerator[RequestOutput, None]:
+        """Stream a request's outputs; cancelling the consumer aborts the request at once."""
+        stream: asyncio.Queue[Any] = asyncio.Queue()
+        self._streams[request_id] = stream
+        try:
+            await self.call(lambda: self.engine.add_request(request_id, prompt, sampling))
+            async for out in self._drain(stream):
+                yield out
+        finally:
+            await self._finish(request_id)
+
+    async def _drain(self, stream: asyncio.Queue[Any]) -> AsyncGenerator[RequestOutput, None]:
+        while True:
+            out = await stream.get()
+            if out is _END:
+                return
+            yield out
+            if out.finished:
+                return
+
+    async def _finish(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        # Not finished (the consumer went away, or an error): abort frees its blocks now.
+        await asyncio.shield(self.call(lambda: self.engine.abort(request_id)))
+
+    async def prefill(self, request_id: str, prompt: Sequence[int], sampling: SamplingParams,
+                      ) -> tuple[KvExport, RequestOutput]:
+        """Prefill only; the KV stays pinned until `release` (or the pin timeout)."""
+        stream: asyncio.Queue[Any] = asyncio.Queue()
+        self._streams[request_id] = stream
+        try:
+            await self.call(lambda: self.engine.add_request(request_id, prompt, sampling, prefill_only=True))
+            first = await stream.get()
+        except BaseException:
+            self._streams.pop(request_id, None)
+            await asyncio.shield(self.call(lambda: self.engine.abort(request_id)))
+            raise
+        self._streams.pop(request_id, None)
+
+        def export() -> KvExport:
+            self._pinned_at[request_id] = time.monotonic()
+            return self.engine.export_kv(request_id)
+
+        return await self.call(export), first
+
+    async def release(self, request_id: str) -> bool:
+        def run() -> bool:
+            self._pinned_at.pop(request_id, None)
+            return self.engine.release_kv(request_id)
+
+        return await self.call(run)
+
+    async def read_pinned(self, request_id: str) -> tuple[list[int], torch.Tensor]:
+        """A copy of a pinned request's blocks (for the gRPC stream connector)."""
+        def run() -> tuple[list[int], torch.Tensor]:
+            export = self.engine.export_kv(request_id, with_data=True)
+            assert export.data is not None
+            return export.block_ids, export.data
+
+        return await self.call(run)
+
+    async def import_and_decode(self, request_id: str, prompt: Sequence[int], sampling: SamplingParams,
+                                export: KvExport) -> AsyncGenerator[RequestOutput, None]:
+        """Adopt KV prefilled elsewhere (export.data filled in) and stream the rest of the request.
+        The first output repeats the prefill worker's first token."""
+        stream: asyncio.Queue[Any] = asyncio.Queue()
+        self._streams[request_id] = stream
+        try:
+            def adopt() -> RequestOutput:
+                _, first = self.engine.import_kv(request_id, prompt, sampling, export)
+                return first
+
+            first = await self.call(adopt)
+            yield first
+            if not first.finished:
+                async for out in self._drain(stream):
+                    yield out
+        finally:
+            await self._finish(request_id)
+
+
+def _set_result(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,75 @@
+"""`triphase worker`: load the engine, serve WorkerService on host:port until SIGTERM or Ctrl-C.
+
+Only `run` imports the engine, gRPC and torch, so building the CLI parser stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import pathlib
+import signal
+import socket
+import sys
+from typing import Any
+
+from triphase.common.roles import Role
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--role", default="both", choices=[r.value for r in Role if r is not Role.ENCODE],
+                        help="what this worker does (changeable at runtime with SetRole)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    parser.add_argument("--worker-id", help="default: HOSTNAME:PORT")
+    parser.add_argument("--model", help="GGUF file or Hugging Face directory (default: bundled SmolLM2-135M)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--weights", default="auto", choices=["auto", "dense", "int4"])
+    parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache size (default 512 MiB)")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-batched-tokens", type=int, default=512, help="per-step token budget")
+    parser.add_argument("--kv-pin-timeout", type=float, default=30.0,
+                        help="seconds before prefilled KV nobody read is freed")
+    parser.add_argument("--ready-file", help="write the bound port here once serving (for supervisors)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from triphase.workers.engine.core import Engine, EngineConfig
+    from triphase.workers.generate import progress_bar
+
+    config = EngineConfig(dtype=args.dtype, weights=args.weights, kv_cache_bytes=args.kv_cache_mib << 20,
+                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens)
+    engine = Engine.from_path(args.model, config, progress=progress_bar(quiet=not sys.stderr.isatty()))
+    return asyncio.run(_serve(args, engine))
+
+
+async def _serve(args: argparse.Namespace, engine: Any) -> int:
+    from triphase.workers.engine.async_engine import AsyncEngine
+    from triphase.workers.server import WorkerServicer, serve
+
+    runner = AsyncEngine(engine, pin_timeout_s=args.kv_pin_timeout)
+    runner.start()
+    worker_id = args.worker_id or f"{socket.gethostname()}:{args.port}"
+    servicer = WorkerServicer(runner, worker_id=worker_id, endpoint="", role=Role(args.role),
+                              model=engine.model_config.name)
+    server, port = await serve(servicer, args.host, args.port)
+    servicer.endpoint = f"{args.host}:{port}"
+    if not args.worker_id:
+        servicer.worker_id = f"{socket.gethostname()}:{port}"
+    logger.info("Worker %s serving on %s as %s (%d KV blocks)", servicer.worker_id, servicer.endpoint,
+                servicer.role, engine.layout.num_blocks)
+    if args.ready_file:
+        pathlib.Path(args.ready_file).write_text(str(port))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("Worker %s stopping", servicer.worker_id)
+    servicer.draining = True
+    await server.stop(grace=5)
+    await servicer.channels.close()
+    await runner.stop()
+    return 0

@@ -1,0 +1,227 @@
+"""The gRPC WorkerService around the engine: protobuf <-> engine types, roles, KV hand-off.
+
+This is the only module that converts between protobuf messages and engine types. Errors become
+gRPC status codes: INVALID_ARGUMENT for bad input, NOT_FOUND for unknown pinned KV,
+RESOURCE_EXHAUSTED when the KV cache has no room, FAILED_PRECONDITION when the role or drain
+state refuses the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from triphase.api.v1 import worker_pb2 as pb
+from triphase.api.v1 import worker_pb2_grpc
+from triphase.common.roles import Role
+from triphase.workers.engine.async_engine import AsyncEngine
+from triphase.workers.engine.core import KvExport, RequestOutput
+from triphase.workers.engine.kv_layout import KvLayout
+from triphase.workers.engine.sampling import SamplingParams
+from triphase.workers.kv import grpc_stream
+
+logger = logging.getLogger(__name__)
+
+ROLE_TO_PB = {Role.ENCODE: pb.ROLE_ENCODE, Role.PREFILL: pb.ROLE_PREFILL, Role.DECODE: pb.ROLE_DECODE,
+              Role.BOTH: pb.ROLE_BOTH}
+ROLE_FROM_PB = {v: k for k, v in ROLE_TO_PB.items()}
+FINISH_TO_PB = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
+                "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def sampling_from_pb(p: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=p.max_tokens or 16, temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k,
+        seed=p.seed if p.HasField("seed") else None, stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids),
+        ignore_eos=p.ignore_eos, logprobs=p.logprobs if p.HasField("logprobs") else None,
+    )
+
+
+def layout_to_pb(layout: KvLayout) -> pb.KvLayout:
+    return pb.KvLayout(num_layers=layout.num_layers, block_size=layout.block_size, num_kv_heads=layout.num_kv_heads,
+                       head_dim=layout.head_dim, dtype=layout.dtype, block_bytes=layout.block_bytes)
+
+
+def layout_from_pb(p: pb.KvLayout, num_blocks: int) -> KvLayout:
+    return KvLayout(num_blocks, p.num_layers, p.block_size, p.num_kv_heads, p.head_dim, p.dtype)
+
+
+def delta_to_pb(out: RequestOutput, *, prompt_tokens: int = 0, cached_tokens: int = 0,
+                stop_reason: Any = None) -> pb.TokenDelta:
+    delta = pb.TokenDelta(token_ids=out.new_token_ids, text=out.new_text,
+                          finish_reason=FINISH_TO_PB[out.finish_reason],
+                          prompt_tokens=prompt_tokens, cached_tokens=cached_tokens)
+    for row in out.logprobs or ():
+        entries = [pb.TokenLogprob(token_id=t, logprob=v) for t, v in row.items()]
+        delta.logprobs.append(pb.TokenLogprobs(entries=entries))
+    if stop_reason is not None:
+        delta.stop_reason = str(stop_reason)
+    return delta
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, engine: AsyncEngine, *, worker_id: str, endpoint: str, role: Role, model: str) -> None:
+        self.engine = engine
+        self.worker_id = worker_id
+        self.endpoint = endpoint
+        self.role = role
+        self.model = model
+        self.draining = False
+        self.in_flight = 0
+        self.channels = grpc_stream.ChannelPool()
+        self.kv_bytes_received = 0
+        self.health: health.aio.HealthServicer | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _admit(self, *, needs_prefill: bool = False, needs_decode: bool = False) -> None:
+        if self.draining:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"worker {self.worker_id} is draining")
+        if needs_prefill and not self.role.can_prefill:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"worker {self.worker_id} is {self.role}, not prefill")
+        if needs_decode and not self.role.can_decode:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"worker {self.worker_id} is {self.role}, not decode")
+
+    @contextlib.asynccontextmanager
+    async def _errors(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Map engine exceptions to status codes; count in-flight work."""
+        self.in_flight += 1
+        try:
+            yield
+        except _Refused as exc:
+            await context.abort(exc.code, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except KeyError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0] if exc.args else exc))
+        except MemoryError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        finally:
+            self.in_flight -= 1
+
+    # Streams below iterate the engine's async generators inside `aclosing`: when the client goes
+    # away, gRPC closes the handler, and closing the engine stream at once aborts the request and
+    # frees its blocks (an unclosed generator would linger until garbage collection).
+
+    # ------------------------------------------------------------------ RPCs
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
+                       ) -> AsyncIterator[pb.TokenDelta]:
+        async with self._errors(context):
+            self._admit(needs_decode=True)
+            sampling = sampling_from_pb(request.sampling)
+            prompt = list(request.prompt_token_ids)
+            async with contextlib.aclosing(self.engine.generate(request.request_id, prompt, sampling)) as outputs:
+                first = True
+                async for out in outputs:
+                    yield delta_to_pb(out, prompt_tokens=len(prompt) if first else 0)
+                    first = False
+
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+        async with self._errors(context):
+            self._admit(needs_prefill=True)
+            sampling = sampling_from_pb(request.sampling)
+            prompt = list(request.prompt_token_ids)
+            export, first = await self.engine.prefill(request.request_id, prompt, sampling)
+            kv = pb.KvTransferParams(
+                request_id=request.request_id, source_worker=self.worker_id, source_endpoint=self.endpoint,
+                block_ids=export.block_ids, layout=layout_to_pb(export.layout), num_tokens=export.num_tokens,
+                first_token_id=export.first_token_id,
+            )
+            return pb.PrefillResponse(kv=kv, first=delta_to_pb(first, prompt_tokens=len(prompt)))
+        raise AssertionError("unreachable: _errors aborts")  # pragma: no cover
+
+    async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext,
+                     ) -> AsyncIterator[pb.TokenDelta]:
+        async with self._errors(context):
+            self._admit(needs_decode=True)
+            sampling = sampling_from_pb(request.sampling)
+            prompt = list(request.prompt_token_ids)
+            kv = request.kv
+            layout = layout_from_pb(kv.layout, len(kv.block_ids))
+            data, received = await grpc_stream.pull(self.channels, kv.source_endpoint, kv.request_id, layout,
+                                                    len(kv.block_ids))
+            self.kv_bytes_received += received
+            export = KvExport(kv.request_id, layout, list(kv.block_ids), kv.num_tokens, kv.first_token_id, data=data)
+            stream = self.engine.import_and_decode(request.request_id, prompt, sampling, export)
+            async with contextlib.aclosing(stream) as outputs:
+                first = True
+                async for out in outputs:
+                    if first:
+                        # The blocks are in our cache now: the prefill worker may free its copy.
+                        await self.channels.stub(kv.source_endpoint).ReleaseKv(
+                            pb.ReleaseKvRequest(request_id=kv.request_id), timeout=10)
+                        first = False
+                    yield delta_to_pb(out)
+
+    async def ReadKv(self, request: pb.ReadKvRequest, context: grpc.aio.ServicerContext,
+                     ) -> AsyncIterator[pb.KvChunk]:
+        async with self._errors(context):
+            _, data = await self.engine.read_pinned(request.request_id)
+            block_bytes = self.engine.engine.layout.block_bytes
+            for offset, count, payload in grpc_stream.chunks(data, block_bytes, request.max_chunk_bytes):
+                yield pb.KvChunk(block_offset=offset, num_blocks=count, data=payload)
+
+    async def ReleaseKv(self, request: pb.ReleaseKvRequest, context: grpc.aio.ServicerContext,
+                        ) -> pb.ReleaseKvResponse:
+        return pb.ReleaseKvResponse(released=await self.engine.release(request.request_id))
+
+    async def SetRole(self, request: pb.SetRoleRequest, context: grpc.aio.ServicerContext) -> pb.SetRoleResponse:
+        if request.role not in ROLE_FROM_PB:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be encode, prefill, decode or both")
+        previous = self.role
+        # Admission checks read the role per call: in-flight requests finish where they are.
+        self.role = ROLE_FROM_PB[request.role]
+        logger.info("Role changed from %s to %s", previous, self.role)
+        self.engine.stats_changed.set()
+        return pb.SetRoleResponse(previous=ROLE_TO_PB[previous], current=ROLE_TO_PB[self.role])
+
+    async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
+        self.draining = True
+        self.engine.stats_changed.set()
+        if self.health is not None:
+            await self.health.set("triphase.api.v1.WorkerService", health_pb2.HealthCheckResponse.NOT_SERVING)
+        return pb.DrainResponse(in_flight=self.in_flight)
+
+    def stats_pb(self) -> pb.WorkerStats:
+        s = self.engine.stats
+        return pb.WorkerStats(
+            worker_id=self.worker_id, role=ROLE_TO_PB[self.role], draining=self.draining,
+            running_requests=s.running, waiting_requests=s.waiting, free_kv_blocks=s.free_blocks,
+            total_kv_blocks=s.total_blocks, queued_prefill_tokens=s.queued_prefill_tokens, pinned_requests=s.pinned,
+            block_size=self.engine.engine.layout.block_size, cached_block_hashes=s.cached_block_hashes,
+            model=self.model,
+        )
+
+    async def WatchStats(self, request: pb.WatchStatsRequest, context: grpc.aio.ServicerContext,
+                         ) -> AsyncIterator[pb.WorkerStats]:
+        interval = request.interval_seconds or 1.0
+        while True:
+            self.engine.stats_changed.clear()
+            yield self.stats_pb()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.engine.stats_changed.wait(), timeout=interval)
+
+
+async def serve(servicer: WorkerServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC server (WorkerService + standard health checking); returns it and the bound port."""
+    server = grpc.aio.server(options=grpc_stream.CHANNEL_OPTIONS)
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("triphase.api.v1.WorkerService", health_pb2.HealthCheckResponse.SERVING)
+    servicer.health = health_servicer
+    return server, bound
