@@ -8,18 +8,23 @@ PY = $(VENV)/bin/python
 PROMPT ?= Explain in two sentences why splitting prefill and decode across machines helps LLM serving.
 PORT ?= 8000
 
-.PHONY: help up test lint unit bench venv
+.PHONY: help up generate test lint unit bench venv
 
 help:
-	@echo "make up     run the bundled model (SmolLM2-135M-Instruct) with the triphase engine"
+	@echo "make up     router + prefill + decode workers on 127.0.0.1:$(PORT) (OpenAI API), bundled model"
+	@echo "make generate  one chat generation on the in-process engine"
 	@echo "make test   lint + type check + architecture contracts + all tests"
 	@echo "make bench  engine benchmark -> BENCHMARKS.md"
 
 venv:
 	@bash scripts/venv.sh
 
-# Until the router lands this runs one chat generation on the local engine and prints tokens/s.
+# The local disaggregated stack: router on 127.0.0.1:$(PORT) + 1 prefill + 1 decode worker.
 up:
+	@$(PY) -m triphase.cli up --port $(PORT)
+
+# One chat generation on the in-process engine, with tokens/s.
+generate:
 	@$(PY) -m triphase.cli generate --chat --prompt "$(PROMPT)" --max-tokens 96
 
 lint:

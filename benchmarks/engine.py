@@ -119,7 +119,8 @@ def run_hf(spec: dict, quick: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from triphase.workers.models.loader import bundled_model_path, load_model
+    from triphase.common.model_files import bundled_model_path
+    from triphase.workers.models.loader import load_model
 
     path = bundled_model_path()
     dtype = getattr(torch, spec["dtype"])

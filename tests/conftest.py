@@ -8,8 +8,9 @@ import os
 import pytest
 import torch
 
+from triphase.common.model_files import bundled_model_path
 from triphase.workers.engine.core import Engine, EngineConfig
-from triphase.workers.models.loader import LoadedModel, bundled_model_path, load_model
+from triphase.workers.models.loader import LoadedModel, load_model
 
 CHAT_PROMPTS = [
     "What is the capital of France?",

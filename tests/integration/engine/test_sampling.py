@@ -91,3 +91,12 @@ def test_invalid_sampling_parameters_are_rejected():
     for bad in ({"max_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"logprobs": 21}, {"stop": ("",)}):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_a_request_longer_than_the_kv_cache_ends_with_length(make_engine, story):
+    engine = make_engine(num_kv_blocks=4)  # 64 tokens of KV
+    assert engine.max_model_len == 64
+    out = engine.generate([story], SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))[0]
+    assert out.finish_reason == "length"
+    assert len(story) + len(out.token_ids) == 64
+    assert engine.kv.num_free_blocks == 4

@@ -111,9 +111,10 @@ def test_max_num_seqs_limits_admission():
     assert len(s.waiting) == 1
 
 
-def test_rejects_what_can_never_run():
+def test_rejects_prompts_that_can_never_run():
     s = make(num_blocks=4, block_size=4, max_len=64)
-    with pytest.raises(ValueError, match="context length"):
-        s.add(req("long", 64))
-    with pytest.raises(ValueError, match="KV cache"):
-        s.add(req("big", 10, max_tokens=20))
+    assert s.max_len == 16  # the KV cache (4 x 4 tokens) is the tighter limit
+    with pytest.raises(ValueError, match="at most 15 fit"):
+        s.add(req("long", 16))
+    s.add(req("ok", 10, max_tokens=100))  # admitted; it will end with "length" at 16 tokens
+    assert make(num_blocks=64, max_len=32).max_len == 32

@@ -27,6 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker_main.add_arguments(worker)
     worker.set_defaults(run=worker_main.run, log_level="INFO")
+
+    from triphase.router import main as router_main
+
+    router = sub.add_parser("router", help="the OpenAI-compatible front end over a list of workers")
+    router_main.add_arguments(router)
+    router.set_defaults(run=router_main.run, log_level="INFO")
+
+    from triphase.cli import up
+
+    up_parser = sub.add_parser("up", help="router + prefill + decode workers on 127.0.0.1 (Ctrl-C stops all)")
+    up.add_arguments(up_parser)
+    up_parser.set_defaults(run=up.run, log_level="WARNING")
     return parser
 
 

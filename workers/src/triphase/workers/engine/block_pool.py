@@ -10,11 +10,13 @@ Invariants:
 
 from __future__ import annotations
 
-import array
 import dataclasses
-import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+
+from triphase.common.block_hash import hash_block_tokens
+
+__all__ = ["Block", "BlockPool", "NoFreeBlocks", "hash_block_tokens"]
 
 
 @dataclasses.dataclass(eq=False)
@@ -25,14 +27,6 @@ class Block:
 
     def __repr__(self) -> str:
         return f"Block({self.block_id}, ref={self.ref_cnt})"
-
-
-def hash_block_tokens(parent_hash: int | None, tokens: Sequence[int]) -> int:
-    """Chained, process-independent hash of one full block: equal only for equal prefixes."""
-    digest = hashlib.blake2b(digest_size=8)
-    digest.update((parent_hash or 0).to_bytes(8, "little"))
-    digest.update(array.array("q", tokens).tobytes())
-    return int.from_bytes(digest.digest(), "little")
 
 
 class NoFreeBlocks(Exception):

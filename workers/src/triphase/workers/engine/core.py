@@ -138,7 +138,8 @@ class Engine:
 
     @property
     def max_model_len(self) -> int:
-        return self.scheduler.config.max_model_len
+        """Longest prompt + output: the context length, or the KV capacity if smaller."""
+        return self.scheduler.max_len
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,

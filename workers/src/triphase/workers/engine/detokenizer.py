@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from triphase.workers.models.tokenizer import Tokenizer
+from triphase.common.tokenizer import Tokenizer
 
 
 class IncrementalDetokenizer:

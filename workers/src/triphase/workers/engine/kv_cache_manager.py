@@ -43,16 +43,6 @@ class KVCacheManager:
     def owns(self, request_id: str) -> bool:
         return request_id in self._blocks
 
-    def block_hashes(self, token_ids: Sequence[int]) -> list[int]:
-        """Chained hashes of every full block of `token_ids`."""
-        hashes: list[int] = []
-        parent: int | None = None
-        bs = self.block_size
-        for start in range(0, len(token_ids) - bs + 1, bs):
-            parent = hash_block_tokens(parent, token_ids[start : start + bs])
-            hashes.append(parent)
-        return hashes
-
     def _request_hashes(self, request: Request) -> list[int]:
         hashes = self._hashes.setdefault(request.request_id, [])
         bs = self.block_size

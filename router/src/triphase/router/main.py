@@ -1,0 +1,86 @@
+"""`triphase router`: the OpenAI-compatible front end over a static list of workers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import pathlib
+import re
+import signal
+import socket
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", required=True, help="comma-separated worker endpoints host:port")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model", help="the model file or directory the workers serve (for the tokenizer)")
+    parser.add_argument("--served-model-name", help="the `model` clients send (default: the file's name)")
+    parser.add_argument("--max-model-len", type=int, default=8192)
+    parser.add_argument("--max-in-flight", type=int, default=256, help="beyond this, 429 with Retry-After")
+    parser.add_argument("--ready-file", help="write the bound port here once serving")
+
+
+def served_name(path: str) -> str:
+    stem = pathlib.Path(path.rstrip("/")).name
+    stem = re.sub(r"\.gguf$", "", stem, flags=re.IGNORECASE)
+    return re.sub(r"[.-](Q\d\w*|F16|F32|BF16)$", "", stem, flags=re.IGNORECASE)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A listening socket with TCP_NODELAY, which accepted connections inherit (no Nagle delay on
+    streamed tokens)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_serve(args))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from triphase.common.model_files import load_tokenizer, resolve
+    from triphase.router.metrics import RouterMetrics
+    from triphase.router.openai.routes import Api
+    from triphase.router.pipeline import Pipeline
+    from triphase.router.registry import Registry
+    from triphase.router.worker_client import WorkerClient
+
+    path = resolve(args.model)
+    tokenizer, _ = load_tokenizer(path)
+    model = args.served_model_name or served_name(path)
+    endpoints = [e.strip() for e in args.workers.split(",") if e.strip()]
+    client = WorkerClient()
+    registry = Registry(client, endpoints)
+    registry.start()
+    metrics = RouterMetrics(model)
+    api = Api(Pipeline(registry, client, metrics), tokenizer, metrics, model=model,
+              max_model_len=args.max_model_len, max_in_flight=args.max_in_flight)
+    runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    sock = listening_socket(args.host, args.port)
+    await web.SockSite(runner, sock).start()
+    port = sock.getsockname()[1]
+    logger.info("Router serving %s on http://%s:%d over %d workers", model, args.host, port, len(endpoints))
+    if args.ready_file:
+        pathlib.Path(args.ready_file).write_text(str(port))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("Router stopping")
+    await runner.cleanup()
+    await registry.stop()
+    await client.close()
+    return 0

@@ -1,0 +1,260 @@
+"""HTTP routes of the OpenAI-compatible API (aiohttp): the only module that knows the web framework.
+
+Every error a client can cause is an OpenAI-style JSON body with a 4xx status; a request that
+fails inside the system is a 503 body, never a bare 500 page. Streams are server-sent events
+ending with `data: [DONE]`. A client that disconnects cancels the handler; closing the pipeline's
+stream cancels the gRPC calls, and the workers abort the request and free its blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from triphase.common.tokenizer import Tokenizer
+from triphase.router.errors import BadRequest, Overloaded, RouterError, Unavailable
+from triphase.router.metrics import RouterMetrics
+from triphase.router.openai import protocol as p
+from triphase.router.pipeline import Pipeline, Trace
+from triphase.router.worker_client import Delta, Sampling
+
+logger = logging.getLogger(__name__)
+
+
+class Api:
+    def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, metrics: RouterMetrics, *, model: str,
+                 max_model_len: int, max_in_flight: int = 256) -> None:
+        self.pipeline = pipeline
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.model = model
+        self.max_model_len = max_model_len
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.traces: dict[str, Trace] = {}  # recent request traces, for /debug and tests
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors], client_max_size=16 << 20)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_page)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except RouterError as exc:
+            self.metrics.requests.labels(self.model, str(exc.status)).inc()
+            headers = {"Retry-After": "1"} if isinstance(exc, Overloaded) else None
+            return web.json_response(exc.body(), status=exc.status, headers=headers)
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                error = BadRequest(exc.reason) if exc.status < 500 else RouterError(exc.reason)
+                return web.json_response(error.body(), status=exc.status)
+            raise
+
+    # ------------------------------------------------------------------ helpers
+    async def _json(self, request: web.Request) -> Any:
+        try:
+            return await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"the request body is not valid JSON ({exc})", code="invalid_json") from None
+
+    def _sampling(self, req: p.SamplingFields, prompt_len: int, default_max: int | None) -> Sampling:
+        if req.model != self.model:
+            raise BadRequest(f"the model `{req.model}` does not exist; this server serves `{self.model}`",
+                             param="model", code="model_not_found")
+        room = self.max_model_len - prompt_len
+        if room <= 0:
+            raise BadRequest(f"the prompt has {prompt_len} tokens; this model's context length is "
+                             f"{self.max_model_len}", param="messages", code="context_length_exceeded")
+        limit = req.limit or min(default_max or room, room)
+        if limit > room:
+            raise BadRequest(f"max_tokens ({limit}) plus the prompt ({prompt_len} tokens) exceeds the context "
+                             f"length {self.max_model_len}", param="max_tokens", code="context_length_exceeded")
+        return Sampling(max_tokens=limit, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                        seed=req.seed, stop=tuple(req.stop_list), ignore_eos=req.ignore_eos)
+
+    @contextlib.contextmanager
+    def _admit(self) -> Any:
+        if self.in_flight >= self.max_in_flight:
+            raise Overloaded(f"more than {self.max_in_flight} requests in flight; retry shortly")
+        self.in_flight += 1
+        self.metrics.queue_depth.labels(self.model, "router").set(self.in_flight)
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self.metrics.queue_depth.labels(self.model, "router").set(self.in_flight)
+
+    async def _timed(self, prompt: list[int], sampling: Sampling, trace: Trace) -> AsyncIterator[Delta]:
+        """Run the pipeline, recording TTFT / TPOT / end-to-end latency and token counts."""
+        start = time.monotonic()
+        first_at: float | None = None
+        generated = 0
+        status = "error"
+        self.traces[trace.request_id] = trace
+        if len(self.traces) > 1000:
+            self.traces.pop(next(iter(self.traces)))
+        try:
+            async with contextlib.aclosing(self.pipeline.run(prompt, sampling, trace)) as deltas:
+                async for delta in deltas:
+                    if first_at is None and delta.token_ids:
+                        first_at = time.monotonic()
+                        self.metrics.ttft.labels(self.model).observe(first_at - start)
+                    generated += len(delta.token_ids)
+                    yield delta
+            status = "ok"
+        except BadRequest:
+            status = "400"
+            raise
+        finally:
+            end = time.monotonic()
+            m = self.metrics
+            m.requests.labels(self.model, status if status != "error" else "503").inc()
+            m.prompt_tokens.labels(self.model).inc(len(prompt))
+            m.generation_tokens.labels(self.model).inc(generated)
+            m.e2e.labels(self.model).observe(end - start)
+            if first_at is not None and generated > 1:
+                m.tpot.labels(self.model).observe((end - first_at) / (generated - 1))
+
+    async def _collect(self, deltas: AsyncIterator[Delta]) -> tuple[str, list[int], str, int]:
+        text, tokens, reason, cached = [], [], "stop", 0
+        try:
+            async for d in deltas:
+                text.append(d.text)
+                tokens.extend(d.token_ids)
+                cached = cached or d.cached_tokens
+                if d.finish_reason:
+                    reason = d.finish_reason
+        except RouterError:
+            raise
+        except Exception as exc:  # a worker failure the pipeline could not absorb
+            logger.exception("Request failed")
+            raise Unavailable(f"the request failed inside the serving system: {exc}") from None
+        return "".join(text), tokens, reason, cached
+
+    async def _sse(self, request: web.Request, chunks: AsyncIterator[dict[str, Any]]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        try:
+            async for chunk in chunks:
+                await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        except RouterError as exc:
+            await response.write(b"data: " + json.dumps(exc.body()).encode() + b"\n\n")
+        except (ConnectionResetError, BrokenPipeError):
+            return response  # the client left: the closed stream cancels the workers' request
+        except Exception as exc:
+            logger.exception("Stream failed")
+            await response.write(b"data: " + json.dumps(Unavailable(str(exc)).body()).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    # ------------------------------------------------------------------ routes
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        req = p.parse(p.ChatCompletionRequest, await self._json(request))
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        prompt = self.tokenizer.encode_chat(messages)
+        sampling = self._sampling(req, len(prompt), None)
+        rid, created = p.new_id("chatcmpl"), p.created()
+        with self._admit():
+            deltas = self._timed(prompt, sampling, Trace(rid))
+            if req.stream:
+                return await self._sse(request, self._chat_chunks(deltas, rid, created, len(prompt), req.include_usage))
+            text, tokens, reason, cached = await self._collect(deltas)
+        return web.json_response({
+            "id": rid, "object": "chat.completion", "created": created, "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                         "logprobs": None}],
+            "usage": p.usage(len(prompt), len(tokens), cached),
+        })
+
+    async def _chat_chunks(self, deltas: AsyncIterator[Delta], rid: str, created: int, prompt_tokens: int,
+                           include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model}
+        yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None}]}
+        generated = 0
+        async for d in deltas:
+            generated += len(d.token_ids)
+            if d.text or d.finish_reason:
+                yield {**base, "choices": [{"index": 0, "delta": {"content": d.text} if d.text else {},
+                                            "finish_reason": d.finish_reason}]}
+        if include_usage:
+            yield {**base, "choices": [], "usage": p.usage(prompt_tokens, generated)}
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        req = p.parse(p.CompletionRequest, await self._json(request))
+        if isinstance(req.prompt, str):
+            prompt = self.tokenizer.encode(req.prompt)
+        else:
+            vocab = self.tokenizer.vocab_size
+            if any(not 0 <= t < vocab for t in req.prompt):
+                raise BadRequest(f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
+            prompt = list(req.prompt)
+        if not prompt:
+            raise BadRequest("the prompt is empty", param="prompt")
+        sampling = self._sampling(req, len(prompt), 16)
+        rid, created = p.new_id("cmpl"), p.created()
+        echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
+        with self._admit():
+            deltas = self._timed(prompt, sampling, Trace(rid))
+            if req.stream:
+                return await self._sse(request, self._completion_chunks(deltas, rid, created, echo, len(prompt),
+                                                                        req.include_usage))
+            text, tokens, reason, cached = await self._collect(deltas)
+        return web.json_response({
+            "id": rid, "object": "text_completion", "created": created, "model": self.model,
+            "choices": [{"index": 0, "text": echo + text, "finish_reason": reason, "logprobs": None}],
+            "usage": p.usage(len(prompt), len(tokens), cached),
+        })
+
+    async def _completion_chunks(self, deltas: AsyncIterator[Delta], rid: str, created: int, echo: str,
+                                 prompt_tokens: int, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+        base = {"id": rid, "object": "text_completion", "created": created, "model": self.model}
+        if echo:
+            yield {**base, "choices": [{"index": 0, "text": echo, "finish_reason": None, "logprobs": None}]}
+        generated = 0
+        async for d in deltas:
+            generated += len(d.token_ids)
+            if d.text or d.finish_reason:
+                yield {**base, "choices": [{"index": 0, "text": d.text, "finish_reason": d.finish_reason,
+                                            "logprobs": None}]}
+        if include_usage:
+            yield {**base, "choices": [], "usage": p.usage(prompt_tokens, generated)}
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.model, "object": "model", "created": 0, "owned_by": "triphase",
+             "max_model_len": self.max_model_len}]})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        workers = self.pipeline.registry.snapshot()
+        ready = any(w.available and w.role.can_decode for w in workers)
+        body = {"ready": ready, "workers": [{"id": w.worker_id, "role": str(w.role), "healthy": w.healthy}
+                                            for w in workers]}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        workers = self.pipeline.registry.snapshot()
+        self.metrics.workers.clear()
+        for w in workers:
+            state = "draining" if w.draining else "ready" if w.healthy else "unhealthy"
+            self.metrics.workers.labels(self.model, str(w.role), state).inc()
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,1 @@
+"""Placement policies: pure functions of a request and a snapshot of the workers."""

@@ -1,0 +1,152 @@
+"""gRPC transport to the workers: channels, deadlines, and protobuf <-> router types.
+
+Nothing above this module sees protobuf, except that a prefill's KV transfer parameters are passed
+through opaquely (`KvTicket`): the router moves metadata, the workers move the bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from triphase.api.v1 import worker_pb2 as pb
+from triphase.api.v1 import worker_pb2_grpc
+from triphase.common.roles import Role
+from triphase.router.errors import BadRequest
+from triphase.router.policy.pairing import WorkerView
+
+FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
+ROLES = {pb.ROLE_ENCODE: Role.ENCODE, pb.ROLE_PREFILL: Role.PREFILL, pb.ROLE_DECODE: Role.DECODE,
+         pb.ROLE_BOTH: Role.BOTH}
+OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.keepalive_time_ms", 10_000)]
+
+
+class WorkerFailed(Exception):
+    """The worker could not serve the call (down, overloaded, refused): try elsewhere."""
+
+
+@dataclasses.dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def to_pb(self) -> pb.SamplingParams:
+        p = pb.SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, stop=list(self.stop), ignore_eos=self.ignore_eos)
+        if self.seed is not None:
+            p.seed = self.seed
+        return p
+
+
+@dataclasses.dataclass
+class Delta:
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclasses.dataclass
+class KvTicket:
+    """A prefilled request's KV, pinned on `source`; opaque to everything but this module."""
+
+    source: str
+    params: Any  # pb.KvTransferParams
+    num_blocks: int
+    nbytes: int
+
+
+def _delta(d: pb.TokenDelta) -> Delta:
+    return Delta(list(d.token_ids), d.text, FINISH.get(d.finish_reason), d.prompt_tokens, d.cached_tokens)
+
+
+def _failure(exc: grpc.aio.AioRpcError) -> Exception:
+    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return BadRequest(exc.details() or "invalid request")
+    return WorkerFailed(f"{exc.code().name}: {exc.details()}")
+
+
+class WorkerClient:
+    def __init__(self, *, timeout_s: float = 600.0) -> None:
+        self.timeout_s = timeout_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, endpoint: str) -> worker_pb2_grpc.WorkerServiceStub:
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            channel = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=OPTIONS)
+        return worker_pb2_grpc.WorkerServiceStub(channel)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+
+    async def generate(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
+                       ) -> AsyncIterator[Delta]:
+        call = self._stub(endpoint).Generate(
+            pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb()),
+            timeout=self.timeout_s)
+        try:
+            async for d in call:
+                yield _delta(d)
+        except grpc.aio.AioRpcError as exc:
+            raise _failure(exc) from None
+        finally:
+            call.cancel()  # no-op when complete; otherwise the worker aborts the request
+
+    async def prefill(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
+                      ) -> tuple[KvTicket, Delta]:
+        try:
+            response = await self._stub(endpoint).Prefill(
+                pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb()),
+                timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _failure(exc) from None
+        kv = response.kv
+        ticket = KvTicket(endpoint, kv, len(kv.block_ids), len(kv.block_ids) * kv.layout.block_bytes)
+        return ticket, _delta(response.first)
+
+    async def decode(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
+                     ticket: KvTicket) -> AsyncIterator[Delta]:
+        call = self._stub(endpoint).Decode(
+            pb.DecodeRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb(),
+                             kv=ticket.params), timeout=self.timeout_s)
+        try:
+            async for d in call:
+                yield _delta(d)
+        except grpc.aio.AioRpcError as exc:
+            raise _failure(exc) from None
+        finally:
+            call.cancel()
+
+    async def release(self, ticket: KvTicket) -> None:
+        # On failure the source still frees pinned KV after its timeout.
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self._stub(ticket.source).ReleaseKv(pb.ReleaseKvRequest(request_id=ticket.params.request_id),
+                                                      timeout=10)
+
+    async def watch(self, endpoint: str, interval_s: float = 0.5) -> AsyncIterator[WorkerView]:
+        call = self._stub(endpoint).WatchStats(pb.WatchStatsRequest(interval_seconds=interval_s))
+        try:
+            async for s in call:
+                yield WorkerView(
+                    worker_id=s.worker_id, endpoint=endpoint, role=ROLES.get(s.role, Role.BOTH), healthy=True,
+                    draining=s.draining, running=s.running_requests, waiting=s.waiting_requests,
+                    free_blocks=s.free_kv_blocks, total_blocks=max(1, s.total_kv_blocks),
+                    queued_prefill_tokens=s.queued_prefill_tokens, block_size=s.block_size or 16,
+                    cached_hashes=frozenset(s.cached_block_hashes),
+                )
+        except grpc.aio.AioRpcError as exc:
+            raise WorkerFailed(f"{endpoint}: {exc.code().name}") from None
+        finally:
+            call.cancel()

@@ -1,0 +1,144 @@
+"""`triphase up` as users run it (router + prefill worker + decode worker, real processes on
+127.0.0.1), driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import psutil
+import pytest
+
+from triphase.workers.engine.sampling import SamplingParams
+
+pytestmark = pytest.mark.slow
+QUESTIONS = ["What is the capital of France?", "Name three colors.", "Why do cats purr?", "What is 2 + 2?"]
+
+
+@pytest.fixture(scope="module")
+def stack():
+    proc = subprocess.Popen([sys.executable, "-m", "triphase.cli", "up", "--port", "0", "--dtype", "float32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    deadline = time.monotonic() + 240
+    url = None
+    while url is None:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            proc.kill()
+            raise AssertionError(f"triphase up did not start: {proc.stderr.read()}") from None
+        found = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
+        url = found.group(1) if found else None
+    children = psutil.Process(proc.pid).children(recursive=True)
+    yield {"url": url, "proc": proc, "children": children}
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def model(stack):
+    with urllib.request.urlopen(f"{stack['url']}/v1/models") as response:
+        return json.load(response)["data"][0]["id"]
+
+
+@pytest.fixture(scope="module")
+def expected(make_engine, loaded_model):
+    engine = make_engine()
+    tok = loaded_model.tokenizer
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+    return [c.text for c in engine.generate(prompts, SamplingParams(max_tokens=32, temperature=0))]
+
+
+def client(stack):
+    return openai.OpenAI(base_url=f"{stack['url']}/v1", api_key="unused", max_retries=0)
+
+
+def test_chat_non_streaming_matches_the_engine(stack, model, expected):
+    for question, text in zip(QUESTIONS, expected, strict=True):
+        reply = client(stack).chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}], max_tokens=32, temperature=0)
+        assert reply.choices[0].message.content == text
+        assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 10
+
+
+def test_chat_streaming_matches_the_engine(stack, model, expected):
+    stream = client(stack).chat.completions.create(
+        model=model, messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=32, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected[0]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+
+def test_async_concurrent_streams_match_the_engine(stack, model, expected):
+    async def one(aclient, question):
+        stream = await aclient.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}], max_tokens=32, temperature=0,
+            stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=f"{stack['url']}/v1", api_key="unused", max_retries=0)
+        try:
+            return await asyncio.gather(*(one(aclient, q) for q in QUESTIONS))
+        finally:
+            await aclient.close()
+
+    assert asyncio.run(main()) == expected
+
+
+def test_completions_and_the_disaggregated_path_was_used(stack, model):
+    reply = client(stack).completions.create(model=model, prompt="The capital of Japan is", max_tokens=5,
+                                             temperature=0)
+    assert reply.choices[0].text.strip().startswith("Tokyo")
+    with urllib.request.urlopen(f"{stack['url']}/metrics") as response:
+        metrics = response.read().decode()
+    moved = re.search(r'triphase_kv_transfer_bytes_total\{backend="grpc",model="[^"]+"\} (\S+)', metrics)
+    assert moved and float(moved.group(1)) > 0
+    assert re.search(r'triphase_workers\{model="[^"]+",role="prefill",state="ready"\} 1', metrics)
+
+
+@pytest.mark.parametrize("body,param", [
+    ("{not json", None),
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ({"model": "MODEL", "max_tokens": -5, "messages": [{"role": "user", "content": "hi"}]}, "max_tokens"),
+    ({"model": "MODEL", "messages": "hi"}, "messages"),
+    ({"model": "MODEL", "messages": [{"role": "user", "content": "word " * 9000}]}, "messages"),
+    ({"model": "MODEL", "temperature": "hot", "messages": [{"role": "user", "content": "hi"}]}, "temperature"),
+])
+def test_bad_requests_get_openai_400s(stack, model, body, param):
+    raw = body if isinstance(body, str) else json.dumps(body).replace("MODEL", model)
+    request = urllib.request.Request(f"{stack['url']}/v1/chat/completions", data=raw.encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as failure:
+        urllib.request.urlopen(request, timeout=60)
+    assert failure.value.code == 400
+    error = json.load(failure.value)["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param
+    ok = client(stack).chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=3)
+    assert ok.choices[0].message.content is not None
+
+
+def test_sigterm_stops_every_child(stack):
+    proc, children = stack["proc"], stack["children"]
+    assert len(children) >= 3
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive
