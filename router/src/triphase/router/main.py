@@ -7,8 +7,9 @@ import asyncio
 import logging
 import pathlib
 import re
-import signal
 import socket
+
+from triphase.common.signals import wait_for_stop_signal
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +75,7 @@ async def _serve(args: argparse.Namespace) -> int:
     logger.info("Router serving %s on http://%s:%d over %d workers", model, args.host, port, len(endpoints))
     if args.ready_file:
         pathlib.Path(args.ready_file).write_text(str(port))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     logger.info("Router stopping")
     await runner.cleanup()
     await registry.stop()

@@ -76,6 +76,18 @@ def _failure(exc: grpc.aio.AioRpcError) -> Exception:
     return WorkerFailed(f"{exc.code().name}: {exc.details()}")
 
 
+async def _deltas(call: Any) -> AsyncIterator[Delta]:
+    """Convert a TokenDelta stream; cancelling the call on exit (a no-op once it completed) makes
+    the worker abort the request when the consumer stops early."""
+    try:
+        async for d in call:
+            yield _delta(d)
+    except grpc.aio.AioRpcError as exc:
+        raise _failure(exc) from None
+    finally:
+        call.cancel()
+
+
 class WorkerClient:
     def __init__(self, *, timeout_s: float = 600.0) -> None:
         self.timeout_s = timeout_s
@@ -96,13 +108,8 @@ class WorkerClient:
         call = self._stub(endpoint).Generate(
             pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb()),
             timeout=self.timeout_s)
-        try:
-            async for d in call:
-                yield _delta(d)
-        except grpc.aio.AioRpcError as exc:
-            raise _failure(exc) from None
-        finally:
-            call.cancel()  # no-op when complete; otherwise the worker aborts the request
+        async for delta in _deltas(call):
+            yield delta
 
     async def prefill(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
                       ) -> tuple[KvTicket, Delta]:
@@ -121,13 +128,8 @@ class WorkerClient:
         call = self._stub(endpoint).Decode(
             pb.DecodeRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb(),
                              kv=ticket.params), timeout=self.timeout_s)
-        try:
-            async for d in call:
-                yield _delta(d)
-        except grpc.aio.AioRpcError as exc:
-            raise _failure(exc) from None
-        finally:
-            call.cancel()
+        async for delta in _deltas(call):
+            yield delta
 
     async def release(self, ticket: KvTicket) -> None:
         # On failure the source still frees pinned KV after its timeout.

@@ -8,12 +8,12 @@ import argparse
 import asyncio
 import logging
 import pathlib
-import signal
 import socket
 import sys
 from typing import Any
 
 from triphase.common.roles import Role
+from triphase.common.signals import wait_for_stop_signal
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +62,7 @@ async def _serve(args: argparse.Namespace, engine: Any) -> int:
                 servicer.role, engine.layout.num_blocks)
     if args.ready_file:
         pathlib.Path(args.ready_file).write_text(str(port))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     logger.info("Worker %s stopping", servicer.worker_id)
     servicer.draining = True
     await server.stop(grace=5)
