@@ -107,7 +107,7 @@ def test_completions_and_the_disaggregated_path_was_used(stack, model):
     assert reply.choices[0].text.strip().startswith("Tokyo")
     with urllib.request.urlopen(f"{stack['url']}/metrics") as response:
         metrics = response.read().decode()
-    moved = re.search(r'triphase_kv_transfer_bytes_total\{backend="grpc",model="[^"]+"\} (\S+)', metrics)
+    moved = re.search(r'triphase_kv_transfer_bytes_total\{backend="nixl",model="[^"]+"\} (\S+)', metrics)
     assert moved and float(moved.group(1)) > 0
     assert re.search(r'triphase_workers\{model="[^"]+",role="prefill",state="ready"\} 1', metrics)
 

@@ -32,11 +32,11 @@ def wait_for(condition, timeout, what):
 
 
 @contextlib.contextmanager
-def worker(tmp_path, role):
-    ready = tmp_path / f"{role}.port"
+def worker(tmp_path, role, kv_transfer="nixl"):
+    ready = tmp_path / f"{role}-{kv_transfer}.port"
     proc = subprocess.Popen(
         [sys.executable, "-m", "triphase.cli", "worker", "--role", role, "--port", "0", "--ready-file", str(ready),
-         "--dtype", "float32", "--kv-cache-mib", "64", "--kv-pin-timeout", "60"],
+         "--dtype", "float32", "--kv-cache-mib", "64", "--kv-pin-timeout", "60", "--kv-transfer", kv_transfer],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -58,8 +58,9 @@ def worker(tmp_path, role):
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("workers")
-    with worker(tmp, "prefill") as prefill, worker(tmp, "decode") as decode:
-        yield {"prefill": prefill, "decode": decode}
+    with worker(tmp, "prefill") as prefill, worker(tmp, "decode") as decode, \
+            worker(tmp, "decode", kv_transfer="grpc") as decode_grpc:
+        yield {"prefill": prefill, "decode": decode, "decode-grpc": decode_grpc}
 
 
 @pytest.fixture(scope="module")
@@ -91,15 +92,19 @@ def test_generate_streams_the_engines_tokens(workers, prompt, expected):
     assert deltas[-1].finish_reason == pb.FINISH_REASON_LENGTH
 
 
-def test_prefill_here_decode_there_equals_one_worker(workers, prompt, expected):
+@pytest.mark.parametrize("decoder,backend", [("decode", "nixl"), ("decode-grpc", "grpc")])
+def test_prefill_here_decode_there_equals_one_worker(workers, prompt, expected, decoder, backend):
     prefill, _ = workers["prefill"]
-    decode, _ = workers["decode"]
-    response = prefill.Prefill(pb.PrefillRequest(request_id="d1", prompt_token_ids=prompt, sampling=GREEDY))
+    decode, _ = workers[decoder]
+    rid = f"d-{backend}"
+    response = prefill.Prefill(pb.PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=GREEDY))
     assert response.kv.num_tokens == len(prompt) and response.kv.block_ids
+    assert response.kv.nixl_agent_metadata and response.kv.kv_base_address
     assert list(response.first.token_ids) == expected.token_ids[:1]
     assert stats(prefill).pinned_requests == 1
-    deltas = list(decode.Decode(pb.DecodeRequest(request_id="d1", prompt_token_ids=prompt, sampling=GREEDY,
+    deltas = list(decode.Decode(pb.DecodeRequest(request_id=rid, prompt_token_ids=prompt, sampling=GREEDY,
                                                  kv=response.kv)))
+    assert deltas[0].kv_backend == backend
     assert [t for d in deltas for t in d.token_ids] == expected.token_ids
     wait_for(lambda: all_free(prefill), 10, "the prefill worker to free the pinned blocks")
     wait_for(lambda: all_free(decode), 10, "the decode worker to free its blocks")

@@ -75,15 +75,15 @@ class Pipeline:
             await self.client.release(ticket)
             return
         started = time.monotonic()
-        trace.kv_backend = "grpc"
         skipped = False
         try:
             async for delta in self.client.decode(endpoint, trace.request_id, prompt, sampling, ticket):
                 if not skipped:  # the decode worker repeats the first token: already sent
                     skipped = True
-                    self.metrics.kv_transfer_seconds.labels(self.metrics.model, "grpc").observe(
+                    trace.kv_backend = backend = delta.kv_backend or "grpc"
+                    self.metrics.kv_transfer_seconds.labels(self.metrics.model, backend).observe(
                         time.monotonic() - started)
-                    self.metrics.kv_transfer_bytes.labels(self.metrics.model, "grpc").inc(ticket.nbytes)
+                    self.metrics.kv_transfer_bytes.labels(self.metrics.model, backend).inc(ticket.nbytes)
                     delta = dataclasses.replace(delta, token_ids=delta.token_ids[1:], text="")
                     if not delta.token_ids and delta.finish_reason is None:
                         continue

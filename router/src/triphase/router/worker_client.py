@@ -54,6 +54,7 @@ class Delta:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    kv_backend: str = ""  # first delta of a Decode: how the KV arrived
 
 
 @dataclasses.dataclass
@@ -67,7 +68,8 @@ class KvTicket:
 
 
 def _delta(d: pb.TokenDelta) -> Delta:
-    return Delta(list(d.token_ids), d.text, FINISH.get(d.finish_reason), d.prompt_tokens, d.cached_tokens)
+    return Delta(list(d.token_ids), d.text, FINISH.get(d.finish_reason), d.prompt_tokens, d.cached_tokens,
+                 d.kv_backend)
 
 
 def _failure(exc: grpc.aio.AioRpcError) -> Exception:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import pathlib
 import socket
 import sys
@@ -32,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batched-tokens", type=int, default=512, help="per-step token budget")
     parser.add_argument("--kv-pin-timeout", type=float, default=30.0,
                         help="seconds before prefilled KV nobody read is freed")
+    parser.add_argument("--kv-transfer", default="nixl", choices=["nixl", "grpc"],
+                        help="how decode pulls prefilled KV: NIXL READ (gRPC stream if it fails) or gRPC only")
     parser.add_argument("--ready-file", help="write the bound port here once serving (for supervisors)")
 
 
@@ -47,13 +50,21 @@ def run(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace, engine: Any) -> int:
     from triphase.workers.engine.async_engine import AsyncEngine
+    from triphase.workers.kv.nixl import NixlConnector, NixlUnavailable
     from triphase.workers.server import WorkerServicer, serve
 
     runner = AsyncEngine(engine, pin_timeout_s=args.kv_pin_timeout)
     runner.start()
     worker_id = args.worker_id or f"{socket.gethostname()}:{args.port}"
+    nixl = None
+    if args.kv_transfer == "nixl":
+        try:
+            nixl = NixlConnector(f"triphase-{socket.gethostname()}-{os.getpid()}", engine.runner.kv_cache,
+                                 engine.layout)
+        except NixlUnavailable as exc:
+            logger.warning("KV transfer falls back to the gRPC stream: %s", exc)
     servicer = WorkerServicer(runner, worker_id=worker_id, endpoint="", role=Role(args.role),
-                              model=engine.model_config.name)
+                              model=engine.model_config.name, nixl=nixl)
     server, port = await serve(servicer, args.host, args.port)
     servicer.endpoint = f"{args.host}:{port}"
     if not args.worker_id:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -25,6 +26,7 @@ from triphase.workers.engine.core import KvExport, RequestOutput
 from triphase.workers.engine.kv_layout import KvLayout
 from triphase.workers.engine.sampling import SamplingParams
 from triphase.workers.kv import grpc_stream
+from triphase.workers.kv.nixl import NixlConnector, NixlUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +74,8 @@ def delta_to_pb(out: RequestOutput, *, prompt_tokens: int = 0, cached_tokens: in
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, engine: AsyncEngine, *, worker_id: str, endpoint: str, role: Role, model: str) -> None:
+    def __init__(self, engine: AsyncEngine, *, worker_id: str, endpoint: str, role: Role, model: str,
+                 nixl: NixlConnector | None = None) -> None:
         self.engine = engine
         self.worker_id = worker_id
         self.endpoint = endpoint
@@ -81,7 +84,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.draining = False
         self.in_flight = 0
         self.channels = grpc_stream.ChannelPool()
-        self.kv_bytes_received = 0
+        self.nixl = nixl
+        self.kv_bytes_received: dict[str, int] = {"nixl": 0, "grpc": 0}
+        self.nixl_fallbacks = 0
         self.health: health.aio.HealthServicer | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -138,6 +143,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 block_ids=export.block_ids, layout=layout_to_pb(export.layout), num_tokens=export.num_tokens,
                 first_token_id=export.first_token_id,
             )
+            if self.nixl is not None:
+                kv.nixl_agent_metadata = self.nixl.metadata
+                kv.nixl_agent_name = self.nixl.name
+                kv.kv_base_address = self.nixl.base_address
             return pb.PrefillResponse(kv=kv, first=delta_to_pb(first, prompt_tokens=len(prompt)))
         raise AssertionError("unreachable: _errors aborts")  # pragma: no cover
 
@@ -149,20 +158,54 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             prompt = list(request.prompt_token_ids)
             kv = request.kv
             layout = layout_from_pb(kv.layout, len(kv.block_ids))
-            data, received = await grpc_stream.pull(self.channels, kv.source_endpoint, kv.request_id, layout,
-                                                    len(kv.block_ids))
-            self.kv_bytes_received += received
-            export = KvExport(kv.request_id, layout, list(kv.block_ids), kv.num_tokens, kv.first_token_id, data=data)
-            stream = self.engine.import_and_decode(request.request_id, prompt, sampling, export)
-            async with contextlib.aclosing(stream) as outputs:
-                first = True
-                async for out in outputs:
-                    if first:
-                        # The blocks are in our cache now: the prefill worker may free its copy.
-                        await self.channels.stub(kv.source_endpoint).ReleaseKv(
-                            pb.ReleaseKvRequest(request_id=kv.request_id), timeout=10)
-                        first = False
-                    yield delta_to_pb(out)
+            export = KvExport(kv.request_id, layout, list(kv.block_ids), kv.num_tokens, kv.first_token_id)
+            backend = "grpc"
+            stream = None
+            if self.nixl is not None and kv.nixl_agent_metadata:
+                backend = "nixl"
+                nixl = self.nixl
+
+                async def fill(dst: list[int]) -> None:
+                    moved = await asyncio.to_thread(nixl.read, kv.nixl_agent_metadata, kv.kv_base_address,
+                                                    list(kv.block_ids), dst)
+                    self.kv_bytes_received["nixl"] += moved
+
+                stream = self.engine.import_and_decode(request.request_id, prompt, sampling, export, fill)
+            outputs = stream if stream is not None else await self._grpc_import(request, prompt, sampling, export)
+            try:
+                async for delta in self._relay(outputs, kv, backend):
+                    yield delta
+            except NixlUnavailable as exc:  # raised by the READ, before any output
+                logger.warning("NIXL transfer of %s failed (%s); falling back to the gRPC stream", kv.request_id, exc)
+                self.nixl_fallbacks += 1
+                outputs = await self._grpc_import(request, prompt, sampling, export)
+                async for delta in self._relay(outputs, kv, "grpc"):
+                    yield delta
+
+    async def _relay(self, outputs: AsyncGenerator[RequestOutput, None], kv: pb.KvTransferParams,
+                     backend: str) -> AsyncIterator[pb.TokenDelta]:
+        """Stream an imported request's outputs. Once the first arrives the blocks are in our cache,
+        so the prefill worker is told to free its copy; the first delta also names the backend."""
+        first = True
+        async with contextlib.aclosing(outputs) as deltas:
+            async for out in deltas:
+                delta = delta_to_pb(out)
+                if first:
+                    await self.channels.stub(kv.source_endpoint).ReleaseKv(
+                        pb.ReleaseKvRequest(request_id=kv.request_id), timeout=10)
+                    delta.kv_backend = backend
+                    first = False
+                yield delta
+
+    async def _grpc_import(self, request: pb.DecodeRequest, prompt: list[int], sampling: SamplingParams,
+                           export: KvExport) -> AsyncGenerator[RequestOutput, None]:
+        """Pull the blocks over the ReadKv stream, then adopt them."""
+        kv = request.kv
+        data, received = await grpc_stream.pull(self.channels, kv.source_endpoint, kv.request_id, export.layout,
+                                                len(kv.block_ids))
+        self.kv_bytes_received["grpc"] += received
+        export = dataclasses.replace(export, data=data)
+        return self.engine.import_and_decode(request.request_id, prompt, sampling, export)
 
     async def ReadKv(self, request: pb.ReadKvRequest, context: grpc.aio.ServicerContext,
                      ) -> AsyncIterator[pb.KvChunk]:

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctriphase/api/v1/worker.proto\x12\x0ftriphase.api.v1\"\xd1\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"~\n\x08KvLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x13\n\x0b\x62lock_bytes\x18\x06 \x01(\x04\"\x8f\x02\n\x10KvTransferParams\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rsource_worker\x18\x02 \x01(\t\x12\x17\n\x0fsource_endpoint\x18\x03 \x01(\t\x12\x1b\n\x13nixl_agent_metadata\x18\x04 \x01(\x0c\x12\x17\n\x0fnixl_agent_name\x18\x05 \x01(\t\x12\x17\n\x0fkv_base_address\x18\x06 \x01(\x04\x12\x11\n\tblock_ids\x18\x07 \x03(\r\x12)\n\x06layout\x18\x08 \x01(\x0b\x32\x19.triphase.api.v1.KvLayout\x12\x12\n\nnum_tokens\x18\t \x01(\r\x12\x16\n\x0e\x66irst_token_id\x18\n \x01(\r\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"?\n\rTokenLogprobs\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.triphase.api.v1.TokenLogprob\"\xd8\x01\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x34\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1d.triphase.api.v1.FinishReason\x12\x30\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1e.triphase.api.v1.TokenLogprobs\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\"q\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.triphase.api.v1.SamplingParams\"l\n\x0fPrefillResponse\x12-\n\x02kv\x18\x01 \x01(\x0b\x32!.triphase.api.v1.KvTransferParams\x12*\n\x05\x66irst\x18\x02 \x01(\x0b\x32\x1b.triphase.api.v1.TokenDelta\"\x9f\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.triphase.api.v1.SamplingParams\x12-\n\x02kv\x18\x04 \x01(\x0b\x32!.triphase.api.v1.KvTransferParams\"\x91\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.triphase.api.v1.SamplingParams\x12\x1d\n\x15resumed_output_tokens\x18\x04 \x01(\r\"-\n\x11WatchStatsRequest\x12\x18\n\x10interval_seconds\x18\x01 \x01(\x02\"\xb4\x02\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.triphase.api.v1.Role\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x12\x18\n\x10running_requests\x18\x04 \x01(\r\x12\x18\n\x10waiting_requests\x18\x05 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x06 \x01(\r\x12\x17\n\x0ftotal_kv_blocks\x18\x07 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x08 \x01(\x04\x12\x17\n\x0fpinned_requests\x18\t \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\x12\x1b\n\x13\x63\x61\x63hed_block_hashes\x18\x0b \x03(\x04\x12\r\n\x05model\x18\x0c \x01(\t\"5\n\x0eSetRoleRequest\x12#\n\x04role\x18\x01 \x01(\x0e\x32\x15.triphase.api.v1.Role\"b\n\x0fSetRoleResponse\x12\'\n\x08previous\x18\x01 \x01(\x0e\x32\x15.triphase.api.v1.Role\x12&\n\x07\x63urrent\x18\x02 \x01(\x0e\x32\x15.triphase.api.v1.Role\"\x0e\n\x0c\x44rainRequest\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r\"&\n\x10ReleaseKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"%\n\x11ReleaseKvResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"<\n\rReadKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\r\"A\n\x07KvChunk\x12\x14\n\x0c\x62lock_offset\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_ENCODE\x10\x01\x12\x10\n\x0cROLE_PREFILL\x10\x02\x12\x0f\n\x0bROLE_DECODE\x10\x03\x12\r\n\tROLE_BOTH\x10\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xf5\x04\n\rWorkerService\x12L\n\x07Prefill\x12\x1f.triphase.api.v1.PrefillRequest\x1a .triphase.api.v1.PrefillResponse\x12G\n\x06\x44\x65\x63ode\x12\x1e.triphase.api.v1.DecodeRequest\x1a\x1b.triphase.api.v1.TokenDelta0\x01\x12K\n\x08Generate\x12 .triphase.api.v1.GenerateRequest\x1a\x1b.triphase.api.v1.TokenDelta0\x01\x12P\n\nWatchStats\x12\".triphase.api.v1.WatchStatsRequest\x1a\x1c.triphase.api.v1.WorkerStats0\x01\x12L\n\x07SetRole\x12\x1f.triphase.api.v1.SetRoleRequest\x1a .triphase.api.v1.SetRoleResponse\x12\x46\n\x05\x44rain\x12\x1d.triphase.api.v1.DrainRequest\x1a\x1e.triphase.api.v1.DrainResponse\x12R\n\tReleaseKv\x12!.triphase.api.v1.ReleaseKvRequest\x1a\".triphase.api.v1.ReleaseKvResponse\x12\x44\n\x06ReadKv\x12\x1e.triphase.api.v1.ReadKvRequest\x1a\x18.triphase.api.v1.KvChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctriphase/api/v1/worker.proto\x12\x0ftriphase.api.v1\"\xd1\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"~\n\x08KvLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x13\n\x0b\x62lock_bytes\x18\x06 \x01(\x04\"\x8f\x02\n\x10KvTransferParams\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rsource_worker\x18\x02 \x01(\t\x12\x17\n\x0fsource_endpoint\x18\x03 \x01(\t\x12\x1b\n\x13nixl_agent_metadata\x18\x04 \x01(\x0c\x12\x17\n\x0fnixl_agent_name\x18\x05 \x01(\t\x12\x17\n\x0fkv_base_address\x18\x06 \x01(\x04\x12\x11\n\tblock_ids\x18\x07 \x03(\r\x12)\n\x06layout\x18\x08 \x01(\x0b\x32\x19.triphase.api.v1.KvLayout\x12\x12\n\nnum_tokens\x18\t \x01(\r\x12\x16\n\x0e\x66irst_token_id\x18\n \x01(\r\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"?\n\rTokenLogprobs\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.triphase.api.v1.TokenLogprob\"\xec\x01\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x34\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1d.triphase.api.v1.FinishReason\x12\x30\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1e.triphase.api.v1.TokenLogprobs\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x15\n\rcached_tokens\x18\x06 \x01(\r\x12\x13\n\x0bstop_reason\x18\x07 \x01(\t\x12\x12\n\nkv_backend\x18\x08 \x01(\t\"q\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.triphase.api.v1.SamplingParams\"l\n\x0fPrefillResponse\x12-\n\x02kv\x18\x01 \x01(\x0b\x32!.triphase.api.v1.KvTransferParams\x12*\n\x05\x66irst\x18\x02 \x01(\x0b\x32\x1b.triphase.api.v1.TokenDelta\"\x9f\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.triphase.api.v1.SamplingParams\x12-\n\x02kv\x18\x04 \x01(\x0b\x32!.triphase.api.v1.KvTransferParams\"\x91\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.triphase.api.v1.SamplingParams\x12\x1d\n\x15resumed_output_tokens\x18\x04 \x01(\r\"-\n\x11WatchStatsRequest\x12\x18\n\x10interval_seconds\x18\x01 \x01(\x02\"\xb4\x02\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.triphase.api.v1.Role\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x12\x18\n\x10running_requests\x18\x04 \x01(\r\x12\x18\n\x10waiting_requests\x18\x05 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x06 \x01(\r\x12\x17\n\x0ftotal_kv_blocks\x18\x07 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x08 \x01(\x04\x12\x17\n\x0fpinned_requests\x18\t \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\x12\x1b\n\x13\x63\x61\x63hed_block_hashes\x18\x0b \x03(\x04\x12\r\n\x05model\x18\x0c \x01(\t\"5\n\x0eSetRoleRequest\x12#\n\x04role\x18\x01 \x01(\x0e\x32\x15.triphase.api.v1.Role\"b\n\x0fSetRoleResponse\x12\'\n\x08previous\x18\x01 \x01(\x0e\x32\x15.triphase.api.v1.Role\x12&\n\x07\x63urrent\x18\x02 \x01(\x0e\x32\x15.triphase.api.v1.Role\"\x0e\n\x0c\x44rainRequest\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r\"&\n\x10ReleaseKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"%\n\x11ReleaseKvResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"<\n\rReadKvRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\r\"A\n\x07KvChunk\x12\x14\n\x0c\x62lock_offset\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_ENCODE\x10\x01\x12\x10\n\x0cROLE_PREFILL\x10\x02\x12\x0f\n\x0bROLE_DECODE\x10\x03\x12\r\n\tROLE_BOTH\x10\x04*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xf5\x04\n\rWorkerService\x12L\n\x07Prefill\x12\x1f.triphase.api.v1.PrefillRequest\x1a .triphase.api.v1.PrefillResponse\x12G\n\x06\x44\x65\x63ode\x12\x1e.triphase.api.v1.DecodeRequest\x1a\x1b.triphase.api.v1.TokenDelta0\x01\x12K\n\x08Generate\x12 .triphase.api.v1.GenerateRequest\x1a\x1b.triphase.api.v1.TokenDelta0\x01\x12P\n\nWatchStats\x12\".triphase.api.v1.WatchStatsRequest\x1a\x1c.triphase.api.v1.WorkerStats0\x01\x12L\n\x07SetRole\x12\x1f.triphase.api.v1.SetRoleRequest\x1a .triphase.api.v1.SetRoleResponse\x12\x46\n\x05\x44rain\x12\x1d.triphase.api.v1.DrainRequest\x1a\x1e.triphase.api.v1.DrainResponse\x12R\n\tReleaseKv\x12!.triphase.api.v1.ReleaseKvRequest\x1a\".triphase.api.v1.ReleaseKvResponse\x12\x44\n\x06ReadKv\x12\x1e.triphase.api.v1.ReadKvRequest\x1a\x18.triphase.api.v1.KvChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'triphase.api.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=2306
-  _globals['_ROLE']._serialized_end=2401
-  _globals['_FINISHREASON']._serialized_start=2403
-  _globals['_FINISHREASON']._serialized_end=2523
+  _globals['_ROLE']._serialized_start=2326
+  _globals['_ROLE']._serialized_end=2421
+  _globals['_FINISHREASON']._serialized_start=2423
+  _globals['_FINISHREASON']._serialized_end=2543
   _globals['_SAMPLINGPARAMS']._serialized_start=50
   _globals['_SAMPLINGPARAMS']._serialized_end=259
   _globals['_KVLAYOUT']._serialized_start=261
@@ -46,35 +46,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENLOGPROBS']._serialized_start=714
   _globals['_TOKENLOGPROBS']._serialized_end=777
   _globals['_TOKENDELTA']._serialized_start=780
-  _globals['_TOKENDELTA']._serialized_end=996
-  _globals['_PREFILLREQUEST']._serialized_start=998
-  _globals['_PREFILLREQUEST']._serialized_end=1111
-  _globals['_PREFILLRESPONSE']._serialized_start=1113
-  _globals['_PREFILLRESPONSE']._serialized_end=1221
-  _globals['_DECODEREQUEST']._serialized_start=1224
-  _globals['_DECODEREQUEST']._serialized_end=1383
-  _globals['_GENERATEREQUEST']._serialized_start=1386
-  _globals['_GENERATEREQUEST']._serialized_end=1531
-  _globals['_WATCHSTATSREQUEST']._serialized_start=1533
-  _globals['_WATCHSTATSREQUEST']._serialized_end=1578
-  _globals['_WORKERSTATS']._serialized_start=1581
-  _globals['_WORKERSTATS']._serialized_end=1889
-  _globals['_SETROLEREQUEST']._serialized_start=1891
-  _globals['_SETROLEREQUEST']._serialized_end=1944
-  _globals['_SETROLERESPONSE']._serialized_start=1946
-  _globals['_SETROLERESPONSE']._serialized_end=2044
-  _globals['_DRAINREQUEST']._serialized_start=2046
-  _globals['_DRAINREQUEST']._serialized_end=2060
-  _globals['_DRAINRESPONSE']._serialized_start=2062
-  _globals['_DRAINRESPONSE']._serialized_end=2096
-  _globals['_RELEASEKVREQUEST']._serialized_start=2098
-  _globals['_RELEASEKVREQUEST']._serialized_end=2136
-  _globals['_RELEASEKVRESPONSE']._serialized_start=2138
-  _globals['_RELEASEKVRESPONSE']._serialized_end=2175
-  _globals['_READKVREQUEST']._serialized_start=2177
-  _globals['_READKVREQUEST']._serialized_end=2237
-  _globals['_KVCHUNK']._serialized_start=2239
-  _globals['_KVCHUNK']._serialized_end=2304
-  _globals['_WORKERSERVICE']._serialized_start=2526
-  _globals['_WORKERSERVICE']._serialized_end=3155
+  _globals['_TOKENDELTA']._serialized_end=1016
+  _globals['_PREFILLREQUEST']._serialized_start=1018
+  _globals['_PREFILLREQUEST']._serialized_end=1131
+  _globals['_PREFILLRESPONSE']._serialized_start=1133
+  _globals['_PREFILLRESPONSE']._serialized_end=1241
+  _globals['_DECODEREQUEST']._serialized_start=1244
+  _globals['_DECODEREQUEST']._serialized_end=1403
+  _globals['_GENERATEREQUEST']._serialized_start=1406
+  _globals['_GENERATEREQUEST']._serialized_end=1551
+  _globals['_WATCHSTATSREQUEST']._serialized_start=1553
+  _globals['_WATCHSTATSREQUEST']._serialized_end=1598
+  _globals['_WORKERSTATS']._serialized_start=1601
+  _globals['_WORKERSTATS']._serialized_end=1909
+  _globals['_SETROLEREQUEST']._serialized_start=1911
+  _globals['_SETROLEREQUEST']._serialized_end=1964
+  _globals['_SETROLERESPONSE']._serialized_start=1966
+  _globals['_SETROLERESPONSE']._serialized_end=2064
+  _globals['_DRAINREQUEST']._serialized_start=2066
+  _globals['_DRAINREQUEST']._serialized_end=2080
+  _globals['_DRAINRESPONSE']._serialized_start=2082
+  _globals['_DRAINRESPONSE']._serialized_end=2116
+  _globals['_RELEASEKVREQUEST']._serialized_start=2118
+  _globals['_RELEASEKVREQUEST']._serialized_end=2156
+  _globals['_RELEASEKVRESPONSE']._serialized_start=2158
+  _globals['_RELEASEKVRESPONSE']._serialized_end=2195
+  _globals['_READKVREQUEST']._serialized_start=2197
+  _globals['_READKVREQUEST']._serialized_end=2257
+  _globals['_KVCHUNK']._serialized_start=2259
+  _globals['_KVCHUNK']._serialized_end=2324
+  _globals['_WORKERSERVICE']._serialized_start=2546
+  _globals['_WORKERSERVICE']._serialized_end=3175
 # @@protoc_insertion_point(module_scope)

@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -204,17 +204,24 @@ class AsyncEngine:
         return await self.call(run)
 
     async def import_and_decode(self, request_id: str, prompt: Sequence[int], sampling: SamplingParams,
-                                export: KvExport) -> AsyncGenerator[RequestOutput, None]:
-        """Adopt KV prefilled elsewhere (export.data filled in) and stream the rest of the request.
-        The first output repeats the prefill worker's first token."""
+                                export: KvExport, fill: Callable[[list[int]], Awaitable[None]] | None = None,
+                                ) -> AsyncGenerator[RequestOutput, None]:
+        """Adopt KV prefilled elsewhere and stream the rest of the request. The KV comes from
+        `export.data`, or `fill(destination block ids)` writes it into the reserved blocks (a remote
+        READ, off the engine thread). The first output repeats the prefill worker's first token."""
         stream: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[request_id] = stream
         try:
-            def adopt() -> RequestOutput:
-                _, first = self.engine.import_kv(request_id, prompt, sampling, export)
-                return first
-
-            first = await self.call(adopt)
+            if fill is None:
+                first = await self.call(lambda: self.engine.import_kv(request_id, prompt, sampling, export)[1])
+            else:
+                request, dst = await self.call(lambda: self.engine.reserve_import(request_id, prompt, sampling, export))
+                try:
+                    await fill(dst)
+                except BaseException:
+                    await asyncio.shield(self.call(lambda: self.engine.cancel_import(request_id)))
+                    raise
+                first = await self.call(lambda: self.engine.commit_import(request, export))
             yield first
             if not first.finished:
                 async for out in self._drain(stream):

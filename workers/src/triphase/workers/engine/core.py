@@ -287,30 +287,45 @@ class Engine:
                   export: KvExport, source: Engine | None = None) -> tuple[Request, RequestOutput]:
         """Adopt another engine's prefill: allocate blocks, copy the KV in (from `export.data`, or
         block-to-block from `source` in the same process), and decode from the next step on."""
+        if export.data is None and source is None:
+            raise ValueError("the export carries no data and no source engine was given")
+        request, dst = self.reserve_import(request_id, prompt_token_ids, sampling, export)
+        if export.data is not None:
+            self.runner.write_blocks(dst, export.data)
+        elif source is not None:
+            self.runner.copy_blocks_from(source.runner, export.block_ids, dst)
+        return request, self.commit_import(request, export)
+
+    def reserve_import(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
+                       export: KvExport) -> tuple[Request, list[int]]:
+        """First half of an import: allocate blocks for the incoming KV. The request does not run
+        until `commit_import`; a transport (NIXL) may write the blocks in between, from any thread,
+        since no other request touches them. `cancel_import` frees them if the transfer fails."""
         if not self.layout.compatible_with(export.layout):
             raise ValueError("KV layouts differ between the engines")
         if export.num_tokens != len(prompt_token_ids):
             raise ValueError(f"export holds {export.num_tokens} tokens, prompt has {len(prompt_token_ids)}")
+        if self.scheduler.find(request_id) is not None or self.kv.owns(request_id):
+            raise ValueError(f"request {request_id!r} already exists")
         request = Request(request_id, prompt_token_ids, sampling)
         self.scheduler.check(request)
         dst = self.kv.adopt_imported(request, export.num_tokens)
         if dst is None:
             raise MemoryError(f"no room for {len(export.block_ids)} KV blocks")
-        if export.data is not None:
-            self.runner.write_blocks(dst, export.data)
-        elif source is not None:
-            self.runner.copy_blocks_from(source.runner, export.block_ids, dst)
-        else:
-            self.kv.free(request_id)
-            raise ValueError("the export carries no data and no source engine was given")
+        return request, dst
+
+    def cancel_import(self, request_id: str) -> None:
+        self.kv.free(request_id)
+
+    def commit_import(self, request: Request, export: KvExport) -> RequestOutput:
+        """Second half: the blocks hold the KV; the request decodes from the next step on. Returns the
+        output for the prefill's first token (which may already end the request)."""
         request.num_computed_tokens = export.num_tokens
         request.append_token(export.first_token_id)
         if export.first_logprobs is not None:
             request.logprobs.append(export.first_logprobs)
         self.kv.cache_computed_blocks(request)
-        detok = IncrementalDetokenizer(self.tokenizer, sampling.stop)
-        self._detok[request_id] = detok
+        self._detok[request.request_id] = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
         self.scheduler.add_running(request)
         request.first_token_time = time.monotonic()
-        # The first token may already end the request (EOS, max_tokens=1, a stop string).
-        return request, self._emit(request, export.first_token_id, None)
+        return self._emit(request, export.first_token_id, None)

@@ -1,0 +1,79 @@
+"""The NIXL KV connector: decode workers READ prefilled blocks straight out of the prefill
+worker's KV tensor (UCX backend; on one host it moves bytes process to process, no copy through
+the control plane).
+
+Each worker registers its whole KV tensor once with its own NIXL agent and publishes the agent's
+metadata and the tensor's base address in the KvTransferParams of every prefill. The receiver adds
+the remote agent (once per peer), turns (source blocks -> destination blocks) into as few
+contiguous byte ranges as `transfer_plan` allows, posts one READ and polls it to completion. The
+prefill side learns nothing from NIXL itself: the receiver acknowledges with ReleaseKv, as with
+the gRPC connector, and only then are the source blocks freed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from triphase.workers.engine.kv_layout import KvLayout, transfer_plan
+
+logger = logging.getLogger(__name__)
+
+
+class NixlUnavailable(Exception):
+    """NIXL could not be initialised or a transfer failed; the caller falls back to gRPC."""
+
+
+class NixlConnector:
+    def __init__(self, name: str, kv_cache: torch.Tensor, layout: KvLayout) -> None:
+        try:
+            from nixl_cu12 import nixl_agent, nixl_agent_config
+        except ImportError as exc:  # pragma: no cover - the dependency is declared
+            raise NixlUnavailable(f"nixl is not installed ({exc})") from None
+        try:
+            self.agent: Any = nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+            if "UCX" not in self.agent.backends:
+                raise NixlUnavailable("the UCX backend is not available")
+            self.agent.register_memory(kv_cache)
+        except NixlUnavailable:
+            raise
+        except Exception as exc:  # NIXL raises plain RuntimeErrors from its bindings
+            raise NixlUnavailable(f"NIXL initialisation failed: {exc}") from None
+        self.name = name
+        self.kv_cache = kv_cache
+        self.layout = layout
+        self.base_address = kv_cache.data_ptr()
+        self.metadata: bytes = self.agent.get_agent_metadata()
+        self._peers: dict[bytes, str] = {}
+
+    def read(self, remote_metadata: bytes, remote_base: int, remote_blocks: Sequence[int],
+             local_blocks: Sequence[int], timeout_s: float = 30.0) -> int:
+        """Copy remote blocks into local ones (blocking; run it off the event loop). Returns bytes."""
+        bb = self.layout.block_bytes
+        try:
+            peer = self._peers.get(remote_metadata)
+            if peer is None:
+                peer = self.agent.add_remote_agent(remote_metadata)
+                if isinstance(peer, bytes):
+                    peer = peer.decode()
+                self._peers[remote_metadata] = peer
+            plan = transfer_plan(remote_blocks, local_blocks)
+            local = self.agent.get_xfer_descs([(self.base_address + d * bb, n * bb, 0) for _, d, n in plan], "DRAM")
+            remote = self.agent.get_xfer_descs([(remote_base + s * bb, n * bb, 0) for s, _, n in plan], "DRAM")
+            handle = self.agent.initialize_xfer("READ", local, remote, peer)
+        except Exception as exc:
+            raise NixlUnavailable(f"NIXL transfer set-up failed: {exc}") from None
+        try:
+            state = self.agent.transfer(handle)
+            deadline = time.monotonic() + timeout_s
+            while state == "PROC" and time.monotonic() < deadline:
+                state = self.agent.check_xfer_state(handle)
+            if state != "DONE":
+                raise NixlUnavailable(f"NIXL READ ended in state {state}")
+        finally:
+            handle.release()
+        return sum(n for _, _, n in plan) * bb
