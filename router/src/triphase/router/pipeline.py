@@ -2,12 +2,13 @@
 
 `Pipeline.run` takes a validated, tokenized request and yields `Delta`s. Placement is delegated to
 the pure pairing policy; this module does the waiting and the fallbacks: no prefill worker, or a
-failed prefill, means the decode worker prefills locally; a hand-off that fails before the first
-decoded token falls back the same way. (Mid-stream failover is the next step.)
+failed prefill, means the decode worker prefills locally. A decode worker that fails mid-stream is
+replaced: the request resumes elsewhere with the tokens already sent appended to its prompt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -31,13 +32,16 @@ class Trace:
     request_id: str
     prefill_worker: str | None = None
     decode_worker: str | None = None
+    decode_endpoint: str | None = None
     kv_backend: str | None = None
     local_prefill: bool = False
+    migrations: int = 0
 
 
 class Pipeline:
     def __init__(self, registry: Registry, client: WorkerClient, metrics: RouterMetrics, *,
-                 block_size: int = 16) -> None:
+                 block_size: int = 16, max_retries: int = 2) -> None:
+        self.max_retries = max_retries
         self.registry = registry
         self.client = client
         self.metrics = metrics
@@ -45,12 +49,39 @@ class Pipeline:
 
     async def run(self, prompt: list[int], sampling: Sampling, trace: Trace | None = None,
                   ) -> AsyncGenerator[Delta, None]:
+        """Stream a request's deltas. If the decode worker fails mid-stream, the request resumes on
+        another worker (prompt + tokens already sent, re-prefilled there): the client sees one
+        uninterrupted stream. After `max_retries` failed workers: `Unavailable` (a 503)."""
         trace = trace or Trace(f"req-{uuid.uuid4().hex[:16]}")
-        placement = select(prompt_block_hashes(prompt, self.block_size), self.registry.snapshot())
+        sent: list[int] = []
+        failed: set[str] = set()
+        while True:
+            stream = self._place_and_run(prompt, sampling, trace, failed) if not failed else \
+                self._resume(prompt, sampling, trace, sent, failed)
+            try:
+                async with contextlib.aclosing(stream) as deltas:
+                    async for delta in deltas:
+                        sent.extend(delta.token_ids)
+                        yield delta
+                return
+            except WorkerFailed as exc:
+                if trace.decode_endpoint:
+                    self.registry.mark_unhealthy(trace.decode_endpoint)
+                failed.add(trace.decode_worker or "")
+                if len(failed) > self.max_retries:
+                    raise Unavailable(f"the request failed on {len(failed)} workers; last error: {exc}") from None
+                self.metrics.migrations.labels(self.metrics.model).inc()
+                logger.warning("Decode worker %s failed after %d tokens (%s); resuming elsewhere",
+                               trace.decode_worker, len(sent), exc)
+
+    async def _place_and_run(self, prompt: list[int], sampling: Sampling, trace: Trace, failed: set[str],
+                             ) -> AsyncGenerator[Delta, None]:
+        placement = select(prompt_block_hashes(prompt, self.block_size), self.registry.snapshot(),
+                           frozenset(failed))
         if placement is None:
             raise Unavailable("no decode worker is available")
         decode = placement.decode
-        trace.decode_worker = decode.worker_id
+        trace.decode_worker, trace.decode_endpoint = decode.worker_id, decode.endpoint
         if placement.prefill is not None:
             trace.prefill_worker = placement.prefill.worker_id
             try:
@@ -66,6 +97,24 @@ class Pipeline:
                 return
         trace.local_prefill = True
         async for delta in self.client.generate(decode.endpoint, trace.request_id, prompt, sampling):
+            yield delta
+
+    async def _resume(self, prompt: list[int], sampling: Sampling, trace: Trace, sent: list[int],
+                      failed: set[str]) -> AsyncGenerator[Delta, None]:
+        """Continue on a healthy decode-capable worker, which re-prefills prompt + sent tokens."""
+        remaining = sampling.max_tokens - len(sent)
+        if remaining <= 0:
+            return
+        resumed = prompt + sent
+        placement = select(prompt_block_hashes(resumed, self.block_size), self.registry.snapshot(),
+                           frozenset(failed))
+        if placement is None:
+            raise Unavailable("no healthy decode worker is left to resume the request")
+        trace.decode_worker, trace.decode_endpoint = placement.decode.worker_id, placement.decode.endpoint
+        trace.migrations += 1
+        request_id = f"{trace.request_id}-r{trace.migrations}"
+        async for delta in self.client.generate(placement.decode.endpoint, request_id, resumed,
+                                                dataclasses.replace(sampling, max_tokens=remaining), len(sent)):
             yield delta
 
     async def _hand_off(self, endpoint: str, prompt: list[int], sampling: Sampling, trace: Trace, ticket,  # type: ignore[no-untyped-def]

@@ -106,9 +106,10 @@ class WorkerClient:
             await channel.close()
 
     async def generate(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
-                       ) -> AsyncIterator[Delta]:
+                       resumed_output_tokens: int = 0) -> AsyncIterator[Delta]:
         call = self._stub(endpoint).Generate(
-            pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb()),
+            pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb(),
+                               resumed_output_tokens=resumed_output_tokens),
             timeout=self.timeout_s)
         async for delta in _deltas(call):
             yield delta

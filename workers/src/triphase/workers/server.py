@@ -126,7 +126,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._admit(needs_decode=True)
             sampling = sampling_from_pb(request.sampling)
             prompt = list(request.prompt_token_ids)
-            async with contextlib.aclosing(self.engine.generate(request.request_id, prompt, sampling)) as outputs:
+            stream = self.engine.generate(request.request_id, prompt, sampling, request.resumed_output_tokens)
+            async with contextlib.aclosing(stream) as outputs:
                 first = True
                 async for out in outputs:
                     yield delta_to_pb(out, prompt_tokens=len(prompt) if first else 0)

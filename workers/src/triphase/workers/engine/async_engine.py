@@ -142,12 +142,12 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ requests
     async def generate(self, request_id: str, prompt: Sequence[int], sampling: SamplingParams,
-                       ) -> AsyncGenerator[RequestOutput, None]:
+                       output_offset: int = 0) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's outputs; cancelling the consumer aborts the request at once."""
         stream: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[request_id] = stream
         try:
-            await self.call(lambda: self.engine.add_request(request_id, prompt, sampling))
+            await self.call(lambda: self.engine.add_request(request_id, prompt, sampling, output_offset=output_offset))
             async for out in self._drain(stream):
                 yield out
         finally:

@@ -143,11 +143,14 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
-                    *, prefill_only: bool = False) -> Request:
-        """Queue a request; raises ValueError for one that can never run (too long, empty)."""
+                    *, prefill_only: bool = False, output_offset: int = 0) -> Request:
+        """Queue a request; raises ValueError for one that can never run (too long, empty).
+        `output_offset`: the prompt ends with that many tokens another worker already generated for
+        this request (a resumed request), so seeded sampling continues at the right index."""
         if self.scheduler.find(request_id) is not None:
             raise ValueError(f"request {request_id!r} already exists")
         request = Request(request_id, prompt_token_ids, sampling, prefill_only=prefill_only)
+        request.output_offset = output_offset
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_token_ids):
             raise ValueError(f"prompt contains token ids outside the vocabulary (0..{vocab - 1})")

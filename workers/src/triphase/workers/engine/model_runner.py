@@ -35,7 +35,7 @@ class ModelRunner:
         samples = sample(
             logits,
             [i.request.sampling for i in sampled_items],
-            [i.request.num_output_tokens for i in sampled_items],
+            [i.request.num_output_tokens + i.request.output_offset for i in sampled_items],
             self.generator,
         )
         return {i.request.request_id: s for i, s in zip(sampled_items, samples, strict=True)}

@@ -1,0 +1,51 @@
+"""Helpers for tests that run real triphase processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str) -> T:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)  # polling interval of a condition with a deadline, not synchronisation
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def triphase_process(tmp: pathlib.Path, name: str, args: list[str], timeout: float = 120,
+                     ) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """Run `triphase ARGS --ready-file ...`; yields (process, bound port); SIGTERM (then SIGKILL) on exit."""
+    ready = tmp / f"{name}.port"
+    log = tmp / f"{name}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "triphase.cli", *args, "--ready-file", str(ready)],
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        def started() -> int:
+            if proc.poll() is not None:
+                raise AssertionError(f"{name} exited: {log.read_text()[-2000:]}")
+            return int(ready.read_text()) if ready.exists() and ready.read_text() else 0
+
+        yield proc, wait_for(started, timeout, f"{name} to listen")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
