@@ -15,10 +15,14 @@ import time
 import urllib.error
 import urllib.request
 
+import grpc
 import openai
 import psutil
 import pytest
 
+from tests.procs import wait_for
+from triphase.api.v1 import worker_pb2 as pb
+from triphase.api.v1 import worker_pb2_grpc
 from triphase.workers.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -133,6 +137,45 @@ def test_bad_requests_get_openai_400s(stack, model, body, param):
     ok = client(stack).chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
                                                max_tokens=3)
     assert ok.choices[0].message.content is not None
+
+
+def test_cancelled_streams_free_every_block(stack, model):
+    """100 concurrent streams, 20 of them dropped by the client midway: afterwards every worker's KV
+    blocks are free and nothing is pinned."""
+
+    async def one(aclient, i):
+        stream = await aclient.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": f"Count from {i} upwards."}], max_tokens=12,
+            temperature=0, stream=True, extra_body={"ignore_eos": True})
+        received = 0
+        async for _ in stream:
+            received += 1
+            if i % 5 == 0 and received == 3:
+                await stream.close()  # the client goes away mid-stream
+                return "cancelled"
+        return "done"
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=f"{stack['url']}/v1", api_key="unused", max_retries=0,
+                                     timeout=120)
+        try:
+            return await asyncio.gather(*(one(aclient, i) for i in range(100)))
+        finally:
+            await aclient.close()
+
+    outcomes = asyncio.run(main())
+    assert outcomes.count("cancelled") == 20 and outcomes.count("done") == 80
+    with urllib.request.urlopen(f"{stack['url']}/readyz") as response:
+        endpoints = [w["endpoint"] for w in json.load(response)["workers"]]
+
+    def idle(endpoint):
+        with grpc.insecure_channel(endpoint) as channel:
+            s = next(iter(worker_pb2_grpc.WorkerServiceStub(channel).WatchStats(pb.WatchStatsRequest(), timeout=5)))
+        return s.free_kv_blocks == s.total_kv_blocks and s.running_requests == s.waiting_requests == 0 \
+            and s.pinned_requests == 0
+
+    for endpoint in endpoints:
+        wait_for(lambda endpoint=endpoint: idle(endpoint), 30, f"{endpoint} to free every block")
 
 
 def test_sigterm_stops_every_child(stack):

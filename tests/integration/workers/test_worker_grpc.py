@@ -8,27 +8,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
 
+from tests.procs import wait_for
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
 from triphase.workers.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 GREEDY = pb.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-
-
-def wait_for(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)  # polling interval of a condition with a deadline, not synchronisation
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @contextlib.contextmanager

@@ -92,12 +92,16 @@ class Pipeline:
                                decode.worker_id)
                 self.registry.mark_unhealthy(placement.prefill.endpoint)
             else:
-                async for delta in self._hand_off(decode.endpoint, prompt, sampling, trace, ticket, first):
-                    yield delta
+                async with contextlib.aclosing(self._hand_off(decode.endpoint, prompt, sampling, trace, ticket,
+                                                              first)) as deltas:
+                    async for delta in deltas:
+                        yield delta
                 return
         trace.local_prefill = True
-        async for delta in self.client.generate(decode.endpoint, trace.request_id, prompt, sampling):
-            yield delta
+        async with contextlib.aclosing(self.client.generate(decode.endpoint, trace.request_id, prompt,
+                                                            sampling)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     async def _resume(self, prompt: list[int], sampling: Sampling, trace: Trace, sent: list[int],
                       failed: set[str]) -> AsyncGenerator[Delta, None]:
@@ -113,9 +117,11 @@ class Pipeline:
         trace.decode_worker, trace.decode_endpoint = placement.decode.worker_id, placement.decode.endpoint
         trace.migrations += 1
         request_id = f"{trace.request_id}-r{trace.migrations}"
-        async for delta in self.client.generate(placement.decode.endpoint, request_id, resumed,
-                                                dataclasses.replace(sampling, max_tokens=remaining), len(sent)):
-            yield delta
+        stream = self.client.generate(placement.decode.endpoint, request_id, resumed,
+                                      dataclasses.replace(sampling, max_tokens=remaining), len(sent))
+        async with contextlib.aclosing(stream) as deltas:
+            async for delta in deltas:
+                yield delta
 
     async def _hand_off(self, endpoint: str, prompt: list[int], sampling: Sampling, trace: Trace, ticket,  # type: ignore[no-untyped-def]
                         first: Delta) -> AsyncGenerator[Delta, None]:
@@ -124,21 +130,21 @@ class Pipeline:
             await self.client.release(ticket)
             return
         started = time.monotonic()
-        skipped = False
+        adopted = False  # the decode worker has the KV (it then releases the prefill worker's copy)
         try:
-            async for delta in self.client.decode(endpoint, trace.request_id, prompt, sampling, ticket):
-                if not skipped:  # the decode worker repeats the first token: already sent
-                    skipped = True
-                    trace.kv_backend = backend = delta.kv_backend or "grpc"
-                    self.metrics.kv_transfer_seconds.labels(self.metrics.model, backend).observe(
-                        time.monotonic() - started)
-                    self.metrics.kv_transfer_bytes.labels(self.metrics.model, backend).inc(ticket.nbytes)
-                    delta = dataclasses.replace(delta, token_ids=delta.token_ids[1:], text="")
-                    if not delta.token_ids and delta.finish_reason is None:
-                        continue
-                yield delta
-        except WorkerFailed:
-            if skipped:
-                raise
-            await self.client.release(ticket)
-            raise
+            stream = self.client.decode(endpoint, trace.request_id, prompt, sampling, ticket)
+            async with contextlib.aclosing(stream) as deltas:
+                async for delta in deltas:
+                    if not adopted:  # the decode worker repeats the first token: already sent
+                        adopted = True
+                        trace.kv_backend = backend = delta.kv_backend or "grpc"
+                        self.metrics.kv_transfer_seconds.labels(self.metrics.model, backend).observe(
+                            time.monotonic() - started)
+                        self.metrics.kv_transfer_bytes.labels(self.metrics.model, backend).inc(ticket.nbytes)
+                        delta = dataclasses.replace(delta, token_ids=delta.token_ids[1:], text="")
+                        if not delta.token_ids and delta.finish_reason is None:
+                            continue
+                    yield delta
+        finally:
+            if not adopted:  # failed or cancelled before the hand-off completed: unpin now
+                await self.client.release(ticket)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import grpc
@@ -78,7 +78,7 @@ def _failure(exc: grpc.aio.AioRpcError) -> Exception:
     return WorkerFailed(f"{exc.code().name}: {exc.details()}")
 
 
-async def _deltas(call: Any) -> AsyncIterator[Delta]:
+async def _deltas(call: Any) -> AsyncGenerator[Delta, None]:
     """Convert a TokenDelta stream; cancelling the call on exit (a no-op once it completed) makes
     the worker abort the request when the consumer stops early."""
     try:
@@ -106,7 +106,7 @@ class WorkerClient:
             await channel.close()
 
     async def generate(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
-                       resumed_output_tokens: int = 0) -> AsyncIterator[Delta]:
+                       resumed_output_tokens: int = 0) -> AsyncGenerator[Delta, None]:
         call = self._stub(endpoint).Generate(
             pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb(),
                                resumed_output_tokens=resumed_output_tokens),
@@ -127,7 +127,7 @@ class WorkerClient:
         return ticket, _delta(response.first)
 
     async def decode(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
-                     ticket: KvTicket) -> AsyncIterator[Delta]:
+                     ticket: KvTicket) -> AsyncGenerator[Delta, None]:
         call = self._stub(endpoint).Decode(
             pb.DecodeRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb(),
                              kv=ticket.params), timeout=self.timeout_s)

@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -98,7 +98,7 @@ class Api:
             self.in_flight -= 1
             self.metrics.queue_depth.labels(self.model, "router").set(self.in_flight)
 
-    async def _timed(self, prompt: list[int], sampling: Sampling, trace: Trace) -> AsyncIterator[Delta]:
+    async def _timed(self, prompt: list[int], sampling: Sampling, trace: Trace) -> AsyncGenerator[Delta, None]:
         """Run the pipeline, recording TTFT / TPOT / end-to-end latency and token counts."""
         start = time.monotonic()
         first_at: float | None = None
@@ -170,10 +170,11 @@ class Api:
         sampling = self._sampling(req, len(prompt), None)
         rid, created = p.new_id("chatcmpl"), p.created()
         with self._admit():
-            deltas = self._timed(prompt, sampling, Trace(rid))
-            if req.stream:
-                return await self._sse(request, self._chat_chunks(deltas, rid, created, len(prompt), req.include_usage))
-            text, tokens, reason, cached = await self._collect(deltas)
+            async with contextlib.aclosing(self._timed(prompt, sampling, Trace(rid))) as deltas:
+                if req.stream:
+                    chunks = self._chat_chunks(deltas, rid, created, len(prompt), req.include_usage)
+                    return await self._sse(request, chunks)
+                text, tokens, reason, cached = await self._collect(deltas)
         return web.json_response({
             "id": rid, "object": "chat.completion", "created": created, "model": self.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
@@ -210,11 +211,11 @@ class Api:
         rid, created = p.new_id("cmpl"), p.created()
         echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
         with self._admit():
-            deltas = self._timed(prompt, sampling, Trace(rid))
-            if req.stream:
-                return await self._sse(request, self._completion_chunks(deltas, rid, created, echo, len(prompt),
-                                                                        req.include_usage))
-            text, tokens, reason, cached = await self._collect(deltas)
+            async with contextlib.aclosing(self._timed(prompt, sampling, Trace(rid))) as deltas:
+                if req.stream:
+                    chunks = self._completion_chunks(deltas, rid, created, echo, len(prompt), req.include_usage)
+                    return await self._sse(request, chunks)
+                text, tokens, reason, cached = await self._collect(deltas)
         return web.json_response({
             "id": rid, "object": "text_completion", "created": created, "model": self.model,
             "choices": [{"index": 0, "text": echo + text, "finish_reason": reason, "logprobs": None}],
@@ -246,8 +247,8 @@ class Api:
     async def readyz(self, request: web.Request) -> web.Response:
         workers = self.pipeline.registry.snapshot()
         ready = any(w.available and w.role.can_decode for w in workers)
-        body = {"ready": ready, "workers": [{"id": w.worker_id, "role": str(w.role), "healthy": w.healthy}
-                                            for w in workers]}
+        body = {"ready": ready, "workers": [{"id": w.worker_id, "endpoint": w.endpoint, "role": str(w.role),
+                                             "healthy": w.healthy} for w in workers]}
         return web.json_response(body, status=200 if ready else 503)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
