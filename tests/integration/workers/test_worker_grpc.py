@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 
 import grpc
 import pytest
@@ -26,14 +27,16 @@ def worker(tmp_path, role, kv_transfer="nixl"):
     ready = tmp_path / f"{role}-{kv_transfer}.port"
     proc = subprocess.Popen(
         [sys.executable, "-m", "triphase.cli", "worker", "--role", role, "--port", "0", "--ready-file", str(ready),
-         "--dtype", "float32", "--kv-cache-mib", "64", "--kv-pin-timeout", "60", "--kv-transfer", kv_transfer],
+         "--dtype", "float32", "--kv-cache-mib", "64", "--kv-pin-timeout", "60", "--kv-transfer", kv_transfer,
+         "--metrics-port", "0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
         port = wait_for(lambda: ready.exists() and ready.read_text(), 120, f"{role} worker to listen")
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(channel).result(timeout=30)
-        yield worker_pb2_grpc.WorkerServiceStub(channel), f"127.0.0.1:{port}"
+        metrics_port = (tmp_path / f"{role}-{kv_transfer}.port.metrics").read_text()
+        yield worker_pb2_grpc.WorkerServiceStub(channel), f"127.0.0.1:{metrics_port}"
         channel.close()
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -98,6 +101,22 @@ def test_prefill_here_decode_there_equals_one_worker(workers, prompt, expected, 
     assert [t for d in deltas for t in d.token_ids] == expected.token_ids
     wait_for(lambda: all_free(prefill), 10, "the prefill worker to free the pinned blocks")
     wait_for(lambda: all_free(decode), 10, "the decode worker to free its blocks")
+    metrics = scrape(workers[decoder][1])
+    assert metric(metrics, "triphase_kv_received_bytes_total", backend) > 0
+    assert metric(metrics, "triphase_kv_nixl_fallbacks_total") == 0
+    assert metric(metrics, "triphase_kv_cache_usage_ratio") == 0
+
+
+def scrape(metrics_endpoint):
+    with urllib.request.urlopen(f"http://{metrics_endpoint}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def metric(text, name, backend=None):
+    for line in text.splitlines():
+        if line.startswith(name + "{") and (backend is None or f'backend="{backend}"' in line):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not exported:\n{text}")
 
 
 def test_cancelled_stream_frees_blocks(workers, prompt):

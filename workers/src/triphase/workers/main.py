@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds before prefilled KV nobody read is freed")
     parser.add_argument("--kv-transfer", default="nixl", choices=["nixl", "grpc"],
                         help="how decode pulls prefilled KV: NIXL READ (gRPC stream if it fails) or gRPC only")
+    parser.add_argument("--metrics-port", type=int, default=-1,
+                        help="Prometheus /metrics port (0 picks a free one; default: off)")
     parser.add_argument("--ready-file", help="write the bound port here once serving (for supervisors)")
 
 
@@ -71,6 +73,13 @@ async def _serve(args: argparse.Namespace, engine: Any) -> int:
         servicer.worker_id = f"{socket.gethostname()}:{port}"
     logger.info("Worker %s serving on %s as %s (%d KV blocks)", servicer.worker_id, servicer.endpoint,
                 servicer.role, engine.layout.num_blocks)
+    if args.metrics_port >= 0:
+        from triphase.workers.metrics import serve_metrics
+
+        metrics_port = serve_metrics(servicer, args.host, args.metrics_port)
+        logger.info("Worker metrics on http://%s:%d/metrics", args.host, metrics_port)
+        if args.ready_file:
+            pathlib.Path(args.ready_file + ".metrics").write_text(str(metrics_port))
     if args.ready_file:
         pathlib.Path(args.ready_file).write_text(str(port))
     await wait_for_stop_signal()
