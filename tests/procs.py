@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+import queue
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -49,3 +52,31 @@ def triphase_process(tmp: pathlib.Path, name: str, args: list[str], timeout: flo
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.contextmanager
+def triphase_up(args: list[str], timeout: float = 240) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Run `triphase up ARGS --port 0`; yields (process, base URL) once it prints its URL."""
+    proc = subprocess.Popen([sys.executable, "-m", "triphase.cli", "up", "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or ()], daemon=True).start()
+    deadline = time.monotonic() + timeout
+    url = None
+    try:
+        while url is None:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                errors = proc.stderr.read() if proc.stderr else ""
+                raise AssertionError(f"triphase up did not start: {errors}") from None
+            found = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
+            url = found.group(1) if found else None
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -5,13 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import re
 import signal
-import subprocess
-import sys
-import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -20,7 +15,7 @@ import openai
 import psutil
 import pytest
 
-from tests.procs import wait_for
+from tests.procs import triphase_up, wait_for
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
 from triphase.workers.engine.sampling import SamplingParams
@@ -31,24 +26,8 @@ QUESTIONS = ["What is the capital of France?", "Name three colors.", "Why do cat
 
 @pytest.fixture(scope="module")
 def stack():
-    proc = subprocess.Popen([sys.executable, "-m", "triphase.cli", "up", "--port", "0", "--dtype", "float32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    deadline = time.monotonic() + 240
-    url = None
-    while url is None:
-        try:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            proc.kill()
-            raise AssertionError(f"triphase up did not start: {proc.stderr.read()}") from None
-        found = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
-        url = found.group(1) if found else None
-    children = psutil.Process(proc.pid).children(recursive=True)
-    yield {"url": url, "proc": proc, "children": children}
-    if proc.poll() is None:
-        proc.kill()
+    with triphase_up(["--dtype", "float32"]) as (proc, url):
+        yield {"url": url, "proc": proc, "children": psutil.Process(proc.pid).children(recursive=True)}
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
     parser.add_argument("--model", help="GGUF file or Hugging Face directory (default: bundled SmolLM2-135M)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--engine", default="torch", choices=["torch", "sim"],
+                        help="sim: workers with a timing model instead of the model (no weights loaded)")
     parser.add_argument("--kv-cache-mib", type=int, default=256, help="per worker")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for the stack to be ready")
 
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         deadline = time.monotonic() + args.timeout
-        common = ["--dtype", args.dtype, "--kv-cache-mib", str(args.kv_cache_mib)]
+        common = ["--dtype", args.dtype, "--kv-cache-mib", str(args.kv_cache_mib), "--engine", args.engine]
         if args.model:
             common += ["--model", args.model]
         names = [(f"prefill-{i}", "prefill") for i in range(args.prefill)]

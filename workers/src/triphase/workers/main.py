@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     parser.add_argument("--worker-id", help="default: HOSTNAME:PORT")
     parser.add_argument("--model", help="GGUF file or Hugging Face directory (default: bundled SmolLM2-135M)")
+    parser.add_argument("--engine", default="torch", choices=["torch", "sim"],
+                        help="sim: real scheduling and KV bookkeeping with a timing model instead of the model")
+    parser.add_argument("--sim-prefill-ms", type=float, default=10.0, help="sim: fixed cost of a prefill step")
+    parser.add_argument("--sim-prefill-per-token-ms", type=float, default=0.0)
+    parser.add_argument("--sim-decode-ms", type=float, default=10.0, help="sim: fixed cost of a decode step")
+    parser.add_argument("--sim-decode-per-seq-ms", type=float, default=0.0)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--weights", default="auto", choices=["auto", "dense", "int4"])
     parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache size (default 512 MiB)")
@@ -46,7 +52,14 @@ def run(args: argparse.Namespace) -> int:
 
     config = EngineConfig(dtype=args.dtype, weights=args.weights, kv_cache_bytes=args.kv_cache_mib << 20,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens)
-    engine = Engine.from_path(args.model, config, progress=progress_bar(quiet=not sys.stderr.isatty()))
+    if args.engine == "sim":
+        from triphase.workers.engine.sim import SimTiming, simulated_engine
+
+        timing = SimTiming(args.sim_prefill_ms / 1e3, args.sim_prefill_per_token_ms / 1e3, args.sim_decode_ms / 1e3,
+                           args.sim_decode_per_seq_ms / 1e3)
+        engine = simulated_engine(args.model, config, timing)
+    else:
+        engine = Engine.from_path(args.model, config, progress=progress_bar(quiet=not sys.stderr.isatty()))
     return asyncio.run(_serve(args, engine))
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from triphase.common.errors import UserError
+from triphase.common.tokenizer import Tokenizer
 from triphase.workers.engine.detokenizer import IncrementalDetokenizer
 from triphase.workers.engine.kv_cache_manager import KVCacheManager, cdiv
 from triphase.workers.engine.kv_layout import KvLayout
@@ -24,6 +25,7 @@ from triphase.workers.engine.model_runner import TORCH_DTYPES, ModelRunner
 from triphase.workers.engine.request import Request, RequestStatus
 from triphase.workers.engine.sampling import SamplingParams
 from triphase.workers.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
+from triphase.workers.models.config import ModelConfig
 from triphase.workers.models.llama import FAMILIES
 from triphase.workers.models.loader import LoadedModel, load_model
 
@@ -55,6 +57,13 @@ class EngineConfig:
             raise UserError("int4 weights compute in bfloat16: use dtype bfloat16")
         if self.block_size < 1 or self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise UserError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
+
+
+def kv_layout_for(cfg: ModelConfig, config: EngineConfig) -> KvLayout:
+    """The KV tensor for a model: `num_kv_blocks`, or as many blocks as `kv_cache_bytes` holds."""
+    one = KvLayout(1, cfg.num_hidden_layers, config.block_size, cfg.num_key_value_heads, cfg.head_dim, config.dtype)
+    num_blocks = config.num_kv_blocks or max(1, config.kv_cache_bytes // one.block_bytes)
+    return dataclasses.replace(one, num_blocks=num_blocks)
 
 
 @dataclasses.dataclass
@@ -97,31 +106,32 @@ class KvExport:
 
 class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
-        self.config = config or EngineConfig()
+        config = config or EngineConfig()
         cfg = loaded.config
-        self.model_config = cfg
-        self.tokenizer = loaded.tokenizer
-        self.model_path = loaded.path
-        dtype = TORCH_DTYPES[self.config.dtype]
-        int4 = self.config.weights == "int4" or (
-            self.config.weights == "auto" and self.config.dtype == "bfloat16" and bool(loaded.quantized))
+        int4 = config.weights == "int4" or (
+            config.weights == "auto" and config.dtype == "bfloat16" and bool(loaded.quantized))
         if int4 and not loaded.quantized:
             raise UserError("int4 weights need a GGUF file with Q4_0/Q4_1 matrices, loaded with keep_quantized")
-        self.model = FAMILIES[cfg.architecture](cfg, loaded.weights, dtype, loaded.quantized if int4 else None,
-                                                self.config.int4_max_tokens if int4 else 0)
-        block_bytes = KvLayout(1, cfg.num_hidden_layers, self.config.block_size, cfg.num_key_value_heads,
-                               cfg.head_dim, self.config.dtype).block_bytes
-        num_blocks = self.config.num_kv_blocks or max(1, self.config.kv_cache_bytes // block_bytes)
-        self.layout = KvLayout(num_blocks, cfg.num_hidden_layers, self.config.block_size,
-                               cfg.num_key_value_heads, cfg.head_dim, self.config.dtype)
-        self.kv = KVCacheManager(num_blocks, self.config.block_size,
-                                 enable_prefix_caching=self.config.enable_prefix_caching)
-        max_len = min(self.config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.scheduler = Scheduler(
-            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens, max_len),
-            self.kv,
-        )
-        self.runner = ModelRunner(self.model, self.layout)
+        model = FAMILIES[cfg.architecture](cfg, loaded.weights, TORCH_DTYPES[config.dtype],
+                                           loaded.quantized if int4 else None, config.int4_max_tokens if int4 else 0)
+        layout = kv_layout_for(cfg, config)
+        self._setup(cfg, loaded.tokenizer, loaded.path, config, ModelRunner(model, layout))
+
+    def _setup(self, cfg: ModelConfig, tokenizer: Tokenizer, path: str, config: EngineConfig,
+               runner: ModelRunner) -> None:
+        """Everything but the model: bookkeeping around `runner` (the torch model or a simulator)."""
+        self.config = config
+        self.model_config = cfg
+        self.tokenizer = tokenizer
+        self.model_path = path
+        self.runner = runner
+        self.model = runner.model
+        self.layout = runner.layout
+        self.kv = KVCacheManager(self.layout.num_blocks, config.block_size,
+                                 enable_prefix_caching=config.enable_prefix_caching)
+        max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_len),
+                                   self.kv)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._stop_ids = frozenset(cfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.num_steps = 0

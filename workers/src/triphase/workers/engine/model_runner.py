@@ -20,7 +20,7 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, layout: KvLayout) -> None:
+    def __init__(self, model: LlamaModel | None, layout: KvLayout) -> None:
         self.model = model
         self.layout = layout
         self.kv_cache = torch.zeros(layout.shape, dtype=TORCH_DTYPES[layout.dtype])
@@ -94,6 +94,7 @@ class ModelRunner:
                 pos = torch.arange(width * bs)
                 ctx = torch.tensor(decode_ctx)
                 batch.decode_mask = (pos.unsqueeze(0) < ctx.unsqueeze(1))[:, None, None, :]
+        assert self.model is not None, "a simulated runner overrides execute()"
         logits = self.model.forward(
             torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long), batch,
             self.kv_cache, torch.tensor(logits_rows, dtype=torch.long),
