@@ -45,13 +45,18 @@ def triphase_process(tmp: pathlib.Path, name: str, args: list[str], timeout: flo
 
         yield proc, wait_for(started, timeout, f"{name} to listen")
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc, grace=30)
+
+
+def stop(proc: subprocess.Popen[str], grace: float) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited after `grace` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @contextlib.contextmanager
@@ -68,15 +73,11 @@ def triphase_up(args: list[str], timeout: float = 240) -> Iterator[tuple[subproc
             try:
                 line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
+                stop(proc, grace=10)  # first, so reading its stderr cannot block
                 errors = proc.stderr.read() if proc.stderr else ""
                 raise AssertionError(f"triphase up did not start: {errors}") from None
             found = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
             url = found.group(1) if found else None
         yield proc, url
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(proc, grace=60)
