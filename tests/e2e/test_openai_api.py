@@ -56,6 +56,16 @@ def test_chat_non_streaming_matches_the_engine(stack, model, expected):
         assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 10
 
 
+def test_usage_reports_prefix_cache_hits(stack, model):
+    messages = [{"role": "system", "content": "You are a careful assistant. " * 12},
+                {"role": "user", "content": "Say hi."}]
+    first = client(stack).chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0)
+    again = client(stack).chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens >= 64
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+
 def test_chat_streaming_matches_the_engine(stack, model, expected):
     stream = client(stack).chat.completions.create(
         model=model, messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=32, temperature=0, stream=True,

@@ -60,11 +60,10 @@ def layout_from_pb(p: pb.KvLayout, num_blocks: int) -> KvLayout:
     return KvLayout(num_blocks, p.num_layers, p.block_size, p.num_kv_heads, p.head_dim, p.dtype)
 
 
-def delta_to_pb(out: RequestOutput, *, prompt_tokens: int = 0, cached_tokens: int = 0,
-                stop_reason: Any = None) -> pb.TokenDelta:
+def delta_to_pb(out: RequestOutput, *, prompt_tokens: int = 0, stop_reason: Any = None) -> pb.TokenDelta:
     delta = pb.TokenDelta(token_ids=out.new_token_ids, text=out.new_text,
                           finish_reason=FINISH_TO_PB[out.finish_reason],
-                          prompt_tokens=prompt_tokens, cached_tokens=cached_tokens)
+                          prompt_tokens=prompt_tokens, cached_tokens=out.cached_tokens)
     for row in out.logprobs or ():
         entries = [pb.TokenLogprob(token_id=t, logprob=v) for t, v in row.items()]
         delta.logprobs.append(pb.TokenLogprobs(entries=entries))
