@@ -44,19 +44,6 @@ class Registry:
             self._views[endpoint] = dataclasses.replace(view, healthy=False)
             self.changed.set()
 
-    async def wait_until(self, predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-        """Wait (bounded) until predicate(snapshot) holds."""
-        async def loop() -> None:
-            while not predicate(self.snapshot()):
-                self.changed.clear()
-                await self.changed.wait()
-
-        try:
-            await asyncio.wait_for(loop(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
     async def _watch(self, endpoint: str) -> None:
         backoff = 0.2
         while True:

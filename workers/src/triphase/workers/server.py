@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -60,15 +59,14 @@ def layout_from_pb(p: pb.KvLayout, num_blocks: int) -> KvLayout:
     return KvLayout(num_blocks, p.num_layers, p.block_size, p.num_kv_heads, p.head_dim, p.dtype)
 
 
-def delta_to_pb(out: RequestOutput, *, prompt_tokens: int = 0, stop_reason: Any = None) -> pb.TokenDelta:
+def delta_to_pb(out: RequestOutput, *, prompt_tokens: int = 0) -> pb.TokenDelta:
     delta = pb.TokenDelta(token_ids=out.new_token_ids, text=out.new_text,
                           finish_reason=FINISH_TO_PB[out.finish_reason],
-                          prompt_tokens=prompt_tokens, cached_tokens=out.cached_tokens)
+                          prompt_tokens=prompt_tokens, cached_tokens=out.cached_tokens,
+                          stop_reason="" if out.stop_reason is None else str(out.stop_reason))
     for row in out.logprobs or ():
         entries = [pb.TokenLogprob(token_id=t, logprob=v) for t, v in row.items()]
         delta.logprobs.append(pb.TokenLogprobs(entries=entries))
-    if stop_reason is not None:
-        delta.stop_reason = str(stop_reason)
     return delta
 
 

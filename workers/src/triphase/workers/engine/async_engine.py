@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import queue
 import threading
@@ -55,6 +56,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.stats = EngineStats()
+        self._hashes: tuple[int, ...] = ()
+        self._hashes_version = -1
         self.stats_changed = asyncio.Event()
         self.pins_expired = 0
 
@@ -101,7 +104,10 @@ class AsyncEngine:
         engine = self.engine
         sched, kv = engine.scheduler, engine.kv
         queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
-        hashes = tuple(list(kv.pool.cached)[: self.max_reported_hashes])
+        if kv.pool.cached_version != self._hashes_version:  # copy the index only when it changed
+            self._hashes = tuple(itertools.islice(kv.pool.cached, self.max_reported_hashes))
+            self._hashes_version = kv.pool.cached_version
+        hashes = self._hashes
         self.stats = EngineStats(
             running=len(sched.running), waiting=len(sched.waiting), pinned=len(sched.pinned),
             free_blocks=kv.num_free_blocks, total_blocks=kv.pool.num_blocks, queued_prefill_tokens=queued,

@@ -41,6 +41,7 @@ class BlockPool:
         self.enable_caching = enable_caching
         self._free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
         self.cached: dict[int, Block] = {}
+        self.cached_version = 0  # bumped whenever `cached` gains or loses a hash
         self.num_evictions = 0
 
     @property
@@ -66,6 +67,7 @@ class BlockPool:
                 del self.cached[block.block_hash]
                 block.block_hash = None
                 self.num_evictions += 1
+                self.cached_version += 1
             block.ref_cnt = 1
             taken.append(block)
         return taken
@@ -96,11 +98,13 @@ class BlockPool:
             return
         block.block_hash = block_hash
         self.cached[block_hash] = block
+        self.cached_version += 1
 
     def _uncache(self, block: Block) -> None:
         if block.block_hash is not None:
             del self.cached[block.block_hash]
             block.block_hash = None
+            self.cached_version += 1
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached hash of free blocks; returns how many were dropped."""

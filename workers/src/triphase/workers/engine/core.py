@@ -77,6 +77,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop", "length", "abort"
     logprobs: list[dict[int, float]] | None = None
     cached_tokens: int = 0  # on a request's first output: prompt tokens served by the prefix cache
+    stop_reason: str | int | None = None  # when finished by a stop string or stop token: which one
 
 
 @dataclasses.dataclass
@@ -219,14 +220,14 @@ class Engine:
         if request.prefill_only:
             self.scheduler.finish(request, RequestStatus.PREFILLED)
             return RequestOutput(request.request_id, [token], text, True, reason, [logprobs] if logprobs else None,
-                                 request.num_cached_tokens)
+                                 request.num_cached_tokens, request.stop_reason)
         if reason is not None:
             status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
             self.scheduler.finish(request, status)
             self._detok.pop(request.request_id, None)
         cached = request.num_cached_tokens if request.num_output_tokens == 1 else 0
         return RequestOutput(request.request_id, [token], text, reason is not None, reason,
-                             [logprobs] if logprobs else None, cached)
+                             [logprobs] if logprobs else None, cached, request.stop_reason)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams],
                  ) -> list[Completion]:

@@ -120,7 +120,7 @@ def _load_gguf(path: str, dtype: torch.dtype, progress: Progress[Any], keep_quan
         if heads:
             array = _unpermute_rope_rows(array, heads)
         weights[name] = torch.from_numpy(array).to(dtype)
-    _check_complete(weights, config, path)
+    config = _check_complete(weights, config, path)
     return LoadedModel(config, weights, tokenizer, path, quantized)
 
 
@@ -225,7 +225,7 @@ def _load_hf_dir(path: str, dtype: torch.dtype, progress: Progress[Any]) -> Load
                     weights[key] = handle.get_tensor(key).to(dtype)
         except Exception as exc:  # safetensors raises its own SafetensorError family
             raise UserError(f"{file} is a corrupted safetensors file ({exc})") from None
-    _check_complete(weights, config, path)
+    config = _check_complete(weights, config, path)
     return LoadedModel(config, weights, tokenizer, path)
 
 
@@ -262,13 +262,15 @@ def _hf_config(raw: dict[str, Any], arch: str, path: str, folder: pathlib.Path) 
         raise UserError(f"{path}/config.json: missing or invalid field ({exc})") from None
 
 
-def _check_complete(weights: dict[str, torch.Tensor], config: ModelConfig, path: str) -> None:
-    """Fail with one line naming the first missing tensor; settle tied embeddings."""
+def _check_complete(weights: dict[str, torch.Tensor], config: ModelConfig, path: str) -> ModelConfig:
+    """Fail with one line naming the first missing tensor; returns the config with tied embeddings
+    settled by what the file holds (an output matrix means untied)."""
     if "lm_head.weight" in weights:
-        object.__setattr__(config, "tie_word_embeddings", False)
+        config = dataclasses.replace(config, tie_word_embeddings=False)
     required = ["model.embed_tokens.weight", "model.norm.weight"]
     for i in range(config.num_hidden_layers):
         required += [f"model.layers.{i}.{name}" for name in _GGUF_LAYER_NAMES.values() if name.endswith("weight")]
     missing = [name for name in required if name not in weights]
     if missing:
         raise UserError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing)")
+    return config
