@@ -1,5 +1,6 @@
-"""Failures lose nothing: a decode worker killed with SIGKILL mid-stream, and the client still
-receives one uninterrupted stream equal to the fault-free one."""
+"""Failures lose nothing. The client receives one uninterrupted stream equal to the fault-free one
+when its decode worker switches roles mid-stream or is killed with SIGKILL, and a request still
+completes when its prefill worker is gone or its KV hand-off fails (the decode worker prefills)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from tests.procs import triphase_process, wait_for
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
+from triphase.workers.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 WORKER = ["--dtype", "float32", "--kv-cache-mib", "64"]
@@ -49,13 +51,48 @@ def running(port):
         return next(iter(stub.WatchStats(pb.WatchStatsRequest(), timeout=5))).running_requests
 
 
+def _request(client):
+    model = client.models.list().data[0].id
+    return dict(model=model, messages=[{"role": "user", "content": "Write a long poem about the sea."}],
+                max_tokens=80, temperature=0, extra_body={"ignore_eos": True})
+
+
+def _metrics(url):
+    with urllib.request.urlopen(f"{url}/metrics") as response:
+        return response.read().decode()
+
+
+def _stub(port):
+    return worker_pb2_grpc.WorkerServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+
+
+def test_decode_worker_switching_roles_hands_its_stream_over(stack):
+    client = openai.OpenAI(base_url=f"{stack['url']}/v1", api_key="unused", max_retries=0)
+    request = _request(client)
+    fault_free = client.chat.completions.create(**request).choices[0].message.content
+    pieces = []
+    switched = None
+    for chunk in client.chat.completions.create(**request, stream=True):
+        pieces.append(chunk.choices[0].delta.content or "")
+        if len(pieces) == 10:
+            switched = next(port for name, (_, port) in stack["workers"].items()
+                            if name.startswith("decode") and running(port))
+            answer = _stub(switched).SetRole(pb.SetRoleRequest(role=pb.ROLE_PREFILL, grace_seconds=0))
+            assert answer.handed_over == 1
+    try:
+        assert "".join(pieces) == fault_free
+    finally:
+        _stub(switched).SetRole(pb.SetRoleRequest(role=pb.ROLE_DECODE))
+    wait_for(lambda: _ready(stack["url"]) and not any(running(port) for _, port in stack["workers"].values()),
+             30, "the stack to settle")
+
+
 def test_decode_worker_killed_mid_stream(stack):
     client = openai.OpenAI(base_url=f"{stack['url']}/v1", api_key="unused", max_retries=0)
-    model = client.models.list().data[0].id
-    request = dict(model=model, messages=[{"role": "user", "content": "Write a long poem about the sea."}],
-                   max_tokens=80, temperature=0, extra_body={"ignore_eos": True})
+    request = _request(client)
     fault_free = client.chat.completions.create(**request).choices[0].message.content
-
+    wait_for(lambda: sum(running(port) for name, (_, port) in stack["workers"].items()) == 0, 30,
+             "the previous request to finish")
     stream = client.chat.completions.create(**request, stream=True)
     pieces = []
     for chunk in stream:
@@ -65,6 +102,53 @@ def test_decode_worker_killed_mid_stream(stack):
                           if name.startswith("decode") and running(port))
             stack["workers"][victim][0].kill()  # SIGKILL, mid-stream
     assert "".join(pieces) == fault_free
-    with urllib.request.urlopen(f"{stack['url']}/metrics") as response:
-        metrics = response.read().decode()
-    assert re.search(r'triphase_request_migrations_total\{model="[^"]+"\} [1-9]', metrics)
+    assert re.search(r'triphase_request_migrations_total\{model="[^"]+"\} [1-9]', _metrics(stack["url"]))
+
+
+def test_prefill_worker_killed(stack):
+    client = openai.OpenAI(base_url=f"{stack['url']}/v1", api_key="unused", max_retries=0)
+    request = _request(client)
+    fault_free = client.chat.completions.create(**request).choices[0].message.content
+    stack["workers"]["prefill"][0].kill()
+    assert client.chat.completions.create(**request).choices[0].message.content == fault_free
+
+
+@pytest.fixture(scope="module")
+def expiring_stack(tmp_path_factory):
+    """A prefill worker whose pins expire at once: every hand-off fails after the prefill."""
+    tmp = tmp_path_factory.mktemp("expiring")
+    with contextlib.ExitStack() as stack:
+        workers = {}
+        for name, role, transfer in [("prefill", "prefill", "nixl"), ("decode", "decode", "nixl"),
+                                     ("decode-grpc", "decode", "grpc")]:
+            workers[name] = stack.enter_context(triphase_process(
+                tmp, name, ["worker", "--role", role, "--port", "0", "--kv-pin-timeout", "0",
+                            "--kv-transfer", transfer, *WORKER]))
+        routers = {}
+        for decoder in ("decode", "decode-grpc"):
+            endpoints = f"127.0.0.1:{workers['prefill'][1]},127.0.0.1:{workers[decoder][1]}"
+            _, port = stack.enter_context(triphase_process(tmp, f"router-{decoder}",
+                                                           ["router", "--workers", endpoints, "--port", "0"]))
+            routers[decoder] = f"http://127.0.0.1:{port}"
+            wait_for(lambda url=routers[decoder]: _ready(url), 60, "the router to see its workers")
+        yield routers, workers
+
+
+@pytest.mark.parametrize("decoder", ["decode", "decode-grpc"])
+def test_failed_hand_off_falls_back_to_local_prefill(expiring_stack, make_engine, loaded_model, decoder):
+    routers, workers = expiring_stack
+    client = openai.OpenAI(base_url=f"{routers[decoder]}/v1", api_key="unused", max_retries=0)
+    prompt = loaded_model.tokenizer.encode("The three phases of an LLM request are")
+    expected = make_engine().generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    completion = client.completions.create(model=client.models.list().data[0].id, prompt=prompt, max_tokens=24,
+                                           temperature=0, extra_body={"ignore_eos": True})
+    assert completion.choices[0].text == expected.text
+    for name in ("prefill", decoder):
+        port = workers[name][1]
+        wait_for(lambda port=port: _all_free(port), 10, f"{name} to hold no blocks")
+
+
+def _all_free(port):
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        s = next(iter(worker_pb2_grpc.WorkerServiceStub(channel).WatchStats(pb.WatchStatsRequest(), timeout=5)))
+    return s.free_kv_blocks == s.total_kv_blocks and s.pinned_requests == 0 and s.running_requests == 0

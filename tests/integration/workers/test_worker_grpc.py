@@ -3,6 +3,7 @@ and decode on another with the KV streamed between them, roles, cancellation and
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -160,3 +161,61 @@ def test_set_role_at_runtime(workers, prompt):
     finally:
         stub.SetRole(pb.SetRoleRequest(role=pb.ROLE_DECODE))
     assert stats(stub).role == pb.ROLE_DECODE
+
+
+def test_set_role_waits_for_in_flight_streams_and_refuses_new_work(workers, prompt, expected):
+    stub, _ = workers["decode"]
+    long = pb.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    call = stub.Generate(pb.GenerateRequest(request_id="w1", prompt_token_ids=prompt, sampling=long))
+    next(call)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        switch = pool.submit(stub.SetRole, pb.SetRoleRequest(role=pb.ROLE_PREFILL, grace_seconds=60))
+        wait_for(lambda: stats(stub).switching, 10, "the worker to report the switch")
+        with pytest.raises(grpc.RpcError) as err:  # not admitting while it switches
+            list(stub.Generate(pb.GenerateRequest(request_id="w2", prompt_token_ids=prompt, sampling=GREEDY)))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert not switch.done() and stats(stub).role == pb.ROLE_DECODE  # the stream still runs here
+        call.cancel()  # the in-flight stream ends: the switch completes, nothing handed over
+        changed = switch.result(timeout=30)
+    try:
+        assert (changed.previous, changed.current, changed.handed_over) == (pb.ROLE_DECODE, pb.ROLE_PREFILL, 0)
+        assert not stats(stub).switching
+    finally:
+        stub.SetRole(pb.SetRoleRequest(role=pb.ROLE_DECODE))
+    wait_for(lambda: all_free(stub), 10, "all blocks free after the switch")
+
+
+def test_set_role_hands_over_streams_after_the_grace_period(workers, prompt):
+    stub, _ = workers["decode"]
+    long = pb.SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    call = stub.Generate(pb.GenerateRequest(request_id="h1", prompt_token_ids=prompt, sampling=long))
+    next(call)
+    changed = stub.SetRole(pb.SetRoleRequest(role=pb.ROLE_PREFILL, grace_seconds=0.1))
+    try:
+        assert (changed.current, changed.handed_over) == (pb.ROLE_PREFILL, 1)
+        with pytest.raises(grpc.RpcError) as err:  # the stream ends so that the router resumes it elsewhere
+            list(call)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "switched to prefill" in err.value.details()
+        wait_for(lambda: all_free(stub), 10, "the handed-over request's blocks to be freed")
+    finally:
+        stub.SetRole(pb.SetRoleRequest(role=pb.ROLE_DECODE))
+
+
+@pytest.mark.parametrize("decoder,breakage", [("decode", "layout"), ("decode-grpc", "source gone")])
+def test_a_failed_hand_off_is_aborted_and_leaks_nothing(workers, prompt, decoder, breakage):
+    prefill, _ = workers["prefill"]
+    decode, _ = workers[decoder]
+    rid = f"broken-{decoder}"
+    kv = prefill.Prefill(pb.PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=GREEDY)).kv
+    if breakage == "layout":  # e.g. a prefill pool on another dtype during a rolling upgrade
+        kv.layout.num_kv_heads += 1
+    else:
+        kv.source_endpoint = "127.0.0.1:1"
+    with pytest.raises(grpc.RpcError) as err:
+        list(decode.Decode(pb.DecodeRequest(request_id=rid, prompt_token_ids=prompt, sampling=GREEDY, kv=kv)))
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    assert rid in err.value.details()
+    wait_for(lambda: all_free(decode), 10, "the decode worker to free the reserved blocks")
+    assert prefill.ReleaseKv(pb.ReleaseKvRequest(request_id=rid)).released  # the router's job on ABORTED
+    assert all_free(prefill)

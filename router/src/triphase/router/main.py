@@ -21,7 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="the model file or directory the workers serve (for the tokenizer)")
     parser.add_argument("--served-model-name", help="the `model` clients send (default: the file's name)")
     parser.add_argument("--max-model-len", type=int, default=8192)
-    parser.add_argument("--max-in-flight", type=int, default=256, help="beyond this, 429 with Retry-After")
+    parser.add_argument("--max-in-flight", type=int, default=256, help="requests running at once")
+    parser.add_argument("--max-queued", type=int, default=1024,
+                        help="requests waiting for a running slot; beyond this, 429 with Retry-After")
+    parser.add_argument("--max-queue-wait", type=float, default=30.0,
+                        help="seconds a request may wait in the queue before a 429")
     parser.add_argument("--ready-file", help="write the bound port here once serving")
 
 
@@ -51,6 +55,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from triphase.common.model_files import load_tokenizer, resolve
+    from triphase.router.admission import Admission
     from triphase.router.metrics import RouterMetrics
     from triphase.router.openai.routes import Api
     from triphase.router.pipeline import Pipeline
@@ -66,7 +71,8 @@ async def _serve(args: argparse.Namespace) -> int:
     registry.start()
     metrics = RouterMetrics(model)
     api = Api(Pipeline(registry, client, metrics), tokenizer, metrics, model=model,
-              max_model_len=args.max_model_len, max_in_flight=args.max_in_flight)
+              max_model_len=args.max_model_len,
+              admission=Admission(args.max_in_flight, args.max_queued, args.max_queue_wait))
     runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     sock = listening_socket(args.host, args.port)

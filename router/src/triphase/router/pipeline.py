@@ -2,8 +2,9 @@
 
 `Pipeline.run` takes a validated, tokenized request and yields `Delta`s. Placement is delegated to
 the pure pairing policy; this module does the waiting and the fallbacks: no prefill worker, or a
-failed prefill, means the decode worker prefills locally. A decode worker that fails mid-stream is
-replaced: the request resumes elsewhere with the tokens already sent appended to its prompt.
+failed prefill or KV hand-off, means the decode worker prefills locally. A decode worker that fails
+mid-stream (or hands the request over while switching roles) is replaced: the request resumes
+elsewhere with the tokens already sent appended to its prompt.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from triphase.router.errors import Unavailable
 from triphase.router.metrics import RouterMetrics
 from triphase.router.policy.pairing import select
 from triphase.router.registry import Registry
-from triphase.router.worker_client import Delta, Sampling, WorkerClient, WorkerFailed
+from triphase.router.worker_client import Delta, HandOffFailed, Sampling, WorkerClient, WorkerFailed
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +56,26 @@ class Pipeline:
         trace = trace or Trace(f"req-{uuid.uuid4().hex[:16]}")
         sent: list[int] = []
         failed: set[str] = set()
+        resume = False
         while True:
-            stream = self._place_and_run(prompt, sampling, trace, failed) if not failed else \
-                self._resume(prompt, sampling, trace, sent, failed)
+            stream = self._resume(prompt, sampling, trace, sent, failed) if resume else \
+                self._place_and_run(prompt, sampling, trace, failed)
             try:
                 async with contextlib.aclosing(stream) as deltas:
                     async for delta in deltas:
                         sent.extend(delta.token_ids)
                         yield delta
                 return
+            except HandOffFailed as exc:
+                # The prefill worker's KV could not be had: the decode worker prefills prompt + first token.
+                if resume:
+                    raise Unavailable(f"the request failed after a failed KV hand-off: {exc}") from None
+                logger.warning("KV hand-off to %s failed (%s); prefilling there", trace.decode_worker, exc)
+                trace.local_prefill = resume = True
+                trace.kv_backend = None
+                continue
             except WorkerFailed as exc:
+                resume = True
                 if trace.decode_endpoint:
                     self.registry.mark_unhealthy(trace.decode_endpoint)
                 failed.add(trace.decode_worker or "")
@@ -105,19 +116,23 @@ class Pipeline:
 
     async def _resume(self, prompt: list[int], sampling: Sampling, trace: Trace, sent: list[int],
                       failed: set[str]) -> AsyncGenerator[Delta, None]:
-        """Continue on a healthy decode-capable worker, which re-prefills prompt + sent tokens."""
+        """Continue on a healthy decode-capable worker, which re-prefills prompt + sent tokens: after a
+        failed worker, on another one; after a failed hand-off, on the same decode worker."""
         remaining = sampling.max_tokens - len(sent)
         if remaining <= 0:
             return
         resumed = prompt + sent
-        placement = select(prompt_block_hashes(resumed, self.block_size), self.registry.snapshot(),
-                           frozenset(failed))
-        if placement is None:
-            raise Unavailable("no healthy decode worker is left to resume the request")
-        trace.decode_worker, trace.decode_endpoint = placement.decode.worker_id, placement.decode.endpoint
+        endpoint = trace.decode_endpoint if not failed else None
+        if endpoint is None:
+            placement = select(prompt_block_hashes(resumed, self.block_size), self.registry.snapshot(),
+                               frozenset(failed))
+            if placement is None:
+                raise Unavailable("no healthy decode worker is left to resume the request")
+            trace.decode_worker, trace.decode_endpoint = placement.decode.worker_id, placement.decode.endpoint
+            endpoint = placement.decode.endpoint
         trace.migrations += 1
         request_id = f"{trace.request_id}-r{trace.migrations}"
-        stream = self.client.generate(placement.decode.endpoint, request_id, resumed,
+        stream = self.client.generate(endpoint, request_id, resumed,
                                       dataclasses.replace(sampling, max_tokens=remaining), len(sent))
         async with contextlib.aclosing(stream) as deltas:
             async for delta in deltas:

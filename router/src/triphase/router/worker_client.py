@@ -29,6 +29,11 @@ class WorkerFailed(Exception):
     """The worker could not serve the call (down, overloaded, refused): try elsewhere."""
 
 
+class HandOffFailed(WorkerFailed):
+    """The decode worker could not obtain the prefilled KV (source gone, pin expired, incompatible
+    layout); the decode worker itself is fine and can prefill locally."""
+
+
 @dataclasses.dataclass
 class Sampling:
     max_tokens: int
@@ -75,6 +80,8 @@ def _delta(d: pb.TokenDelta) -> Delta:
 def _failure(exc: grpc.aio.AioRpcError) -> Exception:
     if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
         return BadRequest(exc.details() or "invalid request")
+    if exc.code() == grpc.StatusCode.ABORTED:
+        return HandOffFailed(exc.details() or "KV hand-off failed")
     return WorkerFailed(f"{exc.code().name}: {exc.details()}")
 
 
@@ -146,7 +153,7 @@ class WorkerClient:
             async for s in call:
                 yield WorkerView(
                     worker_id=s.worker_id, endpoint=endpoint, role=ROLES.get(s.role, Role.BOTH), healthy=True,
-                    draining=s.draining, running=s.running_requests, waiting=s.waiting_requests,
+                    draining=s.draining or s.switching, running=s.running_requests, waiting=s.waiting_requests,
                     free_blocks=s.free_kv_blocks, total_blocks=max(1, s.total_kv_blocks),
                     queued_prefill_tokens=s.queued_prefill_tokens, block_size=s.block_size or 16,
                     cached_hashes=frozenset(s.cached_block_hashes),

@@ -3,7 +3,13 @@
 This is the only module that converts between protobuf messages and engine types. Errors become
 gRPC status codes: INVALID_ARGUMENT for bad input, NOT_FOUND for unknown pinned KV,
 RESOURCE_EXHAUSTED when the KV cache has no room, FAILED_PRECONDITION when the role or drain
-state refuses the call.
+state refuses the call, UNAVAILABLE while the role is switching (and for streams handed over by
+the switch), ABORTED when a Decode could not obtain its KV (the router then prefills elsewhere).
+
+Who frees pinned KV: the prefill worker keeps a prefilled request's blocks pinned until the decode
+worker's ReleaseKv (sent once the blocks are in its own cache), the router's ReleaseKv (hand-off
+failed or cancelled), or the pin timeout. A NIXL READ that raced the timeout is detected by the
+ReleaseKv answer (`released` false: the blocks may have been reused) and treated as a failed hand-off.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -40,6 +46,10 @@ class _Refused(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class _HandOffFailed(Exception):
+    """The KV of a Decode request could not be obtained from its prefill worker."""
 
 
 def sampling_from_pb(p: pb.SamplingParams) -> SamplingParams:
@@ -79,17 +89,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.role = role
         self.model = model
         self.draining = False
+        self.switching = False
         self.in_flight = 0
+        self.streams: dict[str, bool] = {}  # request id -> decoding (a Generate or Decode stream)
+        self.prefills = 0
         self.channels = grpc_stream.ChannelPool()
         self.nixl = nixl
         self.kv_bytes_received: dict[str, int] = {"nixl": 0, "grpc": 0}
         self.nixl_fallbacks = 0
         self.health: health.aio.HealthServicer | None = None
+        self.stream_done = asyncio.Event()
 
     # ------------------------------------------------------------------ helpers
     def _admit(self, *, needs_prefill: bool = False, needs_decode: bool = False) -> None:
         if self.draining:
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"worker {self.worker_id} is draining")
+        if self.switching:
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is switching its role")
         if needs_prefill and not self.role.can_prefill:
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"worker {self.worker_id} is {self.role}, not prefill")
         if needs_decode and not self.role.can_decode:
@@ -103,6 +119,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             yield
         except _Refused as exc:
             await context.abort(exc.code, str(exc))
+        except _HandOffFailed as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except KeyError as exc:
@@ -124,18 +142,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             sampling = sampling_from_pb(request.sampling)
             prompt = list(request.prompt_token_ids)
             stream = self.engine.generate(request.request_id, prompt, sampling, request.resumed_output_tokens)
-            async with contextlib.aclosing(stream) as outputs:
-                first = True
-                async for out in outputs:
-                    yield delta_to_pb(out, prompt_tokens=len(prompt) if first else 0)
-                    first = False
+            with self._tracked(request.request_id):
+                async with contextlib.aclosing(stream) as outputs:
+                    first = True
+                    async for out in outputs:
+                        yield delta_to_pb(out, prompt_tokens=len(prompt) if first else 0)
+                        first = False
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         async with self._errors(context):
             self._admit(needs_prefill=True)
             sampling = sampling_from_pb(request.sampling)
             prompt = list(request.prompt_token_ids)
-            export, first = await self.engine.prefill(request.request_id, prompt, sampling)
+            self.prefills += 1
+            try:
+                export, first = await self.engine.prefill(request.request_id, prompt, sampling)
+            finally:
+                self.prefills -= 1
             kv = pb.KvTransferParams(
                 request_id=request.request_id, source_worker=self.worker_id, source_endpoint=self.endpoint,
                 block_ids=export.block_ids, layout=layout_to_pb(export.layout), num_tokens=export.num_tokens,
@@ -152,48 +175,62 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                      ) -> AsyncIterator[pb.TokenDelta]:
         async with self._errors(context):
             self._admit(needs_decode=True)
-            sampling = sampling_from_pb(request.sampling)
-            prompt = list(request.prompt_token_ids)
-            kv = request.kv
-            layout = layout_from_pb(kv.layout, len(kv.block_ids))
-            export = KvExport(kv.request_id, layout, list(kv.block_ids), kv.num_tokens, kv.first_token_id)
-            backend = "grpc"
-            stream = None
-            if self.nixl is not None and kv.nixl_agent_metadata:
-                backend = "nixl"
-                nixl = self.nixl
-
-                async def fill(dst: list[int]) -> None:
-                    moved = await asyncio.to_thread(nixl.read, kv.nixl_agent_metadata, kv.kv_base_address,
-                                                    list(kv.block_ids), dst)
-                    self.kv_bytes_received["nixl"] += moved
-
-                stream = self.engine.import_and_decode(request.request_id, prompt, sampling, export, fill)
-            outputs = stream if stream is not None else await self._grpc_import(request, prompt, sampling, export)
-            try:
-                async for delta in self._relay(outputs, kv, backend):
-                    yield delta
-            except NixlUnavailable as exc:  # raised by the READ, before any output
-                logger.warning("NIXL transfer of %s failed (%s); falling back to the gRPC stream", kv.request_id, exc)
-                self.nixl_fallbacks += 1
-                outputs = await self._grpc_import(request, prompt, sampling, export)
-                async for delta in self._relay(outputs, kv, "grpc"):
-                    yield delta
-
-    async def _relay(self, outputs: AsyncGenerator[RequestOutput, None], kv: pb.KvTransferParams,
-                     backend: str) -> AsyncIterator[pb.TokenDelta]:
-        """Stream an imported request's outputs. Once the first arrives the blocks are in our cache,
-        so the prefill worker is told to free its copy; the first delta also names the backend."""
-        first = True
-        async with contextlib.aclosing(outputs) as deltas:
-            async for out in deltas:
-                delta = delta_to_pb(out)
-                if first:
-                    await self.channels.stub(kv.source_endpoint).ReleaseKv(
-                        pb.ReleaseKvRequest(request_id=kv.request_id), timeout=10)
+            with self._tracked(request.request_id):
+                outputs, first, backend = await self._adopt(request)
+                async with contextlib.aclosing(outputs) as deltas:
+                    delta = delta_to_pb(first)
                     delta.kv_backend = backend
-                    first = False
-                yield delta
+                    yield delta
+                    async for out in deltas:
+                        yield delta_to_pb(out)
+
+    async def _adopt(self, request: pb.DecodeRequest,
+                     ) -> tuple[AsyncGenerator[RequestOutput, None], RequestOutput, str]:
+        """Bring a prefilled request's KV into this worker and compute its first output here.
+        NIXL READ first (when both sides have it), the gRPC stream as fallback; then the prefill
+        worker is told to free its copy. Any failure to obtain the KV is a `_HandOffFailed`."""
+        sampling = sampling_from_pb(request.sampling)
+        prompt = list(request.prompt_token_ids)
+        kv = request.kv
+        export = KvExport(kv.request_id, layout_from_pb(kv.layout, len(kv.block_ids)), list(kv.block_ids),
+                          kv.num_tokens, kv.first_token_id)
+        source = f"KV hand-off of {kv.request_id} from {kv.source_worker or kv.source_endpoint}"
+        if not self.engine.engine.layout.compatible_with(export.layout):
+            raise _HandOffFailed(f"{source} failed: KV layouts differ ({export.layout} vs ours)")
+        backend = "grpc"
+        if self.nixl is not None and kv.nixl_agent_metadata:
+            nixl = self.nixl
+
+            async def fill(dst: list[int]) -> None:
+                moved = await asyncio.to_thread(nixl.read, kv.nixl_agent_metadata, kv.kv_base_address,
+                                                list(kv.block_ids), dst)
+                self.kv_bytes_received["nixl"] += moved
+
+            outputs = self.engine.import_and_decode(request.request_id, prompt, sampling, export, fill)
+            try:
+                first = await anext(outputs)
+                backend = "nixl"
+            except NixlUnavailable as exc:
+                await outputs.aclose()
+                logger.warning("NIXL transfer of %s failed (%s); falling back to the gRPC stream", kv.request_id,
+                               exc)
+                self.nixl_fallbacks += 1
+        if backend == "grpc":
+            try:
+                outputs = await self._grpc_import(request, prompt, sampling, export)
+            except grpc.aio.AioRpcError as exc:
+                raise _HandOffFailed(f"{source} failed: {exc.code().name}: {exc.details()}") from None
+            first = await anext(outputs)
+        try:
+            released = (await self.channels.stub(kv.source_endpoint).ReleaseKv(
+                pb.ReleaseKvRequest(request_id=kv.request_id), timeout=10)).released
+        except grpc.aio.AioRpcError as exc:  # the source went away after the copy: its pin died with it
+            logger.warning("Could not release %s on %s: %s", kv.request_id, kv.source_endpoint, exc.code().name)
+            released = True
+        if backend == "nixl" and not released:  # the pin expired during the READ: blocks may be reused
+            await outputs.aclose()
+            raise _HandOffFailed(f"{source} failed: the pinned KV expired during the transfer")
+        return outputs, first, backend
 
     async def _grpc_import(self, request: pb.DecodeRequest, prompt: list[int], sampling: SamplingParams,
                            export: KvExport) -> AsyncGenerator[RequestOutput, None]:
@@ -217,15 +254,62 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                         ) -> pb.ReleaseKvResponse:
         return pb.ReleaseKvResponse(released=await self.engine.release(request.request_id))
 
+    @contextlib.contextmanager
+    def _tracked(self, request_id: str) -> Iterator[None]:
+        """Register a decoding stream, so that a role switch can wait for it or hand it over."""
+        self.streams[request_id] = True
+        try:
+            yield
+        finally:
+            self.streams.pop(request_id, None)
+            self.stream_done.set()
+
     async def SetRole(self, request: pb.SetRoleRequest, context: grpc.aio.ServicerContext) -> pb.SetRoleResponse:
         if request.role not in ROLE_FROM_PB:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be encode, prefill, decode or both")
-        previous = self.role
-        # Admission checks read the role per call: in-flight requests finish where they are.
-        self.role = ROLE_FROM_PB[request.role]
-        logger.info("Role changed from %s to %s", previous, self.role)
-        self.engine.stats_changed.set()
-        return pb.SetRoleResponse(previous=ROLE_TO_PB[previous], current=ROLE_TO_PB[self.role])
+        if self.switching:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a role switch is already in progress")
+        previous, target = self.role, ROLE_FROM_PB[request.role]
+        grace = request.grace_seconds if request.HasField("grace_seconds") else 30.0
+        handed_over = 0
+        if target != previous:
+            self.switching = True
+            self.engine.stats_changed.set()
+            try:
+                handed_over = await self._settle(target, grace)
+                self.role = target
+            finally:
+                self.switching = False
+                self.engine.stats_changed.set()
+            logger.info("Role changed from %s to %s (%d streams handed over)", previous, target, handed_over)
+        return pb.SetRoleResponse(previous=ROLE_TO_PB[previous], current=ROLE_TO_PB[self.role],
+                                  handed_over=handed_over)
+
+    async def _settle(self, target: Role, grace: float) -> int:
+        """Wait up to `grace` seconds for work the target role does not allow; hand over what is left.
+        Pinned prefill KV is left alone: its reader, or the pin timeout, frees it."""
+        def blocking() -> bool:
+            return (bool(self.streams) and not target.can_decode) or (self.prefills > 0 and not target.can_prefill)
+
+        deadline = asyncio.get_running_loop().time() + grace
+        while blocking():
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            self.stream_done.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stream_done.wait(), timeout=min(remaining, 0.5))
+        if target.can_decode:
+            return 0
+        handed = [rid for rid in list(self.streams)
+                  if self.engine.interrupt(rid, _Refused(grpc.StatusCode.UNAVAILABLE,
+                                                         f"worker {self.worker_id} switched to {target}"))]
+        # Wait until those streams have ended (they end at their next engine step).
+        while any(rid in self.streams for rid in handed):
+            self.stream_done.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stream_done.wait(), timeout=0.5)
+        return len(handed)
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
         self.draining = True
@@ -241,7 +325,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             running_requests=s.running, waiting_requests=s.waiting, free_kv_blocks=s.free_blocks,
             total_kv_blocks=s.total_blocks, queued_prefill_tokens=s.queued_prefill_tokens, pinned_requests=s.pinned,
             block_size=self.engine.engine.layout.block_size, cached_block_hashes=s.cached_block_hashes,
-            model=self.model,
+            model=self.model, switching=self.switching,
         )
 
     async def WatchStats(self, request: pb.WatchStatsRequest, context: grpc.aio.ServicerContext,

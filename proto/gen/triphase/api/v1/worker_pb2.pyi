@@ -176,7 +176,7 @@ class WatchStatsRequest(_message.Message):
     def __init__(self, interval_seconds: _Optional[float] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "draining", "running_requests", "waiting_requests", "free_kv_blocks", "total_kv_blocks", "queued_prefill_tokens", "pinned_requests", "block_size", "cached_block_hashes", "model")
+    __slots__ = ("worker_id", "role", "draining", "running_requests", "waiting_requests", "free_kv_blocks", "total_kv_blocks", "queued_prefill_tokens", "pinned_requests", "block_size", "cached_block_hashes", "model", "switching")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +189,7 @@ class WorkerStats(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     CACHED_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    SWITCHING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: Role
     draining: bool
@@ -201,21 +202,26 @@ class WorkerStats(_message.Message):
     block_size: int
     cached_block_hashes: _containers.RepeatedScalarFieldContainer[int]
     model: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., draining: _Optional[bool] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., pinned_requests: _Optional[int] = ..., block_size: _Optional[int] = ..., cached_block_hashes: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ...) -> None: ...
+    switching: bool
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., draining: _Optional[bool] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., pinned_requests: _Optional[int] = ..., block_size: _Optional[int] = ..., cached_block_hashes: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., switching: _Optional[bool] = ...) -> None: ...
 
 class SetRoleRequest(_message.Message):
-    __slots__ = ("role",)
+    __slots__ = ("role", "grace_seconds")
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     role: Role
-    def __init__(self, role: _Optional[_Union[Role, str]] = ...) -> None: ...
+    grace_seconds: float
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., grace_seconds: _Optional[float] = ...) -> None: ...
 
 class SetRoleResponse(_message.Message):
-    __slots__ = ("previous", "current")
+    __slots__ = ("previous", "current", "handed_over")
     PREVIOUS_FIELD_NUMBER: _ClassVar[int]
     CURRENT_FIELD_NUMBER: _ClassVar[int]
+    HANDED_OVER_FIELD_NUMBER: _ClassVar[int]
     previous: Role
     current: Role
-    def __init__(self, previous: _Optional[_Union[Role, str]] = ..., current: _Optional[_Union[Role, str]] = ...) -> None: ...
+    handed_over: int
+    def __init__(self, previous: _Optional[_Union[Role, str]] = ..., current: _Optional[_Union[Role, str]] = ..., handed_over: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ()

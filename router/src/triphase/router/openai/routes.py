@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from triphase.common.tokenizer import Tokenizer
+from triphase.router.admission import Admission
 from triphase.router.errors import BadRequest, Overloaded, RouterError, Unavailable
 from triphase.router.metrics import RouterMetrics
 from triphase.router.openai import protocol as p
@@ -30,14 +31,13 @@ logger = logging.getLogger(__name__)
 
 class Api:
     def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, metrics: RouterMetrics, *, model: str,
-                 max_model_len: int, max_in_flight: int = 256) -> None:
+                 max_model_len: int, admission: Admission | None = None) -> None:
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.model = model
         self.max_model_len = max_model_len
-        self.max_in_flight = max_in_flight
-        self.in_flight = 0
+        self.admission = admission or Admission(max_in_flight=256, max_queued=1024)
         self.traces: dict[str, Trace] = {}  # recent request traces, for /debug and tests
 
     def app(self) -> web.Application:
@@ -85,18 +85,6 @@ class Api:
                              f"length {self.max_model_len}", param="max_tokens", code="context_length_exceeded")
         return Sampling(max_tokens=limit, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                         seed=req.seed, stop=tuple(req.stop_list), ignore_eos=req.ignore_eos)
-
-    @contextlib.contextmanager
-    def _admit(self) -> Any:
-        if self.in_flight >= self.max_in_flight:
-            raise Overloaded(f"more than {self.max_in_flight} requests in flight; retry shortly")
-        self.in_flight += 1
-        self.metrics.queue_depth.labels(self.model, "router").set(self.in_flight)
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            self.metrics.queue_depth.labels(self.model, "router").set(self.in_flight)
 
     async def _timed(self, prompt: list[int], sampling: Sampling, trace: Trace) -> AsyncGenerator[Delta, None]:
         """Run the pipeline, recording TTFT / TPOT / end-to-end latency and token counts."""
@@ -169,12 +157,11 @@ class Api:
         prompt = self.tokenizer.encode_chat(messages)
         sampling = self._sampling(req, len(prompt), None)
         rid, created = p.new_id("chatcmpl"), p.created()
-        with self._admit():
-            async with contextlib.aclosing(self._timed(prompt, sampling, Trace(rid))) as deltas:
-                if req.stream:
-                    chunks = self._chat_chunks(deltas, rid, created, len(prompt), req.include_usage)
-                    return await self._sse(request, chunks)
-                text, tokens, reason, cached = await self._collect(deltas)
+        async with self.admission.slot(), contextlib.aclosing(self._timed(prompt, sampling, Trace(rid))) as deltas:
+            if req.stream:
+                chunks = self._chat_chunks(deltas, rid, created, len(prompt), req.include_usage)
+                return await self._sse(request, chunks)
+            text, tokens, reason, cached = await self._collect(deltas)
         return web.json_response({
             "id": rid, "object": "chat.completion", "created": created, "model": self.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
@@ -210,12 +197,11 @@ class Api:
         sampling = self._sampling(req, len(prompt), 16)
         rid, created = p.new_id("cmpl"), p.created()
         echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
-        with self._admit():
-            async with contextlib.aclosing(self._timed(prompt, sampling, Trace(rid))) as deltas:
-                if req.stream:
-                    chunks = self._completion_chunks(deltas, rid, created, echo, len(prompt), req.include_usage)
-                    return await self._sse(request, chunks)
-                text, tokens, reason, cached = await self._collect(deltas)
+        async with self.admission.slot(), contextlib.aclosing(self._timed(prompt, sampling, Trace(rid))) as deltas:
+            if req.stream:
+                chunks = self._completion_chunks(deltas, rid, created, echo, len(prompt), req.include_usage)
+                return await self._sse(request, chunks)
+            text, tokens, reason, cached = await self._collect(deltas)
         return web.json_response({
             "id": rid, "object": "text_completion", "created": created, "model": self.model,
             "choices": [{"index": 0, "text": echo + text, "finish_reason": reason, "logprobs": None}],
@@ -257,5 +243,10 @@ class Api:
         for w in workers:
             state = "draining" if w.draining else "ready" if w.healthy else "unhealthy"
             self.metrics.workers.labels(self.model, str(w.role), state).inc()
+        depth = self.metrics.queue_depth
+        depth.clear()
+        depth.labels(self.model, "router").set(self.admission.queued)
+        for w in workers:  # requests waiting inside the workers, by role
+            depth.labels(self.model, str(w.role)).inc(w.waiting)
         return web.Response(body=generate_latest(self.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -159,11 +159,21 @@ class AsyncEngine:
         finally:
             await self._finish(request_id)
 
+    def interrupt(self, request_id: str, exc: BaseException) -> bool:
+        """End a request's stream by raising `exc` in its consumer (which then aborts it)."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return False
+        stream.put_nowait(exc)
+        return True
+
     async def _drain(self, stream: asyncio.Queue[Any]) -> AsyncGenerator[RequestOutput, None]:
         while True:
             out = await stream.get()
             if out is _END:
                 return
+            if isinstance(out, BaseException):
+                raise out
             yield out
             if out.finished:
                 return
