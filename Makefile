@@ -8,7 +8,7 @@ PY = $(VENV)/bin/python
 PROMPT ?= Explain in two sentences why splitting prefill and decode across machines helps LLM serving.
 PORT ?= 8000
 
-.PHONY: help up generate test lint unit bench venv
+.PHONY: help up generate test lint unit bench venv k8s-tools
 
 help:
 	@echo "make up     router + prefill + decode workers on 127.0.0.1:$(PORT) (OpenAI API), bundled model"
@@ -32,7 +32,11 @@ lint:
 	@echo "== mypy"; $(VENV)/bin/mypy
 	@echo "== import-linter"; $(VENV)/bin/lint-imports
 
-test: lint
+# Kubernetes binaries for the control-plane tests, built once from the Go module proxy into the cache.
+k8s-tools:
+	@$(PY) -m triphase.cli cluster build >/dev/null
+
+test: lint k8s-tools
 	@echo "== pytest"; $(PY) -m pytest
 
 unit:

@@ -59,3 +59,25 @@ def hf_model():
 def chat_prompt_ids(loaded_model) -> list[list[int]]:
     tok = loaded_model.tokenizer
     return [tok.encode_chat([{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory):
+    """A real control plane for the whole session (started on first use, stopped at the end)."""
+    from tests.kube import start_cluster
+    from triphase.operator.cluster import controlplane
+
+    state = tmp_path_factory.mktemp("kube")
+    cluster = start_cluster(state)
+    yield cluster
+    controlplane.down(state, progress=False)
+
+
+@pytest.fixture(scope="module")
+def kube(kube_cluster, request):
+    """A fresh namespace on the session's control plane for each test module."""
+    from tests.kube import Kube, new_namespace
+
+    namespace = new_namespace(kube_cluster, request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_"))
+    yield Kube(kube_cluster, namespace)
+    kube_cluster.api("DELETE", f"/api/v1/namespaces/{namespace}")

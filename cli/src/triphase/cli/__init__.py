@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     up_parser = sub.add_parser("up", help="router + prefill + decode workers on 127.0.0.1 (Ctrl-C stops all)")
     up.add_arguments(up_parser)
     up_parser.set_defaults(run=up.run, log_level="WARNING")
+
+    from triphase.operator.cluster import command as cluster
+
+    cluster_parser = sub.add_parser("cluster", help="a local Kubernetes control plane with fake GPU nodes (kwok)")
+    cluster.add_arguments(cluster_parser)
+    cluster_parser.set_defaults(run=cluster.run, log_level="WARNING")
     return parser
 
 

@@ -1,4 +1,5 @@
-"""`triphase router`: the OpenAI-compatible front end over a static list of workers."""
+"""`triphase router`: the OpenAI-compatible front end over a static list of workers, or over the
+worker pods Kubernetes discovery finds."""
 
 from __future__ import annotations
 
@@ -9,13 +10,21 @@ import pathlib
 import re
 import socket
 
+from triphase.common.errors import UserError
 from triphase.common.signals import wait_for_stop_signal
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", required=True, help="comma-separated worker endpoints host:port")
+    parser.add_argument("--workers", help="comma-separated worker endpoints host:port (static discovery)")
+    parser.add_argument("--discovery", choices=["static", "kubernetes"], default="static",
+                        help="kubernetes: watch the worker pods selected by --selector in --namespace")
+    parser.add_argument("--namespace", help="kubernetes discovery: namespace (default: the router's own, or the "
+                                            "kubeconfig context's)")
+    parser.add_argument("--selector", default="triphase.dev/component=worker",
+                        help="kubernetes discovery: label selector of the worker pods")
+    parser.add_argument("--kubeconfig", help="kubernetes discovery: kubeconfig (default: in-cluster, $KUBECONFIG)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", help="the model file or directory the workers serve (for the tokenizer)")
@@ -62,13 +71,24 @@ async def _serve(args: argparse.Namespace) -> int:
     from triphase.router.registry import Registry
     from triphase.router.worker_client import WorkerClient
 
+    if args.discovery == "static" and not args.workers:
+        raise UserError("--workers is required with static discovery (or use --discovery kubernetes)")
     path = resolve(args.model)
     tokenizer, _ = load_tokenizer(path)
     model = args.served_model_name or served_name(path)
-    endpoints = [e.strip() for e in args.workers.split(",") if e.strip()]
+    endpoints = [e.strip() for e in (args.workers or "").split(",") if e.strip()]
     client = WorkerClient()
     registry = Registry(client, endpoints)
     registry.start()
+    discovery: asyncio.Task[None] | None = None
+    if args.discovery == "kubernetes":
+        from triphase.router.kube_discovery import KubeAccess, PodWatcher
+
+        access = KubeAccess.load(args.kubeconfig)
+        namespace = args.namespace or access.namespace
+        watcher = PodWatcher(access, namespace, args.selector, registry.set_endpoints)
+        discovery = asyncio.create_task(watcher.run())
+        logger.info("Discovering workers: pods %s in namespace %s", args.selector, namespace)
     metrics = RouterMetrics(model)
     api = Api(Pipeline(registry, client, metrics), tokenizer, metrics, model=model,
               max_model_len=args.max_model_len,
@@ -78,12 +98,14 @@ async def _serve(args: argparse.Namespace) -> int:
     sock = listening_socket(args.host, args.port)
     await web.SockSite(runner, sock).start()
     port = sock.getsockname()[1]
-    logger.info("Router serving %s on http://%s:%d over %d workers", model, args.host, port, len(endpoints))
+    logger.info("Router serving %s on http://%s:%d", model, args.host, port)
     if args.ready_file:
         pathlib.Path(args.ready_file).write_text(str(port))
     await wait_for_stop_signal()
     logger.info("Router stopping")
     await runner.cleanup()
+    if discovery is not None:
+        discovery.cancel()
     await registry.stop()
     await client.close()
     return 0

@@ -1,5 +1,6 @@
-"""Worker snapshots from discovery: a static list of endpoints (local mode), each watched over its
-WatchStats stream. A worker whose stream breaks is marked unhealthy and re-watched with backoff."""
+"""Worker snapshots from discovery: a set of endpoints (a static list in local mode, or the pods that
+Kubernetes discovery finds), each watched over its WatchStats stream. A worker whose stream breaks
+is marked unhealthy and re-watched with backoff; an endpoint that discovery drops is forgotten."""
 
 from __future__ import annotations
 
@@ -16,21 +17,41 @@ logger = logging.getLogger(__name__)
 
 
 class Registry:
-    def __init__(self, client: WorkerClient, endpoints: list[str]) -> None:
+    def __init__(self, client: WorkerClient, endpoints: list[str] | None = None) -> None:
         self.client = client
-        self.endpoints = list(endpoints)
-        self._views: dict[str, WorkerView] = {
-            ep: WorkerView(worker_id=ep, endpoint=ep, role=Role.BOTH, healthy=False) for ep in self.endpoints}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._initial = list(endpoints or [])
+        self._views: dict[str, WorkerView] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self.changed = asyncio.Event()
 
+    @property
+    def endpoints(self) -> list[str]:
+        return list(self._tasks)
+
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._watch(ep)) for ep in self.endpoints]
+        self.set_endpoints(self._initial)
+
+    def set_endpoints(self, endpoints: list[str]) -> None:
+        """Watch exactly these endpoints (new ones start unhealthy until their first stats)."""
+        wanted = set(endpoints)
+        for endpoint in [ep for ep in self._tasks if ep not in wanted]:
+            self._tasks.pop(endpoint).cancel()
+            self._views.pop(endpoint, None)
+            logger.info("Worker %s removed", endpoint)
+        for endpoint in endpoints:
+            if endpoint not in self._tasks:
+                self._views[endpoint] = WorkerView(worker_id=endpoint, endpoint=endpoint, role=Role.BOTH,
+                                                   healthy=False)
+                self._tasks[endpoint] = asyncio.create_task(self._watch(endpoint))
+                logger.info("Worker %s added", endpoint)
+        self.changed.set()
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
@@ -49,6 +70,8 @@ class Registry:
         while True:
             try:
                 async for view in self.client.watch(endpoint):
+                    if endpoint not in self._tasks:
+                        return
                     self._views[endpoint] = view
                     self.changed.set()
                     backoff = 0.2

@@ -1,0 +1,12 @@
+"""Kubernetes labels and annotations shared by the operator (which sets them) and the router (which
+discovers workers by them). One place, so the two cannot drift."""
+
+from __future__ import annotations
+
+DOMAIN = "triphase.dev"
+DEPLOYMENT = f"{DOMAIN}/deployment"  # label: the ServingDeployment a pod belongs to
+COMPONENT = f"{DOMAIN}/component"  # label: "worker" or "router"
+ROLE = f"{DOMAIN}/role"  # label: the role the pod's pool was created with (the worker reports its current one)
+ENDPOINT = f"{DOMAIN}/endpoint"  # annotation: host:port of the worker's gRPC server, overriding podIP:port
+GRPC_PORT_NAME = "grpc"  # the worker container's gRPC port is named this
+DEFAULT_GRPC_PORT = 50051

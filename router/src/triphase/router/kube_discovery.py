@@ -1,0 +1,195 @@
+"""Kubernetes worker discovery: the router watches the worker pods of its deployment and keeps the
+registry's endpoint set equal to the pods that are Running, Ready and not terminating.
+
+A pod's endpoint is its `triphase.dev/endpoint` annotation if present, else podIP and the container
+port named `grpc` (default 50051). Roles are not taken from labels: each worker reports its current
+role over WatchStats, so a runtime role switch needs no relabelling. Talks to the API server with
+aiohttp (list, then watch from the list's resourceVersion; relist on 410 Gone) using in-cluster
+credentials or a kubeconfig (token or client certificate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import ssl
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import yaml
+
+from triphase.common import labels
+from triphase.common.errors import UserError
+
+logger = logging.getLogger(__name__)
+SERVICE_ACCOUNT = pathlib.Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+@dataclasses.dataclass
+class KubeAccess:
+    server: str
+    ssl: ssl.SSLContext | bool
+    token: str | None = None
+    token_file: pathlib.Path | None = None
+    namespace: str = "default"
+
+    def headers(self) -> dict[str, str]:
+        token = self.token_file.read_text().strip() if self.token_file else self.token
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    @classmethod
+    def load(cls, kubeconfig: str | None = None) -> KubeAccess:
+        """In-cluster credentials when running in a pod (and no kubeconfig is named), else a kubeconfig
+        (`kubeconfig`, $KUBECONFIG, ~/.kube/config)."""
+        host = os.environ.get("KUBERNETES_SERVICE_HOST")
+        if kubeconfig is None and host and (SERVICE_ACCOUNT / "token").exists():
+            context = ssl.create_default_context(cafile=str(SERVICE_ACCOUNT / "ca.crt"))
+            port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+            namespace = (SERVICE_ACCOUNT / "namespace").read_text().strip()
+            return cls(f"https://{host}:{port}", context, token_file=SERVICE_ACCOUNT / "token", namespace=namespace)
+        path = pathlib.Path(kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+                            or os.path.expanduser("~/.kube/config"))
+        try:
+            config = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise UserError(f"cannot read the kubeconfig {path}: {exc.strerror}") from None
+        return cls._from_kubeconfig(config, path)
+
+    @classmethod
+    def _from_kubeconfig(cls, config: dict[str, Any], path: pathlib.Path) -> KubeAccess:
+        def named(kind: str, name: str) -> dict[str, Any]:
+            for item in config.get(kind) or []:
+                if item.get("name") == name:
+                    return dict(item.get(kind[:-1]) or {})
+            raise UserError(f"{path}: no {kind[:-1]} named {name!r}")
+
+        context = named("contexts", config.get("current-context", ""))
+        cluster, user = named("clusters", context.get("cluster", "")), named("users", context.get("user", ""))
+        verify: ssl.SSLContext | bool
+        if cluster.get("insecure-skip-tls-verify"):
+            verify = False
+        else:
+            verify = ssl.create_default_context(
+                cafile=_material(cluster, "certificate-authority", path),
+            ) if cluster.get("certificate-authority") or cluster.get("certificate-authority-data") \
+                else ssl.create_default_context()
+        cert = _material(user, "client-certificate", path)
+        if cert and isinstance(verify, ssl.SSLContext):
+            verify.load_cert_chain(cert, _material(user, "client-key", path))
+        token_file = pathlib.Path(user["tokenFile"]) if user.get("tokenFile") else None
+        return cls(cluster["server"], verify, token=user.get("token"), token_file=token_file,
+                   namespace=context.get("namespace", "default"))
+
+
+def _material(section: dict[str, Any], key: str, path: pathlib.Path) -> str | None:
+    """A file path for `key` or `key-data` (base64, written to a private temporary file)."""
+    if section.get(key):
+        return str((path.parent / section[key]).resolve())
+    data = section.get(f"{key}-data")
+    if not data:
+        return None
+    fd, name = tempfile.mkstemp(prefix="triphase-kube-")
+    with os.fdopen(fd, "wb") as out:
+        out.write(base64.b64decode(data))
+    return name
+
+
+def pod_endpoint(pod: dict[str, Any]) -> str | None:
+    """host:port of a worker pod that can take traffic, else None."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    if meta.get("deletionTimestamp") or status.get("phase") != "Running":
+        return None
+    if not any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []):
+        return None
+    override = (meta.get("annotations") or {}).get(labels.ENDPOINT)
+    if override:
+        return str(override)
+    ip = status.get("podIP")
+    if not ip:
+        return None
+    port = labels.DEFAULT_GRPC_PORT
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for container_port in container.get("ports") or []:
+            if container_port.get("name") == labels.GRPC_PORT_NAME:
+                port = container_port["containerPort"]
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+class _Gone(Exception):
+    """The watch's resourceVersion is too old: list again."""
+
+
+class PodWatcher:
+    """Keeps `on_change(sorted endpoints)` up to date with the selected worker pods."""
+
+    def __init__(self, access: KubeAccess, namespace: str, selector: str,
+                 on_change: Callable[[list[str]], None]) -> None:
+        self.access = access
+        self.path = f"/api/v1/namespaces/{namespace}/pods"
+        self.selector = selector
+        self.on_change = on_change
+        self.pods: dict[str, dict[str, Any]] = {}
+        self._published: list[str] | None = None
+
+    def _publish(self) -> None:
+        endpoints = sorted({ep for pod in self.pods.values() if (ep := pod_endpoint(pod))})
+        if endpoints != self._published:
+            self._published = endpoints
+            self.on_change(endpoints)
+
+    async def run(self) -> None:
+        backoff = 0.5
+        async with aiohttp.ClientSession(headers=None) as session:
+            while True:
+                try:
+                    version = await self._list(session)
+                    backoff = 0.5
+                    while True:
+                        version = await self._watch(session, version)
+                except _Gone:
+                    continue
+                except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+                    logger.warning("Pod discovery failed (%s); retrying in %.1f s", exc, backoff)
+                await asyncio.sleep(backoff)  # reconnect backoff, not synchronisation
+                backoff = min(backoff * 2, 10.0)
+
+    async def _list(self, session: aiohttp.ClientSession) -> str:
+        async with session.get(self.access.server + self.path, params={"labelSelector": self.selector},
+                               headers=self.access.headers(), ssl=self.access.ssl) as response:
+            response.raise_for_status()
+            body = await response.json()
+        self.pods = {p["metadata"]["uid"]: p for p in body.get("items") or []}
+        self._publish()
+        return str(body["metadata"]["resourceVersion"])
+
+    async def _watch(self, session: aiohttp.ClientSession, version: str) -> str:
+        params = {"labelSelector": self.selector, "watch": "1", "resourceVersion": version,
+                  "allowWatchBookmarks": "true", "timeoutSeconds": "240"}
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=300)
+        async with session.get(self.access.server + self.path, params=params, headers=self.access.headers(),
+                               ssl=self.access.ssl, timeout=timeout) as response:
+            response.raise_for_status()
+            async for line in response.content:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                kind, obj = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        raise _Gone()
+                    raise ValueError(f"watch error: {obj.get('message')}")
+                version = obj.get("metadata", {}).get("resourceVersion", version)
+                if kind in ("ADDED", "MODIFIED"):
+                    self.pods[obj["metadata"]["uid"]] = obj
+                elif kind == "DELETED":
+                    self.pods.pop(obj["metadata"]["uid"], None)
+                if kind != "BOOKMARK":
+                    self._publish()
+        return version
