@@ -89,7 +89,8 @@ class WorkerServiceServicer:
 
     def Decode(self, request, context):
         """Decode a request whose KV another worker prefilled: pull the blocks (NIXL READ, or the
-        ReadKv stream as fallback), acknowledge the source, then stream tokens.
+        ReadKv stream as fallback), acknowledge the source, then stream tokens. ABORTED when the KV
+        could not be obtained (source gone, pin expired, incompatible layout): prefill elsewhere.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -104,13 +104,18 @@ class ModelRunner:
     # ------------------------------------------------------------------ KV export / import
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """Copy of the given blocks: [len(block_ids), *block shape]."""
-        return self.kv_cache[torch.tensor(block_ids, dtype=torch.long)].clone()
+        out = torch.empty((len(block_ids), *self.layout.shape[1:]), dtype=self.kv_cache.dtype)
+        for src, dst, n in transfer_plan(block_ids, range(len(block_ids))):  # one memcpy per contiguous run
+            out[dst : dst + n].copy_(self.kv_cache[src : src + n])
+        return out
 
     def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         expected = (len(block_ids), *self.layout.shape[1:])
         if tuple(data.shape) != expected:
             raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
-        self.kv_cache[torch.tensor(block_ids, dtype=torch.long)] = data.to(self.kv_cache.dtype)
+        data = data.to(self.kv_cache.dtype)
+        for src, dst, n in transfer_plan(range(len(block_ids)), block_ids):  # one memcpy per contiguous run
+            self.kv_cache[dst : dst + n].copy_(data[src : src + n])
 
     def copy_blocks_from(self, source: ModelRunner, src_ids: list[int], dst_ids: list[int]) -> None:
         """Block copy between two runners in one process, one slice copy per contiguous run."""
