@@ -42,6 +42,9 @@ FINISH_TO_PB = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STO
                 "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
 
 
+STATS_COALESCE_S = 0.05  # WatchStats sends at most one update per this many seconds
+
+
 class _Refused(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -331,11 +334,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def WatchStats(self, request: pb.WatchStatsRequest, context: grpc.aio.ServicerContext,
                          ) -> AsyncIterator[pb.WorkerStats]:
         interval = request.interval_seconds or 1.0
+        coalesce = min(interval, STATS_COALESCE_S)
         while True:
             self.engine.stats_changed.clear()
             yield self.stats_pb()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.engine.stats_changed.wait(), timeout=interval)
+            # Rate limit, not synchronisation: an engine changes state every step (~100/s under load);
+            # one update per STATS_COALESCE_S carries them all and spares every watcher the rest.
+            await asyncio.sleep(coalesce)
 
 
 async def serve(servicer: WorkerServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:

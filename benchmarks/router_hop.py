@@ -1,0 +1,279 @@
+"""Router hop: what the router adds to a request, triphase vs PyPI `vllm-router`, one run.
+
+Both routers front a backend with the same timing: 10 ms of prefill, then 16 tokens 10 ms apart
+(ideal: TTFT 10 ms, total 170 ms).
+  mock direct:        the client talks to a mock OpenAI server (aiohttp SSE) with that timing;
+  vllm-router + mock: vllm-router (round robin) in front of the same mock;
+  triphase:           `triphase router` in front of one `--engine sim` worker with that timing
+                      (real gRPC, scheduling and continuous batching; steps are 10 ms, so a request
+                      that arrives mid-step waits for the next one: up to +10 ms TTFT by design).
+500 streamed /v1/completions requests at concurrency 1, 16 and 64 from an aiohttp client in this
+process; p50/p99 TTFT (first content chunk) and total, requests/s, and the router's CPU seconds per
+request (utime + stime from /proc). vllm-router is installed into its own venv under the cache.
+
+    python benchmarks/router_hop.py [--requests 500] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from report import ROOT, log, update_section  # benchmarks/ is sys.path[0] when run as a script
+
+CONCURRENCY = (1, 16, 64)
+TOKENS = 16
+STEP_S = 0.010
+VLLM_ROUTER = "vllm-router==0.1.17"
+
+
+# ------------------------------------------------------------------------------ the mock backend
+def mock_server(port: int) -> None:
+    from aiohttp import web
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        await request.json()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await asyncio.sleep(STEP_S)  # prefill
+        for i in range(TOKENS):
+            if i:
+                await asyncio.sleep(STEP_S)
+            chunk = {"id": "cmpl-mock", "object": "text_completion", "model": "mock",
+                     "choices": [{"index": 0, "text": f" t{i}", "finish_reason": "length" if i == TOKENS - 1
+                                  else None}]}
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "mock", "object": "model"}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    for path in ("/health", "/v1/models", "/get_server_info", "/get_model_info"):
+        app.router.add_get(path, ok)
+    web.run_app(app, host="127.0.0.1", port=port, print=None)
+
+
+# ------------------------------------------------------------------------------ load
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)  # polling a condition with a deadline
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+async def load(url: str, model: str, requests: int, concurrency: int) -> dict:  # type: ignore[type-arg]
+    import aiohttp
+
+    ttfts: list[float] = []
+    totals: list[float] = []
+    body = {"model": model, "prompt": "hello", "max_tokens": TOKENS, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        queue = list(range(requests))
+
+        async def worker() -> None:
+            while queue:
+                queue.pop()
+                start = time.perf_counter()
+                first = None
+                chunks = 0
+                async with session.post(f"{url}/v1/completions", json=body) as response:
+                    response.raise_for_status()
+                    async for line in response.content:
+                        if line.startswith(b"data: {") and b'"text": ""' not in line and b'"text":""' not in line:
+                            chunks += 1
+                            if first is None:
+                                first = time.perf_counter() - start
+                totals.append(time.perf_counter() - start)
+                ttfts.append(first if first is not None else float("nan"))
+                if chunks == 0:
+                    raise RuntimeError(f"no content from {url}")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {"ttft": ttfts, "total": totals, "elapsed": elapsed}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# ------------------------------------------------------------------------------ systems
+def vllm_router_bin() -> str:
+    venv = pathlib.Path(os.environ.get("TRIPHASE_CACHE", pathlib.Path.home() / ".cache" / "triphase")) / \
+        f"bench-{VLLM_ROUTER.replace('==', '-')}"
+    binary = venv / "bin" / "vllm-router"
+    if not binary.exists():
+        log(f"installing {VLLM_ROUTER} into {venv}")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", VLLM_ROUTER], check=True)
+    return str(binary)
+
+
+def start(args: list[str], log_path: pathlib.Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+
+
+def measure(requests: int) -> dict:  # type: ignore[type-arg]
+    import multiprocessing as mp
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="router-hop-"))
+    results: dict = {}  # type: ignore[type-arg]
+    procs: list = []  # type: ignore[type-arg]
+    try:
+        mock_port = free_port()
+        mock = mp.get_context("spawn").Process(target=mock_server, args=(mock_port,), daemon=True)
+        mock.start()
+        mock_url = f"http://127.0.0.1:{mock_port}"
+        wait_http(f"{mock_url}/health")
+
+        vr_port = free_port()
+        vr = start([vllm_router_bin(), "--worker-urls", mock_url, "--port", str(vr_port), "--host", "127.0.0.1",
+                    "--policy", "round_robin", "--log-level", "warning"], tmp / "vllm-router.log")
+        procs.append(vr)
+        wait_http(f"http://127.0.0.1:{vr_port}/health")
+
+        triphase = [sys.executable, "-m", "triphase.cli"]
+        worker_ready = tmp / "worker.port"
+        worker = start([*triphase, "worker", "--engine", "sim", "--role", "both", "--port", "0", "--ready-file",
+                        str(worker_ready), "--sim-prefill-ms", "10", "--sim-decode-ms", "10", "--metrics-port", "-1",
+                        "--kv-transfer", "grpc",  # one worker, no hand-off: no NIXL agent (its UCX thread spins)
+                        "--max-num-seqs", "128"], tmp / "worker.log")
+        procs.append(worker)
+        deadline = time.monotonic() + 120
+        while not (worker_ready.exists() and worker_ready.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling a condition with a deadline
+        tr_port = free_port()
+        router = start([*triphase, "router", "--workers", f"127.0.0.1:{worker_ready.read_text()}", "--port",
+                        str(tr_port)], tmp / "router.log")
+        procs.append(router)
+        wait_http(f"http://127.0.0.1:{tr_port}/readyz")
+
+        systems = {
+            "mock direct": (mock_url, "mock", None),
+            "vllm-router + mock": (f"http://127.0.0.1:{vr_port}", "mock", vr.pid),
+            "triphase router + sim": (f"http://127.0.0.1:{tr_port}", "SmolLM2-135M-Instruct", router.pid),
+        }
+        for name, (url, model, pid) in systems.items():
+            asyncio.run(load(url, model, 50, 8))  # warm-up
+            for c in CONCURRENCY:
+                cpu0 = cpu_seconds(pid) if pid else 0.0
+                run = asyncio.run(load(url, model, requests, c))
+                cpu = (cpu_seconds(pid) - cpu0) / requests if pid else None
+                row = {"p50_ttft": pct(run["ttft"], 0.5), "p99_ttft": pct(run["ttft"], 0.99),
+                       "p50_total": pct(run["total"], 0.5), "p99_total": pct(run["total"], 0.99),
+                       "rps": requests / run["elapsed"], "cpu_per_request": cpu}
+                results.setdefault(name, {})[c] = row
+                log(f"{name:24s} c={c:2d}: TTFT p50 {row['p50_ttft'] * 1e3:6.1f} p99 {row['p99_ttft'] * 1e3:6.1f} ms, "
+                    f"total p50 {row['p50_total'] * 1e3:6.1f} p99 {row['p99_total'] * 1e3:6.1f} ms, "
+                    f"{row['rps']:6.1f} req/s" + (f", router CPU {cpu * 1e3:.2f} ms/req" if cpu else ""))
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+    return results
+
+
+def plot(results: dict, path: pathlib.Path) -> None:  # type: ignore[type-arg]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, rows in results.items():
+        cs = sorted(rows)
+        axes[0].plot(cs, [rows[c]["p99_ttft"] * 1e3 for c in cs], "o-", label=name)
+        axes[1].plot(cs, [rows[c]["rps"] for c in cs], "o-", label=name)
+    axes[0].set(xlabel="concurrency", ylabel="p99 TTFT (ms)", title="p99 time to first token", xscale="log")
+    axes[1].set(xlabel="concurrency", ylabel="requests/s", title="throughput", xscale="log")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    results = measure(args.requests)
+    ideal_ttft, ideal_total = STEP_S, STEP_S * TOKENS + STEP_S
+    lines = [
+        "## Router hop: triphase vs vllm-router (issue 3)", "",
+        f"`python benchmarks/router_hop.py --requests {args.requests}` — one run, 2 cores shared by client, "
+        f"router and backend. Backend timing: 10 ms prefill, {TOKENS} tokens 10 ms apart (ideal TTFT "
+        f"{ideal_ttft * 1e3:.0f} ms, total {ideal_total * 1e3:.0f} ms). {args.requests} streamed requests per row.",
+        "",
+        "| system | concurrency | TTFT p50 | TTFT p99 | total p50 | total p99 | req/s | router CPU / request |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, rows in results.items():
+        for c, r in sorted(rows.items()):
+            cpu = f"{r['cpu_per_request'] * 1e3:.2f} ms" if r["cpu_per_request"] is not None else "-"
+            lines.append(f"| {name} | {c} | {r['p50_ttft'] * 1e3:.1f} ms | {r['p99_ttft'] * 1e3:.1f} ms | "
+                         f"{r['p50_total'] * 1e3:.1f} ms | {r['p99_total'] * 1e3:.1f} ms | {r['rps']:.1f} | {cpu} |")
+    ours, theirs, direct = results["triphase router + sim"], results["vllm-router + mock"], results["mock direct"]
+    added = ours[1]["p50_ttft"] - ideal_ttft
+    lines += [
+        "",
+        f"- p50 TTFT added over the ideal at concurrency 1: triphase {added * 1e3:+.1f} ms "
+        f"(vllm-router {(theirs[1]['p50_ttft'] - ideal_ttft) * 1e3:+.1f} ms, mock direct "
+        f"{(direct[1]['p50_ttft'] - ideal_ttft) * 1e3:+.1f} ms). Target <= +1 ms: "
+        f"{'met' if added <= 0.001 else 'NOT met'}.",
+        f"- p99 TTFT at 64: triphase {ours[64]['p99_ttft'] * 1e3:.1f} ms vs vllm-router "
+        f"{theirs[64]['p99_ttft'] * 1e3:.1f} ms + 2 ms: "
+        f"{'met' if ours[64]['p99_ttft'] <= theirs[64]['p99_ttft'] + 0.002 else 'NOT met'}.",
+        f"- router CPU per request at 64: triphase {ours[64]['cpu_per_request'] * 1e3:.2f} ms vs vllm-router "
+        f"{theirs[64]['cpu_per_request'] * 1e3:.2f} ms = "
+        f"{ours[64]['cpu_per_request'] / theirs[64]['cpu_per_request']:.1f}x (target <= 1.5x: "
+        f"{'met' if ours[64]['cpu_per_request'] <= 1.5 * theirs[64]['cpu_per_request'] else 'NOT met'}).",
+        "", "![router hop](benchmarks/router_hop.png)",
+    ]
+    body = "\n".join(lines)
+    sys.stdout.write(body + "\n")
+    (ROOT / "benchmarks" / "router_hop.json").write_text(json.dumps(results, indent=1))
+    if not args.no_write:
+        plot(results, ROOT / "benchmarks" / "router_hop.png")
+        update_section("router-hop", body)
+        log("wrote BENCHMARKS.md, benchmarks/router_hop.png, benchmarks/router_hop.json")
+
+
+if __name__ == "__main__":
+    main()
