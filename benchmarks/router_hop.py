@@ -21,13 +21,13 @@ import asyncio
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 from report import ROOT, log, update_section  # benchmarks/ is sys.path[0] when run as a script
+from stack import free_port, http_ok, router, start, stop_all, wait_until, worker
 
 CONCURRENCY = (1, 16, 64)
 TOKENS = 16
@@ -65,27 +65,6 @@ def mock_server(port: int) -> None:
 
 
 # ------------------------------------------------------------------------------ load
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_http(url: str, timeout: float = 120) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)  # polling a condition with a deadline
-    raise RuntimeError(f"{url} not ready after {timeout} s")
-
-
 async def load(url: str, model: str, requests: int, concurrency: int) -> dict:  # type: ignore[type-arg]
     import aiohttp
 
@@ -143,10 +122,6 @@ def vllm_router_bin() -> str:
     return str(binary)
 
 
-def start(args: list[str], log_path: pathlib.Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
-
-
 def measure(requests: int) -> dict:  # type: ignore[type-arg]
     import multiprocessing as mp
 
@@ -158,34 +133,26 @@ def measure(requests: int) -> dict:  # type: ignore[type-arg]
         mock = mp.get_context("spawn").Process(target=mock_server, args=(mock_port,), daemon=True)
         mock.start()
         mock_url = f"http://127.0.0.1:{mock_port}"
-        wait_http(f"{mock_url}/health")
+        wait_until(lambda: http_ok(f"{mock_url}/health"), 60, "the mock server")
 
         vr_port = free_port()
         vr = start([vllm_router_bin(), "--worker-urls", mock_url, "--port", str(vr_port), "--host", "127.0.0.1",
                     "--policy", "round_robin", "--log-level", "warning"], tmp / "vllm-router.log")
         procs.append(vr)
-        wait_http(f"http://127.0.0.1:{vr_port}/health")
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{vr_port}/health"), 60, "vllm-router")
 
-        triphase = [sys.executable, "-m", "triphase.cli"]
-        worker_ready = tmp / "worker.port"
-        worker = start([*triphase, "worker", "--engine", "sim", "--role", "both", "--port", "0", "--ready-file",
-                        str(worker_ready), "--sim-prefill-ms", "10", "--sim-decode-ms", "10", "--metrics-port", "-1",
-                        "--kv-transfer", "grpc",  # one worker, no hand-off: no NIXL agent (its UCX thread spins)
-                        "--max-num-seqs", "128"], tmp / "worker.log")
-        procs.append(worker)
-        deadline = time.monotonic() + 120
-        while not (worker_ready.exists() and worker_ready.read_text()) and time.monotonic() < deadline:
-            time.sleep(0.1)  # polling a condition with a deadline
-        tr_port = free_port()
-        router = start([*triphase, "router", "--workers", f"127.0.0.1:{worker_ready.read_text()}", "--port",
-                        str(tr_port)], tmp / "router.log")
-        procs.append(router)
-        wait_http(f"http://127.0.0.1:{tr_port}/readyz")
+        sim, endpoint = worker(tmp, "worker", [
+            "--engine", "sim", "--role", "both", "--sim-prefill-ms", "10", "--sim-decode-ms", "10",
+            "--metrics-port", "-1", "--max-num-seqs", "128",
+            "--kv-transfer", "grpc"])  # one worker, no hand-off: no NIXL agent (its UCX thread spins)
+        procs.append(sim)
+        triphase, tr_url = router(tmp, [endpoint])
+        procs.append(triphase)
 
         systems = {
             "mock direct": (mock_url, "mock", None),
             "vllm-router + mock": (f"http://127.0.0.1:{vr_port}", "mock", vr.pid),
-            "triphase router + sim": (f"http://127.0.0.1:{tr_port}", "SmolLM2-135M-Instruct", router.pid),
+            "triphase router + sim": (tr_url, "SmolLM2-135M-Instruct", triphase.pid),
         }
         for name, (url, model, pid) in systems.items():
             asyncio.run(load(url, model, 50, 8))  # warm-up
@@ -201,10 +168,7 @@ def measure(requests: int) -> dict:  # type: ignore[type-arg]
                     f"total p50 {row['p50_total'] * 1e3:6.1f} p99 {row['p99_total'] * 1e3:6.1f} ms, "
                     f"{row['rps']:6.1f} req/s" + (f", router CPU {cpu * 1e3:.2f} ms/req" if cpu else ""))
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=30)
+        stop_all(procs)
     return results
 
 

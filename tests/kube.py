@@ -27,10 +27,14 @@ class Kube:
         return self.cluster.api(method, path, body, **kwargs)
 
     def kubectl(self, *args: str, check: bool = True, kubeconfig: pathlib.Path | None = None,
-                ) -> subprocess.CompletedProcess[str]:
-        tools = binaries.ensure()
-        return subprocess.run([tools["kubectl"], "--kubeconfig", str(kubeconfig or self.kubeconfig), "-n",
-                               self.namespace, *args], capture_output=True, text=True, check=check, timeout=60)
+                input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+        tools = binaries.ensure(progress=False)
+        result = subprocess.run([tools["kubectl"], "--kubeconfig", str(kubeconfig or self.kubeconfig), "-n",
+                                 self.namespace, *args], capture_output=True, text=True, input=input_text,
+                                timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
+        return result
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
@@ -44,3 +48,11 @@ def new_namespace(cluster: controlplane.Cluster, prefix: str) -> str:
     name = f"{prefix[:40].lower().replace('_', '-')}-{uuid.uuid4().hex[:6]}"
     cluster.api("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     return name
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_arguments(up_parser)
     up_parser.set_defaults(run=up.run, log_level="WARNING")
 
+    from triphase.operator import command as operator
+
+    operator_parser = sub.add_parser("operator", help="the Kubernetes operator for ServingDeployments (kopf)")
+    operator.add_arguments(operator_parser)
+    operator_parser.set_defaults(run=operator.run, log_level="INFO")
+
     from triphase.operator.cluster import command as cluster
 
     cluster_parser = sub.add_parser("cluster", help="a local Kubernetes control plane with fake GPU nodes (kwok)")

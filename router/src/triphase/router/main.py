@@ -82,7 +82,8 @@ async def _serve(args: argparse.Namespace) -> int:
     registry.start()
     discovery: asyncio.Task[None] | None = None
     if args.discovery == "kubernetes":
-        from triphase.router.kube_discovery import KubeAccess, PodWatcher
+        from triphase.common.kube import KubeAccess
+        from triphase.router.kube_discovery import PodWatcher
 
         access = KubeAccess.load(args.kubeconfig)
         namespace = args.namespace or access.namespace

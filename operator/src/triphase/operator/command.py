@@ -1,0 +1,48 @@
+"""`triphase operator`: run the kopf operator (honours KUBECONFIG, or in-cluster credentials)."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import threading
+import urllib.parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--namespace", action="append", default=[],
+                        help="watch this namespace (repeatable; default: all namespaces)")
+    parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
+                        help="liveness endpoint URL ('' to disable)")
+    parser.add_argument("--peering", default="triphase",
+                        help="ClusterKopfPeering name for leader election between replicas")
+    parser.add_argument("--standalone", action="store_true", help="no leader election (a single replica)")
+    parser.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    parser.add_argument("--ready-file", help="write the liveness port (or 1) here once the operator is running")
+    parser.add_argument("--resync-seconds", type=float, default=30.0,
+                        help="period of the level-based resync (drift correction, status refresh)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    import kopf
+
+    if args.resync_seconds <= 0:
+        raise ValueError("--resync-seconds must be positive")
+    os.environ["TRIPHASE_RESYNC_SECONDS"] = str(args.resync_seconds)  # read when the handlers register
+
+    from triphase.operator import handlers  # noqa: F401  (registers the handlers)
+
+    ready = threading.Event()
+    if args.ready_file:
+        port = urllib.parse.urlsplit(args.liveness).port if args.liveness else None
+
+        def announce() -> None:
+            ready.wait()
+            pathlib.Path(args.ready_file).write_text(str(port or 1))
+
+        threading.Thread(target=announce, daemon=True).start()
+    kopf.run(clusterwide=not args.namespace, namespaces=args.namespace, liveness_endpoint=args.liveness or None,
+             peering_name=None if args.standalone else args.peering, standalone=args.standalone,
+             priority=args.priority, ready_flag=ready)
+    return 0

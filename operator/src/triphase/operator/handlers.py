@@ -1,0 +1,100 @@
+"""The only module with kopf decorators: every event on a ServingDeployment (create, update, resume,
+a periodic timer) and a change of a ServingPool's replicas runs the same reconcile.
+
+A spec that cannot be served becomes a Degraded condition and a Warning event, and the handler stops
+retrying (kopf.PermanentError) until the spec changes: never a crash loop. A failed API call is
+retried with backoff (kopf.TemporaryError).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from triphase.common import labels
+from triphase.operator.api.v1alpha1 import GROUP, VERSION
+from triphase.operator.kube import ApiError, Kube
+from triphase.operator.reconcile import InvalidSpecWithStatus, reconcile
+
+FINALIZER = f"{GROUP}/operator"
+RESYNC_SECONDS = float(os.environ.get("TRIPHASE_RESYNC_SECONDS", "30"))  # set by `--resync-seconds`
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=labels.DOMAIN)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=labels.DOMAIN, key="last-handled-configuration")
+    settings.posting.level = logging.INFO
+    settings.peering.clusterwide = True
+    settings.watching.server_timeout = 300
+    from triphase.common.kube import KubeAccess
+
+    memo.kube = Kube(KubeAccess.load())
+
+
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    await memo.kube.close()
+
+
+async def _run(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any) -> None:
+    try:
+        outcome = await reconcile(memo.kube, dict(body))
+    except InvalidSpecWithStatus as exc:
+        patch.status.update(exc.status)
+        kopf.warn(body, reason="InvalidSpec", message=str(exc))
+        raise kopf.PermanentError(str(exc)) from None
+    except ApiError as exc:
+        raise kopf.TemporaryError(f"API server: {exc}", delay=5) from None
+    patch.status.update(outcome.status)
+    generation = body["metadata"].get("generation")
+    if (body.get("status") or {}).get("observedGeneration") != generation:
+        logger.info("Applied %d objects for generation %s", len(outcome.applied), generation)
+
+
+@kopf.on.resume(GROUP, VERSION, "servingdeployments")
+@kopf.on.create(GROUP, VERSION, "servingdeployments")
+@kopf.on.update(GROUP, VERSION, "servingdeployments", field="spec")
+async def serving_deployment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    await _run(body, patch, memo, logger)
+
+
+@kopf.on.delete(GROUP, VERSION, "servingdeployments")
+async def deleted(body: kopf.Body, logger: Any, **_: Any) -> None:
+    """Held by the operator's finalizer so the deletion is recorded; the children carry owner references
+    and the garbage collector removes them."""
+    logger.info("Deleting %s: its pools, router and objects are garbage-collected", body["metadata"]["name"])
+
+
+@kopf.timer(GROUP, VERSION, "servingdeployments", interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+async def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    """Level-based: correct drift and refresh status even when nothing announced a change."""
+    with contextlib.suppress(kopf.PermanentError):  # already reported; waits for a spec change
+        await _run(body, patch, memo, logger)
+
+
+@kopf.on.field(GROUP, VERSION, "servingpools", field="spec.replicas")
+async def pool_scaled(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    """`kubectl scale servingpool/...` (or an HPA): the pool's Deployment follows at once."""
+    meta = body["metadata"]
+    deployment = (body.get("spec") or {}).get("deployment")
+    if not deployment:
+        return
+    parent = await memo.kube.get(f"{GROUP}/{VERSION}", "ServingDeployment", meta["namespace"], deployment)
+    if parent is None:
+        return
+    try:
+        outcome = await reconcile(memo.kube, parent)
+    except InvalidSpecWithStatus:
+        return
+    except ApiError as exc:
+        raise kopf.TemporaryError(f"API server: {exc}", delay=5) from None
+    await memo.kube.patch_status(f"{GROUP}/{VERSION}", "ServingDeployment", meta["namespace"], deployment,
+                                 outcome.status)
+    logger.info("Pool %s scaled to %s", meta["name"], (body.get("spec") or {}).get("replicas"))

@@ -1,0 +1,113 @@
+"""The only module of the operator that talks to the API server (aiohttp, no client library).
+
+Server-side apply with the operator's own field manager: the operator states the fields it owns and
+the API server merges; fields others own (the /scale subresource's replicas, a user's annotations) are
+left alone. `force` takes over fields another manager applied before (drift is corrected).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import aiohttp
+
+from triphase.common.kube import KubeAccess
+
+logger = logging.getLogger(__name__)
+FIELD_MANAGER = "triphase-operator"
+
+# kind -> (plural, namespaced); the API group comes from the object's apiVersion
+RESOURCES = {
+    "ConfigMap": ("configmaps", True), "Service": ("services", True), "ServiceAccount": ("serviceaccounts", True),
+    "Pod": ("pods", True), "Deployment": ("deployments", True), "PodDisruptionBudget": ("poddisruptionbudgets", True),
+    "Role": ("roles", True), "RoleBinding": ("rolebindings", True), "PodMonitor": ("podmonitors", True),
+    "ServingDeployment": ("servingdeployments", True), "ServingPool": ("servingpools", True),
+    "Event": ("events", True),
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+def path(api_version: str, kind: str, namespace: str | None = None, name: str | None = None) -> str:
+    plural, namespaced = RESOURCES[kind]
+    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    if namespaced and namespace:
+        base += f"/namespaces/{namespace}"
+    base += f"/{plural}"
+    return f"{base}/{name}" if name else base
+
+
+class Kube:
+    def __init__(self, access: KubeAccess) -> None:
+        self.access = access
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def request(self, method: str, url_path: str, body: Any = None, *, params: dict[str, str] | None = None,
+                      content_type: str = "application/json") -> Any:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        headers = {**self.access.headers(), "Content-Type": content_type}
+        data = None if body is None else json.dumps(body)
+        async with self._session.request(method, self.access.server + url_path, data=data, params=params,
+                                         headers=headers, ssl=self.access.ssl) as response:
+            text = await response.text()
+            if response.status >= 400:
+                try:
+                    message = json.loads(text).get("message", text)
+                except ValueError:
+                    message = text
+                raise ApiError(response.status, message)
+            return json.loads(text) if text else None
+
+    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        result = await self.request(
+            "PATCH", path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]), obj,
+            params={"fieldManager": FIELD_MANAGER, "force": "true"}, content_type="application/apply-patch+yaml")
+        return dict(result)
+
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(await self.request("GET", path(api_version, kind, namespace, name)))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def list(self, api_version: str, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        body = await self.request("GET", path(api_version, kind, namespace), params={"labelSelector": selector})
+        return list(body.get("items") or [])
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        try:
+            await self.request("DELETE", path(api_version, kind, namespace, name),
+                               {"propagationPolicy": "Background"})
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def patch_status(self, api_version: str, kind: str, namespace: str, name: str,
+                           status: dict[str, Any]) -> None:
+        await self.request("PATCH", path(api_version, kind, namespace, name) + "/status", {"status": status},
+                           content_type="application/merge-patch+json")
+
+    async def has_api(self, group_version: str) -> bool:
+        try:
+            await self.request("GET", f"/apis/{group_version}")
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True

@@ -1,0 +1,85 @@
+"""The generated CRDs on a real API server: a valid ServingDeployment is accepted and printed with its
+columns; invalid ones are rejected by the API server itself with the offending field path; a
+ServingPool scales through its /scale subresource."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pathlib
+
+import pytest
+import yaml
+
+from tests.procs import wait_for
+from triphase.operator.api import crd
+from triphase.operator.api.v1alpha1 import ServingDeploymentSpec
+
+pytestmark = pytest.mark.slow
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+SAMPLE = yaml.safe_load((ROOT / "deploy" / "samples" / "smollm2-disaggregated.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def crds(kube):
+    result = kube.kubectl("apply", "--server-side", "-f", str(ROOT / "deploy" / "crds"))
+    assert "servingdeployments.triphase.dev" in result.stdout
+    for name in ("servingdeployments", "servingpools"):
+        wait_for(lambda name=name: "True" in kube.kubectl(
+            "get", "crd", f"{name}.triphase.dev", "-o",
+            'jsonpath={.status.conditions[?(@.type=="Established")].status}').stdout, 30, f"{name} established")
+    return kube
+
+
+def _apply(kube, obj):
+    return kube.kubectl("apply", "-f", "-", check=False, input_text=json.dumps(obj))
+
+
+def _variant(name, edit):
+    obj = copy.deepcopy(SAMPLE)
+    obj["metadata"]["name"] = name
+    edit(obj["spec"])
+    return obj
+
+
+def test_the_sample_is_valid_for_the_models_and_the_api_server(crds):
+    ServingDeploymentSpec.model_validate(SAMPLE["spec"])  # the operator parses what the API server stores
+    result = _apply(crds, SAMPLE)
+    assert result.returncode == 0, result.stderr
+    table = crds.kubectl("get", "tsd", "smollm2").stdout.splitlines()
+    assert table[0].split() == ["NAME", "READY", "PREFILL", "DECODE", "ENCODE", "ENDPOINT", "AGE"]
+    stored = json.loads(crds.kubectl("get", "servingdeployment", "smollm2", "-o", "json").stdout)
+    assert stored["spec"]["kvTransfer"]["backend"] == "nixl"
+    assert stored["spec"]["model"]["format"] == "gguf"  # defaulted by the API server from the schema
+    explain = crds.kubectl("explain", "servingdeployment.spec.pools.decode.replicas").stdout
+    assert "ServingPool's /scale owns the count" in explain
+
+
+@pytest.mark.parametrize("name,edit,path,words", [
+    ("bad-enum", lambda s: s["kvTransfer"].update(backend="rdma"), "spec.kvTransfer.backend", "Unsupported value"),
+    ("bad-bounds", lambda s: s["pools"]["decode"].update(minReplicas=5, maxReplicas=2), "spec.pools.decode",
+     "minReplicas must be <= maxReplicas"),
+    ("no-model", lambda s: s.pop("model"), "spec.model", "Required value"),
+    ("negative-gpu", lambda s: s["pools"]["decode"]["resources"]["limits"].update({"nvidia.com/gpu": -1}),
+     "spec.pools.decode.resources.limits", "must not be negative"),
+    ("no-decode", lambda s: s["pools"].pop("decode"), "spec.pools", "at least one pool must decode"),
+    ("path-without-path", lambda s: s["model"].update(source="path"), "spec.model", "source path needs path"),
+])
+def test_invalid_specs_are_rejected_with_the_field_path(crds, name, edit, path, words):
+    result = _apply(crds, _variant(name, edit))
+    assert result.returncode != 0
+    assert path in result.stderr and words in result.stderr, result.stderr
+    assert crds.kubectl("get", "tsd", name, check=False).returncode != 0  # nothing was stored
+
+
+def test_serving_pool_scales_through_the_scale_subresource(crds):
+    pool = {"apiVersion": "triphase.dev/v1alpha1", "kind": "ServingPool", "metadata": {"name": "smollm2-decode"},
+            "spec": {"deployment": "smollm2", "role": "decode", "replicas": 2}}
+    assert _apply(crds, pool).returncode == 0
+    crds.kubectl("scale", "servingpool/smollm2-decode", "--replicas=3")
+    stored = json.loads(crds.kubectl("get", "tsp", "smollm2-decode", "-o", "json").stdout)
+    assert stored["spec"]["replicas"] == 3
+
+
+def test_crds_are_fresh():
+    assert crd.main(["--check"]) == 0

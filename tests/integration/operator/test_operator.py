@@ -1,0 +1,173 @@
+"""`triphase operator` on a real control plane, running as its least-privilege ServiceAccount: a sample
+ServingDeployment becomes pools, a router and their objects; pods run on kwok's fake GPU nodes; the
+status and printer columns follow; spec changes roll, /scale drives a pool, deletion garbage-collects,
+a killed operator converges again, and two replicas elect one leader."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import pathlib
+import urllib.request
+
+import pytest
+import yaml
+
+from tests.procs import triphase_process, wait_for
+from triphase.common import labels
+from triphase.operator.cluster.controlplane import write_kubeconfig
+
+pytestmark = pytest.mark.slow
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+SAMPLE = yaml.safe_load((ROOT / "deploy" / "samples" / "smollm2-disaggregated.yaml").read_text())
+SYSTEM = "triphase-system"
+
+
+def _json(kube, *args):
+    return json.loads(kube.kubectl(*args, "-o", "json").stdout)
+
+
+def _apply(kube, obj):
+    kube.kubectl("apply", "-f", "-", input_text=json.dumps(obj))
+
+
+@pytest.fixture(scope="module")
+def operator_account(kube, tmp_path_factory):
+    """CRDs, RBAC and the peering object as a platform engineer would apply them; a kubeconfig with the
+    operator ServiceAccount's token."""
+    with contextlib.suppress(Exception):
+        kube.api("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                "metadata": {"name": SYSTEM}})
+    kube.kubectl("apply", "--server-side", "-f", str(ROOT / "deploy" / "crds"))
+    kube.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+    kube.kubectl("apply", "-f", str(ROOT / "deploy" / "manifests"))
+    token = kube.api("POST", f"/api/v1/namespaces/{SYSTEM}/serviceaccounts/triphase-operator/token",
+                     {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                      "spec": {"expirationSeconds": 3600}})["status"]["token"]
+    path = tmp_path_factory.mktemp("operator") / "operator.kubeconfig"
+    write_kubeconfig(path, kube.cluster.server, kube.cluster.state / "pki" / "ca.crt", token, user="operator")
+    return path
+
+
+@contextlib.contextmanager
+def operator(tmp_path, config, name="operator", priority=100):
+    """`triphase operator` as the ServiceAccount (KUBECONFIG), resyncing every second."""
+    import os
+
+    from tests.kube import free_port
+
+    env = {"KUBECONFIG": str(config)}
+    args = ["operator", "--peering", "triphase", "--priority", str(priority), "--resync-seconds", "1",
+            "--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with triphase_process(tmp_path, name, args, timeout=90) as (proc, port):
+            yield proc, port
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_operator_is_forbidden_what_it_does_not_need(kube, operator_account):
+    result = kube.kubectl("get", "secrets", "-A", check=False, kubeconfig=operator_account)
+    assert result.returncode != 0 and "forbidden" in result.stderr.lower()
+
+
+def _children(kube, name):
+    selector = f"{labels.DEPLOYMENT}={name}"
+    found = {}
+    for kind in ("deployments", "services", "configmaps", "poddisruptionbudgets", "servingpools", "roles"):
+        for item in _json(kube, "get", kind, "-l", selector)["items"]:
+            found.setdefault(kind, []).append(item["metadata"]["name"])
+    return {kind: sorted(names) for kind, names in found.items()}
+
+
+EXPECTED = {
+    "deployments": ["smollm2-decode", "smollm2-prefill", "smollm2-router"], "services": ["smollm2"],
+    "configmaps": ["smollm2-config"], "roles": ["smollm2-router"],
+    "poddisruptionbudgets": ["smollm2-decode", "smollm2-prefill", "smollm2-router"],
+    "servingpools": ["smollm2-decode", "smollm2-prefill"],
+}
+
+
+def _ready(kube):
+    body = _json(kube, "get", "tsd", "smollm2")
+    conditions = {c["type"]: c["status"] for c in (body.get("status") or {}).get("conditions") or []}
+    return conditions.get("Ready") == "True" and body["status"]["observedGeneration"] == body["metadata"]["generation"]
+
+
+def test_sample_becomes_a_running_deployment(kube, operator_account, tmp_path):
+    with operator(tmp_path, operator_account) as (_, liveness_port):
+        with urllib.request.urlopen(f"http://127.0.0.1:{liveness_port}/healthz", timeout=5) as response:
+            assert response.status == 200  # kopf's liveness endpoint
+        _apply(kube, SAMPLE)
+        wait_for(lambda: _children(kube, "smollm2") == EXPECTED, 60, "every child of the sample")
+        decode = _json(kube, "get", "deployment", "smollm2-decode")
+        container = decode["spec"]["template"]["spec"]["containers"][0]
+        assert decode["spec"]["replicas"] == 2 and container["args"][:3] == ["worker", "--role", "decode"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        owner = decode["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["controller"]) == ("ServingDeployment", "smollm2", True)
+        assert _json(kube, "get", "tsd", "smollm2")["metadata"]["finalizers"] == ["triphase.dev/operator"]
+        wait_for(lambda: _ready(kube), 90, "the ServingDeployment to be Ready")
+        pods = _json(kube, "get", "pods", "-l", f"{labels.DEPLOYMENT}=smollm2")["items"]
+        assert len(pods) == 4 and all(p["status"]["phase"] == "Running" for p in pods)
+        assert all(p["spec"]["nodeName"].startswith("gpu-node-") for p in pods)
+        row = kube.kubectl("get", "tsd", "smollm2").stdout.splitlines()[1].split()
+        assert row[:5] == ["smollm2", "True", "1/1", "2/2", "<none>"][:5]
+        assert row[5] == "http://smollm2." + kube.namespace + ".svc:8000/v1"
+
+        # a spec change rolls the pool's pods (new config hash in the template)
+        before = decode["spec"]["template"]["metadata"]["annotations"]["triphase.dev/config-hash"]
+        kube.kubectl("patch", "tsd", "smollm2", "--type", "merge", "-p",
+                     json.dumps({"spec": {"pools": {"decode": {"engine": {"maxBatchedTokens": 256}}}}}))
+        wait_for(lambda: _json(kube, "get", "deployment", "smollm2-decode")["spec"]["template"]["metadata"][
+            "annotations"]["triphase.dev/config-hash"] != before, 30, "the decode pool to roll")
+
+        # /scale on the pool: the Deployment follows, the spec's initial count does not fight it
+        kube.kubectl("scale", "servingpool/smollm2-decode", "--replicas=3")
+        wait_for(lambda: _json(kube, "get", "deployment", "smollm2-decode")["spec"]["replicas"] == 3, 30,
+                 "the decode Deployment to follow the pool")
+        wait_for(lambda: _json(kube, "get", "tsd", "smollm2")["status"]["readySummary"]["decode"] == "3/3", 60,
+                 "the status to count 3 decode workers")
+
+        # drift is corrected
+        kube.kubectl("scale", "deployment/smollm2-prefill", "--replicas=5")
+        wait_for(lambda: _json(kube, "get", "deployment", "smollm2-prefill")["spec"]["replicas"] == 1, 30,
+                 "the operator to undo the drift")
+
+
+def test_killed_operator_converges_without_duplicates(kube, operator_account, tmp_path):
+    second = copy.deepcopy(SAMPLE)
+    second["metadata"]["name"] = "second"
+    with operator(tmp_path, operator_account, "victim") as (proc, _):
+        _apply(kube, second)
+        wait_for(lambda: _children(kube, "second").get("servingpools"), 30, "the reconcile to start")
+        proc.kill()  # SIGKILL, possibly mid-reconcile
+    with operator(tmp_path, operator_account, "successor"):
+        expected = {kind: [n.replace("smollm2", "second") for n in names] for kind, names in EXPECTED.items()}
+        wait_for(lambda: _children(kube, "second") == expected, 60, "the restarted operator to converge")
+        wait_for(lambda: _json(kube, "get", "tsd", "second").get("status", {}).get("readySummary"), 60, "status")
+    assert _children(kube, "second") == expected  # nothing duplicated
+
+
+def test_two_replicas_elect_one_leader(kube, operator_account, tmp_path):
+    with operator(tmp_path, operator_account, "leader", priority=100), \
+            operator(tmp_path, operator_account, "follower", priority=10):
+        wait_for(lambda: "Pausing" in (tmp_path / "follower.log").read_text(), 60,
+                 "the lower-priority replica to pause in favour of the leader")
+        peering = _json(kube, "get", "clusterkopfpeering", "triphase")
+        assert len(peering.get("status") or {}) == 2
+
+
+def test_deleting_collects_every_child(kube, operator_account, tmp_path):
+    with operator(tmp_path, operator_account):
+        for name in ("smollm2", "second"):
+            kube.kubectl("delete", "tsd", name, "--wait=true", "--timeout=60s", check=False)
+        wait_for(lambda: not _children(kube, "smollm2") and not _children(kube, "second"), 60,
+                 "the garbage collector to delete the children")

@@ -1,0 +1,72 @@
+"""Spec -> child objects, as plain dicts (no API server needed)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import yaml
+
+from triphase.operator import builders
+from triphase.operator.api.v1alpha1 import ServingDeploymentSpec
+
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+SPEC = ServingDeploymentSpec.model_validate(
+    yaml.safe_load((ROOT / "deploy" / "samples" / "smollm2-disaggregated.yaml").read_text())["spec"])
+
+
+def _by_name(objects):
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+def test_children_of_the_sample():
+    objects = _by_name(builders.children("llm", "ns", SPEC, {"decode": 3}, monitoring=False))
+    assert sorted(objects) == sorted([
+        ("ConfigMap", "llm-config"), ("ServiceAccount", "llm-router"), ("Role", "llm-router"),
+        ("RoleBinding", "llm-router"), ("Deployment", "llm-prefill"), ("PodDisruptionBudget", "llm-prefill"),
+        ("Deployment", "llm-decode"), ("PodDisruptionBudget", "llm-decode"), ("Deployment", "llm-router"),
+        ("Service", "llm"), ("PodDisruptionBudget", "llm-router")])
+    decode = objects[("Deployment", "llm-decode")]
+    assert decode["spec"]["replicas"] == 3  # from the ServingPool, not the spec's initial count
+    assert objects[("Deployment", "llm-prefill")]["spec"]["replicas"] == 1
+    pod = decode["spec"]["template"]
+    assert pod["metadata"]["labels"]["triphase.dev/role"] == "decode"
+    assert pod["metadata"]["labels"]["triphase.dev/component"] == "worker"
+    container = pod["spec"]["containers"][0]
+    assert container["args"][:3] == ["worker", "--role", "decode"]
+    assert container["args"][container["args"].index("--max-num-seqs") + 1] == "128"
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
+    assert {"name": "grpc", "containerPort": 50051, "protocol": "TCP"} in container["ports"]
+    router = objects[("Deployment", "llm-router")]["spec"]["template"]["spec"]
+    assert router["serviceAccountName"] == "llm-router"
+    assert "triphase.dev/deployment=llm,triphase.dev/component=worker" in router["containers"][0]["args"]
+    service = objects[("Service", "llm")]["spec"]
+    assert service["ports"][0]["port"] == 8000 and service["selector"]["triphase.dev/component"] == "router"
+    with_monitor = _by_name(builders.children("llm", "ns", SPEC, {}, monitoring=True))
+    assert ("PodMonitor", "llm") in with_monitor
+
+
+def test_a_config_change_changes_the_pod_template_hash():
+    changed = SPEC.model_copy(deep=True)
+    changed.pools.decode.engine.max_batched_tokens = 256  # type: ignore[union-attr]
+
+    def digest(spec):
+        return _by_name(builders.children("llm", "ns", spec, {}, monitoring=False))[("Deployment", "llm-decode")][
+            "spec"]["template"]["metadata"]["annotations"]["triphase.dev/config-hash"]
+
+    assert digest(changed) != digest(SPEC)
+
+
+def test_model_from_a_pvc_is_mounted_read_only():
+    spec = SPEC.model_copy(update={"model": SPEC.model.model_copy(update={"source": "pvc", "pvc": "weights",
+                                                                            "path": "llama.gguf"})})
+    deployment = builders.worker_deployment("llm", "ns", "decode", spec.pools.decode, spec, 1, "h")  # type: ignore[arg-type]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["volumes"] == [{"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}}]
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--model") + 1] == "/models/llama.gguf"
+
+
+def test_serving_pool_carries_replicas_only_on_creation():
+    pool = SPEC.pools.decode
+    assert builders.serving_pool("llm", "ns", "decode", pool, with_replicas=True)["spec"]["replicas"] == 2
+    assert "replicas" not in builders.serving_pool("llm", "ns", "decode", pool, with_replicas=False)["spec"]
