@@ -81,3 +81,14 @@ def triphase_up(args: list[str], timeout: float = 240) -> Iterator[tuple[subproc
         yield proc, url
     finally:
         stop(proc, grace=60)
+
+
+def http_ok(url: str) -> bool:
+    """GET `url` answers 200 (False while it refuses or errs)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False

@@ -12,7 +12,7 @@ import grpc
 import openai
 import pytest
 
-from tests.procs import triphase_process, wait_for
+from tests.procs import http_ok, triphase_process, wait_for
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
 from triphase.workers.engine.sampling import SamplingParams
@@ -38,11 +38,7 @@ def stack(tmp_path_factory):
 
 
 def _ready(url):
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
+    return http_ok(f"{url}/readyz")
 
 
 def running(port):

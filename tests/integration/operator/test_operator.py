@@ -9,12 +9,11 @@ import contextlib
 import copy
 import json
 import pathlib
-import urllib.request
 
 import pytest
 import yaml
 
-from tests.procs import triphase_process, wait_for
+from tests.procs import http_ok, triphase_process, wait_for
 from triphase.common import labels
 from triphase.operator.cluster.controlplane import write_kubeconfig
 
@@ -41,7 +40,7 @@ def operator_account(kube, tmp_path_factory):
                                                 "metadata": {"name": SYSTEM}})
     kube.kubectl("apply", "--server-side", "-f", str(ROOT / "deploy" / "crds"))
     kube.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-    kube.kubectl("apply", "-f", str(ROOT / "deploy" / "manifests"))
+    kube.kubectl("apply", "-n", SYSTEM, "-f", str(ROOT / "deploy" / "manifests"))
     token = kube.api("POST", f"/api/v1/namespaces/{SYSTEM}/serviceaccounts/triphase-operator/token",
                      {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
                       "spec": {"expirationSeconds": 3600}})["status"]["token"]
@@ -95,6 +94,13 @@ EXPECTED = {
 }
 
 
+def _columns(header, row):
+    """kubectl's table row by column (columns start where their header starts; empty cells stay empty)."""
+    names = header.split()
+    starts = [header.index(name) for name in names] + [max(len(row), len(header)) + 1]
+    return {name: row[starts[i]:starts[i + 1]].strip() for i, name in enumerate(names)}
+
+
 def _ready(kube):
     body = _json(kube, "get", "tsd", "smollm2")
     conditions = {c["type"]: c["status"] for c in (body.get("status") or {}).get("conditions") or []}
@@ -103,8 +109,7 @@ def _ready(kube):
 
 def test_sample_becomes_a_running_deployment(kube, operator_account, tmp_path):
     with operator(tmp_path, operator_account) as (_, liveness_port):
-        with urllib.request.urlopen(f"http://127.0.0.1:{liveness_port}/healthz", timeout=5) as response:
-            assert response.status == 200  # kopf's liveness endpoint
+        wait_for(lambda: http_ok(f"http://127.0.0.1:{liveness_port}/healthz"), 30, "kopf's liveness endpoint")
         _apply(kube, SAMPLE)
         wait_for(lambda: _children(kube, "smollm2") == EXPECTED, 60, "every child of the sample")
         decode = _json(kube, "get", "deployment", "smollm2-decode")
@@ -118,9 +123,10 @@ def test_sample_becomes_a_running_deployment(kube, operator_account, tmp_path):
         pods = _json(kube, "get", "pods", "-l", f"{labels.DEPLOYMENT}=smollm2")["items"]
         assert len(pods) == 4 and all(p["status"]["phase"] == "Running" for p in pods)
         assert all(p["spec"]["nodeName"].startswith("gpu-node-") for p in pods)
-        row = kube.kubectl("get", "tsd", "smollm2").stdout.splitlines()[1].split()
-        assert row[:5] == ["smollm2", "True", "1/1", "2/2", "<none>"][:5]
-        assert row[5] == "http://smollm2." + kube.namespace + ".svc:8000/v1"
+        header, row = kube.kubectl("get", "tsd", "smollm2").stdout.splitlines()[:2]
+        assert _columns(header, row) == {"NAME": "smollm2", "READY": "True", "PREFILL": "1/1", "DECODE": "2/2",
+                                         "ENCODE": "", "ENDPOINT": f"http://smollm2.{kube.namespace}.svc:8000/v1",
+                                         "AGE": _columns(header, row)["AGE"]}
 
         # a spec change rolls the pool's pods (new config hash in the template)
         before = decode["spec"]["template"]["metadata"]["annotations"]["triphase.dev/config-hash"]
@@ -145,11 +151,13 @@ def test_sample_becomes_a_running_deployment(kube, operator_account, tmp_path):
 def test_killed_operator_converges_without_duplicates(kube, operator_account, tmp_path):
     second = copy.deepcopy(SAMPLE)
     second["metadata"]["name"] = "second"
-    with operator(tmp_path, operator_account, "victim") as (proc, _):
+    # Low priorities: the killed replica's stale peering entry (alive for 60 s) must not look like a rival
+    # of the same priority to the successor (2 > 1) or to later tests (100).
+    with operator(tmp_path, operator_account, "victim", priority=1) as (proc, _):
         _apply(kube, second)
         wait_for(lambda: _children(kube, "second").get("servingpools"), 30, "the reconcile to start")
         proc.kill()  # SIGKILL, possibly mid-reconcile
-    with operator(tmp_path, operator_account, "successor"):
+    with operator(tmp_path, operator_account, "successor", priority=2):
         expected = {kind: [n.replace("smollm2", "second") for n in names] for kind, names in EXPECTED.items()}
         wait_for(lambda: _children(kube, "second") == expected, 60, "the restarted operator to converge")
         wait_for(lambda: _json(kube, "get", "tsd", "second").get("status", {}).get("readySummary"), 60, "status")
@@ -157,17 +165,26 @@ def test_killed_operator_converges_without_duplicates(kube, operator_account, tm
 
 
 def test_two_replicas_elect_one_leader(kube, operator_account, tmp_path):
-    with operator(tmp_path, operator_account, "leader", priority=100), \
-            operator(tmp_path, operator_account, "follower", priority=10):
-        wait_for(lambda: "Pausing" in (tmp_path / "follower.log").read_text(), 60,
-                 "the lower-priority replica to pause in favour of the leader")
-        peering = _json(kube, "get", "clusterkopfpeering", "triphase")
-        assert len(peering.get("status") or {}) == 2
+    """The lower-priority replica starts paused and only acts once the leader is gone."""
+    with contextlib.ExitStack() as leader_stack, operator(tmp_path, operator_account, "follower", priority=10):
+        leader_stack.enter_context(operator(tmp_path, operator_account, "leader", priority=100))
+        elected = copy.deepcopy(SAMPLE)
+        elected["metadata"]["name"] = "elected"
+        _apply(kube, elected)
+        wait_for(lambda: "Applied 13 objects for elected" in (tmp_path / "leader.log").read_text(), 60,
+                 "the leader to reconcile")
+        assert "for elected" not in (tmp_path / "follower.log").read_text()
+        leader_stack.close()  # the leader leaves (its peering entry goes with it)
+        kube.kubectl("patch", "tsd", "elected", "--type", "merge", "-p",
+                     json.dumps({"spec": {"pools": {"decode": {"engine": {"maxNumSeqs": 32}}}}}))
+        wait_for(lambda: "for elected generation 2" in (tmp_path / "follower.log").read_text(), 90,
+                 "the follower to take over")
+    kube.kubectl("delete", "tsd", "elected", "--wait=false")
 
 
 def test_deleting_collects_every_child(kube, operator_account, tmp_path):
     with operator(tmp_path, operator_account):
-        for name in ("smollm2", "second"):
+        for name in ("smollm2", "second", "elected"):
             kube.kubectl("delete", "tsd", name, "--wait=true", "--timeout=60s", check=False)
-        wait_for(lambda: not _children(kube, "smollm2") and not _children(kube, "second"), 60,
+        wait_for(lambda: not any(_children(kube, n) for n in ("smollm2", "second", "elected")), 60,
                  "the garbage collector to delete the children")

@@ -55,7 +55,8 @@ async def _run(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any)
     patch.status.update(outcome.status)
     generation = body["metadata"].get("generation")
     if (body.get("status") or {}).get("observedGeneration") != generation:
-        logger.info("Applied %d objects for generation %s", len(outcome.applied), generation)
+        logger.info("Applied %d objects for %s generation %s", len(outcome.applied), body["metadata"]["name"],
+                    generation)
 
 
 @kopf.on.resume(GROUP, VERSION, "servingdeployments")

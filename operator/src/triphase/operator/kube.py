@@ -76,6 +76,18 @@ class Kube:
             params={"fieldManager": FIELD_MANAGER, "force": "true"}, content_type="application/apply-patch+yaml")
         return dict(result)
 
+    async def create(self, obj: dict[str, Any], field_manager: str) -> bool:
+        """POST the object under `field_manager`; False if it exists already."""
+        meta = obj["metadata"]
+        try:
+            await self.request("POST", path(obj["apiVersion"], obj["kind"], meta.get("namespace")), obj,
+                               params={"fieldManager": field_manager})
+        except ApiError as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return dict(await self.request("GET", path(api_version, kind, namespace, name)))

@@ -26,6 +26,7 @@ from triphase.operator.kube import Kube
 
 logger = logging.getLogger(__name__)
 CURRENT_ROLE = f"{labels.DOMAIN}/current-role"
+INITIAL_REPLICAS_MANAGER = "triphase-operator-initial-replicas"
 
 
 class InvalidSpec(Exception):
@@ -81,8 +82,12 @@ async def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     wanted = builders.pools(spec)
     replicas: dict[str, int] = {}
     for role, pool in wanted.items():
-        existing = await kube.get(API_VERSION, "ServingPool", namespace, f"{name}-{role}")
-        obj = _owned(builders.serving_pool(name, namespace, role, pool, with_replicas=existing is None), owner)
+        # The initial replicas are written once, by a separate field manager: our applies never carry
+        # spec.replicas, so server-side apply never resets what /scale (or the planner) set since.
+        if await kube.get(API_VERSION, "ServingPool", namespace, f"{name}-{role}") is None:
+            await kube.create(_owned(builders.serving_pool(name, namespace, role, pool, with_replicas=True), owner),
+                              INITIAL_REPLICAS_MANAGER)
+        obj = _owned(builders.serving_pool(name, namespace, role, pool, with_replicas=False), owner)
         result = await kube.apply(obj)
         replicas[role] = int(result["spec"].get("replicas", pool.replicas))
         applied.append(f"ServingPool/{name}-{role}")

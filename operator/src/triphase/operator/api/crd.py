@@ -53,6 +53,10 @@ def _convert(node: Any, defs: dict[str, Any]) -> Any:
             continue
         if key == "additionalProperties" and value is False:
             continue  # structural schemas prune unknown fields anyway
+        if key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value  # OpenAPI v3.0 spelling
+            out[key] = True
+            continue
         if key == "properties":
             out[key] = {name: _convert(sub, defs) for name, sub in value.items()}
         elif key in ("items", "additionalProperties") and isinstance(value, dict):

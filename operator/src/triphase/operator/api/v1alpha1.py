@@ -99,10 +99,12 @@ class EnvVar(_Model):
 
 _QUANTITIES: JsonDict = {
     "type": "object",
-    "additionalProperties": {"x-kubernetes-int-or-string": True,
-                             "anyOf": [{"type": "integer"}, {"type": "string"}]},
-    "x-kubernetes-validations": [{"rule": "self.all(k, !string(self[k]).startsWith('-'))",
-                                  "message": "resource quantities must not be negative"}],
+    "maxProperties": 16,
+    "additionalProperties": {
+        "x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
+        "x-kubernetes-validations": [{"rule": "!string(self).startsWith('-')",
+                                      "message": "resource quantities must not be negative"}],
+    },
 }
 
 
