@@ -81,8 +81,11 @@ async def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: An
 
 
 @kopf.on.field(GROUP, VERSION, "servingpools", field="spec.replicas")
-async def pool_scaled(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
-    """`kubectl scale servingpool/...` (or an HPA): the pool's Deployment follows at once."""
+async def pool_scaled(body: kopf.Body, old: Any, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    """`kubectl scale servingpool/...` (or an HPA): the pool's Deployment follows at once. (A new pool
+    needs nothing: the reconcile that created it also applied its Deployment.)"""
+    if old is None:
+        return
     meta = body["metadata"]
     deployment = (body.get("spec") or {}).get("deployment")
     if not deployment:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import aiohttp
@@ -47,6 +48,7 @@ class Kube:
     def __init__(self, access: KubeAccess) -> None:
         self.access = access
         self._session: aiohttp.ClientSession | None = None
+        self._apis: dict[str, tuple[bool, float]] = {}
 
     async def close(self) -> None:
         if self._session is not None:
@@ -115,11 +117,18 @@ class Kube:
         await self.request("PATCH", path(api_version, kind, namespace, name) + "/status", {"status": status},
                            content_type="application/merge-patch+json")
 
-    async def has_api(self, group_version: str) -> bool:
+    async def has_api(self, group_version: str, max_age_s: float = 60.0) -> bool:
+        """Whether the API server serves `group_version` (cached for `max_age_s`: asked every reconcile)."""
+        now = time.monotonic()
+        cached = self._apis.get(group_version)
+        if cached is not None and now - cached[1] < max_age_s:
+            return cached[0]
         try:
             await self.request("GET", f"/apis/{group_version}")
+            found = True
         except ApiError as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
+            if exc.status != 404:
+                raise
+            found = False
+        self._apis[group_version] = (found, now)
+        return found

@@ -12,6 +12,7 @@ operator never relabels pods, so it never fights a runtime role switch.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from typing import Any
@@ -99,9 +100,13 @@ async def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
                     logger.info("Deleted %s %s-%s (pool removed)", kind, name, role)
 
     monitoring = await kube.has_api("monitoring.coreos.com/v1")
-    for obj in builders.children(name, namespace, spec, replicas, monitoring=monitoring):
+    objects = builders.children(name, namespace, spec, replicas, monitoring=monitoring)
+    # RBAC in order (a RoleBinding's Role must exist first); the independent rest concurrently.
+    ordered = [o for o in objects if o["kind"] in ("ServiceAccount", "Role", "RoleBinding")]
+    for obj in ordered:
         await kube.apply(_owned(obj, owner))
-        applied.append(f"{obj['kind']}/{obj['metadata']['name']}")
+    await asyncio.gather(*(kube.apply(_owned(obj, owner)) for obj in objects if obj not in ordered))
+    applied += [f"{obj['kind']}/{obj['metadata']['name']}" for obj in objects]
 
     # ---- observe
     pods = await kube.list("v1", "Pod", namespace, f"{labels.DEPLOYMENT}={name},{labels.COMPONENT}=worker")
