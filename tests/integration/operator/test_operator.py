@@ -182,9 +182,35 @@ def test_two_replicas_elect_one_leader(kube, operator_account, tmp_path):
     kube.kubectl("delete", "tsd", "elected", "--wait=false")
 
 
+PODMONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "podmonitors.monitoring.coreos.com"},
+    "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+             "names": {"kind": "PodMonitor", "plural": "podmonitors", "singular": "podmonitor"},
+             "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                 "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
+}
+
+
+def test_pod_monitor_when_prometheus_operator_is_installed(kube, operator_account, tmp_path):
+    """A stand-in for the Prometheus operator's CRD (only its API is needed): the operator then adds a
+    PodMonitor scraping the workers' and router's metrics ports."""
+    _apply(kube, PODMONITOR_CRD)
+    kube.kubectl("wait", "--for=condition=Established", "crd/podmonitors.monitoring.coreos.com", "--timeout=30s")
+    monitored = copy.deepcopy(SAMPLE)
+    monitored["metadata"]["name"] = "monitored"
+    with operator(tmp_path, operator_account):
+        _apply(kube, monitored)
+        wait_for(lambda: kube.kubectl("get", "podmonitors.monitoring.coreos.com", "monitored", check=False)
+                 .returncode == 0, 60, "the PodMonitor")
+    monitor = _json(kube, "get", "podmonitors.monitoring.coreos.com", "monitored")
+    assert monitor["spec"]["selector"]["matchLabels"] == {labels.DEPLOYMENT: "monitored"}
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics", "http"}
+
+
 def test_deleting_collects_every_child(kube, operator_account, tmp_path):
     with operator(tmp_path, operator_account):
-        for name in ("smollm2", "second", "elected"):
+        for name in ("smollm2", "second", "elected", "monitored"):
             kube.kubectl("delete", "tsd", name, "--wait=true", "--timeout=60s", check=False)
-        wait_for(lambda: not any(_children(kube, n) for n in ("smollm2", "second", "elected")), 60,
+        wait_for(lambda: not any(_children(kube, n) for n in ("smollm2", "second", "elected", "monitored")), 60,
                  "the garbage collector to delete the children")
