@@ -31,7 +31,7 @@ class Kube:
         tools = binaries.ensure(progress=False)
         result = subprocess.run([tools["kubectl"], "--kubeconfig", str(kubeconfig or self.kubeconfig), "-n",
                                  self.namespace, *args], capture_output=True, text=True, input=input_text,
-                                timeout=60)
+                                timeout=150)
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
         return result

@@ -49,10 +49,17 @@ def operator_account(kube, tmp_path_factory):
     return path
 
 
+_STARTS = iter(range(100, 1000))
+
+
 @contextlib.contextmanager
-def operator(tmp_path, config, name="operator", priority=100):
-    """`triphase operator` as the ServiceAccount (KUBECONFIG), resyncing every second."""
+def operator(tmp_path, config, name="operator", priority=None):
+    """`triphase operator` as the ServiceAccount (KUBECONFIG), resyncing every second. By default each
+    start outranks the ones before it: a replica stopped earlier may leave its peering entry behind for
+    its 60 s lifetime, and an entry of the same priority would pause the new replica until it expires."""
     import os
+
+    priority = next(_STARTS) if priority is None else priority
 
     from tests.kube import free_port
 
@@ -167,7 +174,7 @@ def test_killed_operator_converges_without_duplicates(kube, operator_account, tm
 def test_two_replicas_elect_one_leader(kube, operator_account, tmp_path):
     """The lower-priority replica starts paused and only acts once the leader is gone."""
     with contextlib.ExitStack() as leader_stack, operator(tmp_path, operator_account, "follower", priority=10):
-        leader_stack.enter_context(operator(tmp_path, operator_account, "leader", priority=100))
+        leader_stack.enter_context(operator(tmp_path, operator_account, "leader"))
         elected = copy.deepcopy(SAMPLE)
         elected["metadata"]["name"] = "elected"
         _apply(kube, elected)
