@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from report import ROOT, log, update_section  # benchmarks/ is sys.path[0] when run as a script
+from report import ROOT, figure, log, pct, save_figure, update_section
 from stack import router, stop_all, worker
 
 LONG_PROMPT, LONG_PROMPT_OUT = 1536, 16
@@ -79,11 +79,6 @@ async def run_load(url: str, items: list[tuple[float, list[int], int]]) -> list[
     return results
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def measure(rates: list[float], requests: int, ttft_slo: float, tpot_slo: float) -> dict:  # type: ignore[type-arg]
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="disagg-"))
     configs = {
@@ -126,22 +121,13 @@ def measure(rates: list[float], requests: int, ttft_slo: float, tpot_slo: float)
 
 
 def plot(results: dict, rates: list[float], path: pathlib.Path) -> None:  # type: ignore[type-arg]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = figure(2, (10, 4))
     for name, by_rate in results.items():
         axes[0].plot(rates, [by_rate[r]["tpot_p90"] * 1e3 for r in rates], "o-", label=name)
         axes[1].plot(rates, [by_rate[r]["ttft_p90"] for r in rates], "o-", label=name)
     axes[0].set(xlabel="request rate (req/s)", ylabel="TPOT p90 (ms)", title="time per output token, p90")
     axes[1].set(xlabel="request rate (req/s)", ylabel="TTFT p90 (s)", title="time to first token, p90")
-    for ax in axes:
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, axes, path)
 
 
 def main() -> None:

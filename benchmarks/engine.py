@@ -20,7 +20,8 @@ import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from report import ROOT, log, update_section
+
 BATCHES = (1, 8, 32, 64)
 PREFILL_TOKENS = 512
 DECODE_TOKENS = 48
@@ -33,11 +34,6 @@ CONFIGS = {
     "transformers float32": {"engine": "hf", "dtype": "float32"},
     "transformers bfloat16": {"engine": "hf", "dtype": "bfloat16"},
 }
-
-
-def log(message: str) -> None:
-    sys.stderr.write(f"[bench] {message}\n")
-    sys.stderr.flush()
 
 
 # ------------------------------------------------------------------------------ measurements
@@ -178,7 +174,6 @@ def child(name: str, quick: bool) -> None:
 def render(results: dict, bandwidth: float, threads: int) -> str:
     hf1 = results["transformers float32"]["decode_tps"]["1"]
     lines = [
-        "<!-- engine:begin -->",
         "## Engine: triphase vs transformers (bundled SmolLM2-135M-Instruct, Q4_1 GGUF)",
         "",
         f"One run of `python benchmarks/engine.py` ({time.strftime('%Y-%m-%d')}, {threads} threads, "
@@ -202,7 +197,7 @@ def render(results: dict, bandwidth: float, threads: int) -> str:
             + (f"{wb / 2**20:.0f} MiB | {bound:.0f} | {100 * d['1'] / bound:.0f} % | " if bound else "- | - | - | ")
             + f"{d['1'] / hf1:.2f}x | {d['32'] / hf1:.1f}x |"
         )
-    lines += ["", "![decode throughput by batch size](benchmarks/engine.png)", "<!-- engine:end -->"]
+    lines += ["", "![decode throughput by batch size](benchmarks/engine.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -226,19 +221,6 @@ def plot(results: dict, path: pathlib.Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def update_markdown(section: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    intro = "# Benchmarks\n\nEvery number here is reproducible with the command given in its section.\n\n"
-    text = path.read_text() if path.exists() else intro
-    if "<!-- engine:begin -->" in text:
-        head, rest = text.split("<!-- engine:begin -->", 1)
-        tail = rest.split("<!-- engine:end -->", 1)[1].lstrip("\n")
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> None:
@@ -266,7 +248,7 @@ def main() -> None:
     sys.stdout.write(section)
     if not args.no_write:
         plot(results, ROOT / "benchmarks" / "engine.png")
-        update_markdown(section)
+        update_section("engine", section)
         (ROOT / "benchmarks" / "engine.json").write_text(json.dumps({"bandwidth": bandwidth, "results": results},
                                                                     indent=1))
         log("wrote BENCHMARKS.md, benchmarks/engine.png, benchmarks/engine.json")

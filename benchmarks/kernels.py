@@ -17,25 +17,16 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from report import best_time, update_section
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30  # (out, in) per layer
 
 
-def best(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def memcpy_rate() -> float:
     src = torch.ones(1 << 30, dtype=torch.uint8)
     dst = torch.empty_like(src)
-    return 2 * src.numel() / best(lambda: dst.copy_(src))
+    return 2 * src.numel() / best_time(lambda: dst.copy_(src))
 
 
 def main() -> None:
@@ -66,7 +57,7 @@ def main() -> None:
                         xs[w.shape[0]] @ w
 
             del x
-            rows.append((name, batch, elements * ws[0].element_size() / best(run)))
+            rows.append((name, batch, elements * ws[0].element_size() / best_time(run)))
             sys.stderr.write(f"[kernels] {name} b={batch}: {rows[-1][2] / 1e9:.1f} GB/s\n")
         packs = [Int4Linear(Q4Blocks(rng.integers(0, 16, (o, i), dtype=np.uint8),
                                      np.full((o, i // 32), 0.01, np.float32), np.zeros((o, i // 32), np.float32)))
@@ -77,27 +68,19 @@ def main() -> None:
             for pack, (_, cols) in zip(packs, SHAPES, strict=True):
                 pack(xs16[cols])
 
-        rows.append(("int4 packed, bf16 x (triphase int4)", batch, nbytes / best(run_int4)))
+        rows.append(("int4 packed, bf16 x (triphase int4)", batch, nbytes / best_time(run_int4)))
         sys.stderr.write(f"[kernels] int4 b={batch}: {rows[-1][2] / 1e9:.1f} GB/s\n")
     memcpy = rows[0][2]
-    lines = ["<!-- kernels:begin -->", "## Kernels: how fast each matmul streams weights (batch-1 decode ceiling)", "",
+    lines = ["## Kernels: how fast each matmul streams weights (batch-1 decode ceiling)", "",
              f"`python benchmarks/kernels.py` ({time.strftime('%Y-%m-%d')}, {torch.get_num_threads()} threads): one "
              "decode step's 120 matrices, best of 5. A batch-1 step can go no faster than its kernel streams "
              "weights, so the kernel's share of memcpy bandwidth caps the engine's share of the bound.", "",
              "| kernel | rows | GB/s of weights | vs memcpy |", "| --- | ---: | ---: | ---: |"]
     for name, batch, rate in rows:
         lines.append(f"| {name} | {batch or '-'} | {rate / 1e9:.1f} | {100 * rate / memcpy:.0f} % |")
-    lines.append("<!-- kernels:end -->")
     section = "\n".join(lines) + "\n"
     sys.stdout.write(section)
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text()
-    if "<!-- kernels:begin -->" in text:
-        head, rest = text.split("<!-- kernels:begin -->", 1)
-        text = head + section + rest.split("<!-- kernels:end -->", 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    update_section("kernels", section)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import multiprocessing as mp
 import sys
 import time
 
-from report import ROOT, log, update_section  # benchmarks/ is sys.path[0] when run as a script
+from report import ROOT, best_time, figure, log, save_figure, update_section
 
 TOKENS = (128, 512, 1024, 2048, 4096, 8192)
 BLOCK_SIZE = 16
@@ -67,18 +67,6 @@ def _source(conn, num_blocks: int) -> None:  # type: ignore[no-untyped-def]
         await server.stop(None)
 
     asyncio.run(serve())
-
-
-def _best_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    """Best of `repeats` after a warm-up: a capability, not a mood (the 2-core VM's neighbours and UCX's
-    progress thread add scheduling noise; medians were checked to keep the same order)."""
-    fn()  # warm-up (connections, peer registration, page faults)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def measure(repeats: int) -> dict:  # type: ignore[type-arg]
@@ -127,7 +115,7 @@ def measure(repeats: int) -> dict:  # type: ignore[type-arg]
 
             row = {"tokens": tokens, "bytes": nbytes}
             for name, fn in (("memcpy", memcpy), ("nixl", nixl_read), ("grpc", grpc_read)):
-                row[name] = _best_time(fn, repeats)
+                row[name] = best_time(fn, repeats)
             log(f"{tokens:5d} tokens ({nbytes / 2**20:6.1f} MiB): memcpy {row['memcpy'] * 1e3:7.2f} ms, "
                 f"nixl {row['nixl'] * 1e3:7.2f} ms, grpc {row['grpc'] * 1e3:7.2f} ms")
             rows.append(row)
@@ -165,12 +153,7 @@ def prefill_seconds(tokens: int) -> float:
 
 
 def plot(rows, path) -> None:  # type: ignore[no-untyped-def]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax,) = figure(1, (7, 4))
     tokens = [r["tokens"] for r in rows]
     for name, style in (("memcpy", "k--"), ("nixl", "o-"), ("grpc", "s-")):
         ax.plot(tokens, [r["bytes"] / r[name] / 1e9 for r in rows], style, label=name)
@@ -178,10 +161,7 @@ def plot(rows, path) -> None:  # type: ignore[no-untyped-def]
     ax.set_xlabel("prompt tokens handed off")
     ax.set_ylabel("GB/s")
     ax.set_title("KV hand-off bandwidth (SmolLM2-135M layout, bf16, 2 cores)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, [ax], path)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import tempfile
 import time
 
 import yaml
-from report import ROOT, log, update_section  # benchmarks/ is sys.path[0] when run as a script
+from report import ROOT, log, update_section
 from stack import TRIPHASE, start, stop_all, wait_until
 
 from triphase.operator.cluster import binaries, controlplane

@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: replace one marked section of BENCHMARKS.md, keeping the others."""
+"""Shared by the benchmarks (run as scripts, so benchmarks/ is sys.path[0] and they import this as `report`):
+the BENCHMARKS.md section writer, timing and percentile helpers, figures."""
 
 from __future__ import annotations
 
@@ -21,9 +22,48 @@ def update_section(name: str, body: str) -> None:
     text = path.read_text()
     if begin in text:
         head, rest = text.split(begin, 1)
-        text = head + section + rest.split(end, 1)[1].lstrip("\n")
-        if not text.endswith("\n"):
-            text += "\n"
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + section + ("\n" + tail if tail else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
+
+
+def best_time(fn, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
+    """Best of `repeats` timed calls after one warm-up: a capability, not a mood (the 2-core VM's
+    neighbours add scheduling noise)."""
+    import time
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (nearest rank) of `values`."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def figure(panels: int, size: tuple[float, float]):  # type: ignore[no-untyped-def]
+    """A matplotlib figure (headless) with `panels` axes side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, panels, figsize=size, squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig, axes, path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    """Grid on every panel, the legend on the first, tight layout, PNG."""
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from report import ROOT, log, update_section  # benchmarks/ is sys.path[0] when run as a script
+from report import ROOT, figure, log, pct, save_figure, update_section
 from stack import free_port, http_ok, router, start, stop_all, wait_until, worker
 
 CONCURRENCY = (1, 16, 64)
@@ -105,11 +105,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 # ------------------------------------------------------------------------------ systems
 def vllm_router_bin() -> str:
     venv = pathlib.Path(os.environ.get("TRIPHASE_CACHE", pathlib.Path.home() / ".cache" / "triphase")) / \
@@ -173,23 +168,14 @@ def measure(requests: int) -> dict:  # type: ignore[type-arg]
 
 
 def plot(results: dict, path: pathlib.Path) -> None:  # type: ignore[type-arg]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = figure(2, (10, 4))
     for name, rows in results.items():
         cs = sorted(rows)
         axes[0].plot(cs, [rows[c]["p99_ttft"] * 1e3 for c in cs], "o-", label=name)
         axes[1].plot(cs, [rows[c]["rps"] for c in cs], "o-", label=name)
     axes[0].set(xlabel="concurrency", ylabel="p99 TTFT (ms)", title="p99 time to first token", xscale="log")
     axes[1].set(xlabel="concurrency", ylabel="requests/s", title="throughput", xscale="log")
-    for ax in axes:
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, axes, path)
 
 
 def main() -> None:
