@@ -27,7 +27,9 @@ import tempfile
 import time
 
 from report import ROOT, figure, log, pct, save_figure, update_section
-from stack import free_port, http_ok, router, start, stop_all, wait_until, worker
+from stack import http_ok, router, start, stop_all, wait_until, worker
+
+from triphase.common.net import free_port
 
 CONCURRENCY = (1, 16, 64)
 TOKENS = 16

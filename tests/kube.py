@@ -5,7 +5,6 @@ Binaries are built from the Go module proxy on first use (never skipped for lack
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import subprocess
 import uuid
@@ -36,9 +35,6 @@ class Kube:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
         return result
 
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
-
 
 def start_cluster(state: pathlib.Path) -> controlplane.Cluster:
     return controlplane.up(state, nodes=4, gpus_per_node=8, progress=True, timeout=120)
@@ -49,10 +45,3 @@ def new_namespace(cluster: controlplane.Cluster, prefix: str) -> str:
     cluster.api("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     return name
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 import queue
 import re
@@ -30,13 +31,14 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str) -> T:
 
 @contextlib.contextmanager
 def triphase_process(tmp: pathlib.Path, name: str, args: list[str], timeout: float = 120,
-                     ) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """Run `triphase ARGS --ready-file ...`; yields (process, bound port); SIGTERM (then SIGKILL) on exit."""
+                     env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """Run `triphase ARGS --ready-file ...` (with `env` added to the environment); yields (process, bound
+    port); SIGTERM (then SIGKILL) on exit."""
     ready = tmp / f"{name}.port"
     log = tmp / f"{name}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "triphase.cli", *args, "--ready-file", str(ready)],
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
+                                stdout=out, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
     try:
         def started() -> int:
             if proc.poll() is not None:

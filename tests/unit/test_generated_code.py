@@ -11,3 +11,9 @@ def test_proto_gen_is_fresh():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_proto.py"), "--check"],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_crds_are_fresh():
+    from triphase.operator.api import crd
+
+    assert crd.main(["--check"]) == 0

@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from tests.procs import wait_for
-from triphase.operator.api import crd
 from triphase.operator.api.v1alpha1 import ServingDeploymentSpec
 
 pytestmark = pytest.mark.slow
@@ -80,6 +79,3 @@ def test_serving_pool_scales_through_the_scale_subresource(crds):
     stored = json.loads(crds.kubectl("get", "tsp", "smollm2-decode", "-o", "json").stdout)
     assert stored["spec"]["replicas"] == 3
 
-
-def test_crds_are_fresh():
-    assert crd.main(["--check"]) == 0

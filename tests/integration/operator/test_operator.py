@@ -15,6 +15,7 @@ import yaml
 
 from tests.procs import http_ok, triphase_process, wait_for
 from triphase.common import labels
+from triphase.common.net import free_port
 from triphase.operator.cluster.controlplane import write_kubeconfig
 
 pytestmark = pytest.mark.slow
@@ -57,26 +58,11 @@ def operator(tmp_path, config, name="operator", priority=None):
     """`triphase operator` as the ServiceAccount (KUBECONFIG), resyncing every second. By default each
     start outranks the ones before it: a replica stopped earlier may leave its peering entry behind for
     its 60 s lifetime, and an entry of the same priority would pause the new replica until it expires."""
-    import os
-
     priority = next(_STARTS) if priority is None else priority
-
-    from tests.kube import free_port
-
-    env = {"KUBECONFIG": str(config)}
     args = ["operator", "--peering", "triphase", "--priority", str(priority), "--resync-seconds", "1",
             "--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        with triphase_process(tmp_path, name, args, timeout=90) as (proc, port):
-            yield proc, port
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with triphase_process(tmp_path, name, args, timeout=90, env={"KUBECONFIG": str(config)}) as (proc, port):
+        yield proc, port
 
 
 def test_operator_is_forbidden_what_it_does_not_need(kube, operator_account):

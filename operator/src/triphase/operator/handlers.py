@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import kopf
@@ -18,7 +19,7 @@ import kopf
 from triphase.common import labels
 from triphase.operator.api.v1alpha1 import GROUP, VERSION
 from triphase.operator.kube import ApiError, Kube
-from triphase.operator.reconcile import InvalidSpecWithStatus, reconcile
+from triphase.operator.reconcile import InvalidSpec, reconcile
 
 FINALIZER = f"{GROUP}/operator"
 RESYNC_SECONDS = float(os.environ.get("TRIPHASE_RESYNC_SECONDS", "30"))  # set by `--resync-seconds`
@@ -43,18 +44,30 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
     await memo.kube.close()
 
 
-async def _run(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any) -> None:
+@contextlib.asynccontextmanager
+async def _api_retries() -> AsyncIterator[None]:
+    """A failed API call is not the spec's fault: retry the handler with backoff."""
     try:
-        outcome = await reconcile(memo.kube, dict(body))
-    except InvalidSpecWithStatus as exc:
-        patch.status.update(exc.status)
-        kopf.warn(body, reason="InvalidSpec", message=str(exc))
-        raise kopf.PermanentError(str(exc)) from None
+        yield
     except ApiError as exc:
         raise kopf.TemporaryError(f"API server: {exc}", delay=5) from None
+
+
+async def _run(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any) -> None:
+    status = body.get("status") or {}
+    try:
+        async with _api_retries():
+            outcome = await reconcile(memo.kube, dict(body))
+    except InvalidSpec as exc:
+        already = status.get("observedGeneration") == body["metadata"].get("generation") and any(
+            c.get("type") == "Degraded" and c.get("status") == "True" for c in status.get("conditions") or [])
+        patch.status.update(exc.status)
+        if not already:  # one Warning per bad generation, not one per resync
+            kopf.warn(body, reason="InvalidSpec", message=str(exc))
+        raise kopf.PermanentError(str(exc)) from None
     patch.status.update(outcome.status)
     generation = body["metadata"].get("generation")
-    if (body.get("status") or {}).get("observedGeneration") != generation:
+    if status.get("observedGeneration") != generation:
         logger.info("Applied %d objects for %s generation %s", len(outcome.applied), body["metadata"]["name"],
                     generation)
 
@@ -90,15 +103,14 @@ async def pool_scaled(body: kopf.Body, old: Any, memo: kopf.Memo, logger: Any, *
     deployment = (body.get("spec") or {}).get("deployment")
     if not deployment:
         return
-    parent = await memo.kube.get(f"{GROUP}/{VERSION}", "ServingDeployment", meta["namespace"], deployment)
-    if parent is None:
-        return
-    try:
-        outcome = await reconcile(memo.kube, parent)
-    except InvalidSpecWithStatus:
-        return
-    except ApiError as exc:
-        raise kopf.TemporaryError(f"API server: {exc}", delay=5) from None
-    await memo.kube.patch_status(f"{GROUP}/{VERSION}", "ServingDeployment", meta["namespace"], deployment,
-                                 outcome.status)
+    async with _api_retries():
+        parent = await memo.kube.get(f"{GROUP}/{VERSION}", "ServingDeployment", meta["namespace"], deployment)
+        if parent is None:
+            return
+        try:
+            outcome = await reconcile(memo.kube, parent)
+        except InvalidSpec:
+            return  # the deployment's own handler reports it
+        await memo.kube.patch_status(f"{GROUP}/{VERSION}", "ServingDeployment", meta["namespace"], deployment,
+                                     outcome.status)
     logger.info("Pool %s scaled to %s", meta["name"], (body.get("spec") or {}).get("replicas"))

@@ -31,7 +31,12 @@ INITIAL_REPLICAS_MANAGER = "triphase-operator-initial-replicas"
 
 
 class InvalidSpec(Exception):
-    """The spec passed the CRD schema but cannot be served; the message names the field."""
+    """The spec passed the CRD schema but cannot be served; the message names the field. `status`
+    (Degraded and not Ready, with the reason) is what the caller should write back."""
+
+    def __init__(self, message: str, status: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status = status or {}
 
 
 @dataclasses.dataclass
@@ -76,7 +81,7 @@ async def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     except InvalidSpec as exc:
         conditions = set_condition(conditions, "Degraded", True, "InvalidSpec", str(exc), generation)
         conditions = set_condition(conditions, "Ready", False, "InvalidSpec", str(exc), generation)
-        raise InvalidSpecWithStatus(str(exc), {"observedGeneration": generation, "conditions": conditions}) from None
+        raise InvalidSpec(str(exc), {"observedGeneration": generation, "conditions": conditions}) from None
 
     owner = owner_reference(body)
     applied: list[str] = []
@@ -142,8 +147,3 @@ async def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     }
     return Outcome(status, applied, all_ready)
 
-
-class InvalidSpecWithStatus(InvalidSpec):
-    def __init__(self, message: str, status: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.status = status

@@ -56,9 +56,9 @@ class Pipeline:
         trace = trace or Trace(f"req-{uuid.uuid4().hex[:16]}")
         sent: list[int] = []
         failed: set[str] = set()
-        resume = False
+        resume = stay = False  # resume: re-prefill prompt + sent tokens; stay: on the same decode worker
         while True:
-            stream = self._resume(prompt, sampling, trace, sent, failed) if resume else \
+            stream = self._resume(prompt, sampling, trace, sent, failed, stay) if resume else \
                 self._place_and_run(prompt, sampling, trace, failed)
             try:
                 async with contextlib.aclosing(stream) as deltas:
@@ -71,11 +71,11 @@ class Pipeline:
                 if resume:
                     raise Unavailable(f"the request failed after a failed KV hand-off: {exc}") from None
                 logger.warning("KV hand-off to %s failed (%s); prefilling there", trace.decode_worker, exc)
-                trace.local_prefill = resume = True
+                trace.local_prefill = resume = stay = True
                 trace.kv_backend = None
                 continue
             except WorkerFailed as exc:
-                resume = True
+                resume, stay = True, False
                 if trace.decode_endpoint:
                     self.registry.mark_unhealthy(trace.decode_endpoint)
                 failed.add(trace.decode_worker or "")
@@ -115,14 +115,14 @@ class Pipeline:
                 yield delta
 
     async def _resume(self, prompt: list[int], sampling: Sampling, trace: Trace, sent: list[int],
-                      failed: set[str]) -> AsyncGenerator[Delta, None]:
-        """Continue on a healthy decode-capable worker, which re-prefills prompt + sent tokens: after a
-        failed worker, on another one; after a failed hand-off, on the same decode worker."""
+                      failed: set[str], stay: bool) -> AsyncGenerator[Delta, None]:
+        """Continue on a decode-capable worker, which re-prefills prompt + sent tokens: the same one
+        (`stay`, after a failed hand-off) or a healthy one not in `failed` (after a failed worker)."""
         remaining = sampling.max_tokens - len(sent)
         if remaining <= 0:
             return
         resumed = prompt + sent
-        endpoint = trace.decode_endpoint if not failed else None
+        endpoint = trace.decode_endpoint if stay else None
         if endpoint is None:
             placement = select(prompt_block_hashes(resumed, self.block_size), self.registry.snapshot(),
                                frozenset(failed))

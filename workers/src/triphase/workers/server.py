@@ -94,7 +94,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.draining = False
         self.switching = False
         self.in_flight = 0
-        self.streams: dict[str, bool] = {}  # request id -> decoding (a Generate or Decode stream)
+        self.streams: set[str] = set()  # request ids of decoding streams (Generate or Decode)
         self.prefills = 0
         self.channels = grpc_stream.ChannelPool()
         self.nixl = nixl
@@ -260,11 +260,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     @contextlib.contextmanager
     def _tracked(self, request_id: str) -> Iterator[None]:
         """Register a decoding stream, so that a role switch can wait for it or hand it over."""
-        self.streams[request_id] = True
+        self.streams.add(request_id)
         try:
             yield
         finally:
-            self.streams.pop(request_id, None)
+            self.streams.discard(request_id)
             self.stream_done.set()
 
     async def SetRole(self, request: pb.SetRoleRequest, context: grpc.aio.ServicerContext) -> pb.SetRoleResponse:

@@ -20,7 +20,6 @@ import pathlib
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from triphase.common.errors import UserError
+from triphase.common.net import free_port
 from triphase.operator.cluster import binaries
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
@@ -112,12 +112,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _say(progress: bool, message: str) -> None:
     if progress:
         sys.stderr.write(f"triphase cluster: {message}\n")
@@ -193,7 +187,7 @@ def up(state: pathlib.Path | None = None, *, nodes: int = 4, gpus_per_node: int 
     _certificates(pki)
     token = secrets.token_hex(24)
     (pki / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')
-    etcd_port, peer_port, api_port = _free_port(), _free_port(), _free_port()
+    etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
     server = f"https://127.0.0.1:{api_port}"
     info: dict[str, Any] = {"server": server, "token": token, "pids": {}}
     write_kubeconfig(cluster.kubeconfig, server, pki / "ca.crt", token)
@@ -238,7 +232,7 @@ def up(state: pathlib.Path | None = None, *, nodes: int = 4, gpus_per_node: int 
                              "--secure-port", "0", "--leader-elect=false", "--v=0"])
     start("kwok", ["--kubeconfig", str(manager_config), "--config", str(STAGES), "--manage-all-nodes=false",
                    "--manage-nodes-with-annotation-selector", f"{FAKE_NODE_ANNOTATION}=fake",
-                   "--server-address", f"127.0.0.1:{_free_port()}", "--cidr", "10.244.0.0/16"])
+                   "--server-address", f"127.0.0.1:{free_port()}", "--cidr", "10.244.0.0/16"])
     for index in range(nodes):
         _create_node(cluster, f"gpu-node-{index}", gpus_per_node)
     _wait(lambda: _nodes_ready(cluster) >= nodes, timeout, f"{nodes} kwok nodes to be Ready", logs)
