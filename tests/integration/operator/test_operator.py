@@ -73,7 +73,7 @@ def test_operator_is_forbidden_what_it_does_not_need(kube, operator_account):
 def _children(kube, name):
     selector = f"{labels.DEPLOYMENT}={name}"
     found = {}
-    for kind in ("deployments", "services", "configmaps", "poddisruptionbudgets", "servingpools", "roles"):
+    for kind in ("deployments", "services", "configmaps", "poddisruptionbudgets", "servingpools", "rolebindings"):
         for item in _json(kube, "get", kind, "-l", selector)["items"]:
             found.setdefault(kind, []).append(item["metadata"]["name"])
     return {kind: sorted(names) for kind, names in found.items()}
@@ -81,7 +81,7 @@ def _children(kube, name):
 
 EXPECTED = {
     "deployments": ["smollm2-decode", "smollm2-prefill", "smollm2-router"], "services": ["smollm2"],
-    "configmaps": ["smollm2-config"], "roles": ["smollm2-router"],
+    "configmaps": ["smollm2-config"], "rolebindings": ["smollm2-router"],
     "poddisruptionbudgets": ["smollm2-decode", "smollm2-prefill", "smollm2-router"],
     "servingpools": ["smollm2-decode", "smollm2-prefill"],
 }
@@ -157,6 +157,22 @@ def test_killed_operator_converges_without_duplicates(kube, operator_account, tm
     assert _children(kube, "second") == expected  # nothing duplicated
 
 
+def test_a_pool_removed_from_the_spec_is_deleted(kube, operator_account, tmp_path):
+    """Dropping the prefill pool (the decode pool then prefills locally) deletes its ServingPool,
+    Deployment and budget, and leaves the rest alone."""
+    shrinking = copy.deepcopy(SAMPLE)
+    shrinking["metadata"]["name"] = "shrinking"
+    expected = {kind: [n.replace("smollm2", "shrinking") for n in names] for kind, names in EXPECTED.items()}
+    with operator(tmp_path, operator_account):
+        _apply(kube, shrinking)
+        wait_for(lambda: _children(kube, "shrinking") == expected, 60, "every child")
+        kube.kubectl("patch", "tsd", "shrinking", "--type", "json", "-p",
+                     json.dumps([{"op": "remove", "path": "/spec/pools/prefill"}]))
+        without = {kind: [n for n in names if n != "shrinking-prefill"] for kind, names in expected.items()}
+        wait_for(lambda: _children(kube, "shrinking") == without, 60, "the prefill pool to go")
+    kube.kubectl("delete", "tsd", "shrinking", "--wait=false")
+
+
 def test_two_replicas_elect_one_leader(kube, operator_account, tmp_path):
     """The lower-priority replica starts paused and only acts once the leader is gone."""
     with contextlib.ExitStack() as leader_stack, operator(tmp_path, operator_account, "follower", priority=10):
@@ -164,13 +180,13 @@ def test_two_replicas_elect_one_leader(kube, operator_account, tmp_path):
         elected = copy.deepcopy(SAMPLE)
         elected["metadata"]["name"] = "elected"
         _apply(kube, elected)
-        wait_for(lambda: "Applied 13 objects for elected" in (tmp_path / "leader.log").read_text(), 60,
+        wait_for(lambda: "elected: Applied 12 objects for generation 1" in (tmp_path / "leader.log").read_text(), 60,
                  "the leader to reconcile")
-        assert "for elected" not in (tmp_path / "follower.log").read_text()
+        assert "elected:" not in (tmp_path / "follower.log").read_text()
         leader_stack.close()  # the leader leaves (its peering entry goes with it)
         kube.kubectl("patch", "tsd", "elected", "--type", "merge", "-p",
                      json.dumps({"spec": {"pools": {"decode": {"engine": {"maxNumSeqs": 32}}}}}))
-        wait_for(lambda: "for elected generation 2" in (tmp_path / "follower.log").read_text(), 90,
+        wait_for(lambda: "elected: Applied 12 objects for generation 2" in (tmp_path / "follower.log").read_text(), 90,
                  "the follower to take over")
     kube.kubectl("delete", "tsd", "elected", "--wait=false")
 
@@ -202,8 +218,8 @@ def test_pod_monitor_when_prometheus_operator_is_installed(kube, operator_accoun
 
 
 def test_deleting_collects_every_child(kube, operator_account, tmp_path):
+    names = ("smollm2", "second", "elected", "monitored", "shrinking")
     with operator(tmp_path, operator_account):
-        for name in ("smollm2", "second", "elected", "monitored"):
+        for name in names:
             kube.kubectl("delete", "tsd", name, "--wait=true", "--timeout=60s", check=False)
-        wait_for(lambda: not any(_children(kube, n) for n in ("smollm2", "second", "elected", "monitored")), 60,
-                 "the garbage collector to delete the children")
+        wait_for(lambda: not any(_children(kube, n) for n in names), 60, "the garbage collector to delete the children")

@@ -21,7 +21,7 @@ def _by_name(objects):
 def test_children_of_the_sample():
     objects = _by_name(builders.children("llm", "ns", SPEC, {"decode": 3}, monitoring=False))
     assert sorted(objects) == sorted([
-        ("ConfigMap", "llm-config"), ("ServiceAccount", "llm-router"), ("Role", "llm-router"),
+        ("ConfigMap", "llm-config"), ("ServiceAccount", "llm-router"),
         ("RoleBinding", "llm-router"), ("Deployment", "llm-prefill"), ("PodDisruptionBudget", "llm-prefill"),
         ("Deployment", "llm-decode"), ("PodDisruptionBudget", "llm-decode"), ("Deployment", "llm-router"),
         ("Service", "llm"), ("PodDisruptionBudget", "llm-router")])

@@ -31,12 +31,16 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=labels.DOMAIN)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=labels.DOMAIN, key="last-handled-configuration")
-    settings.posting.level = logging.INFO
+    # Events say what the operator did (posted explicitly below) and every warning; kopf's own
+    # "handler succeeded" chatter stays in the log instead of costing API writes.
+    settings.posting.level = logging.WARNING
     settings.peering.clusterwide = True
     settings.watching.server_timeout = 300
+    settings.batching.batch_window = 0.02  # the reconcile is level-based: no need to wait for bursts to end
     from triphase.common.kube import KubeAccess
 
     memo.kube = Kube(KubeAccess.load())
+    memo.pool_replicas = {}  # ServingPool uid -> spec.replicas last seen (shared: the memo is copied shallowly)
 
 
 @kopf.on.cleanup()
@@ -68,8 +72,9 @@ async def _run(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any)
     patch.status.update(outcome.status)
     generation = body["metadata"].get("generation")
     if status.get("observedGeneration") != generation:
-        logger.info("Applied %d objects for %s generation %s", len(outcome.applied), body["metadata"]["name"],
-                    generation)
+        message = f"Applied {len(outcome.applied)} objects for generation {generation}"
+        logger.info("%s: %s", body["metadata"]["name"], message)
+        kopf.event(body, type="Normal", reason="Applied", message=message)
 
 
 @kopf.on.resume(GROUP, VERSION, "servingdeployments")
@@ -93,15 +98,23 @@ async def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: An
         await _run(body, patch, memo, logger)
 
 
-@kopf.on.field(GROUP, VERSION, "servingpools", field="spec.replicas")
-async def pool_scaled(body: kopf.Body, old: Any, memo: kopf.Memo, logger: Any, **_: Any) -> None:
-    """`kubectl scale servingpool/...` (or an HPA): the pool's Deployment follows at once. (A new pool
-    needs nothing: the reconcile that created it also applied its Deployment.)"""
-    if old is None:
-        return
+@kopf.on.event(GROUP, VERSION, "servingpools")
+async def pool_event(body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    """`kubectl scale servingpool/...` (or an HPA, or the planner): the pool's Deployment follows at once.
+
+    A plain event handler that remembers the replicas it last saw per pool (in memory), so kopf writes
+    nothing on the pools: a pool seen for the first time (created by a reconcile, or listed after a
+    restart, when the ServingDeployment's resume reconcile covers it) is only remembered; a change of
+    spec.replicas reconciles the parent."""
     meta = body["metadata"]
-    deployment = (body.get("spec") or {}).get("deployment")
-    if not deployment:
+    spec = body.get("spec") or {}
+    if event.get("type") == "DELETED":
+        memo.pool_replicas.pop(meta["uid"], None)
+        return
+    before = memo.pool_replicas.get(meta["uid"])
+    memo.pool_replicas[meta["uid"]] = spec.get("replicas")
+    deployment = spec.get("deployment")
+    if before is None or before == spec.get("replicas") or not deployment:
         return
     async with _api_retries():
         parent = await memo.kube.get(f"{GROUP}/{VERSION}", "ServingDeployment", meta["namespace"], deployment)
@@ -113,4 +126,6 @@ async def pool_scaled(body: kopf.Body, old: Any, memo: kopf.Memo, logger: Any, *
             return  # the deployment's own handler reports it
         await memo.kube.patch_status(f"{GROUP}/{VERSION}", "ServingDeployment", meta["namespace"], deployment,
                                      outcome.status)
-    logger.info("Pool %s scaled to %s", meta["name"], (body.get("spec") or {}).get("replicas"))
+    message = f"Scaled to {spec.get('replicas')} replicas; the Deployment follows"
+    logger.info(message)
+    kopf.event(body, type="Normal", reason="Scaled", message=message)

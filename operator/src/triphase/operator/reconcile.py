@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from triphase.common import labels
 from triphase.operator import builders
-from triphase.operator.api.v1alpha1 import API_VERSION, POOL_ROLES, ServingDeploymentSpec
+from triphase.operator.api.v1alpha1 import API_VERSION, PoolSpec, ServingDeploymentSpec
 from triphase.operator.conditions import set_condition
 from triphase.operator.kube import Kube
 
@@ -66,6 +66,28 @@ def _owned(obj: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
+async def _pool(kube: Kube, name: str, namespace: str, role: str, pool: PoolSpec, owner: dict[str, Any],
+                existing: dict[str, Any] | None) -> dict[str, Any]:
+    """Apply one ServingPool and return it. The initial replicas are written once, at creation, by a
+    separate field manager: our applies never carry spec.replicas, so server-side apply never resets
+    what /scale (or the planner) set since."""
+    if existing is None:
+        created = await kube.create(_owned(builders.serving_pool(name, namespace, role, pool, with_replicas=True),
+                                           owner), INITIAL_REPLICAS_MANAGER)
+        if created is not None:
+            return created
+    return await kube.apply(_owned(builders.serving_pool(name, namespace, role, pool, with_replicas=False), owner))
+
+
+async def _remove_pool(kube: Kube, namespace: str, pool: str) -> None:
+    """A pool removed from the spec: its Deployment and budget first, the ServingPool (which is how the
+    next reconcile knows there is something to remove) last."""
+    for api_version, kind in (("apps/v1", "Deployment"), ("policy/v1", "PodDisruptionBudget"),
+                              (API_VERSION, "ServingPool")):
+        if await kube.delete(api_version, kind, namespace, pool):
+            logger.info("Deleted %s %s (pool removed)", kind, pool)
+
+
 def _pod_ready(pod: dict[str, Any]) -> bool:
     status = pod.get("status") or {}
     return status.get("phase") == "Running" and not (pod["metadata"].get("deletionTimestamp")) and any(
@@ -84,41 +106,30 @@ async def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
         raise InvalidSpec(str(exc), {"observedGeneration": generation, "conditions": conditions}) from None
 
     owner = owner_reference(body)
-    applied: list[str] = []
     wanted = builders.pools(spec)
-    replicas: dict[str, int] = {}
-    for role, pool in wanted.items():
-        # The initial replicas are written once, by a separate field manager: our applies never carry
-        # spec.replicas, so server-side apply never resets what /scale (or the planner) set since.
-        if await kube.get(API_VERSION, "ServingPool", namespace, f"{name}-{role}") is None:
-            await kube.create(_owned(builders.serving_pool(name, namespace, role, pool, with_replicas=True), owner),
-                              INITIAL_REPLICAS_MANAGER)
-        obj = _owned(builders.serving_pool(name, namespace, role, pool, with_replicas=False), owner)
-        result = await kube.apply(obj)
-        replicas[role] = int(result["spec"].get("replicas", pool.replicas))
-        applied.append(f"ServingPool/{name}-{role}")
-    for role in POOL_ROLES:  # a pool removed from the spec
-        if role not in wanted:
-            for api_version, kind in ((API_VERSION, "ServingPool"), ("apps/v1", "Deployment"),
-                                      ("policy/v1", "PodDisruptionBudget")):
-                if await kube.delete(api_version, kind, namespace, f"{name}-{role}"):
-                    logger.info("Deleted %s %s-%s (pool removed)", kind, name, role)
+    existing = {p["metadata"]["labels"].get(labels.ROLE): p
+                for p in await kube.list(API_VERSION, "ServingPool", namespace, f"{labels.DEPLOYMENT}={name}")}
+    removed = [role for role in existing if role not in wanted]
+    pools = dict(zip(wanted, await asyncio.gather(
+        *(_pool(kube, name, namespace, role, pool, owner, existing.get(role)) for role, pool in wanted.items()),
+        *(_remove_pool(kube, namespace, f"{name}-{role}") for role in removed)), strict=False))
+    replicas = {role: int(pool["spec"].get("replicas", wanted[role].replicas)) for role, pool in pools.items()}
 
     monitoring = await kube.has_api("monitoring.coreos.com/v1")
-    objects = builders.children(name, namespace, spec, replicas, monitoring=monitoring)
-    # RBAC in order (a RoleBinding's Role must exist first); the independent rest concurrently.
-    ordered = [o for o in objects if o["kind"] in ("ServiceAccount", "Role", "RoleBinding")]
-    for obj in ordered:
-        await kube.apply(_owned(obj, owner))
-    await asyncio.gather(*(kube.apply(_owned(obj, owner)) for obj in objects if obj not in ordered))
-    applied += [f"{obj['kind']}/{obj['metadata']['name']}" for obj in objects]
+    objects = [_owned(obj, owner) for obj in builders.children(name, namespace, spec, replicas, monitoring=monitoring)]
+    results = await asyncio.gather(*(kube.apply(obj) for obj in objects))  # independent: one wave
+    router = next(result for obj, result in zip(objects, results, strict=True)
+                  if obj["kind"] == "Deployment" and obj["metadata"]["name"] == f"{name}-router")
+    applied = [f"ServingPool/{name}-{role}" for role in pools] + [f"{o['kind']}/{o['metadata']['name']}"
+                                                                   for o in objects]
 
     # ---- observe
     pods = await kube.list("v1", "Pod", namespace, f"{labels.DEPLOYMENT}={name},{labels.COMPONENT}=worker")
     pool_status: dict[str, Any] = {}
     summary: dict[str, str] = {}
     all_ready = True
-    for role in wanted:
+    updates = []
+    for role, pool in pools.items():
         mine = [p for p in pods if p["metadata"].get("labels", {}).get(labels.ROLE) == role]
         ready = [p for p in mine if _pod_ready(p)]
         by_role: dict[str, int] = {}
@@ -129,10 +140,11 @@ async def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
         summary[role] = f"{len(ready)}/{replicas[role]}"
         all_ready = all_ready and len(ready) >= replicas[role]
         selector = ",".join(f"{k}={v}" for k, v in builders.worker_selector(name, role).items())
-        await kube.patch_status(API_VERSION, "ServingPool", namespace, f"{name}-{role}",
-                                {"replicas": len(mine), "readyReplicas": len(ready), "selector": selector})
-    router = await kube.get("apps/v1", "Deployment", namespace, f"{name}-router")
-    router_ready = int(((router or {}).get("status") or {}).get("readyReplicas") or 0)
+        observed = {"replicas": len(mine), "readyReplicas": len(ready), "selector": selector}
+        if {k: (pool.get("status") or {}).get(k) for k in observed} != observed:  # only what changed is written
+            updates.append(kube.patch_status(API_VERSION, "ServingPool", namespace, f"{name}-{role}", observed))
+    await asyncio.gather(*updates)
+    router_ready = int((router.get("status") or {}).get("readyReplicas") or 0)
     all_ready = all_ready and router_ready >= spec.router.replicas
     waiting = ", ".join(f"{role} {text}" for role, text in summary.items()) + f", router {router_ready}/" \
         f"{spec.router.replicas}"

@@ -136,12 +136,17 @@ def _openssl(*args: str, cwd: pathlib.Path) -> None:
         raise UserError(f"openssl {args[0]} failed: {proc.stderr.strip()}")
 
 
+P256 = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1")
+
+
 def _certificates(pki: pathlib.Path) -> None:
-    """A CA, the apiserver's serving certificate signed by it, and the service-account key pair."""
+    """A CA, the apiserver's serving certificate signed by it, and the service-account key pair.
+    ECDSA P-256 keys: every TLS handshake signs with the serving key, and an RSA-2048 signature costs
+    the API server about ten times the CPU (a tenth of its time under a burst of new clients)."""
     pki.mkdir(parents=True, exist_ok=True)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650",
+    _openssl("req", "-x509", *P256, "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650",
              "-subj", "/CN=triphase-local-ca", cwd=pki)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver.key", "-out", "apiserver.csr",
+    _openssl("req", *P256, "-nodes", "-keyout", "apiserver.key", "-out", "apiserver.csr",
              "-subj", "/CN=kube-apiserver", cwd=pki)
     (pki / "san.ext").write_text("subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,"
                                  "DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
