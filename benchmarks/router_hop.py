@@ -202,12 +202,15 @@ def main() -> None:
             lines.append(f"| {name} | {c} | {r['p50_ttft'] * 1e3:.1f} ms | {r['p99_ttft'] * 1e3:.1f} ms | "
                          f"{r['p50_total'] * 1e3:.1f} ms | {r['p99_total'] * 1e3:.1f} ms | {r['rps']:.1f} | {cpu} |")
     ours, theirs, direct = results["triphase router + sim"], results["vllm-router + mock"], results["mock direct"]
-    added = ours[1]["p50_ttft"] - ideal_ttft
+    added = ours[1]["p50_ttft"] - direct[1]["p50_ttft"]
     lines += [
         "",
-        f"- p50 TTFT added over the ideal at concurrency 1: triphase {added * 1e3:+.1f} ms "
-        f"(vllm-router {(theirs[1]['p50_ttft'] - ideal_ttft) * 1e3:+.1f} ms, mock direct "
-        f"{(direct[1]['p50_ttft'] - ideal_ttft) * 1e3:+.1f} ms). Target <= +1 ms: "
+        f"- p50 TTFT added at concurrency 1 over the mock served directly to the same client (the client's own "
+        f"overhead taken out): triphase {added * 1e3:+.1f} ms, vllm-router "
+        f"{(theirs[1]['p50_ttft'] - direct[1]['p50_ttft']) * 1e3:+.1f} ms; over the ideal {ideal_ttft * 1e3:.0f} ms: "
+        f"triphase {(ours[1]['p50_ttft'] - ideal_ttft) * 1e3:+.1f} ms, vllm-router "
+        f"{(theirs[1]['p50_ttft'] - ideal_ttft) * 1e3:+.1f} ms, mock direct "
+        f"{(direct[1]['p50_ttft'] - ideal_ttft) * 1e3:+.1f} ms. Target <= +1 ms: "
         f"{'met' if added <= 0.001 else 'NOT met'}.",
         f"- p99 TTFT at 64: triphase {ours[64]['p99_ttft'] * 1e3:.1f} ms vs vllm-router "
         f"{theirs[64]['p99_ttft'] * 1e3:.1f} ms + 2 ms: "

@@ -100,16 +100,18 @@ async def _deltas(call: Any) -> AsyncGenerator[Delta, None]:
 class WorkerClient:
     def __init__(self, *, timeout_s: float = 600.0) -> None:
         self.timeout_s = timeout_s
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerServiceStub]] = {}
 
     def _stub(self, endpoint: str) -> worker_pb2_grpc.WorkerServiceStub:
-        channel = self._channels.get(endpoint)
-        if channel is None:
-            channel = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=OPTIONS)
-        return worker_pb2_grpc.WorkerServiceStub(channel)
+        """One channel and stub per worker, built on first use (a stub builds its method objects)."""
+        entry = self._stubs.get(endpoint)
+        if entry is None:
+            channel = grpc.aio.insecure_channel(endpoint, options=OPTIONS)
+            entry = self._stubs[endpoint] = (channel, worker_pb2_grpc.WorkerServiceStub(channel))
+        return entry[1]
 
     async def close(self) -> None:
-        for channel in self._channels.values():
+        for channel, _ in self._stubs.values():
             await channel.close()
 
     async def generate(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,

@@ -28,6 +28,24 @@ from triphase.router.worker_client import Delta, Sampling
 
 logger = logging.getLogger(__name__)
 
+# ---- SSE frames. A stream sends one frame per token, so the per-token frames are assembled from
+# bytes encoded once per stream (`_frame_head`) and only the token's own fields are encoded each time;
+# the result is the same JSON `_frame` would produce.
+TAIL = b"}]}\n\n"
+
+
+def _frame(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _frame_head(base: dict[str, Any]) -> bytes:
+    """`data: {...base, "choices": [{"index": 0, ` — a chunk's fields follow, then TAIL."""
+    return b"data: " + json.dumps(base)[:-1].encode() + b', "choices": [{"index": 0, '
+
+
+def _json_reason(reason: str | None) -> bytes:
+    return b"null" if reason is None else json.dumps(reason).encode()
+
 
 class Api:
     def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, metrics: RouterMetrics, *, model: str,
@@ -133,19 +151,19 @@ class Api:
             raise Unavailable(f"the request failed inside the serving system: {exc}") from None
         return "".join(text), tokens, reason, cached
 
-    async def _sse(self, request: web.Request, chunks: AsyncIterator[dict[str, Any]]) -> web.StreamResponse:
+    async def _sse(self, request: web.Request, frames: AsyncIterator[bytes]) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         try:
-            async for chunk in chunks:
-                await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            async for frame in frames:
+                await response.write(frame)
         except RouterError as exc:
-            await response.write(b"data: " + json.dumps(exc.body()).encode() + b"\n\n")
+            await response.write(_frame(exc.body()))
         except (ConnectionResetError, BrokenPipeError):
             return response  # the client left: the closed stream cancels the workers' request
         except Exception as exc:
             logger.exception("Stream failed")
-            await response.write(b"data: " + json.dumps(Unavailable(str(exc)).body()).encode() + b"\n\n")
+            await response.write(_frame(Unavailable(str(exc)).body()))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -170,18 +188,19 @@ class Api:
         })
 
     async def _chat_chunks(self, deltas: AsyncIterator[Delta], rid: str, created: int, prompt_tokens: int,
-                           include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+                           include_usage: bool) -> AsyncIterator[bytes]:
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model}
-        yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                    "finish_reason": None}]}
+        yield _frame({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                           "finish_reason": None}]})
+        head = _frame_head(base)
         generated = 0
         async for d in deltas:
             generated += len(d.token_ids)
             if d.text or d.finish_reason:
-                yield {**base, "choices": [{"index": 0, "delta": {"content": d.text} if d.text else {},
-                                            "finish_reason": d.finish_reason}]}
+                content = b'{"content": ' + json.dumps(d.text).encode() + b"}" if d.text else b"{}"
+                yield head + b'"delta": ' + content + b', "finish_reason": ' + _json_reason(d.finish_reason) + TAIL
         if include_usage:
-            yield {**base, "choices": [], "usage": p.usage(prompt_tokens, generated)}
+            yield _frame({**base, "choices": [], "usage": p.usage(prompt_tokens, generated)})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = p.parse(p.CompletionRequest, await self._json(request))
@@ -209,18 +228,19 @@ class Api:
         })
 
     async def _completion_chunks(self, deltas: AsyncIterator[Delta], rid: str, created: int, echo: str,
-                                 prompt_tokens: int, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+                                 prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
         base = {"id": rid, "object": "text_completion", "created": created, "model": self.model}
         if echo:
-            yield {**base, "choices": [{"index": 0, "text": echo, "finish_reason": None, "logprobs": None}]}
+            yield _frame({**base, "choices": [{"index": 0, "text": echo, "finish_reason": None, "logprobs": None}]})
+        head = _frame_head(base)
         generated = 0
         async for d in deltas:
             generated += len(d.token_ids)
             if d.text or d.finish_reason:
-                yield {**base, "choices": [{"index": 0, "text": d.text, "finish_reason": d.finish_reason,
-                                            "logprobs": None}]}
+                yield (head + b'"text": ' + json.dumps(d.text).encode() + b', "finish_reason": '
+                       + _json_reason(d.finish_reason) + b', "logprobs": null' + TAIL)
         if include_usage:
-            yield {**base, "choices": [], "usage": p.usage(prompt_tokens, generated)}
+            yield _frame({**base, "choices": [], "usage": p.usage(prompt_tokens, generated)})
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
