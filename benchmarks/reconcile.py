@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 import yaml
-from report import ROOT, log, update_section
+from report import ROOT, cpu_seconds, log, update_section
 from stack import TRIPHASE, start, stop_all, wait_until
 
 from triphase.operator.cluster import binaries, controlplane
@@ -110,11 +110,6 @@ async def run_batch(cluster: controlplane.Cluster, namespace: str, n: int) -> li
             for task in watches:
                 task.cancel()
     return sorted(done.values())
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mib(pid: int) -> float:

@@ -3,6 +3,7 @@ the BENCHMARKS.md section writer, timing and percentile helpers, figures."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 
@@ -41,6 +42,12 @@ def best_time(fn, repeats: int = 5) -> float:  # type: ignore[no-untyped-def]
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (from /proc)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pct(values: list[float], q: float) -> float:

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from report import ROOT, figure, log, pct, save_figure, update_section
+from report import ROOT, cpu_seconds, figure, log, pct, save_figure, update_section
 from stack import http_ok, router, start, stop_all, wait_until, worker
 
 from triphase.common.net import free_port
@@ -100,11 +100,6 @@ async def load(url: str, model: str, requests: int, concurrency: int) -> dict:  
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
     return {"ttft": ttfts, "total": totals, "elapsed": elapsed}
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------------------ systems
