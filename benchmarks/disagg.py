@@ -132,8 +132,8 @@ def plot(results: dict, rates: list[float], path: pathlib.Path) -> None:  # type
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rates", default="0.08,0.15")
-    parser.add_argument("--requests", type=int, default=12)
+    parser.add_argument("--rates", default="0.15,0.3")
+    parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--ttft-slo", type=float, default=10.0, help="seconds")
     parser.add_argument("--tpot-slo", type=float, default=0.15, help="seconds")
     parser.add_argument("--no-write", action="store_true")

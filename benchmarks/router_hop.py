@@ -10,6 +10,8 @@ Both routers front a backend with the same timing: 10 ms of prefill, then 16 tok
 500 streamed /v1/completions requests at concurrency 1, 16 and 64 from an aiohttp client in this
 process; p50/p99 TTFT (first content chunk) and total, requests/s, and the router's CPU seconds per
 request (utime + stime from /proc). vllm-router is installed into its own venv under the cache.
+Then the triphase path is taken apart: TTFT of the sim engine in-process, over its gRPC server, and
+the slowest TTFT of a wave of 64 requests arriving at once, straight to the worker and via the router.
 
     python benchmarks/router_hop.py [--requests 500] [--no-write]
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import pathlib
@@ -102,6 +105,65 @@ async def load(url: str, model: str, requests: int, concurrency: int) -> dict:  
     return {"ttft": ttfts, "total": totals, "elapsed": elapsed}
 
 
+# ------------------------------------------------------------------------------ where the time goes
+async def _sim_in_process(requests: int) -> list[float]:
+    """TTFT of the sim engine with no gRPC: the worker's engine thread and asyncio hand-off only."""
+    from triphase.workers.engine.async_engine import AsyncEngine
+    from triphase.workers.engine.core import EngineConfig
+    from triphase.workers.engine.sampling import SamplingParams
+    from triphase.workers.engine.sim import SimTiming, simulated_engine
+
+    engine = AsyncEngine(simulated_engine(None, EngineConfig(), SimTiming(STEP_S, 0.0, STEP_S)))
+    engine.start()
+    ttfts = []
+    try:
+        for i in range(requests):  # each stream read to its end, as a client does
+            start, first = time.perf_counter(), None
+            async for _ in engine.generate(f"in-process-{i}", [1, 2, 3],
+                                           SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)):
+                first = first or time.perf_counter() - start
+            ttfts.append(first or float("nan"))
+    finally:
+        await engine.stop()
+    return ttfts
+
+
+async def _grpc(endpoint: str, requests: int, concurrency: int) -> list[float]:
+    """TTFT of Generate called straight on the sim worker (a grpc.aio client, no router)."""
+    from triphase.router.worker_client import Sampling, WorkerClient
+
+    client = WorkerClient()
+    sampling = Sampling(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
+
+    async def one(i: int) -> float:  # the stream read to its end, as a client does
+        start, first = time.perf_counter(), None
+        async with contextlib.aclosing(client.generate(endpoint, f"direct-{time.time_ns()}-{i}", [1, 2, 3],
+                                                       sampling)) as deltas:
+            async for delta in deltas:
+                if delta.token_ids and first is None:
+                    first = time.perf_counter() - start
+        return first if first is not None else float("nan")
+
+    ttfts: list[float] = []
+    try:
+        for first in range(0, requests, concurrency):
+            ttfts += await asyncio.gather(*(one(i) for i in range(first, first + concurrency)))
+    finally:
+        await client.close()
+    return ttfts
+
+
+def decompose(endpoint: str, url: str) -> dict[str, float]:
+    """TTFT of the triphase path piece by piece: the sim engine alone, its gRPC server, and a wave
+    of 64 requests arriving at once (the slowest of each wave), straight to the worker and through
+    the router."""
+    waves_direct = [max(asyncio.run(_grpc(endpoint, 64, 64))) for _ in range(3)]
+    waves_router = [max(asyncio.run(load(url, "SmolLM2-135M-Instruct", 64, 64))["ttft"]) for _ in range(3)]
+    return {"in_process_p50": pct(asyncio.run(_sim_in_process(50)), 0.5),
+            "grpc_p50": pct(asyncio.run(_grpc(endpoint, 50, 1)), 0.5),
+            "wave_direct_max": sorted(waves_direct)[1], "wave_router_max": sorted(waves_router)[1]}
+
+
 # ------------------------------------------------------------------------------ systems
 def vllm_router_bin() -> str:
     venv = pathlib.Path(os.environ.get("TRIPHASE_CACHE", pathlib.Path.home() / ".cache" / "triphase")) / \
@@ -159,6 +221,8 @@ def measure(requests: int) -> dict:  # type: ignore[type-arg]
                 log(f"{name:24s} c={c:2d}: TTFT p50 {row['p50_ttft'] * 1e3:6.1f} p99 {row['p99_ttft'] * 1e3:6.1f} ms, "
                     f"total p50 {row['p50_total'] * 1e3:6.1f} p99 {row['p99_total'] * 1e3:6.1f} ms, "
                     f"{row['rps']:6.1f} req/s" + (f", router CPU {cpu * 1e3:.2f} ms/req" if cpu else ""))
+        log("decomposing the triphase path")
+        results["decomposition"] = decompose(endpoint, tr_url)
     finally:
         stop_all(procs)
     return results
@@ -167,6 +231,8 @@ def measure(requests: int) -> dict:  # type: ignore[type-arg]
 def plot(results: dict, path: pathlib.Path) -> None:  # type: ignore[type-arg]
     fig, axes = figure(2, (10, 4))
     for name, rows in results.items():
+        if name == "decomposition":
+            continue
         cs = sorted(rows)
         axes[0].plot(cs, [rows[c]["p99_ttft"] * 1e3 for c in cs], "o-", label=name)
         axes[1].plot(cs, [rows[c]["rps"] for c in cs], "o-", label=name)
@@ -191,6 +257,7 @@ def main() -> None:
         "| system | concurrency | TTFT p50 | TTFT p99 | total p50 | total p99 | req/s | router CPU / request |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    parts = results.pop("decomposition")
     for name, rows in results.items():
         for c, r in sorted(rows.items()):
             cpu = f"{r['cpu_per_request'] * 1e3:.2f} ms" if r["cpu_per_request"] is not None else "-"
@@ -214,11 +281,16 @@ def main() -> None:
         f"{theirs[64]['cpu_per_request'] * 1e3:.2f} ms = "
         f"{ours[64]['cpu_per_request'] / theirs[64]['cpu_per_request']:.1f}x (target <= 1.5x: "
         f"{'met' if ours[64]['cpu_per_request'] <= 1.5 * theirs[64]['cpu_per_request'] else 'NOT met'}).",
+        f"- where triphase's TTFT goes (p50 of 50 requests one at a time): the sim engine in-process "
+        f"{parts['in_process_p50'] * 1e3:.2f} ms, through its gRPC server {parts['grpc_p50'] * 1e3:.2f} ms, "
+        f"through router + gRPC {ours[1]['p50_ttft'] * 1e3:.2f} ms (above). A wave of 64 requests arriving at once "
+        f"(median of 3 waves of the slowest TTFT): {parts['wave_direct_max'] * 1e3:.0f} ms straight to the worker, "
+        f"{parts['wave_router_max'] * 1e3:.0f} ms through the router.",
         "", "![router hop](benchmarks/router_hop.png)",
     ]
     body = "\n".join(lines)
     sys.stdout.write(body + "\n")
-    (ROOT / "benchmarks" / "router_hop.json").write_text(json.dumps(results, indent=1))
+    (ROOT / "benchmarks" / "router_hop.json").write_text(json.dumps({**results, "decomposition": parts}, indent=1))
     if not args.no_write:
         plot(results, ROOT / "benchmarks" / "router_hop.png")
         update_section("router-hop", body)
