@@ -24,7 +24,7 @@ import tempfile
 import time
 
 from report import ROOT, figure, log, pct, save_figure, update_section
-from stack import router, stop_all, worker
+from stack import router, stop_all, stream_completion, worker
 
 LONG_PROMPT, LONG_PROMPT_OUT = 1536, 16
 SHORT_PROMPT, LONG_GEN_OUT = 64, 96
@@ -57,21 +57,9 @@ async def run_load(url: str, items: list[tuple[float, list[int], int]]) -> list[
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - started)))  # open-loop arrival schedule
             body = {"model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-            t0 = time.perf_counter()
-            first = None
-            tokens = 0
-            async with session.post(f"{url}/v1/completions", json=body) as response:
-                response.raise_for_status()
-                async for line in response.content:
-                    if not line.startswith(b"data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
-                    elif first is None and any(c.get("text") for c in chunk.get("choices", [])):
-                        first = time.perf_counter() - t0
-            total = time.perf_counter() - t0
-            ttft = first if first is not None else total
+            run = await stream_completion(session, url, body)
+            tokens, total = run.completion_tokens or 0, run.total
+            ttft = run.ttft if run.ttft is not None else total
             results.append({"prompt": len(prompt), "tokens": tokens, "ttft": ttft,
                             "tpot": (total - ttft) / max(1, tokens - 1), "total": total})
 

@@ -30,7 +30,7 @@ import tempfile
 import time
 
 from report import ROOT, cpu_seconds, figure, log, pct, save_figure, update_section
-from stack import http_ok, router, start, stop_all, wait_until, worker
+from stack import http_ok, router, start, stop_all, stream_completion, wait_until, worker
 
 from triphase.common.net import free_port
 
@@ -84,19 +84,10 @@ async def load(url: str, model: str, requests: int, concurrency: int) -> dict:  
         async def worker() -> None:
             while queue:
                 queue.pop()
-                start = time.perf_counter()
-                first = None
-                chunks = 0
-                async with session.post(f"{url}/v1/completions", json=body) as response:
-                    response.raise_for_status()
-                    async for line in response.content:
-                        if line.startswith(b"data: {") and b'"text": ""' not in line and b'"text":""' not in line:
-                            chunks += 1
-                            if first is None:
-                                first = time.perf_counter() - start
-                totals.append(time.perf_counter() - start)
-                ttfts.append(first if first is not None else float("nan"))
-                if chunks == 0:
+                run = await stream_completion(session, url, body)
+                totals.append(run.total)
+                ttfts.append(run.ttft if run.ttft is not None else float("nan"))
+                if run.chunks == 0:
                     raise RuntimeError(f"no content from {url}")
 
         started = time.perf_counter()

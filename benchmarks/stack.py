@@ -1,34 +1,23 @@
-"""Shared by the benchmarks: start triphase workers and routers as processes on 127.0.0.1."""
+"""Shared by the benchmarks: start triphase workers and routers as processes on 127.0.0.1, and stream
+completions from them as a client."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import pathlib
 import subprocess
 import sys
 import time
-import urllib.request
+from typing import Any
 
-from triphase.common.net import free_port
+from triphase.common.net import free_port, http_ok, wait_until
+
+__all__ = ["TRIPHASE", "Streamed", "http_ok", "router", "start", "stop_all", "stream_completion", "wait_until",
+           "worker"]
 
 TRIPHASE = [sys.executable, "-m", "triphase.cli"]
-
-
-def wait_until(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)  # polling a condition with a deadline
-    raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 def start(args: list[str], log_path: pathlib.Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -64,3 +53,33 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@dataclasses.dataclass
+class Streamed:
+    """One streamed /v1/completions request as the client saw it."""
+
+    ttft: float | None  # seconds to the first chunk carrying text (None: no text came)
+    total: float
+    chunks: int  # chunks carrying text
+    completion_tokens: int | None  # from the usage chunk, when the request asked for one
+
+
+async def stream_completion(session: Any, url: str, body: dict[str, Any]) -> Streamed:
+    """POST a streaming completion with an aiohttp `session` and time it. Only the usage chunk is
+    parsed: the load generator shares the cores whose time it measures."""
+    start = time.perf_counter()
+    first: float | None = None
+    chunks = 0
+    tokens: int | None = None
+    async with session.post(f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.content:
+            if not line.startswith(b"data: {"):
+                continue
+            if b'"usage"' in line and (usage := json.loads(line[6:]).get("usage")):
+                tokens = usage["completion_tokens"]
+            elif b'"text": ""' not in line and b'"text":""' not in line:
+                chunks += 1
+                first = first if first is not None else time.perf_counter() - start
+    return Streamed(first, time.perf_counter() - start, chunks, tokens)

@@ -12,21 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
-T = TypeVar("T")
+from triphase.common.net import http_ok
+from triphase.common.net import wait_until as wait_for
 
-
-def wait_for(condition: Callable[[], T], timeout: float, what: str) -> T:
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)  # polling interval of a condition with a deadline, not synchronisation
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+__all__ = ["http_ok", "stop", "triphase_process", "triphase_up", "wait_for"]
 
 
 @contextlib.contextmanager
@@ -84,13 +75,3 @@ def triphase_up(args: list[str], timeout: float = 240) -> Iterator[tuple[subproc
     finally:
         stop(proc, grace=60)
 
-
-def http_ok(url: str) -> bool:
-    """GET `url` answers 200 (False while it refuses or errs)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False

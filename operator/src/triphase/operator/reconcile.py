@@ -109,10 +109,11 @@ async def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     wanted = builders.pools(spec)
     existing = {p["metadata"]["labels"].get(labels.ROLE): p
                 for p in await kube.list(API_VERSION, "ServingPool", namespace, f"{labels.DEPLOYMENT}={name}")}
-    removed = [role for role in existing if role not in wanted]
-    pools = dict(zip(wanted, await asyncio.gather(
-        *(_pool(kube, name, namespace, role, pool, owner, existing.get(role)) for role, pool in wanted.items()),
-        *(_remove_pool(kube, namespace, f"{name}-{role}") for role in removed)), strict=False))
+    applied_pools, _ = await asyncio.gather(  # wanted pools applied while removed ones go, all at once
+        asyncio.gather(*(_pool(kube, name, namespace, role, pool, owner, existing.get(role))
+                         for role, pool in wanted.items())),
+        asyncio.gather(*(_remove_pool(kube, namespace, f"{name}-{role}") for role in existing if role not in wanted)))
+    pools = dict(zip(wanted, applied_pools, strict=True))
     replicas = {role: int(pool["spec"].get("replicas", wanted[role].replicas)) for role, pool in pools.items()}
 
     monitoring = await kube.has_api("monitoring.coreos.com/v1")
