@@ -219,3 +219,60 @@ def test_a_failed_hand_off_is_aborted_and_leaks_nothing(workers, prompt, decoder
     wait_for(lambda: all_free(decode), 10, "the decode worker to free the reserved blocks")
     assert prefill.ReleaseKv(pb.ReleaseKvRequest(request_id=rid)).released  # the router's job on ABORTED
     wait_for(lambda: all_free(prefill), 10, "the prefill worker to free the released blocks")
+
+
+def test_decode_with_a_first_token_outside_the_vocabulary_is_refused_and_the_worker_lives(
+        workers, prompt, expected, loaded_model):
+    """Reproduction: this Decode used to kill the engine thread (every later request hung)."""
+    prefill, _ = workers["prefill"]
+    decode, _ = workers["decode"]
+    kv = prefill.Prefill(pb.PrefillRequest(request_id="vocab", prompt_token_ids=prompt, sampling=GREEDY)).kv
+    kv.first_token_id = loaded_model.tokenizer.vocab_size + 1000
+    with pytest.raises(grpc.RpcError) as err:
+        list(decode.Decode(pb.DecodeRequest(request_id="vocab", prompt_token_ids=prompt, sampling=GREEDY, kv=kv)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "first_token_id" in err.value.details()
+    assert prefill.ReleaseKv(pb.ReleaseKvRequest(request_id="vocab")).released
+    deltas = decode.Generate(pb.GenerateRequest(request_id="alive", prompt_token_ids=prompt, sampling=GREEDY),
+                             timeout=60)
+    assert [t for d in deltas for t in d.token_ids] == expected.token_ids
+    wait_for(lambda: all_free(decode) and all_free(prefill), 10, "every block free")
+
+
+def test_a_denormal_temperature_is_served_greedily(workers, prompt, expected):
+    """Reproduction: temperature 1e-40 used to overflow in the sampler and stop the engine for good."""
+    stub, _ = workers["decode"]
+    tiny = pb.SamplingParams(max_tokens=24, temperature=1e-40, ignore_eos=True)
+    for rid in ("tiny-1", "tiny-2"):  # the second one proves the engine is still stepping
+        deltas = stub.Generate(pb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling=tiny), timeout=60)
+        assert [t for d in deltas for t in d.token_ids] == expected.token_ids
+
+
+@pytest.mark.parametrize("request_id, sampling, message", [
+    ("", GREEDY, "request_id"),
+    ("r" * 300, GREEDY, "request_id"),
+    ("nan", pb.SamplingParams(max_tokens=4, temperature=float("nan")), "temperature"),
+    ("stops", pb.SamplingParams(max_tokens=4, stop=["a"] * 40_000), "stop strings"),
+    ("stop-ids", pb.SamplingParams(max_tokens=4, stop_token_ids=[10**9]), "stop_token_ids"),
+])
+def test_out_of_range_inputs_are_invalid_arguments(workers, prompt, request_id, sampling, message):
+    stub, _ = workers["decode"]
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling),
+                           timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+    wait_for(lambda: all_free(stub), 10, "nothing allocated")
+
+
+def test_stats_interval_and_grace_are_clamped(workers):
+    stub, _ = workers["decode"]
+    call = stub.WatchStats(pb.WatchStatsRequest(interval_seconds=-1), timeout=1)
+    received = 0
+    with pytest.raises(grpc.RpcError) as err:  # served for a second, at a bounded rate
+        for _ in call:
+            received += 1
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 1 <= received <= 40  # at most one per 50 ms (a negative interval used to busy-loop: thousands)
+    changed = stub.SetRole(pb.SetRoleRequest(role=pb.ROLE_DECODE, grace_seconds=float("nan")), timeout=10)
+    assert changed.current == pb.ROLE_DECODE

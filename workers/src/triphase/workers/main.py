@@ -1,5 +1,8 @@
 """`triphase worker`: load the engine, serve WorkerService on host:port until SIGTERM or Ctrl-C.
 
+SIGTERM drains gracefully (lifecycle.shutdown) and exits 0; an engine that dies makes the process
+exit 1 so that its supervisor (Kubernetes, `triphase up`) starts a fresh one.
+
 Only `run` imports the engine, gRPC and torch, so building the CLI parser stays instant."""
 
 from __future__ import annotations
@@ -44,6 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=-1,
                         help="Prometheus /metrics port (0 picks a free one; default: off)")
     parser.add_argument("--ready-file", help="write the bound port here once serving (for supervisors)")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="on SIGTERM: seconds in-flight streams may take to finish before they are handed "
+                             "over to other workers")
+    parser.add_argument("--shutdown-delay", type=float, default=0.0,
+                        help="on SIGTERM: seconds NOT_SERVING before draining, for endpoints to update (0 under "
+                             "Kubernetes, where the preStop hook waits)")
+    parser.add_argument("--stall-timeout", type=float, default=120.0,
+                        help="seconds without engine progress, while it has work, before health is NOT_SERVING")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,9 +77,10 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace, engine: Any) -> int:
     from triphase.workers.engine.async_engine import AsyncEngine
     from triphase.workers.kv.nixl import NixlConnector, NixlUnavailable
+    from triphase.workers.lifecycle import monitor, shutdown
     from triphase.workers.server import WorkerServicer, serve
 
-    runner = AsyncEngine(engine, pin_timeout_s=args.kv_pin_timeout)
+    runner = AsyncEngine(engine, pin_timeout_s=args.kv_pin_timeout, stall_timeout_s=args.stall_timeout)
     runner.start()
     worker_id = args.worker_id or f"{socket.gethostname()}:{args.port}"
     nixl = None
@@ -95,10 +107,20 @@ async def _serve(args: argparse.Namespace, engine: Any) -> int:
             pathlib.Path(args.ready_file + ".metrics").write_text(str(metrics_port))
     if args.ready_file:
         pathlib.Path(args.ready_file).write_text(str(port))
-    await wait_for_stop_signal()
-    logger.info("Worker %s stopping", servicer.worker_id)
-    servicer.draining = True
-    await server.stop(grace=5)
+    watchdog = asyncio.create_task(monitor(servicer))
+    stop_signal = asyncio.create_task(wait_for_stop_signal())
+    await asyncio.wait([watchdog, stop_signal], return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if watchdog.done():
+        logger.critical("Worker %s exiting to be restarted: %s", servicer.worker_id, watchdog.result())
+        code = 1
+        stop_signal.cancel()
+    else:
+        watchdog.cancel()
+        logger.info("Worker %s stopping: draining for up to %.0f s", servicer.worker_id,
+                    args.shutdown_delay + args.drain_timeout)
+    await shutdown(servicer, server, delay_s=0 if code else args.shutdown_delay,
+                   grace_s=0 if code else args.drain_timeout)
     await servicer.channels.close()
     await runner.stop()
-    return 0
+    return code

@@ -3,8 +3,11 @@
 This is the only module that converts between protobuf messages and engine types. Errors become
 gRPC status codes: INVALID_ARGUMENT for bad input, NOT_FOUND for unknown pinned KV,
 RESOURCE_EXHAUSTED when the KV cache has no room, FAILED_PRECONDITION when the role or drain
-state refuses the call, UNAVAILABLE while the role is switching (and for streams handed over by
-the switch), ABORTED when a Decode could not obtain its KV (the router then prefills elsewhere).
+state refuses the call, UNAVAILABLE while the role is switching or the engine is not healthy (and
+for streams handed over by a switch or a shutdown), ABORTED when a Decode could not obtain its KV
+(the router then prefills elsewhere), INTERNAL when the engine failed computing the request (the
+message never carries internal exception text). Numbers a caller controls are bounded here or in
+SamplingParams before any work is done on them.
 
 Who frees pinned KV: the prefill worker keeps a prefilled request's blocks pinned until the decode
 worker's ReleaseKv (sent once the blocks are in its own cache), the router's ReleaseKv (hand-off
@@ -18,20 +21,22 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
 from triphase.common.roles import Role
-from triphase.workers.engine.async_engine import AsyncEngine
+from triphase.workers.engine.async_engine import AsyncEngine, EngineFailed
 from triphase.workers.engine.core import KvExport, RequestOutput
 from triphase.workers.engine.kv_layout import KvLayout
 from triphase.workers.engine.sampling import SamplingParams
 from triphase.workers.kv import grpc_stream
 from triphase.workers.kv.nixl import NixlConnector, NixlUnavailable
+from triphase.workers.lifecycle import Health
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +48,14 @@ FINISH_TO_PB = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STO
 
 
 STATS_COALESCE_S = 0.05  # WatchStats sends at most one update per this many seconds
+STATS_INTERVAL_S = (0.05, 60.0)  # WatchStats interval_seconds is clamped to this range (default 1)
+MAX_GRACE_S = 3600.0  # SetRole grace_seconds is clamped to [0, this] (default 30)
+MAX_REQUEST_ID_CHARS = 256
+
+
+def clamp(value: float, low: float, high: float, default: float) -> float:
+    """`value` within [low, high]; `default` for NaN or infinity."""
+    return min(max(value, low), high) if math.isfinite(value) else default
 
 
 class _Refused(Exception):
@@ -100,11 +113,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.nixl = nixl
         self.kv_bytes_received: dict[str, int] = {"nixl": 0, "grpc": 0}
         self.nixl_fallbacks = 0
-        self.health: health.aio.HealthServicer | None = None
+        self.health: Health | None = None
         self.stream_done = asyncio.Event()
 
     # ------------------------------------------------------------------ helpers
-    def _admit(self, *, needs_prefill: bool = False, needs_decode: bool = False) -> None:
+    def _admit(self, request_id: str, *, needs_prefill: bool = False, needs_decode: bool = False) -> None:
+        if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise ValueError(f"request_id must have 1 to {MAX_REQUEST_ID_CHARS} characters")
+        if self.engine.health() != "ok":
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id}: engine {self.engine.health()}")
         if self.draining:
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"worker {self.worker_id} is draining")
         if self.switching:
@@ -130,6 +147,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0] if exc.args else exc))
         except MemoryError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except EngineFailed as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         finally:
             self.in_flight -= 1
 
@@ -141,7 +160,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
                        ) -> AsyncIterator[pb.TokenDelta]:
         async with self._errors(context):
-            self._admit(needs_decode=True)
+            self._admit(request.request_id, needs_decode=True)
             sampling = sampling_from_pb(request.sampling)
             prompt = list(request.prompt_token_ids)
             stream = self.engine.generate(request.request_id, prompt, sampling, request.resumed_output_tokens)
@@ -154,7 +173,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         async with self._errors(context):
-            self._admit(needs_prefill=True)
+            self._admit(request.request_id, needs_prefill=True)
             sampling = sampling_from_pb(request.sampling)
             prompt = list(request.prompt_token_ids)
             self.prefills += 1
@@ -177,7 +196,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext,
                      ) -> AsyncIterator[pb.TokenDelta]:
         async with self._errors(context):
-            self._admit(needs_decode=True)
+            self._admit(request.request_id, needs_decode=True)
             with self._tracked(request.request_id):
                 outputs, first, backend = await self._adopt(request)
                 async with contextlib.aclosing(outputs) as deltas:
@@ -200,6 +219,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         source = f"KV hand-off of {kv.request_id} from {kv.source_worker or kv.source_endpoint}"
         if not self.engine.engine.layout.compatible_with(export.layout):
             raise _HandOffFailed(f"{source} failed: KV layouts differ ({export.layout} vs ours)")
+        # Before a block is reserved or a byte pulled: counts, token ids, lengths (ValueError).
+        self.engine.engine.check_import(request.request_id, prompt, sampling, export)
         backend = "grpc"
         if self.nixl is not None and kv.nixl_agent_metadata:
             nixl = self.nixl
@@ -273,13 +294,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if self.switching:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a role switch is already in progress")
         previous, target = self.role, ROLE_FROM_PB[request.role]
-        grace = request.grace_seconds if request.HasField("grace_seconds") else 30.0
+        grace = clamp(request.grace_seconds, 0.0, MAX_GRACE_S, 30.0) if request.HasField("grace_seconds") else 30.0
         handed_over = 0
         if target != previous:
             self.switching = True
             self.engine.stats_changed.set()
             try:
-                handed_over = await self._settle(target, grace)
+                handed_over = await self.settle(grace, keeps_decoding=target.can_decode,
+                                                keeps_prefilling=target.can_prefill, reason=f"switched to {target}")
                 self.role = target
             finally:
                 self.switching = False
@@ -288,11 +310,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return pb.SetRoleResponse(previous=ROLE_TO_PB[previous], current=ROLE_TO_PB[self.role],
                                   handed_over=handed_over)
 
-    async def _settle(self, target: Role, grace: float) -> int:
-        """Wait up to `grace` seconds for work the target role does not allow; hand over what is left.
-        Pinned prefill KV is left alone: its reader, or the pin timeout, frees it."""
+    async def settle(self, grace: float, *, keeps_decoding: bool, keeps_prefilling: bool,
+                     reason: str = "shutting down") -> int:
+        """Wait up to `grace` seconds for the work that is to stop (decoding streams, prefills); hand
+        over the streams left (UNAVAILABLE: the router resumes them). Returns how many were handed
+        over. Pinned prefill KV is left alone: its reader, or the pin timeout, frees it."""
         def blocking() -> bool:
-            return (bool(self.streams) and not target.can_decode) or (self.prefills > 0 and not target.can_prefill)
+            return (bool(self.streams) and not keeps_decoding) or (self.prefills > 0 and not keeps_prefilling)
 
         deadline = asyncio.get_running_loop().time() + grace
         while blocking():
@@ -302,11 +326,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self.stream_done.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stream_done.wait(), timeout=min(remaining, 0.5))
-        if target.can_decode:
+        if keeps_decoding:
             return 0
         handed = [rid for rid in list(self.streams)
                   if self.engine.interrupt(rid, _Refused(grpc.StatusCode.UNAVAILABLE,
-                                                         f"worker {self.worker_id} switched to {target}"))]
+                                                         f"worker {self.worker_id} {reason}"))]
         # Wait until those streams have ended (they end at their next engine step).
         while any(rid in self.streams for rid in handed):
             self.stream_done.clear()
@@ -318,7 +342,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.draining = True
         self.engine.stats_changed.set()
         if self.health is not None:
-            await self.health.set("triphase.api.v1.WorkerService", health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.health.set(False)
         return pb.DrainResponse(in_flight=self.in_flight)
 
     def stats_pb(self) -> pb.WorkerStats:
@@ -333,9 +357,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     async def WatchStats(self, request: pb.WatchStatsRequest, context: grpc.aio.ServicerContext,
                          ) -> AsyncIterator[pb.WorkerStats]:
-        interval = request.interval_seconds or 1.0
+        interval = clamp(request.interval_seconds or 1.0, *STATS_INTERVAL_S, 1.0)
         coalesce = min(interval, STATS_COALESCE_S)
         while True:
+            if self.engine.health() != "ok":  # the router marks this worker unhealthy and re-watches
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id}: engine "
+                                                                 f"{self.engine.health()}")
             self.engine.stats_changed.clear()
             yield self.stats_pb()
             with contextlib.suppress(TimeoutError):
@@ -349,11 +376,10 @@ async def serve(servicer: WorkerServicer, host: str, port: int) -> tuple[grpc.ai
     """Start the gRPC server (WorkerService + standard health checking); returns it and the bound port."""
     server = grpc.aio.server(options=grpc_stream.CHANNEL_OPTIONS)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health = Health()
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set("triphase.api.v1.WorkerService", health_pb2.HealthCheckResponse.SERVING)
-    servicer.health = health_servicer
+    await health.set(servicer.engine.health() == "ok" and not servicer.draining)
+    servicer.health = health
     return server, bound

@@ -5,11 +5,19 @@ from the event loop (add, abort, prefill, import, release, read) are queued to i
 step's outputs are handed back to per-request asyncio queues with `call_soon_threadsafe`. The
 thread steps while there is work and sleeps on the command queue otherwise, so an idle worker
 costs nothing. Pinned prefill KV that nobody reads is released after `pin_timeout_s`.
+
+Failures: a step that raises fails only its own requests (`Engine.step` aborts them; their streams
+end with `EngineFailed`) and the thread steps on. Anything else that escapes the loop, or
+`max_step_failures` failed steps in a row, kills the engine: every stream ends with `EngineFailed`,
+later calls raise it, and `health()` says "dead" (the worker then exits non-zero to be restarted).
+`health()` is "stalled" while there is work but the thread has not come round its loop for
+`stall_timeout_s` (a step that never returns); both take the worker out of service.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -21,12 +29,17 @@ from typing import Any, TypeVar
 
 import torch
 
-from triphase.workers.engine.core import Engine, KvExport, RequestOutput
+from triphase.workers.engine.core import Engine, KvExport, RequestOutput, StepFailed
 from triphase.workers.engine.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _END = object()
+
+
+class EngineFailed(Exception):
+    """The engine could not compute a request (its step failed) or is dead; the message is safe to
+    show to a client (no internal exception text)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +58,16 @@ class EngineStats:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, *, pin_timeout_s: float = 30.0, max_reported_hashes: int = 4096) -> None:
+    def __init__(self, engine: Engine, *, pin_timeout_s: float = 30.0, max_reported_hashes: int = 4096,
+                 stall_timeout_s: float = 120.0, max_step_failures: int = 5) -> None:
         self.engine = engine
         self.pin_timeout_s = pin_timeout_s
         self.max_reported_hashes = max_reported_hashes
+        self.stall_timeout_s = stall_timeout_s
+        self.max_step_failures = max_step_failures
+        self.failure: BaseException | None = None  # why the engine died (None while alive)
+        self.step_failures = 0  # failed steps since start (each failed only its own requests)
+        self._progress_at = time.monotonic()  # the thread's last pass round its loop
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[Any]] = {}
         self._pinned_at: dict[str, float] = {}
@@ -73,9 +92,27 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
+    def health(self) -> str:
+        """ "ok", "stalled" (work waits but the loop has not turned for stall_timeout_s) or "dead"."""
+        if self.failure is not None or (self._thread is not None and not self._thread.is_alive()):
+            return "dead"
+        if self.engine.has_work and time.monotonic() - self._progress_at > self.stall_timeout_s:
+            return "stalled"
+        return "ok"
+
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        try:
+            self._loop_until_stopped()
+        except BaseException as exc:  # the bookkeeping itself failed: nothing can be trusted any more
+            logger.critical("Engine stopped: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            self.failure = exc
+            self._fail_everything()
+
+    def _loop_until_stopped(self) -> None:
+        consecutive = 0
         while not self._stopping:
+            self._progress_at = time.monotonic()
             ran = 0
             try:
                 block = not self.engine.has_work
@@ -89,11 +126,35 @@ class AsyncEngine:
                 pass
             stepped = self.engine.has_work
             if stepped:
-                for out in self.engine.step():
+                try:
+                    outputs = self.engine.step()
+                except StepFailed as exc:
+                    consecutive += 1
+                    self.step_failures += 1
+                    logger.error("Step failed; failing its %d requests", len(exc.request_ids), exc_info=exc.cause)
+                    for request_id in exc.request_ids:
+                        self._deliver(request_id, EngineFailed("the engine failed while computing this request"))
+                    if consecutive >= self.max_step_failures:
+                        raise RuntimeError(f"{consecutive} steps in a row failed") from exc
+                    outputs = []
+                else:
+                    consecutive = 0
+                for out in outputs:
                     self._deliver(out.request_id, out)
             if ran or stepped:
                 self._publish_stats()
             self._expire_pins()
+
+    def _fail_everything(self) -> None:
+        """The engine is dead: end every stream and every queued call with EngineFailed."""
+        for request_id in list(self._streams):
+            self._deliver(request_id, EngineFailed("the engine stopped"))
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()  # `call` wrapped it: with the engine dead it hands EngineFailed to its caller
 
     def _deliver(self, request_id: str, item: Any) -> None:
         stream = self._streams.get(request_id)
@@ -132,11 +193,15 @@ class AsyncEngine:
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread and await its result (exceptions propagate)."""
         assert self._loop is not None, "start() first"
+        if self.failure is not None:
+            raise EngineFailed("the engine stopped")
         future: asyncio.Future[T] = self._loop.create_future()
         loop = self._loop
 
         def run() -> None:
             try:
+                if self.failure is not None:
+                    raise EngineFailed("the engine stopped")
                 result = fn()
             except BaseException as exc:  # handed to the awaiting coroutine, which re-raises
                 loop.call_soon_threadsafe(_set_exception, future, exc)
@@ -144,6 +209,8 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_set_result, future, result)
 
         self._commands.put(run)
+        if self.failure is not None:  # the thread died as this was queued: run what it left behind
+            self._fail_everything()
         return await future
 
     # ------------------------------------------------------------------ requests
@@ -181,7 +248,11 @@ class AsyncEngine:
     async def _finish(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
         # Not finished (the consumer went away, or an error): abort frees its blocks now.
-        await asyncio.shield(self.call(lambda: self.engine.abort(request_id)))
+        await self._abort(request_id)
+
+    async def _abort(self, request_id: str) -> None:
+        with contextlib.suppress(EngineFailed):  # a dead engine has nothing left to free
+            await asyncio.shield(self.call(lambda: self.engine.abort(request_id)))
 
     async def prefill(self, request_id: str, prompt: Sequence[int], sampling: SamplingParams,
                       ) -> tuple[KvExport, RequestOutput]:
@@ -191,9 +262,11 @@ class AsyncEngine:
         try:
             await self.call(lambda: self.engine.add_request(request_id, prompt, sampling, prefill_only=True))
             first = await stream.get()
+            if isinstance(first, BaseException):
+                raise first
         except BaseException:
             self._streams.pop(request_id, None)
-            await asyncio.shield(self.call(lambda: self.engine.abort(request_id)))
+            await self._abort(request_id)
             raise
         self._streams.pop(request_id, None)
 
@@ -235,7 +308,8 @@ class AsyncEngine:
                 try:
                     await fill(dst)
                 except BaseException:
-                    await asyncio.shield(self.call(lambda: self.engine.cancel_import(request_id)))
+                    with contextlib.suppress(EngineFailed):
+                        await asyncio.shield(self.call(lambda: self.engine.cancel_import(request_id)))
                     raise
                 first = await self.call(lambda: self.engine.commit_import(request, export))
             yield first

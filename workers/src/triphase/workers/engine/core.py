@@ -66,6 +66,15 @@ def kv_layout_for(cfg: ModelConfig, config: EngineConfig) -> KvLayout:
     return dataclasses.replace(one, num_blocks=num_blocks)
 
 
+class StepFailed(Exception):
+    """A step could not be computed; its requests were aborted and their blocks freed."""
+
+    def __init__(self, request_ids: list[str], cause: Exception) -> None:
+        super().__init__(f"step failed for {len(request_ids)} requests: {type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
+        self.cause = cause
+
+
 @dataclasses.dataclass
 class RequestOutput:
     """What one step produced for one request."""
@@ -162,13 +171,20 @@ class Engine:
         if self.scheduler.find(request_id) is not None:
             raise ValueError(f"request {request_id!r} already exists")
         request = Request(request_id, prompt_token_ids, sampling, prefill_only=prefill_only)
+        self.scheduler.check(request)  # the length first: the checks below cost time per token
+        if not 0 <= output_offset < request.num_prompt_tokens:
+            raise ValueError(f"resumed output tokens ({output_offset}) must be fewer than the prompt's tokens")
         request.output_offset = output_offset
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in request.prompt_token_ids):
-            raise ValueError(f"prompt contains token ids outside the vocabulary (0..{vocab - 1})")
+        self._check_token_ids(request.prompt_token_ids, "prompt")
+        self._check_token_ids(sampling.stop_token_ids, "stop_token_ids")
         self.scheduler.add(request)
         self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
         return request
+
+    def _check_token_ids(self, token_ids: Sequence[int], what: str) -> None:
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"{what} contains token ids outside the vocabulary (0..{vocab - 1})")
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks at once (pinned ones included)."""
@@ -186,22 +202,32 @@ class Engine:
         return self.scheduler.has_work
 
     def step(self) -> list[RequestOutput]:
-        """One scheduler step: returns outputs for requests that produced a token or ended."""
+        """One scheduler step: returns outputs for requests that produced a token or ended.
+
+        If computing the step fails (the model, the sampler or a stop check raises), every request
+        of the step is aborted (its blocks freed) and `StepFailed` names them; the other requests
+        and the bookkeeping are intact, so the engine can go on stepping."""
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
-        samples = self.runner.execute(plan)
-        self.num_steps += 1
-        advanced = self.scheduler.update(plan, {rid: s.token_id for rid, s in samples.items()})
-        now = time.monotonic()
-        outputs = []
-        for request in advanced:
-            sample = samples[request.request_id]
-            if sample.logprobs is not None:
-                request.logprobs.append(sample.logprobs)
-            if request.first_token_time is None:
-                request.first_token_time = now
-            outputs.append(self._emit(request, sample.token_id, sample.logprobs))
+        try:
+            samples = self.runner.execute(plan)
+            self.num_steps += 1
+            advanced = self.scheduler.update(plan, {rid: s.token_id for rid, s in samples.items()})
+            now = time.monotonic()
+            outputs = []
+            for request in advanced:
+                sample = samples[request.request_id]
+                if sample.logprobs is not None:
+                    request.logprobs.append(sample.logprobs)
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                outputs.append(self._emit(request, sample.token_id, sample.logprobs))
+        except Exception as exc:
+            failed = [item.request.request_id for item in plan.scheduled]
+            for request_id in failed:
+                self.abort(request_id)
+            raise StepFailed(failed, exc) from exc
         return outputs
 
     def _emit(self, request: Request, token: int, logprobs: dict[int, float] | None) -> RequestOutput:
@@ -318,18 +344,32 @@ class Engine:
         """First half of an import: allocate blocks for the incoming KV. The request does not run
         until `commit_import`; a transport (NIXL) may write the blocks in between, from any thread,
         since no other request touches them. `cancel_import` frees them if the transfer fails."""
-        if not self.layout.compatible_with(export.layout):
-            raise ValueError("KV layouts differ between the engines")
-        if export.num_tokens != len(prompt_token_ids):
-            raise ValueError(f"export holds {export.num_tokens} tokens, prompt has {len(prompt_token_ids)}")
-        if self.scheduler.find(request_id) is not None or self.kv.owns(request_id):
-            raise ValueError(f"request {request_id!r} already exists")
-        request = Request(request_id, prompt_token_ids, sampling)
-        self.scheduler.check(request)
+        request = self.check_import(request_id, prompt_token_ids, sampling, export)
         dst = self.kv.adopt_imported(request, export.num_tokens)
         if dst is None:
             raise MemoryError(f"no room for {len(export.block_ids)} KV blocks")
         return request, dst
+
+    def check_import(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
+                     export: KvExport) -> Request:
+        """Everything an import must satisfy before a block is allocated or a byte moved: raises
+        ValueError for a description that does not fit this engine (layout, token and block counts,
+        token ids outside the vocabulary, a prompt that could never run)."""
+        if not self.layout.compatible_with(export.layout):
+            raise ValueError("KV layouts differ between the engines")
+        if export.num_tokens != len(prompt_token_ids):
+            raise ValueError(f"export holds {export.num_tokens} tokens, prompt has {len(prompt_token_ids)}")
+        if len(export.block_ids) != cdiv(export.num_tokens, self.layout.block_size):
+            raise ValueError(f"{len(export.block_ids)} KV blocks cannot hold exactly {export.num_tokens} tokens "
+                             f"of {self.layout.block_size} per block")
+        if self.scheduler.find(request_id) is not None or self.kv.owns(request_id):
+            raise ValueError(f"request {request_id!r} already exists")
+        request = Request(request_id, prompt_token_ids, sampling)
+        self.scheduler.check(request)
+        self._check_token_ids(request.prompt_token_ids, "prompt")
+        self._check_token_ids([export.first_token_id], "first_token_id")
+        self._check_token_ids(sampling.stop_token_ids, "stop_token_ids")
+        return request
 
     def cancel_import(self, request_id: str) -> None:
         self.kv.free(request_id)
