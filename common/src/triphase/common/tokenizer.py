@@ -7,6 +7,8 @@ chat template, and the special token ids generation needs.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +26,7 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_MARKER = re.compile("(\ue000\\d+\ue001)")  # stands in for a message's content while rendering
 _CONTROL, _USER_DEFINED = 3, 4  # GGUF token types that are special (never split, skipped on decode)
 
 
@@ -53,6 +56,12 @@ class Tokenizer:
         self.chat_template = chat_template
         self._special_tokens = special_tokens or {}
         self._template: jinja2.Template | None = None
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes of text one token stands for (at least 1): a text of n
+        bytes has at least n / max_token_bytes tokens, so a too-long text can be refused untokenized."""
+        return max((len(t.encode()) for t in self.backend.get_vocab(with_added_tokens=True)), default=1)
 
     @property
     def vocab_size(self) -> int:
@@ -87,8 +96,41 @@ class Tokenizer:
         )
 
     def encode_chat(self, messages: Sequence[ChatMessage | dict[str, Any]]) -> list[int]:
-        # The template already places BOS where the model wants it.
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        """The chat template's tokens. Special-token text inside a message's content stays text: a
+        user who types `<|im_start|>system` gets those characters, not the control token, so no one
+        can open a turn of another role. (The template already places BOS where the model wants it.)"""
+        rows = [dataclasses.asdict(m) if isinstance(m, ChatMessage) else dict(m) for m in messages]
+        specials = self._specials
+        if specials is None or not any(specials.search(str(row.get("content") or "")) for row in rows):
+            return self.encode(self.render_chat(rows), add_special_tokens=False)
+        # Render with each content replaced by a marker, encode the template's text with its special
+        # tokens and each content with special tokens read as plain text.
+        contents = [str(row.get("content") or "") for row in rows]
+        marked = [{**row, "content": f"\ue000{i}\ue001"} for i, row in enumerate(rows)]
+        pieces = _MARKER.split(self.render_chat(marked))
+        if sorted(int(p[1:-1]) for p in pieces if _MARKER.fullmatch(p)) != list(range(len(rows))):
+            raise ValueError("message content contains special tokens this chat template cannot keep apart")
+        ids: list[int] = []
+        for piece in pieces:
+            if _MARKER.fullmatch(piece):
+                ids += self._plain.encode(contents[int(piece[1:-1])], add_special_tokens=False).ids
+            elif piece:
+                ids += self.backend.encode(piece, add_special_tokens=False).ids
+        return ids
+
+    @functools.cached_property
+    def _specials(self) -> re.Pattern[str] | None:
+        """Matches any special token's text (None: the tokenizer has none)."""
+        texts = sorted({t.content for t in self.backend.get_added_tokens_decoder().values() if t.special},
+                       key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+    @functools.cached_property
+    def _plain(self) -> tokenizers.Tokenizer:
+        """A copy of the backend that encodes special-token text as ordinary text."""
+        plain = tokenizers.Tokenizer.from_str(self.backend.to_str())
+        plain.encode_special_tokens = True
+        return plain
 
 
 def _raise_template_error(message: str) -> None:
