@@ -30,3 +30,13 @@ class Overloaded(RouterError):
 class Unavailable(RouterError):
     status = 503
     type = "service_unavailable"
+
+
+class RequestTimeout(RouterError):
+    status = 408
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(RouterError):
+    status = 413
+    type = "invalid_request_error"

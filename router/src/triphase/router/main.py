@@ -1,5 +1,9 @@
 """`triphase router`: the OpenAI-compatible front end over a static list of workers, or over the
-worker pods Kubernetes discovery finds."""
+worker pods Kubernetes discovery finds.
+
+SIGTERM: /readyz answers 503 at once, the router keeps serving for `--shutdown-delay` seconds while
+endpoints update, then stops accepting connections and gives in-flight requests `--drain-timeout`
+seconds to finish before it exits."""
 
 from __future__ import annotations
 
@@ -35,6 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting for a running slot; beyond this, 429 with Retry-After")
     parser.add_argument("--max-queue-wait", type=float, default=30.0,
                         help="seconds a request may wait in the queue before a 429")
+    parser.add_argument("--max-body-bytes", type=int, default=2 << 20, help="largest request body (413 beyond)")
+    parser.add_argument("--body-timeout", type=float, default=30.0,
+                        help="seconds a request body may take to arrive (408 beyond)")
+    parser.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a request's head may take to arrive from its first byte (408 beyond)")
+    parser.add_argument("--max-connections", type=int, default=4096,
+                        help="open client connections; beyond this a new one is answered 503 and closed")
+    parser.add_argument("--shutdown-delay", type=float, default=0.0,
+                        help="on SIGTERM: seconds to keep serving with /readyz 503 while endpoints update")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="on SIGTERM: seconds in-flight requests may take to finish")
     parser.add_argument("--ready-file", help="write the bound port here once serving")
 
 
@@ -65,6 +80,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
     from triphase.common.model_files import load_tokenizer, resolve
     from triphase.router.admission import Admission
+    from triphase.router.connections import ConnectionLimits, GuardedSite
     from triphase.router.metrics import RouterMetrics
     from triphase.router.openai.routes import Api
     from triphase.router.pipeline import Pipeline
@@ -73,6 +89,8 @@ async def _serve(args: argparse.Namespace) -> int:
 
     if args.discovery == "static" and not args.workers:
         raise UserError("--workers is required with static discovery (or use --discovery kubernetes)")
+    if args.max_body_bytes < 1024 or args.max_connections < 1:
+        raise UserError("--max-body-bytes must be at least 1024 and --max-connections at least 1")
     path = resolve(args.model)
     tokenizer, _ = load_tokenizer(path)
     model = args.served_model_name or served_name(path)
@@ -93,18 +111,25 @@ async def _serve(args: argparse.Namespace) -> int:
     metrics = RouterMetrics(model)
     api = Api(Pipeline(registry, client, metrics), tokenizer, metrics, model=model,
               max_model_len=args.max_model_len,
-              admission=Admission(args.max_in_flight, args.max_queued, args.max_queue_wait))
-    runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
+              admission=Admission(args.max_in_flight, args.max_queued, args.max_queue_wait),
+              max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout)
+    runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None,
+                           shutdown_timeout=args.drain_timeout, keepalive_timeout=75)
     await runner.setup()
     sock = listening_socket(args.host, args.port)
-    await web.SockSite(runner, sock).start()
+    limits = ConnectionLimits(args.max_connections, args.header_timeout, args.body_timeout)
+    await GuardedSite(runner, sock, limits).start()
     port = sock.getsockname()[1]
     logger.info("Router serving %s on http://%s:%d", model, args.host, port)
     if args.ready_file:
         pathlib.Path(args.ready_file).write_text(str(port))
     await wait_for_stop_signal()
-    logger.info("Router stopping")
-    await runner.cleanup()
+    api.draining = True
+    logger.info("Router stopping: /readyz is 503; in-flight requests have %.0f s", args.shutdown_delay +
+                args.drain_timeout)
+    if args.shutdown_delay > 0:
+        await asyncio.sleep(args.shutdown_delay)  # endpoint propagation: load balancers stop sending here
+    await runner.cleanup()  # stops accepting, waits up to drain_timeout for in-flight handlers
     if discovery is not None:
         discovery.cancel()
     await registry.stop()

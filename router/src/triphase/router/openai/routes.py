@@ -1,32 +1,42 @@
 """HTTP routes of the OpenAI-compatible API (aiohttp): the only module that knows the web framework.
 
 Every error a client can cause is an OpenAI-style JSON body with a 4xx status; a request that
-fails inside the system is a 503 body, never a bare 500 page. Streams are server-sent events
-ending with `data: [DONE]`. A client that disconnects cancels the handler; closing the pipeline's
-stream cancels the gRPC calls, and the workers abort the request and free its blocks.
+fails inside the system is a 503 body, never a bare 500 page or a traceback. Streams are server-sent
+events ending with `data: [DONE]`. A client that disconnects cancels the handler; closing the
+pipeline's stream cancels the gRPC calls, and the workers abort the request and free its blocks.
+
+Work is bounded before it is done: the body is read within `body_timeout_s` and at most
+`max_body_bytes` (413); then the request waits for admission; only then is the JSON parsed and the
+prompt tokenized, on a thread when the body is large, so the event loop keeps serving others. Text
+that could not fit the context even at the longest token's length is refused before tokenizing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from triphase.common.tokenizer import Tokenizer
 from triphase.router.admission import Admission
-from triphase.router.errors import BadRequest, Overloaded, RouterError, Unavailable
+from triphase.router.errors import BadRequest, Overloaded, PayloadTooLarge, RequestTimeout, RouterError, Unavailable
 from triphase.router.metrics import RouterMetrics
 from triphase.router.openai import protocol as p
 from triphase.router.pipeline import Pipeline, Trace
 from triphase.router.worker_client import Delta, Sampling
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+OFF_LOOP_BYTES = 64 << 10  # bodies larger than this are parsed and tokenized on a thread
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape: maybe a lone surrogate
 
 # ---- SSE frames. A stream sends one frame per token, so the per-token frames are assembled from
 # bytes encoded once per stream (`_frame_head`) and only the token's own fields are encoded each time;
@@ -49,17 +59,23 @@ def _json_reason(reason: str | None) -> bytes:
 
 class Api:
     def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, metrics: RouterMetrics, *, model: str,
-                 max_model_len: int, admission: Admission | None = None) -> None:
+                 max_model_len: int, admission: Admission | None = None, max_body_bytes: int = 2 << 20,
+                 body_timeout_s: float = 30.0) -> None:
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.model = model
         self.max_model_len = max_model_len
         self.admission = admission or Admission(max_in_flight=256, max_queued=1024)
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        # No prompt of more bytes than this fits the context: each token stands for at most this many.
+        self.max_prompt_bytes = max_model_len * tokenizer.max_token_bytes
+        self.draining = False  # shutting down: /readyz answers 503 so that no new traffic comes
         self.traces: dict[str, Trace] = {}  # recent request traces, for /debug and tests
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=16 << 20)
+        app = web.Application(middlewares=[self._errors], client_max_size=self.max_body_bytes)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
@@ -81,13 +97,72 @@ class Api:
                 error = BadRequest(exc.reason) if exc.status < 500 else RouterError(exc.reason)
                 return web.json_response(error.body(), status=exc.status)
             raise
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception:  # a bug: logged with its traceback, answered without it
+            logger.exception("Unhandled error serving %s %s", request.method, request.path)
+            self.metrics.requests.labels(self.model, "500").inc()
+            return web.json_response(RouterError("internal error").body(), status=500)
 
     # ------------------------------------------------------------------ helpers
-    async def _json(self, request: web.Request) -> Any:
+    async def _body(self, request: web.Request) -> bytes:
+        """The raw body, at most max_body_bytes, within body_timeout_s."""
         try:
-            return await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"the request body is not valid JSON ({exc})", code="invalid_json") from None
+            async with asyncio.timeout(self.body_timeout_s):
+                return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge(f"the request body exceeds {self.max_body_bytes} bytes",
+                                  code="request_too_large") from None
+        except TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {self.body_timeout_s:g} s") from None
+
+    async def _off_loop(self, size: int, fn: Callable[[], T]) -> T:
+        """Run `fn` here for small inputs, on a thread for large ones."""
+        return fn() if size <= OFF_LOOP_BYTES else await asyncio.to_thread(fn)
+
+    @staticmethod
+    def _parse_json(body: bytes) -> Any:
+        try:
+            value = json.loads(body)
+            if _SURROGATE_ESCAPE.search(body):  # valid pairs decode to one character; lone ones cannot be encoded
+                json.dumps(value, ensure_ascii=False).encode()
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else \
+                "has a lone UTF-16 surrogate" if isinstance(exc, UnicodeEncodeError) else \
+                f"is not valid JSON ({exc})"
+            raise BadRequest(f"the request body {reason}", code="invalid_json") from None
+        return value
+
+    def _check_text_size(self, text_bytes: int, param: str) -> None:
+        if text_bytes > self.max_prompt_bytes:
+            raise BadRequest(f"the prompt ({text_bytes} bytes) cannot fit this model's context length "
+                             f"{self.max_model_len}", param=param, code="context_length_exceeded")
+
+    def _chat_prompt(self, body: bytes) -> tuple[p.ChatCompletionRequest, list[int]]:
+        req = p.parse(p.ChatCompletionRequest, self._parse_json(body))
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        self._check_text_size(sum(len(m["content"].encode()) for m in messages), "messages")
+        try:
+            return req, self.tokenizer.encode_chat(messages)
+        except ValueError as exc:
+            raise BadRequest(str(exc), param="messages") from None
+
+    def _completion_prompt(self, body: bytes) -> tuple[p.CompletionRequest, list[int]]:
+        req = p.parse(p.CompletionRequest, self._parse_json(body))
+        if isinstance(req.prompt, str):
+            self._check_text_size(len(req.prompt.encode()), "prompt")
+            prompt = self.tokenizer.encode(req.prompt)
+        else:
+            if len(req.prompt) >= self.max_model_len:
+                raise BadRequest(f"the prompt has {len(req.prompt)} tokens; this model's context length is "
+                                 f"{self.max_model_len}", param="prompt", code="context_length_exceeded")
+            vocab = self.tokenizer.vocab_size
+            if any(not 0 <= t < vocab for t in req.prompt):
+                raise BadRequest(f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
+            prompt = list(req.prompt)
+        if not prompt:
+            raise BadRequest("the prompt is empty", param="prompt")
+        return req, prompt
 
     def _sampling(self, req: p.SamplingFields, prompt_len: int, default_max: int | None) -> Sampling:
         if req.model != self.model:
@@ -170,12 +245,16 @@ class Api:
 
     # ------------------------------------------------------------------ routes
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        req = p.parse(p.ChatCompletionRequest, await self._json(request))
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        prompt = self.tokenizer.encode_chat(messages)
-        sampling = self._sampling(req, len(prompt), None)
+        body = await self._body(request)
+        async with self.admission.slot():
+            req, prompt = await self._off_loop(len(body), lambda: self._chat_prompt(body))
+            sampling = self._sampling(req, len(prompt), None)
+            return await self._chat(request, req, prompt, sampling)
+
+    async def _chat(self, request: web.Request, req: p.ChatCompletionRequest, prompt: list[int],
+                    sampling: Sampling) -> web.StreamResponse:
         rid, created = p.new_id("chatcmpl"), p.created()
-        async with self.admission.slot(), contextlib.aclosing(self._timed(prompt, sampling, Trace(rid))) as deltas:
+        async with contextlib.aclosing(self._timed(prompt, sampling, Trace(rid))) as deltas:
             if req.stream:
                 chunks = self._chat_chunks(deltas, rid, created, len(prompt), req.include_usage)
                 return await self._sse(request, chunks)
@@ -203,20 +282,17 @@ class Api:
             yield _frame({**base, "choices": [], "usage": p.usage(prompt_tokens, generated)})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        req = p.parse(p.CompletionRequest, await self._json(request))
-        if isinstance(req.prompt, str):
-            prompt = self.tokenizer.encode(req.prompt)
-        else:
-            vocab = self.tokenizer.vocab_size
-            if any(not 0 <= t < vocab for t in req.prompt):
-                raise BadRequest(f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
-            prompt = list(req.prompt)
-        if not prompt:
-            raise BadRequest("the prompt is empty", param="prompt")
-        sampling = self._sampling(req, len(prompt), 16)
+        body = await self._body(request)
+        async with self.admission.slot():
+            req, prompt = await self._off_loop(len(body), lambda: self._completion_prompt(body))
+            sampling = self._sampling(req, len(prompt), 16)
+            return await self._completions(request, req, prompt, sampling)
+
+    async def _completions(self, request: web.Request, req: p.CompletionRequest, prompt: list[int],
+                           sampling: Sampling) -> web.StreamResponse:
         rid, created = p.new_id("cmpl"), p.created()
         echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
-        async with self.admission.slot(), contextlib.aclosing(self._timed(prompt, sampling, Trace(rid))) as deltas:
+        async with contextlib.aclosing(self._timed(prompt, sampling, Trace(rid))) as deltas:
             if req.stream:
                 chunks = self._completion_chunks(deltas, rid, created, echo, len(prompt), req.include_usage)
                 return await self._sse(request, chunks)
@@ -252,9 +328,10 @@ class Api:
 
     async def readyz(self, request: web.Request) -> web.Response:
         workers = self.pipeline.registry.snapshot()
-        ready = any(w.available and w.role.can_decode for w in workers)
-        body = {"ready": ready, "workers": [{"id": w.worker_id, "endpoint": w.endpoint, "role": str(w.role),
-                                             "healthy": w.healthy} for w in workers]}
+        ready = not self.draining and any(w.available and w.role.can_decode for w in workers)
+        body = {"ready": ready, "draining": self.draining,
+                "workers": [{"id": w.worker_id, "endpoint": w.endpoint, "role": str(w.role), "healthy": w.healthy}
+                            for w in workers]}
         return web.json_response(body, status=200 if ready else 503)
 
     async def metrics_page(self, request: web.Request) -> web.Response:

@@ -1,0 +1,45 @@
+"""OpenAI request validation: unknown fields refused, unimplemented ones accepted only when off,
+every client-controlled number and count bounded."""
+
+from __future__ import annotations
+
+import pytest
+
+from triphase.router.errors import BadRequest
+from triphase.router.openai import protocol as p
+
+BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logprobs": True}, "logprobs"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"made_up": 1}, "made_up"),
+    ({"seed": 2**70}, "seed"),
+    ({"top_k": 2**40}, "top_k"),
+    ({"stop": ["x"] * 17}, "stop"),
+    ({"stop": "x" * 257}, "stop"),
+    ({"n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content.0.type"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": "x"}] * 2049}, "messages"),
+])
+def test_refused_with_the_field_named(extra, param):
+    with pytest.raises(BadRequest) as err:
+        p.parse(p.ChatCompletionRequest, {**BASE, **extra})
+    assert err.value.param == param
+    assert "Traceback" not in err.value.message
+
+
+@pytest.mark.parametrize("extra", [
+    {"tools": []}, {"tool_choice": "none"}, {"response_format": {"type": "text"}}, {"logprobs": False},
+    {"frequency_penalty": 0}, {"presence_penalty": 0.0}, {"user": "u"}, {"store": False},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}], "name": "ann"}]},
+    {"stop": ["a", "b"], "seed": -(2**63), "top_k": 40, "stream_options": {"include_usage": True}},
+])
+def test_accepted_when_off_or_harmless(extra):
+    req = p.parse(p.ChatCompletionRequest, {**BASE, **extra})
+    assert req.model == "m"
