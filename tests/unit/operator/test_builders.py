@@ -70,3 +70,17 @@ def test_serving_pool_carries_replicas_only_on_creation():
     pool = SPEC.pools.decode
     assert builders.serving_pool("llm", "ns", "decode", pool, with_replicas=True)["spec"]["replicas"] == 2
     assert "replicas" not in builders.serving_pool("llm", "ns", "decode", pool, with_replicas=False)["spec"]
+
+
+def test_pods_drain_inside_their_grace_period():
+    objects = _by_name(builders.children("llm", "ns", SPEC, {}, monitoring=False))
+    for name in ("llm-decode", "llm-prefill", "llm-router"):
+        deployment = objects[("Deployment", name)]["spec"]
+        pod = deployment["template"]["spec"]
+        container = pod["containers"][0]
+        wait = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        drain = float(container["args"][container["args"].index("--drain-timeout") + 1])
+        assert wait + drain < pod["terminationGracePeriodSeconds"]
+    for role in ("decode", "prefill"):  # one worker at a time, no surge pod needing accelerators
+        strategy = objects[("Deployment", f"llm-{role}")]["spec"]["strategy"]
+        assert strategy["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}

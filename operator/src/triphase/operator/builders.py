@@ -13,6 +13,11 @@ Children of ServingDeployment `<name>`:
   PodDisruptionBudget <name>-<role>, <name>-router
   ServiceAccount/Role/RoleBinding  <name>-router (get/list/watch pods: worker discovery)
   PodMonitor    <name>             when the monitoring.coreos.com API exists
+
+Shutdown: every pod waits PRESTOP_S in a preStop sleep (endpoints and routers stop sending it work),
+then gets SIGTERM and drains for at most DRAIN_S (workers finish or hand over their streams; the
+router finishes its requests); terminationGracePeriodSeconds leaves a margin above both. Worker pools
+roll one pod at a time and never surge (a surge pod would need accelerators the pool may not have).
 """
 
 from __future__ import annotations
@@ -29,6 +34,16 @@ ROUTER_ROLE = "triphase-router"  # ClusterRole shipped with the operator
 METRICS_PORT = 9100
 HTTP_PORT = 8000
 MODEL_MOUNT = "/models"
+PRESTOP_S = 5
+DRAIN_S = 60
+GRACE_S = PRESTOP_S + DRAIN_S + 10
+
+
+def _graceful(container: dict[str, Any]) -> dict[str, Any]:
+    """The container with the preStop wait and its drain time (see the module docstring)."""
+    container["args"] = [*container["args"], "--drain-timeout", str(DRAIN_S)]
+    container["lifecycle"] = {"preStop": {"sleep": {"seconds": PRESTOP_S}}}
+    return container
 
 
 def common_labels(name: str) -> dict[str, str]:
@@ -109,7 +124,8 @@ def worker_deployment(name: str, namespace: str, role: str, pool: PoolSpec, spec
         "env": [e.model_dump() for e in pool.env or []],
         "volumeMounts": mounts,
     }
-    pod_spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    pod_spec: dict[str, Any] = {"containers": [_graceful(container)], "volumes": volumes,
+                                "terminationGracePeriodSeconds": GRACE_S}
     if pool.node_selector:
         pod_spec["nodeSelector"] = dict(pool.node_selector)
     if pool.tolerations:
@@ -122,6 +138,7 @@ def worker_deployment(name: str, namespace: str, role: str, pool: PoolSpec, spec
         "metadata": _meta(f"{name}-{role}", namespace, name, selector),
         "spec": {
             "replicas": replicas, "selector": {"matchLabels": selector},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
             "template": {"metadata": {"labels": {**common_labels(name), **selector},
                                       "annotations": {f"{labels.DOMAIN}/config-hash": config_digest}},
                          "spec": pod_spec},
@@ -151,8 +168,8 @@ def router_deployment(name: str, namespace: str, spec: ServingDeploymentSpec, co
             "replicas": spec.router.replicas, "selector": {"matchLabels": selector},
             "template": {"metadata": {"labels": {**common_labels(name), **selector},
                                       "annotations": {f"{labels.DOMAIN}/config-hash": config_digest}},
-                         "spec": {"serviceAccountName": f"{name}-router", "containers": [container],
-                                  "volumes": volumes}},
+                         "spec": {"serviceAccountName": f"{name}-router", "containers": [_graceful(container)],
+                                  "volumes": volumes, "terminationGracePeriodSeconds": GRACE_S}},
         },
     }
 
