@@ -70,6 +70,15 @@ def test_operator_is_forbidden_what_it_does_not_need(kube, operator_account):
     assert result.returncode != 0 and "forbidden" in result.stderr.lower()
 
 
+def test_a_missing_peering_object_is_explained(operator_account, tmp_path):
+    args = ["operator", "--peering", "no-such-peering", "--liveness", ""]
+    with triphase_process(tmp_path, "unpeered", args, timeout=90, env={"KUBECONFIG": str(operator_account)}):
+        log = tmp_path / "unpeered.log"
+        wait_for(lambda: "Waiting for ClusterKopfPeering 'no-such-peering'" in log.read_text(), 60,
+                 "the operator to say what it waits for")
+        assert "kubectl apply -f deploy/manifests/" in log.read_text() and "--standalone" in log.read_text()
+
+
 def _children(kube, name):
     selector = f"{labels.DEPLOYMENT}={name}"
     found = {}

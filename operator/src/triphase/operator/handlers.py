@@ -8,6 +8,7 @@ retried with backoff (kopf.TemporaryError).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -21,7 +22,10 @@ from triphase.operator.api.v1alpha1 import GROUP, VERSION
 from triphase.operator.kube import ApiError, Kube
 from triphase.operator.reconcile import InvalidSpec, reconcile
 
+logger = logging.getLogger(__name__)
 FINALIZER = f"{GROUP}/operator"
+PEERING_CHECK_S = 5.0  # how often a missing peering object is looked for
+PEERING_NAG_S = 60.0  # how often its absence is repeated in the log
 RESYNC_SECONDS = float(os.environ.get("TRIPHASE_RESYNC_SECONDS", "30"))  # set by `--resync-seconds`
 
 
@@ -41,10 +45,39 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 
     memo.kube = Kube(KubeAccess.load())
     memo.pool_replicas = {}  # ServingPool uid -> spec.replicas last seen (shared: the memo is copied shallowly)
+    memo.peering_watch = None
+    if not settings.peering.standalone:
+        memo.peering_watch = asyncio.create_task(say_while_peering_is_missing(memo.kube, settings.peering.name))
+
+
+async def say_while_peering_is_missing(kube: Kube, name: str) -> None:
+    """kopf waits silently for its ClusterKopfPeering and reconciles nothing meanwhile: say so, and how
+    to fix it, until the object exists."""
+    url = f"/apis/kopf.dev/v1/clusterkopfpeerings/{name}"
+    loop = asyncio.get_running_loop()
+    said_at: float | None = None
+    while True:
+        try:
+            await kube.request("GET", url)
+        except ApiError as exc:
+            if exc.status not in (403, 404):
+                logger.warning("Could not look up ClusterKopfPeering %s: %s", name, exc)
+            elif said_at is None or loop.time() - said_at >= PEERING_NAG_S:
+                said_at = loop.time()
+                logger.error("Waiting for ClusterKopfPeering %r (leader election) before reconciling anything: "
+                             "apply deploy/manifests/ (kubectl apply -f deploy/manifests/), or run with --standalone "
+                             "(a single replica, no election)", name)
+        else:
+            if said_at is not None:
+                logger.info("ClusterKopfPeering %r found; reconciling", name)
+            return
+        await asyncio.sleep(PEERING_CHECK_S)  # polling for an object someone else must create
 
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
+    if memo.peering_watch is not None:
+        memo.peering_watch.cancel()
     await memo.kube.close()
 
 
