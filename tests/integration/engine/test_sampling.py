@@ -87,6 +87,21 @@ def test_incremental_detokenizer_matches_full_decode(loaded_model):
     assert "".join(pieces) + detok.flush() == tok.decode(ids) == text
 
 
+@pytest.mark.parametrize("stop", [(), ("costs 12",)])
+def test_a_stream_handed_over_at_any_token_reads_as_one(loaded_model, stop):
+    """A request resumed on another worker: the new detokenizer, primed with the tokens already sent,
+    continues the text exactly, even inside a character split across tokens (the emoji here)."""
+    tok = loaded_model.tokenizer
+    ids = tok.encode("Hola 😊🌍🌍 — 東京 🐉 costs 12.50€!")
+    whole = IncrementalDetokenizer(tok, stop)
+    expected = "".join(whole.add(i)[0] for i in ids) + whole.flush()
+    for k in range(1, len(ids)):
+        first, second = IncrementalDetokenizer(tok, stop), IncrementalDetokenizer(tok, stop)
+        sent = "".join(first.add(i)[0] for i in ids[:k])
+        second.prime(ids[:k])
+        assert sent + "".join(second.add(i)[0] for i in ids[k:]) + second.flush() == expected, k
+
+
 def test_invalid_sampling_parameters_are_rejected():
     for bad in ({"max_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"logprobs": 21}, {"stop": ("",)}):
         with pytest.raises(ValueError):

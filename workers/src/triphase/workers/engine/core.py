@@ -178,7 +178,9 @@ class Engine:
         self._check_token_ids(request.prompt_token_ids, "prompt")
         self._check_token_ids(sampling.stop_token_ids, "stop_token_ids")
         self.scheduler.add(request)
-        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
+        detok = self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
+        if output_offset:  # a resumed request: its text continues where the other worker's stopped
+            detok.prime(request.prompt_token_ids[-output_offset:])
         return request
 
     def _check_token_ids(self, token_ids: Sequence[int], what: str) -> None:

@@ -47,6 +47,13 @@ class IncrementalDetokenizer:
         self._emitted = safe
         return delta, None
 
+    def prime(self, token_ids: Sequence[int]) -> None:
+        """Continue a stream another detokenizer started: replay the tokens it was given (their text
+        was already sent), so that a character split across the hand-over point, or text held back
+        for stop strings, comes out exactly as one detokenizer would have produced it."""
+        for token_id in token_ids:
+            self.add(token_id)
+
     def flush(self) -> str:
         """Everything not yet returned (call once the request ends)."""
         delta = self.text[self._emitted :]
