@@ -38,9 +38,11 @@ PY
     touch "$venv/.complete"
 fi
 
-# Point the environment at this checkout (cheap: no dependency resolution).
-if [ "$(cat "$venv/.checkout" 2>/dev/null)" != "$root" ]; then
+# Point the environment at this checkout (cheap: no dependency resolution), again whenever
+# pyproject.toml changes (a new component's src/ tree must join the editable install).
+checkout="$root $(sha256sum "$root/pyproject.toml" | cut -c1-16)"
+if [ "$(cat "$venv/.checkout" 2>/dev/null)" != "$checkout" ]; then
     "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$root" >&2
-    echo "$root" > "$venv/.checkout"
+    echo "$checkout" > "$venv/.checkout"
 fi
 echo "$venv"

@@ -1,20 +1,17 @@
 """`triphase up`: the whole local stack (router + prefill + decode workers) on 127.0.0.1.
 
-Starts each worker and the router as child processes, shows progress while the model loads, prints
-the URL and a curl example, and stops every child on Ctrl-C or SIGTERM. Children also get
-PR_SET_PDEATHSIG, so even a `kill -9` of this process leaves no orphans behind.
+Starts each worker and the router as supervised child processes (triphase.local.supervisor: a child
+that exits is restarted on the port it had), shows progress while the model loads, prints the URL and
+a curl example, and stops every child on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import json
 import os
 import pathlib
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +19,7 @@ import urllib.error
 import urllib.request
 
 from triphase.common.errors import UserError
+from triphase.local.supervisor import Supervisor
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,11 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sim: workers with a timing model instead of the model (no weights loaded)")
     parser.add_argument("--kv-cache-mib", type=int, default=256, help="per worker")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for the stack to be ready")
-
-
-def _die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    parser.add_argument("--drain-timeout", type=float, default=10.0,
+                        help="on Ctrl-C / SIGTERM: seconds each process may take to finish its requests")
 
 
 def _say(message: str) -> None:
@@ -46,56 +41,17 @@ def _say(message: str) -> None:
     sys.stderr.flush()
 
 
-class Stack:
-    def __init__(self) -> None:
-        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
-        self.tmp = pathlib.Path(tempfile.mkdtemp(prefix="triphase-up-"))
-
-    def spawn(self, name: str, args: list[str]) -> pathlib.Path:
-        ready = self.tmp / f"{name}.port"
-        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 (owned by the child for its lifetime)
-        proc = subprocess.Popen([sys.executable, "-m", "triphase.cli", *args, "--ready-file", str(ready)],
-                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-        self.children.append((name, proc))
-        return ready
-
-    def wait_ready(self, name: str, ready: pathlib.Path, deadline: float) -> int:
-        proc = dict(self.children)[name]
-        while time.monotonic() < deadline:
-            if ready.exists() and ready.read_text():
-                return int(ready.read_text())
-            if proc.poll() is not None:
-                tail = (self.tmp / f"{name}.log").read_text(errors="replace").strip().splitlines()[-5:]
-                raise UserError(f"{name} exited with code {proc.returncode}: {' | '.join(tail)}")
-            time.sleep(0.1)  # polling a child's ready file, bounded by the deadline
-        raise UserError(f"{name} was not ready in time (log: {self.tmp / (name + '.log')})")
-
-    def stop(self) -> None:
-        for _, proc in reversed(self.children):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for _, proc in reversed(self.children):
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def run(args: argparse.Namespace) -> int:
-    stack = Stack()
-    stopping = False
+    stack = Supervisor(pathlib.Path(tempfile.mkdtemp(prefix="triphase-up-")), _say)
 
     def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
         deadline = time.monotonic() + args.timeout
-        common = ["--dtype", args.dtype, "--kv-cache-mib", str(args.kv_cache_mib), "--engine", args.engine]
+        common = ["--dtype", args.dtype, "--kv-cache-mib", str(args.kv_cache_mib), "--engine", args.engine,
+                  "--drain-timeout", str(args.drain_timeout)]
         if args.model:
             common += ["--model", args.model]
         names = [(f"prefill-{i}", "prefill") for i in range(args.prefill)]
@@ -105,16 +61,17 @@ def run(args: argparse.Namespace) -> int:
         if args.decode == 0:
             names = [(n, "both") if r == "prefill" else (n, r) for n, r in names]
         _say(f"starting {len(names)} workers ({args.prefill} prefill, {args.decode} decode); loading the model ...")
-        readies = {name: stack.spawn(name, ["worker", "--role", role, "--port", "0", *common]) for name, role in names}
+        workers = [stack.spawn(name, ["worker", "--role", role, "--port", "0", *common]) for name, role in names]
         endpoints = []
-        for name, ready in readies.items():
-            port = stack.wait_ready(name, ready, deadline)
+        for child in workers:
+            port = stack.wait_ready(child, deadline)
             endpoints.append(f"127.0.0.1:{port}")
-            _say(f"{name} ready on 127.0.0.1:{port}")
-        router_args = ["router", "--workers", ",".join(endpoints), "--port", str(args.port)]
+            _say(f"{child.name} ready on 127.0.0.1:{port}")
+        router_args = ["router", "--workers", ",".join(endpoints), "--port", str(args.port),
+                       "--drain-timeout", str(args.drain_timeout)]
         if args.model:
             router_args += ["--model", args.model]
-        port = stack.wait_ready("router", stack.spawn("router", router_args), deadline)
+        port = stack.wait_ready(stack.spawn("router", router_args), deadline)
         url = f"http://127.0.0.1:{port}"
         model = _wait_ready(url, deadline)
         sys.stdout.write(
@@ -123,15 +80,13 @@ def run(args: argparse.Namespace) -> int:
             f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
             "Ctrl-C stops everything.\n")
         sys.stdout.flush()
-        while all(proc.poll() is None for _, proc in stack.children):
-            time.sleep(0.5)  # supervising: wake up to notice a child that died
-        dead = [name for name, proc in stack.children if proc.poll() is not None]
-        raise UserError(f"{', '.join(dead)} exited unexpectedly (logs: {stack.tmp})")
+        stack.supervise()
+        return 0
     except KeyboardInterrupt:
         _say("stopping")
         return 0
     finally:
-        stack.stop()
+        stack.stop(grace_s=args.drain_timeout + 5)
 
 
 def _wait_ready(url: str, deadline: float) -> str:
