@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting for a running slot; beyond this, 429 with Retry-After")
     parser.add_argument("--max-queue-wait", type=float, default=30.0,
                         help="seconds a request may wait in the queue before a 429")
+    parser.add_argument("--placement-wait", type=float, default=30.0,
+                        help="seconds a request may wait for a worker to (re)appear before a 503")
     parser.add_argument("--max-body-bytes", type=int, default=2 << 20, help="largest request body (413 beyond)")
     parser.add_argument("--body-timeout", type=float, default=30.0,
                         help="seconds a request body may take to arrive (408 beyond)")
@@ -109,8 +111,8 @@ async def _serve(args: argparse.Namespace) -> int:
         discovery = asyncio.create_task(watcher.run())
         logger.info("Discovering workers: pods %s in namespace %s", args.selector, namespace)
     metrics = RouterMetrics(model)
-    api = Api(Pipeline(registry, client, metrics), tokenizer, metrics, model=model,
-              max_model_len=args.max_model_len,
+    pipeline = Pipeline(registry, client, metrics, placement_wait_s=args.placement_wait)
+    api = Api(pipeline, tokenizer, metrics, model=model, max_model_len=args.max_model_len,
               admission=Admission(args.max_in_flight, args.max_queued, args.max_queue_wait),
               max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout)
     runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None,

@@ -4,11 +4,13 @@
 the pure pairing policy; this module does the waiting and the fallbacks: no prefill worker, or a
 failed prefill or KV hand-off, means the decode worker prefills locally. A decode worker that fails
 mid-stream (or hands the request over while switching roles) is replaced: the request resumes
-elsewhere with the tokens already sent appended to its prompt.
+elsewhere with the tokens already sent appended to its prompt. When no worker can take a request
+(all restarting, say), it waits up to `placement_wait_s` for one before answering 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -19,7 +21,7 @@ from collections.abc import AsyncGenerator
 from triphase.common.block_hash import prompt_block_hashes
 from triphase.router.errors import Unavailable
 from triphase.router.metrics import RouterMetrics
-from triphase.router.policy.pairing import select
+from triphase.router.policy.pairing import Placement, select
 from triphase.router.registry import Registry
 from triphase.router.worker_client import Delta, HandOffFailed, Sampling, WorkerClient, WorkerFailed
 
@@ -41,8 +43,9 @@ class Trace:
 
 class Pipeline:
     def __init__(self, registry: Registry, client: WorkerClient, metrics: RouterMetrics, *,
-                 block_size: int = 16, max_retries: int = 2) -> None:
+                 block_size: int = 16, max_retries: int = 2, placement_wait_s: float = 30.0) -> None:
         self.max_retries = max_retries
+        self.placement_wait_s = placement_wait_s
         self.registry = registry
         self.client = client
         self.metrics = metrics
@@ -87,10 +90,7 @@ class Pipeline:
 
     async def _place_and_run(self, prompt: list[int], sampling: Sampling, trace: Trace, failed: set[str],
                              ) -> AsyncGenerator[Delta, None]:
-        placement = select(prompt_block_hashes(prompt, self.block_size), self.registry.snapshot(),
-                           frozenset(failed))
-        if placement is None:
-            raise Unavailable("no decode worker is available")
+        placement = await self._placement(prompt, failed)
         decode = placement.decode
         trace.decode_worker, trace.decode_endpoint = decode.worker_id, decode.endpoint
         if placement.prefill is not None:
@@ -124,10 +124,7 @@ class Pipeline:
         resumed = prompt + sent
         endpoint = trace.decode_endpoint if stay else None
         if endpoint is None:
-            placement = select(prompt_block_hashes(resumed, self.block_size), self.registry.snapshot(),
-                               frozenset(failed))
-            if placement is None:
-                raise Unavailable("no healthy decode worker is left to resume the request")
+            placement = await self._placement(resumed, failed)
             trace.decode_worker, trace.decode_endpoint = placement.decode.worker_id, placement.decode.endpoint
             endpoint = placement.decode.endpoint
         trace.migrations += 1
@@ -137,6 +134,27 @@ class Pipeline:
         async with contextlib.aclosing(stream) as deltas:
             async for delta in deltas:
                 yield delta
+
+    async def _placement(self, prompt: list[int], failed: set[str]) -> Placement:
+        """Where to run the request; waits up to placement_wait_s for a worker to (re)appear. Workers
+        that failed this request are avoided while another can take it; one that reports healthy
+        again (restarted, or back from a role switch) is used rather than none."""
+        hashes = prompt_block_hashes(prompt, self.block_size)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.placement_wait_s
+
+        def choose() -> Placement | None:
+            workers = self.registry.snapshot()
+            return select(hashes, workers, frozenset(failed)) or select(hashes, workers)
+
+        while (placement := choose()) is None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise Unavailable("no decode worker is available")
+            self.registry.changed.clear()  # set by every stats update and every worker change
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.registry.changed.wait(), remaining)
+        return placement
 
     async def _hand_off(self, endpoint: str, prompt: list[int], sampling: Sampling, trace: Trace, ticket,  # type: ignore[no-untyped-def]
                         first: Delta) -> AsyncGenerator[Delta, None]:
