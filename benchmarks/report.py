@@ -15,11 +15,10 @@ def log(message: str) -> None:
     sys.stderr.flush()
 
 
-def update_section(name: str, body: str) -> None:
-    """Write `body` between `<!-- name:begin -->` and `<!-- name:end -->` (appended if absent)."""
+def update_section(name: str, body: str, path: pathlib.Path = ROOT / "BENCHMARKS.md") -> None:
+    """Write `body` between `<!-- name:begin -->` and `<!-- name:end -->` of `path` (appended if absent)."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     section = f"{begin}\n{body.strip()}\n{end}\n"
-    path = ROOT / "BENCHMARKS.md"
     text = path.read_text()
     if begin in text:
         head, rest = text.split(begin, 1)
