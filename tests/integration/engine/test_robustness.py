@@ -110,7 +110,7 @@ async def test_failures_in_a_row_kill_the_engine_and_every_caller_hears_it(engin
 
 async def test_a_step_that_never_returns_is_stalled_until_it_does(engine):
     faults = Faults(engine.runner)
-    runner = AsyncEngine(engine, stall_timeout_s=0.3)
+    runner = AsyncEngine(engine, stall_timeout_s=0.5)
     runner.start()
     try:
         faults.hold.set()

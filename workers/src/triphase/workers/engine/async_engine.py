@@ -11,7 +11,8 @@ end with `EngineFailed`) and the thread steps on. Anything else that escapes the
 `max_step_failures` failed steps in a row, kills the engine: every stream ends with `EngineFailed`,
 later calls raise it, and `health()` says "dead" (the worker then exits non-zero to be restarted).
 `health()` is "stalled" while there is work but the thread has not come round its loop for
-`stall_timeout_s` (a step that never returns); both take the worker out of service.
+`stall_timeout_s` (a step that does not return), and "dead" after three times as long; both take
+the worker out of service.
 """
 
 from __future__ import annotations
@@ -93,11 +94,13 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join)
 
     def health(self) -> str:
-        """ "ok", "stalled" (work waits but the loop has not turned for stall_timeout_s) or "dead"."""
+        """ "ok", "stalled" (work waits but the loop has not turned for stall_timeout_s) or "dead"
+        (the thread ended, or stalled three times that long)."""
         if self.failure is not None or (self._thread is not None and not self._thread.is_alive()):
             return "dead"
-        if self.engine.has_work and time.monotonic() - self._progress_at > self.stall_timeout_s:
-            return "stalled"
+        idle_for = time.monotonic() - self._progress_at
+        if self.engine.has_work and idle_for > self.stall_timeout_s:
+            return "dead" if idle_for > 3 * self.stall_timeout_s else "stalled"
         return "ok"
 
     def _run(self) -> None:
