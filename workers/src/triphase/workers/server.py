@@ -22,9 +22,11 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2_grpc
 
 from triphase.api.v1 import worker_pb2 as pb
@@ -372,10 +374,66 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             await asyncio.sleep(coalesce)
 
 
+class _Malformed:
+    """Stands in for a request whose bytes are not the method's protobuf message."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """A deserializer that cannot raise: gRPC would answer INTERNAL and log a traceback."""
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return _Malformed(str(exc) or "not a valid message")
+
+    return deserialize
+
+
+def _guard_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
+        return await behavior(request, context)
+
+    return guarded
+
+
+def _guard_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
+        async for item in behavior(request, context):
+            yield item
+
+    return guarded
+
+
+def _handlers(servicer: WorkerServicer) -> grpc.GenericRpcHandler:
+    """WorkerService's method handlers, as the generated `add_..._to_server` builds them, except that a
+    request that does not parse is INVALID_ARGUMENT (the generated ones answer INTERNAL)."""
+    service = pb.DESCRIPTOR.services_by_name["WorkerService"]
+    handlers = {}
+    for method in service.methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        behavior = getattr(servicer, method.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _guard_stream(behavior), request_deserializer=_lenient(request.FromString),
+                response_serializer=response.SerializeToString)
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _guard_unary(behavior), request_deserializer=_lenient(request.FromString),
+                response_serializer=response.SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
 async def serve(servicer: WorkerServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC server (WorkerService + standard health checking); returns it and the bound port."""
     server = grpc.aio.server(options=grpc_stream.CHANNEL_OPTIONS)
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((_handlers(servicer),))
     health = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
