@@ -30,6 +30,7 @@ from triphase.router.admission import Admission
 from triphase.router.errors import BadRequest, Overloaded, PayloadTooLarge, RequestTimeout, RouterError, Unavailable
 from triphase.router.metrics import RouterMetrics
 from triphase.router.openai import protocol as p
+from triphase.router.openai.openapi import document
 from triphase.router.pipeline import Pipeline, Trace
 from triphase.router.worker_client import Delta, Sampling
 
@@ -82,6 +83,7 @@ class Api:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_get("/openapi.json", self.openapi)
         return app
 
     @web.middleware
@@ -322,6 +324,9 @@ class Api:
         return web.json_response({"object": "list", "data": [
             {"id": self.model, "object": "model", "created": 0, "owned_by": "triphase",
              "max_model_len": self.max_model_len}]})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(document(self.model))
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
