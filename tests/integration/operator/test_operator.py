@@ -8,7 +8,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import pathlib
+import random
+import time
 
 import pytest
 import yaml
@@ -16,6 +19,7 @@ import yaml
 from tests.procs import http_ok, triphase_process, wait_for
 from triphase.common import labels
 from triphase.common.net import free_port
+from triphase.operator.cluster import controlplane
 from triphase.operator.cluster.controlplane import write_kubeconfig
 
 pytestmark = pytest.mark.slow
@@ -164,6 +168,58 @@ def test_killed_operator_converges_without_duplicates(kube, operator_account, tm
         wait_for(lambda: _children(kube, "second") == expected, 60, "the restarted operator to converge")
         wait_for(lambda: _json(kube, "get", "tsd", "second").get("status", {}).get("readySummary"), 60, "status")
     assert _children(kube, "second") == expected  # nothing duplicated
+
+
+def _args_of(kube, name):
+    deployment = _json(kube, "get", "deployment", f"{name}-decode")
+    return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def _renamed(name):
+    return {kind: [n.replace("smollm2", name) for n in names] for kind, names in EXPECTED.items()}
+
+
+def test_operator_killed_mid_reconcile_again_and_again_converges(kube, operator_account, tmp_path):
+    """SIGKILL the operator a random moment after it starts, each time with a new spec to apply;
+    the survivor converges every deployment to its latest spec with no extra children.
+    TRIPHASE_OPERATOR_KILLS sets the kills (docs/reliability.md records a long run)."""
+    kills = int(os.environ.get("TRIPHASE_OPERATOR_KILLS", "5"))
+    names = ["churn-a", "churn-b", "churn-c"]
+    rng = random.Random(7)
+    for round_ in range(kills + 1):
+        for name in names:  # each round changes every spec: a reconcile is always due
+            body = copy.deepcopy(SAMPLE)
+            body["metadata"]["name"] = name
+            body["spec"]["pools"]["decode"]["engine"]["maxBatchedTokens"] = 128 + round_
+            _apply(kube, body)
+        if round_ == kills:
+            break
+        with operator(tmp_path, operator_account, f"killed-{round_}") as (proc, _):
+            time.sleep(rng.uniform(0.0, 1.5))  # the fault schedule: a random moment into the reconciles
+            proc.kill()
+    with operator(tmp_path, operator_account, "survivor"):
+        for name in names:
+            wait_for(lambda n=name: _children(kube, n) == _renamed(n), 120, f"{name}'s children")
+            wait_for(lambda n=name: _args_of(kube, n)[_args_of(kube, n).index("--max-batched-tokens") + 1]
+                     == str(128 + kills), 120, f"{name} at its latest spec")
+        for name in names:
+            assert _children(kube, name) == _renamed(name)  # nothing duplicated, nothing missing
+            kube.kubectl("delete", "tsd", name, "--wait=false")
+
+
+def test_the_operator_rides_out_an_api_server_restart(kube, operator_account, tmp_path):
+    body = copy.deepcopy(SAMPLE)
+    body["metadata"]["name"] = "survivor"
+    with operator(tmp_path, operator_account, "steady") as (proc, _):
+        _apply(kube, body)
+        wait_for(lambda: _children(kube, "survivor") == _renamed("survivor"), 60, "the first reconcile")
+        controlplane.restart(kube.cluster.state, "kube-apiserver")
+        kube.kubectl("patch", "tsd", "survivor", "--type", "merge", "-p",
+                     json.dumps({"spec": {"pools": {"decode": {"engine": {"maxNumSeqs": 32}}}}}))
+        wait_for(lambda: _args_of(kube, "survivor")[_args_of(kube, "survivor").index("--max-num-seqs") + 1] == "32",
+                 120, "the operator to apply a change made after the restart")
+        assert proc.poll() is None  # recovered without a restart of its own
+        kube.kubectl("delete", "tsd", "survivor", "--wait=false")
 
 
 def test_a_pool_removed_from_the_spec_is_deleted(kube, operator_account, tmp_path):

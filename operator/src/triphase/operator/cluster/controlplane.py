@@ -194,14 +194,12 @@ def up(state: pathlib.Path | None = None, *, nodes: int = 4, gpus_per_node: int 
     (pki / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')
     etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
     server = f"https://127.0.0.1:{api_port}"
-    info: dict[str, Any] = {"server": server, "token": token, "pids": {}}
+    info: dict[str, Any] = {"server": server, "token": token, "pids": {}, "argv": {}}
     write_kubeconfig(cluster.kubeconfig, server, pki / "ca.crt", token)
 
     def start(name: str, args: list[str]) -> None:
-        log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
-        proc = subprocess.Popen([tools[name.split(":")[0]], *args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=root)
-        info["pids"][name] = proc.pid
+        info["argv"][name] = [tools[name.split(":")[0]], *args]
+        info["pids"][name] = _spawn(root, name, info["argv"][name])
         cluster.info_file.write_text(json.dumps(info, indent=2))
 
     _say(progress, f"starting etcd, kube-apiserver on {server}")
@@ -249,6 +247,34 @@ def up(state: pathlib.Path | None = None, *, nodes: int = 4, gpus_per_node: int 
     _say(progress, f"ready: {nodes} fake GPU nodes x {gpus_per_node} nvidia.com/gpu; "
                    f"export KUBECONFIG={kubeconfig or cluster.kubeconfig}")
     return cluster
+
+
+def _spawn(root: pathlib.Path, name: str, argv: list[str]) -> int:
+    log = open(root / "logs" / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, cwd=root)
+    log.close()
+    return proc.pid
+
+
+def restart(state: pathlib.Path | None, component: str, *, timeout: float = 60) -> None:
+    """Stop one component (SIGTERM, then SIGKILL) and start it again with the same command line; for
+    the API server, wait until it is healthy again. For fault tests (an API server restart)."""
+    cluster = Cluster(state or default_state_dir())
+    info = cluster.info()
+    pid = info["pids"][component]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)  # waiting for the process to exit, with a deadline
+    with contextlib.suppress(ProcessLookupError):
+        if _alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+    info["pids"][component] = _spawn(cluster.state, component, info["argv"][component])
+    cluster.info_file.write_text(json.dumps(info, indent=2))
+    if component == "kube-apiserver":
+        _wait(cluster.healthy, timeout, "kube-apiserver to be ready again", cluster.state / "logs")
 
 
 def _export_kubeconfig(cluster: Cluster, path: pathlib.Path | None) -> None:
