@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import psutil
 import pytest
 import requests
 import schemathesis
@@ -28,10 +29,11 @@ def router(tmp_path_factory):
                    "--sim-decode-ms", "0", "--kv-cache-mib", "16"]
     with triphase_process(tmp, "worker", worker_args) as (_, worker_port), \
             triphase_process(tmp, "router", ["router", "--workers", f"127.0.0.1:{worker_port}", "--port", "0",
-                                             "--max-model-len", "256"]) as (_, port):
+                                             "--max-model-len", "256"]) as (proc, port):
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: http_ok(f"{url}/readyz"), 60, "the router to see its worker")
-        yield {"url": url, "log": tmp / "router.log"}
+        process = psutil.Process(proc.pid)
+        yield {"url": url, "log": tmp / "router.log", "process": process, "rss": process.memory_info().rss}
 
 
 def operations(url: str):
@@ -60,6 +62,7 @@ def test_no_input_gets_a_server_error(router, mode):
     assert tried >= 5
 
 
-def test_the_router_log_has_no_tracebacks(router):
+def test_the_router_is_whole_afterwards(router):
     assert http_ok(f"{router['url']}/readyz")
     assert "Traceback" not in router["log"].read_text()
+    assert router["process"].memory_info().rss < router["rss"] * 1.25 + (32 << 20)  # back near its baseline

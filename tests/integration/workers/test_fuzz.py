@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
@@ -42,7 +43,8 @@ def worker(tmp_path_factory):
         port = int(wait_for(lambda: ready.exists() and ready.read_text(), 60, "the worker to listen"))
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         yield {"channel": channel, "stub": worker_pb2_grpc.WorkerServiceStub(channel),
-               "endpoint": f"127.0.0.1:{port}", "log": log}
+               "endpoint": f"127.0.0.1:{port}", "log": log, "process": psutil.Process(proc.pid),
+               "rss": psutil.Process(proc.pid).memory_info().rss}
         channel.close()
     finally:
         proc.terminate()
@@ -159,3 +161,4 @@ def test_the_worker_is_whole_afterwards(worker):
                                                    sampling=pb.SamplingParams(max_tokens=8)), timeout=30))
     assert sum(len(d.token_ids) for d in deltas) == 8
     assert "Traceback" not in worker["log"].read_text()
+    assert worker["process"].memory_info().rss < worker["rss"] * 1.25 + (32 << 20)  # back near its baseline
