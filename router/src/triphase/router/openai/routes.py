@@ -142,6 +142,7 @@ class Api:
 
     def _chat_prompt(self, body: bytes) -> tuple[p.ChatCompletionRequest, list[int]]:
         req = p.parse(p.ChatCompletionRequest, self._parse_json(body))
+        self._check_model(req)  # before the costly part
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         self._check_text_size(sum(len(m["content"].encode()) for m in messages), "messages")
         try:
@@ -151,6 +152,7 @@ class Api:
 
     def _completion_prompt(self, body: bytes) -> tuple[p.CompletionRequest, list[int]]:
         req = p.parse(p.CompletionRequest, self._parse_json(body))
+        self._check_model(req)
         if isinstance(req.prompt, str):
             self._check_text_size(len(req.prompt.encode()), "prompt")
             prompt = self.tokenizer.encode(req.prompt)
@@ -166,10 +168,12 @@ class Api:
             raise BadRequest("the prompt is empty", param="prompt")
         return req, prompt
 
-    def _sampling(self, req: p.SamplingFields, prompt_len: int, default_max: int | None) -> Sampling:
+    def _check_model(self, req: p.SamplingFields) -> None:
         if req.model != self.model:
             raise BadRequest(f"the model `{req.model}` does not exist; this server serves `{self.model}`",
                              param="model", code="model_not_found")
+
+    def _sampling(self, req: p.SamplingFields, prompt_len: int, default_max: int | None) -> Sampling:
         room = self.max_model_len - prompt_len
         if room <= 0:
             raise BadRequest(f"the prompt has {prompt_len} tokens; this model's context length is "
