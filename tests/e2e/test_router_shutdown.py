@@ -1,0 +1,61 @@
+"""The router on SIGTERM (real processes, a simulated worker): /readyz answers 503 at once, requests
+still arrive and are served during --shutdown-delay, the stream in flight runs to its end, and the
+router exits 0."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.procs import http_ok, triphase_process, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def readyz(url: str) -> int:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_sigterm_drains_the_router(tmp_path):
+    worker_args = ["worker", "--engine", "sim", "--role", "both", "--port", "0", "--sim-decode-ms", "20",
+                   "--kv-cache-mib", "16"]
+    with triphase_process(tmp_path, "worker", worker_args) as (_, worker_port):
+        ready = tmp_path / "router.port"
+        router = subprocess.Popen([sys.executable, "-m", "triphase.cli", "router", "--workers",
+                                   f"127.0.0.1:{worker_port}", "--port", "0", "--shutdown-delay", "5",
+                                   "--drain-timeout", "30", "--ready-file", str(ready)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            url = f"http://127.0.0.1:{wait_for(lambda: ready.exists() and ready.read_text(), 60, 'the router')}"
+            wait_for(lambda: http_ok(f"{url}/readyz"), 60, "the router to see its worker")
+            body = json.dumps({"model": "SmolLM2-135M-Instruct", "prompt": "a", "max_tokens": 150,
+                               "ignore_eos": True, "stream": True}).encode()
+            request = urllib.request.Request(f"{url}/v1/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as stream:
+                first = stream.readline()  # the stream is running (150 steps of 20 ms)
+                router.send_signal(signal.SIGTERM)
+                wait_for(lambda: readyz(url) == 503, 5, "/readyz to answer 503")
+                late = json.dumps({"model": "SmolLM2-135M-Instruct", "prompt": "b", "max_tokens": 2}).encode()
+                with urllib.request.urlopen(urllib.request.Request(
+                        f"{url}/v1/completions", data=late, headers={"Content-Type": "application/json"}),
+                        timeout=5) as answer:  # endpoints have not caught up yet: still served
+                    assert answer.status == 200
+                rest = stream.read().decode()
+            assert first.startswith(b"data: ") and rest.rstrip().endswith("data: [DONE]")
+            assert '"finish_reason": "length"' in rest
+            assert router.wait(timeout=60) == 0
+        finally:
+            if router.poll() is None:
+                router.kill()
+            router.wait()
