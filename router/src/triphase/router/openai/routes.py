@@ -229,7 +229,7 @@ class Api:
             raise
         except Exception as exc:  # a worker failure the pipeline could not absorb
             logger.exception("Request failed")
-            raise Unavailable(f"the request failed inside the serving system: {exc}") from None
+            raise Unavailable("the request failed inside the serving system") from exc
         return "".join(text), tokens, reason, cached
 
     async def _sse(self, request: web.Request, frames: AsyncIterator[bytes]) -> web.StreamResponse:
@@ -242,9 +242,9 @@ class Api:
             await response.write(_frame(exc.body()))
         except (ConnectionResetError, BrokenPipeError):
             return response  # the client left: the closed stream cancels the workers' request
-        except Exception as exc:
+        except Exception:
             logger.exception("Stream failed")
-            await response.write(_frame(Unavailable(str(exc)).body()))
+            await response.write(_frame(Unavailable("the request failed inside the serving system").body()))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
