@@ -58,7 +58,9 @@ def triphase_up(args: list[str], timeout: float = 240) -> Iterator[tuple[subproc
     proc = subprocess.Popen([sys.executable, "-m", "triphase.cli", "up", "--port", "0", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str] = queue.Queue()
+    errors: list[str] = []  # drained as it comes: a full pipe would block the supervisor's messages
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or ()], daemon=True).start()
+    threading.Thread(target=lambda: errors.extend(proc.stderr or ()), daemon=True).start()
     deadline = time.monotonic() + timeout
     url = None
     try:
@@ -66,9 +68,8 @@ def triphase_up(args: list[str], timeout: float = 240) -> Iterator[tuple[subproc
             try:
                 line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
-                stop(proc, grace=10)  # first, so reading its stderr cannot block
-                errors = proc.stderr.read() if proc.stderr else ""
-                raise AssertionError(f"triphase up did not start: {errors}") from None
+                stop(proc, grace=10)
+                raise AssertionError(f"triphase up did not start: {''.join(errors)}") from None
             found = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
             url = found.group(1) if found else None
         yield proc, url
