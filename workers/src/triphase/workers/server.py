@@ -12,7 +12,8 @@ SamplingParams before any work is done on them.
 Who frees pinned KV: the prefill worker keeps a prefilled request's blocks pinned until the decode
 worker's ReleaseKv (sent once the blocks are in its own cache), the router's ReleaseKv (hand-off
 failed or cancelled), or the pin timeout. A NIXL READ that raced the timeout is detected by the
-ReleaseKv answer (`released` false: the blocks may have been reused) and treated as a failed hand-off.
+ReleaseKv answer (`released` false: the blocks may have been reused), one whose source died by the
+ReleaseKv failing; both are treated as a failed hand-off.
 """
 
 from __future__ import annotations
@@ -247,15 +248,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             except grpc.aio.AioRpcError as exc:
                 raise _HandOffFailed(f"{source} failed: {exc.code().name}: {exc.details()}") from None
             first = await anext(outputs)
+        # A NIXL READ is only known to be whole if the source still held the pin afterwards: a source
+        # that expired the pin may have reused the blocks, and one that died (or was restarted on its
+        # port) may have died during the READ. The gRPC stream, read to its end, needs no such proof.
         try:
             released = (await self.channels.stub(kv.source_endpoint).ReleaseKv(
                 pb.ReleaseKvRequest(request_id=kv.request_id), timeout=10)).released
-        except grpc.aio.AioRpcError as exc:  # the source went away after the copy: its pin died with it
+            why = "the pinned KV expired during the transfer"
+        except grpc.aio.AioRpcError as exc:
             logger.warning("Could not release %s on %s: %s", kv.request_id, kv.source_endpoint, exc.code().name)
-            released = True
-        if backend == "nixl" and not released:  # the pin expired during the READ: blocks may be reused
+            released, why = False, "the source went away during or after the transfer"
+        if backend == "nixl" and not released:
             await outputs.aclose()
-            raise _HandOffFailed(f"{source} failed: the pinned KV expired during the transfer")
+            raise _HandOffFailed(f"{source} failed: {why}")
         return outputs, first, backend
 
     async def _grpc_import(self, request: pb.DecodeRequest, prompt: list[int], sampling: SamplingParams,
