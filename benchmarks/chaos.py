@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import sys
 import time
 
@@ -53,6 +54,10 @@ def main() -> None:
         seconds = time.monotonic() - started
         failed = [o for o in outcomes if o.text is None]
         differ = [o for o in outcomes if o.text is not None and o.text != expected[o.index]]
+        for o in differ:
+            log(f"differs: prompt {o.index}: expected {expected[o.index]!r}, got {o.text!r}")
+        for error, count in collections.Counter(o.error for o in failed).most_common():
+            log(f"failed {count}x: {error}")
         idle = _settled(url)
         rss_after = rss_mib(router)
 
