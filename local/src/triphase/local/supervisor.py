@@ -2,8 +2,9 @@
 
 Each child is a `triphase` subcommand run with `--ready-file` (it writes its bound port there once
 serving). A child that exits while the stack runs is restarted on the port it had, so the router's
-worker endpoints and the printed URL stay valid, after a backoff that doubles while it keeps failing
-(RESTART_BACKOFF_S up to MAX_BACKOFF_S; reset once it has run STABLE_S). This is what Kubernetes
+worker endpoints and the printed URL stay valid. One that dies before it is ready again is crash
+looping: its restarts back off, doubling from RESTART_BACKOFF_S up to MAX_BACKOFF_S; one that had
+become ready (or ran STABLE_S) is restarted after RESTART_BACKOFF_S. This is what Kubernetes
 does for a pod's container; a worker whose engine dies exits 1 for exactly this. Children get
 PR_SET_PDEATHSIG, so even a `kill -9` of the supervisor leaves no orphans behind.
 """
@@ -100,7 +101,7 @@ class Supervisor:
             if proc is None:
                 continue
             if child.restart_at is None and proc.poll() is not None:
-                if now - child.started_at > STABLE_S:
+                if child.announced or now - child.started_at > STABLE_S:  # it served: not a crash loop
                     child.backoff_s = RESTART_BACKOFF_S
                 child.restart_at = now + child.backoff_s
                 self.say(f"{child.name} exited with code {proc.returncode}; restarting in {child.backoff_s:g} s "
