@@ -17,6 +17,7 @@ import pytest
 from tests.procs import wait_for
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
+from triphase.common.block_hash import prompt_block_hashes
 from triphase.workers.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -276,3 +277,21 @@ def test_stats_interval_and_grace_are_clamped(workers):
     assert 1 <= received <= 40  # at most one per 50 ms (a negative interval used to busy-loop: thousands)
     changed = stub.SetRole(pb.SetRoleRequest(role=pb.ROLE_DECODE, grace_seconds=float("nan")), timeout=10)
     assert changed.current == pb.ROLE_DECODE
+
+
+def test_a_read_the_source_cannot_vouch_for_never_enters_the_prefix_cache(workers, loaded_model):
+    """The prefill worker no longer holds the pin (here: released before the Decode; in chaos: killed
+    during the READ). The NIXL READ itself succeeds, but its bytes are not known to be whole: the
+    Decode is ABORTED before the import commits, so no later request can hit those blocks."""
+    prefill, _ = workers["prefill"]
+    decode, _ = workers["decode"]
+    prompt = loaded_model.tokenizer.encode("An unvouched KV cache, " * 8)  # no block shared with other tests
+    kv = prefill.Prefill(pb.PrefillRequest(request_id="unvouched", prompt_token_ids=prompt, sampling=GREEDY)).kv
+    assert prefill.ReleaseKv(pb.ReleaseKvRequest(request_id="unvouched")).released
+    with pytest.raises(grpc.RpcError) as err:
+        list(decode.Decode(pb.DecodeRequest(request_id="unvouched", prompt_token_ids=prompt, sampling=GREEDY,
+                                            kv=kv)))
+    assert err.value.code() == grpc.StatusCode.ABORTED and "did not hold" in err.value.details()
+    hashes = set(prompt_block_hashes(prompt, 16))
+    assert not hashes & set(stats(decode).cached_block_hashes)
+    wait_for(lambda: all_free(decode), 10, "the reserved blocks freed")

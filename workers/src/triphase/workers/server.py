@@ -13,7 +13,8 @@ Who frees pinned KV: the prefill worker keeps a prefilled request's blocks pinne
 worker's ReleaseKv (sent once the blocks are in its own cache), the router's ReleaseKv (hand-off
 failed or cancelled), or the pin timeout. A NIXL READ that raced the timeout is detected by the
 ReleaseKv answer (`released` false: the blocks may have been reused), one whose source died by the
-ReleaseKv failing; both are treated as a failed hand-off.
+ReleaseKv failing; both are a failed hand-off, decided before the imported blocks are committed
+(and enter the prefix cache).
 """
 
 from __future__ import annotations
@@ -232,6 +233,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 moved = await asyncio.to_thread(nixl.read, kv.nixl_agent_metadata, kv.kv_base_address,
                                                 list(kv.block_ids), dst)
                 self.kv_bytes_received["nixl"] += moved
+                # A READ is only known to be whole if the source still held the pin after it: one whose
+                # pin expired may have reused the blocks, one that died (or was restarted on its port)
+                # may have died during the READ. Checked here, before the import commits and the
+                # blocks enter the prefix cache, so that a bad copy is never reused by a later request.
+                if not await self._release_source(kv):
+                    raise _HandOffFailed(f"{source} failed: the source did not hold the KV through the transfer")
 
             outputs = self.engine.import_and_decode(request.request_id, prompt, sampling, export, fill)
             try:
@@ -242,26 +249,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 logger.warning("NIXL transfer of %s failed (%s); falling back to the gRPC stream", kv.request_id,
                                exc)
                 self.nixl_fallbacks += 1
-        if backend == "grpc":
+        if backend == "grpc":  # the stream, read to its end, needs no proof; the source frees its copy
             try:
                 outputs = await self._grpc_import(request, prompt, sampling, export)
             except grpc.aio.AioRpcError as exc:
                 raise _HandOffFailed(f"{source} failed: {exc.code().name}: {exc.details()}") from None
             first = await anext(outputs)
-        # A NIXL READ is only known to be whole if the source still held the pin afterwards: a source
-        # that expired the pin may have reused the blocks, and one that died (or was restarted on its
-        # port) may have died during the READ. The gRPC stream, read to its end, needs no such proof.
+            await self._release_source(kv)
+        return outputs, first, backend
+
+    async def _release_source(self, kv: pb.KvTransferParams) -> bool:
+        """ReleaseKv on the prefill worker: whether it still held the pin (False if unreachable)."""
         try:
-            released = (await self.channels.stub(kv.source_endpoint).ReleaseKv(
-                pb.ReleaseKvRequest(request_id=kv.request_id), timeout=10)).released
-            why = "the pinned KV expired during the transfer"
+            return bool((await self.channels.stub(kv.source_endpoint).ReleaseKv(
+                pb.ReleaseKvRequest(request_id=kv.request_id), timeout=10)).released)
         except grpc.aio.AioRpcError as exc:
             logger.warning("Could not release %s on %s: %s", kv.request_id, kv.source_endpoint, exc.code().name)
-            released, why = False, "the source went away during or after the transfer"
-        if backend == "nixl" and not released:
-            await outputs.aclose()
-            raise _HandOffFailed(f"{source} failed: {why}")
-        return outputs, first, backend
+            return False
 
     async def _grpc_import(self, request: pb.DecodeRequest, prompt: list[int], sampling: SamplingParams,
                            export: KvExport) -> AsyncGenerator[RequestOutput, None]:
