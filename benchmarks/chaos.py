@@ -55,7 +55,8 @@ def main() -> None:
         failed = [o for o in outcomes if o.text is None]
         differ = [o for o in outcomes if o.text is not None and o.text != expected[o.index]]
         for o in differ:
-            log(f"differs: prompt {o.index}: expected {expected[o.index]!r}, got {o.text!r}")
+            log(f"differs: {o.request_id} (prompt {o.index}): expected {expected[o.index]!r}, got {o.text!r}; "
+                "its resumes and failed hand-offs are in the router log under that id")
         for error, count in collections.Counter(o.error for o in failed).most_common():
             log(f"failed {count}x: {error}")
         idle = _settled(url)

@@ -29,6 +29,7 @@ class Outcome:
     index: int  # into PROMPTS
     text: str | None  # None: failed
     error: str = ""
+    request_id: str = ""  # the response's id: the router logs each resume and hand-off failure under it
 
 
 async def load(url: str, requests: int, concurrency: int, max_tokens: int, *, stream_every: int = 2,
@@ -46,11 +47,11 @@ async def load(url: str, requests: int, concurrency: int, max_tokens: int, *, st
                        temperature=0)
         try:
             if i % stream_every == 0:
-                pieces = [c.choices[0].delta.content or "" async for c in
-                          await client.chat.completions.create(**request, stream=True) if c.choices]
-                return Outcome(index, "".join(pieces))
+                chunks = [c async for c in await client.chat.completions.create(**request, stream=True)]
+                pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+                return Outcome(index, "".join(pieces), request_id=chunks[0].id if chunks else "")
             reply = await client.chat.completions.create(**request)
-            return Outcome(index, reply.choices[0].message.content or "")
+            return Outcome(index, reply.choices[0].message.content or "", request_id=reply.id)
         except (openai.APIError, OSError) as exc:
             return Outcome(index, None, f"{type(exc).__name__}: {exc}")
 

@@ -73,7 +73,8 @@ class Pipeline:
                 # The prefill worker's KV could not be had: the decode worker prefills prompt + first token.
                 if resume:
                     raise Unavailable(f"the request failed after a failed KV hand-off: {exc}") from None
-                logger.warning("KV hand-off to %s failed (%s); prefilling there", trace.decode_worker, exc)
+                logger.warning("%s: KV hand-off to %s failed (%s); prefilling there", trace.request_id,
+                               trace.decode_worker, exc)
                 trace.local_prefill = resume = stay = True
                 trace.kv_backend = None
                 continue
@@ -85,8 +86,8 @@ class Pipeline:
                 if len(failed) > self.max_retries:
                     raise Unavailable(f"the request failed on {len(failed)} workers; last error: {exc}") from None
                 self.metrics.migrations.labels(self.metrics.model).inc()
-                logger.warning("Decode worker %s failed after %d tokens (%s); resuming elsewhere",
-                               trace.decode_worker, len(sent), exc)
+                logger.warning("%s: decode worker %s failed after %d tokens (%s); resuming elsewhere",
+                               trace.request_id, trace.decode_worker, len(sent), exc)
 
     async def _place_and_run(self, prompt: list[int], sampling: Sampling, trace: Trace, failed: set[str],
                              ) -> AsyncGenerator[Delta, None]:
@@ -99,8 +100,8 @@ class Pipeline:
                 ticket, first = await self.client.prefill(placement.prefill.endpoint, trace.request_id, prompt,
                                                           sampling)
             except WorkerFailed as exc:
-                logger.warning("Prefill on %s failed (%s); prefilling on %s", placement.prefill.worker_id, exc,
-                               decode.worker_id)
+                logger.warning("%s: prefill on %s failed (%s); prefilling on %s", trace.request_id,
+                               placement.prefill.worker_id, exc, decode.worker_id)
                 self.registry.mark_unhealthy(placement.prefill.endpoint)
             else:
                 async with contextlib.aclosing(self._hand_off(decode.endpoint, prompt, sampling, trace, ticket,
