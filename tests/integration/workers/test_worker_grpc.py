@@ -141,6 +141,10 @@ def test_errors_are_status_codes(workers, prompt):
     with pytest.raises(grpc.RpcError) as err:
         list(decode.Generate(pb.GenerateRequest(request_id="y", prompt_token_ids=[1] * 9000, sampling=GREEDY)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:  # refused on its length, before two million ids are copied
+        list(decode.Generate(pb.GenerateRequest(request_id="y2", prompt_token_ids=[1] * 2_000_000,
+                                                sampling=GREEDY), timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "2000000 tokens" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         list(decode.Generate(pb.GenerateRequest(request_id="z", prompt_token_ids=prompt,
                                                 sampling=pb.SamplingParams(max_tokens=4, temperature=-1))))

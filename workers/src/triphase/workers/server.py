@@ -135,6 +135,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if needs_decode and not self.role.can_decode:
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"worker {self.worker_id} is {self.role}, not decode")
 
+    def _prompt(self, request: pb.GenerateRequest | pb.PrefillRequest | pb.DecodeRequest) -> list[int]:
+        """The prompt's token ids, its length bounded before they are copied (a message may carry
+        millions: the server accepts 64 MiB)."""
+        limit = self.engine.engine.max_model_len
+        if len(request.prompt_token_ids) >= limit:
+            raise ValueError(f"prompt has {len(request.prompt_token_ids)} tokens; at most {limit - 1} fit")
+        return list(request.prompt_token_ids)
+
     @contextlib.asynccontextmanager
     async def _errors(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """Map engine exceptions to status codes; count in-flight work."""
@@ -166,7 +174,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         async with self._errors(context):
             self._admit(request.request_id, needs_decode=True)
             sampling = sampling_from_pb(request.sampling)
-            prompt = list(request.prompt_token_ids)
+            prompt = self._prompt(request)
             stream = self.engine.generate(request.request_id, prompt, sampling, request.resumed_output_tokens)
             with self._tracked(request.request_id):
                 async with contextlib.aclosing(stream) as outputs:
@@ -179,7 +187,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         async with self._errors(context):
             self._admit(request.request_id, needs_prefill=True)
             sampling = sampling_from_pb(request.sampling)
-            prompt = list(request.prompt_token_ids)
+            prompt = self._prompt(request)
             self.prefills += 1
             try:
                 export, first = await self.engine.prefill(request.request_id, prompt, sampling)
@@ -216,7 +224,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         NIXL READ first (when both sides have it), the gRPC stream as fallback; then the prefill
         worker is told to free its copy. Any failure to obtain the KV is a `_HandOffFailed`."""
         sampling = sampling_from_pb(request.sampling)
-        prompt = list(request.prompt_token_ids)
+        prompt = self._prompt(request)
         kv = request.kv
         export = KvExport(kv.request_id, layout_from_pb(kv.layout, len(kv.block_ids)), list(kv.block_ids),
                           kv.num_tokens, kv.first_token_id)
