@@ -85,9 +85,7 @@ class ConnectionLimits:
     max_connections: int = 1024
     head_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
-    open: int = 0
-    refused: int = 0
-    timed_out: int = 0
+    open: int = 0  # connections counted now
 
 
 def _response(status: str, message: str, kind: str) -> bytes:
@@ -115,7 +113,6 @@ class GuardedProtocol(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         if self.limits.open >= self.limits.max_connections:
-            self.limits.refused += 1
             transport.write(REFUSED)
             transport.close()
             return
@@ -138,7 +135,6 @@ class GuardedProtocol(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if self.framing.expired(asyncio.get_running_loop().time()):
-            self.limits.timed_out += 1
             transport.write(TIMED_OUT)
             transport.close()
         else:
