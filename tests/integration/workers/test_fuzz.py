@@ -7,8 +7,6 @@ suite runs a short, derandomized pass; docs/reliability.md records a long one)."
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import grpc
 import psutil
@@ -17,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.procs import wait_for
+from tests.procs import triphase_process, wait_for
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
 
@@ -33,22 +31,15 @@ METHODS = {"Prefill": False, "Decode": True, "Generate": True, "WatchStats": Tru
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
-    ready, log = tmp / "worker.port", tmp / "worker.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "triphase.cli", "worker", "--engine", "sim", "--port", "0",
-                                 "--sim-prefill-ms", "0", "--sim-decode-ms", "0", "--kv-cache-mib", "16",
-                                 "--kv-pin-timeout", "1", "--ready-file", str(ready)], stdout=out,
-                                stderr=subprocess.STDOUT)
-    try:
-        port = int(wait_for(lambda: ready.exists() and ready.read_text(), 60, "the worker to listen"))
+    args = ["worker", "--engine", "sim", "--port", "0", "--sim-prefill-ms", "0", "--sim-decode-ms", "0",
+            "--kv-cache-mib", "16", "--kv-pin-timeout", "1"]
+    with triphase_process(tmp, "worker", args) as (proc, port):
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        process = psutil.Process(proc.pid)
         yield {"channel": channel, "stub": worker_pb2_grpc.WorkerServiceStub(channel),
-               "endpoint": f"127.0.0.1:{port}", "log": log, "process": psutil.Process(proc.pid),
-               "rss": psutil.Process(proc.pid).memory_info().rss}
+               "endpoint": f"127.0.0.1:{port}", "log": tmp / "worker.log", "process": process,
+               "rss": process.memory_info().rss}
         channel.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def call(channel: grpc.Channel, method: str, request: bytes) -> grpc.StatusCode:
