@@ -42,6 +42,9 @@ class WorkerCollector(Collector):
         yield gauge("triphase_kv_cache_usage_ratio", "Share of KV blocks in use (not free)",
                     1 - s.free_blocks / s.total_blocks if s.total_blocks else 0.0)
         yield gauge("triphase_worker_draining", "1 while the worker refuses new work", float(sv.draining))
+        yield gauge("triphase_worker_prefill_tokens_per_second", "Prompt tokens per second of recent prefill steps",
+                    s.prefill_tokens_per_s)
+        yield gauge("triphase_worker_decode_step_seconds", "Mean duration of recent decode steps", s.decode_step_s)
         yield counter("triphase_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                       s.prefix_queries)
         yield counter("triphase_prefix_cache_hits", "Prompt tokens found in the prefix cache", s.prefix_hits)

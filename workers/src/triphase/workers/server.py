@@ -371,7 +371,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             running_requests=s.running, waiting_requests=s.waiting, free_kv_blocks=s.free_blocks,
             total_kv_blocks=s.total_blocks, queued_prefill_tokens=s.queued_prefill_tokens, pinned_requests=s.pinned,
             block_size=self.engine.engine.layout.block_size, cached_block_hashes=s.cached_block_hashes,
-            model=self.model, switching=self.switching,
+            model=self.model, switching=self.switching, prefill_tokens_per_second=s.prefill_tokens_per_s,
+            decode_step_seconds=s.decode_step_s,
         )
 
     async def WatchStats(self, request: pb.WatchStatsRequest, context: grpc.aio.ServicerContext,

@@ -56,6 +56,8 @@ class EngineStats:
     preemptions: int = 0
     steps: int = 0
     cached_block_hashes: tuple[int, ...] = ()
+    prefill_tokens_per_s: float = 0.0
+    decode_step_s: float = 0.0
 
 
 class AsyncEngine:
@@ -167,7 +169,10 @@ class AsyncEngine:
     def _publish_stats(self) -> None:
         engine = self.engine
         sched, kv = engine.scheduler, engine.kv
+        # Prompt tokens not yet computed: queued requests, and running ones part-way through a
+        # chunked prefill (a decoding request has exactly one token to compute).
         queued = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting)
+        queued += sum(left for r in sched.running if (left := r.num_tokens - r.num_computed_tokens) > 1)
         if kv.pool.cached_version != self._hashes_version:  # copy the index only when it changed
             self._hashes = tuple(itertools.islice(kv.pool.cached, self.max_reported_hashes))
             self._hashes_version = kv.pool.cached_version
@@ -177,6 +182,7 @@ class AsyncEngine:
             free_blocks=kv.num_free_blocks, total_blocks=kv.pool.num_blocks, queued_prefill_tokens=queued,
             prefix_queries=kv.prefix_queries, prefix_hits=kv.prefix_hits, preemptions=sched.num_preemptions,
             steps=engine.num_steps, cached_block_hashes=hashes,
+            prefill_tokens_per_s=engine.rates.prefill_tokens_per_s, decode_step_s=engine.rates.decode_step_s,
         )
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.stats_changed.set)

@@ -22,6 +22,7 @@ from triphase.workers.engine.detokenizer import IncrementalDetokenizer
 from triphase.workers.engine.kv_cache_manager import KVCacheManager, cdiv
 from triphase.workers.engine.kv_layout import KvLayout
 from triphase.workers.engine.model_runner import TORCH_DTYPES, ModelRunner
+from triphase.workers.engine.rates import StepRates
 from triphase.workers.engine.request import Request, RequestStatus
 from triphase.workers.engine.sampling import SamplingParams
 from triphase.workers.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
@@ -146,6 +147,7 @@ class Engine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._stop_ids = frozenset(cfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self.num_steps = 0
+        self.rates = StepRates()
         self._batches = itertools.count()
 
     @classmethod
@@ -213,7 +215,9 @@ class Engine:
         if not plan.scheduled:
             return []
         try:
+            started = time.monotonic()
             samples = self.runner.execute(plan)
+            self.rates.record(plan, time.monotonic() - started)
             self.num_steps += 1
             advanced = self.scheduler.update(plan, {rid: s.token_id for rid, s in samples.items()})
             now = time.monotonic()
