@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     router_main.add_arguments(router)
     router.set_defaults(run=router_main.run, log_level="INFO")
 
+    from triphase.control import main as balancer_main
+
+    balancer = sub.add_parser("balancer", help="the role balancer over a list of workers (prefill <-> decode)")
+    balancer_main.add_arguments(balancer)
+    balancer.set_defaults(run=balancer_main.run, log_level="INFO")
+
     from triphase.cli import up
 
     up_parser = sub.add_parser("up", help="router + prefill + decode workers on 127.0.0.1 (Ctrl-C stops all)")

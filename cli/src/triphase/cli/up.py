@@ -1,5 +1,8 @@
 """`triphase up`: the whole local stack (router + prefill + decode workers) on 127.0.0.1.
 
+With `--role-switching` the role balancer (`triphase balancer`) runs beside the router and moves
+workers between prefill and decode as the load shifts, against `--ttft-slo` / `--tpot-slo`.
+
 Starts each worker and the router as supervised child processes (triphase.local.supervisor: a child
 that exits is restarted on the port it had), shows progress while the model loads, prints the URL and
 a curl example, and stops every child on Ctrl-C or SIGTERM.
@@ -19,7 +22,10 @@ import urllib.error
 import urllib.request
 
 from triphase.common.errors import UserError
+from triphase.control import main as balancer
 from triphase.local.supervisor import Supervisor
+
+SIM_TIMING = ("sim_prefill_ms", "sim_prefill_per_token_ms", "sim_decode_ms", "sim_decode_per_seq_ms")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for the stack to be ready")
     parser.add_argument("--drain-timeout", type=float, default=10.0,
                         help="on Ctrl-C / SIGTERM: seconds each process may take to finish its requests")
+    for name in SIM_TIMING:
+        parser.add_argument("--" + name.replace("_", "-"), type=float, help="passed to the sim workers")
+    switching = parser.add_argument_group("role switching")
+    switching.add_argument("--role-switching", action="store_true",
+                           help="run the role balancer: workers move between prefill and decode as load shifts")
+    balancer.add_policy_arguments(switching)
 
 
 def _say(message: str) -> None:
@@ -54,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
                   "--drain-timeout", str(args.drain_timeout)]
         if args.model:
             common += ["--model", args.model]
+        for name in SIM_TIMING:
+            if getattr(args, name) is not None:
+                if args.engine != "sim":
+                    raise UserError(f"--{name.replace('_', '-')} needs --engine sim")
+                common += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+        if args.role_switching:
+            balancer.settings_from(args)  # a bad SLO or limit is a one-line error before anything starts
         names = [(f"prefill-{i}", "prefill") for i in range(args.prefill)]
         names += [(f"decode-{i}", "decode") for i in range(args.decode)]
         if not names or args.decode + args.prefill == 0:
@@ -72,6 +91,12 @@ def run(args: argparse.Namespace) -> int:
         if args.model:
             router_args += ["--model", args.model]
         port = stack.wait_ready(stack.spawn("router", router_args), deadline)
+        if args.role_switching:
+            metrics = stack.wait_ready(stack.spawn("balancer", ["balancer", "--workers", ",".join(endpoints),
+                                                                "--port", "0", *balancer.policy_argv(args)]),
+                                       deadline)
+            _say(f"role balancer running (TTFT {args.ttft_slo:g} s, TPOT {args.tpot_slo:g} s; metrics on "
+                 f"127.0.0.1:{metrics})")
         url = f"http://127.0.0.1:{port}"
         model = _wait_ready(url, deadline)
         sys.stdout.write(

@@ -1,0 +1,96 @@
+"""`triphase balancer`: the role balancer over a static list of workers (what `triphase up
+--role-switching` runs beside the router). Serves its metrics on `--port` (127.0.0.1)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import pathlib
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from triphase.common.signals import wait_for_stop_signal
+from triphase.control.balancer import Balancer, Settings, Slo
+from triphase.control.loop import BalancerLoop, SetRoleActuator
+from triphase.control.metrics import BalancerMetrics
+from triphase.control.stats import Channels, StatsWatcher
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", required=True, help="comma-separated worker gRPC endpoints (host:port)")
+    add_policy_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="metrics address")
+    parser.add_argument("--port", type=int, default=0, help="metrics port (0: any free port)")
+    parser.add_argument("--ready-file", help="write the bound metrics port here once running (for supervisors)")
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The SLO and the limits, shared with `triphase up --role-switching`."""
+    defaults = Settings()
+    parser.add_argument("--ttft-slo", type=float, default=2.0, metavar="SECONDS", help="time to first token target")
+    parser.add_argument("--tpot-slo", type=float, default=0.1, metavar="SECONDS", help="time per output token target")
+    parser.add_argument("--max-switches-per-minute", type=int, default=defaults.max_switches_per_minute)
+    parser.add_argument("--min-per-role", type=int, default=defaults.min_per_role,
+                        help="ready workers prefill and decode each keep at least")
+    parser.add_argument("--switch-cooldown", type=float, default=defaults.cooldown_s, metavar="SECONDS",
+                        help="a switched worker keeps its new role at least this long")
+    parser.add_argument("--switch-grace", type=float, default=5.0, metavar="SECONDS",
+                        help="how long a switching worker lets its in-flight streams finish before handing them over")
+
+
+def policy_argv(args: argparse.Namespace) -> list[str]:
+    """The policy arguments as a command line (for a supervisor starting `triphase balancer`)."""
+    return ["--ttft-slo", str(args.ttft_slo), "--tpot-slo", str(args.tpot_slo),
+            "--max-switches-per-minute", str(args.max_switches_per_minute), "--min-per-role", str(args.min_per_role),
+            "--switch-cooldown", str(args.switch_cooldown), "--switch-grace", str(args.switch_grace)]
+
+
+def settings_from(args: argparse.Namespace) -> tuple[Slo, Settings]:
+    if not (args.ttft_slo > 0 and args.tpot_slo > 0):
+        raise ValueError("--ttft-slo and --tpot-slo must be positive")
+    if args.switch_cooldown < 0 or args.switch_grace < 0:
+        raise ValueError("--switch-cooldown and --switch-grace must not be negative")
+    return Slo(args.ttft_slo, args.tpot_slo), Settings(max_switches_per_minute=args.max_switches_per_minute,
+                                                       min_per_role=args.min_per_role, cooldown_s=args.switch_cooldown)
+
+
+def run(args: argparse.Namespace) -> int:
+    endpoints = [e.strip() for e in args.workers.split(",") if e.strip()]
+    if not endpoints:
+        raise ValueError("--workers names no endpoint")
+    slo, settings = settings_from(args)
+    registry = CollectorRegistry()
+    server, _ = start_http_server(args.port, addr=args.host, registry=registry)
+    port = int(server.server_port)
+    metrics = BalancerMetrics(registry)
+    logger.info("Role balancer over %d workers (TTFT %.3g s, TPOT %.3g s); metrics on %s:%d", len(endpoints),
+                slo.ttft_s, slo.tpot_s, args.host, port)
+    if args.ready_file:
+        pathlib.Path(args.ready_file).write_text(str(port))
+    return asyncio.run(_balance(endpoints, slo, settings, args.switch_grace, metrics))
+
+
+async def _balance(endpoints: list[str], slo: Slo, settings: Settings, grace_s: float,
+                   metrics: BalancerMetrics) -> int:
+    channels = Channels()
+    watcher = StatsWatcher(channels)
+    watcher.set_endpoints(endpoints)
+    loop = BalancerLoop(watcher, SetRoleActuator(channels, grace_s), Balancer(slo, settings), metrics=metrics)
+    task = asyncio.create_task(loop.run())
+    stop = asyncio.create_task(wait_for_stop_signal())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # the loop never ends on its own: raise what ended it (the process exits 1)
+    finally:
+        for t in (task, stop):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await watcher.stop()
+        await channels.close()
+    return 0

@@ -1,0 +1,54 @@
+"""The role balancer's metrics: switches, their duration, and the policy's inputs as gauges.
+
+Labels: `deployment` (the ServingDeployment, `namespace/name`; `local` for `triphase up`) and
+`model` on every series, so one operator's registry holds every deployment it balances.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from triphase.common.roles import Role
+from triphase.control.balancer import SWITCHABLE, Decision, Switch, WorkerView
+
+
+class BalancerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["deployment", "model"]
+        self.switches = Counter("triphase_role_switches", "Role switches completed",
+                                [*labels, "from", "to", "reason"], registry=registry)
+        self.failures = Counter("triphase_role_switch_failures", "Role switches that failed", labels,
+                                registry=registry)
+        self.duration = Histogram("triphase_role_switch_duration_seconds", "SetRole call to the worker back in "
+                                  "its new role", labels, registry=registry,
+                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
+        self.backlog = Gauge("triphase_balancer_prefill_backlog_seconds", "Queued prompt tokens over the prefill "
+                             "workers' measured rate", labels, registry=registry)
+        self.prefill_pressure = Gauge("triphase_balancer_prefill_pressure", "Prefill backlog over the TTFT "
+                                      "target (1 = budget used up)", labels, registry=registry)
+        self.decode_pressure = Gauge("triphase_balancer_decode_pressure", "Mean over decode workers of step time "
+                                     "over the TPOT target or KV usage over its limit", labels, registry=registry)
+        self.workers = Gauge("triphase_balancer_workers", "Ready workers by current role, as the balancer sees them",
+                             [*labels, "role"], registry=registry)
+
+    def observe(self, deployment: str, model: str, decision: Decision, workers: list[WorkerView]) -> None:
+        p = decision.pressures
+        if p is None:
+            return
+        self.backlog.labels(deployment, model).set(p.backlog_s)
+        self.prefill_pressure.labels(deployment, model).set(p.prefill)
+        self.decode_pressure.labels(deployment, model).set(p.decode)
+        for role in (*SWITCHABLE, Role.BOTH):
+            self.workers.labels(deployment, model, str(role)).set(sum(1 for w in workers if w.role is role
+                                                                      and w.healthy))
+
+    def switched(self, deployment: str, model: str, switch: Switch, seconds: float) -> None:
+        self.switches.labels(deployment, model, str(switch.from_role), str(switch.to_role), switch.reason).inc()
+        self.duration.labels(deployment, model).observe(seconds)
+
+    def forget(self, deployment: str) -> None:
+        """Drop a deleted deployment's series."""
+        for metric in (self.switches, self.failures, self.duration, self.backlog, self.prefill_pressure,
+                       self.decode_pressure, self.workers):
+            for labels in [k for k in metric._metrics if k and k[0] == deployment]:
+                metric.remove(*labels)

@@ -1,0 +1,115 @@
+"""Live worker snapshots for the control loops: one WatchStats stream per worker endpoint.
+
+Each report becomes a `WorkerView` stamped with its arrival time (the loop's monotonic clock), so
+the policy can tell a quiet worker (it still reports every interval) from a silent one. A stream
+that breaks marks the worker unhealthy and is re-opened with backoff; the set of endpoints can
+change at any time (Kubernetes discovery) and a dropped endpoint is forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+
+import grpc
+
+from triphase.api.v1 import worker_pb2 as pb
+from triphase.api.v1 import worker_pb2_grpc
+from triphase.common.roles import Role
+from triphase.control.balancer import WorkerView
+
+logger = logging.getLogger(__name__)
+
+ROLE_FROM_PB = {pb.ROLE_ENCODE: Role.ENCODE, pb.ROLE_PREFILL: Role.PREFILL, pb.ROLE_DECODE: Role.DECODE,
+                pb.ROLE_BOTH: Role.BOTH}
+ROLE_TO_PB = {v: k for k, v in ROLE_FROM_PB.items()}
+
+
+def view_of(stats: pb.WorkerStats, seen_at: float) -> WorkerView:
+    total = stats.total_kv_blocks
+    return WorkerView(
+        worker_id=stats.worker_id, role=ROLE_FROM_PB.get(stats.role, Role.BOTH), seen_at=seen_at,
+        switching=stats.switching, draining=stats.draining, running=stats.running_requests,
+        waiting=stats.waiting_requests, queued_prefill_tokens=stats.queued_prefill_tokens,
+        kv_usage=1 - stats.free_kv_blocks / total if total else 0.0, pinned=stats.pinned_requests,
+        prefill_tokens_per_s=stats.prefill_tokens_per_second, decode_step_s=stats.decode_step_seconds)
+
+
+class Channels:
+    """One gRPC channel per endpoint, shared by the watcher and the actuator."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, endpoint: str) -> worker_pb2_grpc.WorkerServiceStub:
+        channel = self._channels.get(endpoint)
+        if channel is None:
+            channel = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint)
+        return worker_pb2_grpc.WorkerServiceStub(channel)
+
+    async def forget(self, endpoint: str) -> None:
+        channel = self._channels.pop(endpoint, None)
+        if channel is not None:
+            await channel.close()
+
+    async def close(self) -> None:
+        for endpoint in list(self._channels):
+            await self.forget(endpoint)
+
+
+class StatsWatcher:
+    def __init__(self, channels: Channels, interval_s: float = 0.5) -> None:
+        self.channels = channels
+        self.interval_s = interval_s
+        self.views: dict[str, WorkerView] = {}  # by endpoint
+        self.models: dict[str, str] = {}  # by endpoint: the model each worker serves
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.changed = asyncio.Event()
+
+    def set_endpoints(self, endpoints: list[str]) -> None:
+        wanted = set(endpoints)
+        for endpoint in [ep for ep in self._tasks if ep not in wanted]:
+            self._tasks.pop(endpoint).cancel()
+            self.views.pop(endpoint, None)
+            self.models.pop(endpoint, None)
+        for endpoint in endpoints:
+            if endpoint not in self._tasks:
+                self._tasks[endpoint] = asyncio.create_task(self._watch(endpoint))
+        self.changed.set()
+
+    def endpoint_of(self, worker_id: str) -> str | None:
+        return next((ep for ep, v in self.views.items() if v.worker_id == worker_id), None)
+
+    def snapshot(self) -> list[WorkerView]:
+        return list(self.views.values())
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _watch(self, endpoint: str) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                stream = self.channels.stub(endpoint).WatchStats(pb.WatchStatsRequest(interval_seconds=self.interval_s))
+                async for stats in stream:
+                    self.views[endpoint] = view_of(stats, time.monotonic())
+                    self.models[endpoint] = stats.model
+                    self.changed.set()
+                    backoff = 0.2
+            except grpc.aio.AioRpcError as exc:
+                logger.debug("Stats of %s unavailable: %s", endpoint, exc.code().name)
+            view = self.views.get(endpoint)
+            if view is not None and view.healthy:
+                self.views[endpoint] = dataclasses.replace(view, healthy=False)
+                self.changed.set()
+            await asyncio.sleep(backoff)  # reconnect backoff for a down worker, not synchronisation
+            backoff = min(backoff * 2, 2.0)

@@ -1,0 +1,99 @@
+"""`triphase up --role-switching`: the role balancer moves workers as the load shifts, losing nothing.
+
+Sim workers (2 prefill + 2 decode; 1 ms per prompt token, 10 ms + 5 ms per stream per decode step)
+under a prompt-heavy load, then a decode-heavy one: a decode worker becomes a prefill worker, then
+a worker goes back to decode, each within the reaction target, and every request completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+
+import openai
+
+from tests.procs import triphase_up
+
+SIM = ["--engine", "sim", "--prefill", "2", "--decode", "2", "--sim-prefill-per-token-ms", "1",
+       "--sim-decode-per-seq-ms", "5", "--role-switching", "--ttft-slo", "2", "--tpot-slo", "0.05",
+       "--switch-cooldown", "5", "--max-switches-per-minute", "6"]
+REACTION_S = 10.0  # the issue's target, from the load shift to the switch
+
+
+def roles(url: str) -> dict[str, str]:
+    with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
+        return {w["endpoint"]: w["role"] for w in json.load(response)["workers"]}
+
+
+def count(url: str, role: str) -> int:
+    return sum(1 for r in roles(url).values() if r == role)
+
+
+class Load:
+    """Chat completions from `lanes` concurrent clients (half streamed) until stopped; `done` holds
+    each completed request's completion tokens, `failed` each error."""
+
+    def __init__(self, url: str, prompt: str, max_tokens: int, lanes: int) -> None:
+        self.client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        self.request = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+        self.done: list[int] = []
+        self.failed: list[str] = []
+        self.stopping = False
+        self.lanes = [asyncio.create_task(self._lane(i)) for i in range(lanes)]
+
+    async def _lane(self, lane: int) -> None:
+        model = (await self.client.models.list()).data[0].id
+        for _ in range(10_000):  # bounded; stopped long before
+            if self.stopping:
+                return
+            try:
+                if lane % 2:
+                    stream = await self.client.chat.completions.create(
+                        model=model, stream=True, stream_options={"include_usage": True}, **self.request)
+                    chunks = [c async for c in stream]
+                    usage = chunks[-1].usage
+                else:
+                    usage = (await self.client.chat.completions.create(model=model, **self.request)).usage
+                self.done.append(usage.completion_tokens if usage else 0)
+            except (openai.APIError, OSError) as exc:
+                self.failed.append(f"{type(exc).__name__}: {exc}")
+
+    async def stop(self) -> None:
+        self.stopping = True
+        await asyncio.wait_for(asyncio.gather(*self.lanes), timeout=120)
+        await self.client.close()
+
+
+async def wait_until(condition, timeout_s: float) -> float:  # type: ignore[no-untyped-def]
+    """Seconds until `condition()` held (polled off the event loop); fails after `timeout_s`."""
+    started = time.monotonic()
+    while not await asyncio.to_thread(condition):
+        assert time.monotonic() - started < timeout_s, "condition not met in time"
+        await asyncio.sleep(0.25)  # polling the router's view of the roles, bounded by the deadline
+    return time.monotonic() - started
+
+
+async def test_roles_follow_a_load_that_shifts_from_prompts_to_generations() -> None:
+    with triphase_up(SIM, timeout=120) as (_, url):
+        assert (count(url, "prefill"), count(url, "decode")) == (2, 2)
+
+        # Prompt-heavy: 16 clients sending ~3000-token prompts for 4 tokens each; the two prefill
+        # workers (1000 tokens/s each) build a backlog far above the 2 s TTFT target.
+        prompts = Load(url, "hello " * 3000, max_tokens=4, lanes=16)
+        took = await wait_until(lambda: count(url, "prefill") == 3, REACTION_S + 20)
+        await prompts.stop()
+        assert took <= REACTION_S, f"a decode worker became a prefill worker after {took:.1f} s"
+        assert count(url, "decode") == 1  # min-per-role kept the last one
+        assert not prompts.failed, prompts.failed[:3]
+        assert prompts.done and all(n == 4 for n in prompts.done)
+
+        # Decode-heavy: 24 streams of 200 tokens on the one decode worker take 130 ms a step,
+        # above the 50 ms TPOT target, while the prefill workers idle.
+        generations = Load(url, "hi", max_tokens=200, lanes=24)
+        took = await wait_until(lambda: count(url, "decode") >= 2, REACTION_S + 20)
+        await generations.stop()
+        assert took <= REACTION_S, f"a prefill worker became a decode worker after {took:.1f} s"
+        assert not generations.failed, generations.failed[:3]
+        assert generations.done and all(n == 200 for n in generations.done)
