@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from triphase.common import labels
+from triphase.common.pods import pod_ready
 from triphase.operator import builders
 from triphase.operator.api.v1alpha1 import API_VERSION, PoolSpec, ServingDeploymentSpec
 from triphase.operator.conditions import set_condition
@@ -88,12 +89,6 @@ async def _remove_pool(kube: Kube, namespace: str, pool: str) -> None:
             logger.info("Deleted %s %s (pool removed)", kind, pool)
 
 
-def _pod_ready(pod: dict[str, Any]) -> bool:
-    status = pod.get("status") or {}
-    return status.get("phase") == "Running" and not (pod["metadata"].get("deletionTimestamp")) and any(
-        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-
-
 async def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     meta = body["metadata"]
     name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation")
@@ -132,7 +127,7 @@ async def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     updates = []
     for role, pool in pools.items():
         mine = [p for p in pods if p["metadata"].get("labels", {}).get(labels.ROLE) == role]
-        ready = [p for p in mine if _pod_ready(p)]
+        ready = [p for p in mine if pod_ready(p)]
         by_role: dict[str, int] = {}
         for pod in ready:
             current = pod["metadata"].get("labels", {}).get(CURRENT_ROLE) or role

@@ -18,31 +18,10 @@ from typing import Any
 
 import aiohttp
 
-from triphase.common import labels
 from triphase.common.kube import KubeAccess
+from triphase.common.pods import pod_endpoint
 
 logger = logging.getLogger(__name__)
-def pod_endpoint(pod: dict[str, Any]) -> str | None:
-    """host:port of a worker pod that can take traffic, else None."""
-    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-    if meta.get("deletionTimestamp") or status.get("phase") != "Running":
-        return None
-    if not any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []):
-        return None
-    override = (meta.get("annotations") or {}).get(labels.ENDPOINT)
-    if override:
-        return str(override)
-    ip = status.get("podIP")
-    if not ip:
-        return None
-    port = labels.DEFAULT_GRPC_PORT
-    for container in (pod.get("spec") or {}).get("containers") or []:
-        for container_port in container.get("ports") or []:
-            if container_port.get("name") == labels.GRPC_PORT_NAME:
-                port = container_port["containerPort"]
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 class _Gone(Exception):
     """The watch's resourceVersion is too old: list again."""
 
