@@ -68,6 +68,11 @@ class Pipeline:
                     async for delta in deltas:
                         sent.extend(delta.token_ids)
                         yield delta
+                        if delta.finish_reason is not None:
+                            # Complete: a worker that fails after its last delta (before the
+                            # stream's status arrives) must not get the request resumed, which
+                            # would continue past the stop token.
+                            return
                 return
             except HandOffFailed as exc:
                 # The prefill worker's KV could not be had: the decode worker prefills prompt + first token.
