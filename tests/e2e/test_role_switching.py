@@ -12,8 +12,7 @@ import json
 import time
 import urllib.request
 
-import openai
-
+from tests.load import Load
 from tests.procs import triphase_up
 
 SIM = ["--engine", "sim", "--prefill", "2", "--decode", "2", "--sim-prefill-per-token-ms", "1",
@@ -29,41 +28,6 @@ def roles(url: str) -> dict[str, str]:
 
 def count(url: str, role: str) -> int:
     return sum(1 for r in roles(url).values() if r == role)
-
-
-class Load:
-    """Chat completions from `lanes` concurrent clients (half streamed) until stopped; `done` holds
-    each completed request's completion tokens, `failed` each error."""
-
-    def __init__(self, url: str, prompt: str, max_tokens: int, lanes: int) -> None:
-        self.client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-        self.request = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
-        self.done: list[int] = []
-        self.failed: list[str] = []
-        self.stopping = False
-        self.lanes = [asyncio.create_task(self._lane(i)) for i in range(lanes)]
-
-    async def _lane(self, lane: int) -> None:
-        model = (await self.client.models.list()).data[0].id
-        for _ in range(10_000):  # bounded; stopped long before
-            if self.stopping:
-                return
-            try:
-                if lane % 2:
-                    stream = await self.client.chat.completions.create(
-                        model=model, stream=True, stream_options={"include_usage": True}, **self.request)
-                    chunks = [c async for c in stream]
-                    usage = chunks[-1].usage
-                else:
-                    usage = (await self.client.chat.completions.create(model=model, **self.request)).usage
-                self.done.append(usage.completion_tokens if usage else 0)
-            except (openai.APIError, OSError) as exc:
-                self.failed.append(f"{type(exc).__name__}: {exc}")
-
-    async def stop(self) -> None:
-        self.stopping = True
-        await asyncio.wait_for(asyncio.gather(*self.lanes), timeout=120)
-        await self.client.close()
 
 
 async def wait_until(condition, timeout_s: float) -> float:  # type: ignore[no-untyped-def]

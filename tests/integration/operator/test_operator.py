@@ -16,11 +16,13 @@ import time
 import pytest
 import yaml
 
+from tests.load import load_in_background
 from tests.procs import http_ok, triphase_process, wait_for
 from triphase.common import labels
 from triphase.common.net import free_port
 from triphase.operator.cluster import controlplane
 from triphase.operator.cluster.controlplane import write_kubeconfig
+from triphase.operator.reconcile import CURRENT_ROLE
 
 pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).resolve().parents[3]
@@ -64,7 +66,8 @@ def operator(tmp_path, config, name="operator", priority=None):
     its 60 s lifetime, and an entry of the same priority would pause the new replica until it expires."""
     priority = next(_STARTS) if priority is None else priority
     args = ["operator", "--peering", "triphase", "--priority", str(priority), "--resync-seconds", "1",
-            "--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
+            "--liveness", f"http://127.0.0.1:{free_port()}/healthz", "--metrics-host", "127.0.0.1",
+            "--metrics-port", "0"]
     with triphase_process(tmp_path, name, args, timeout=90, env={"KUBECONFIG": str(config)}) as (proc, port):
         yield proc, port
 
@@ -75,7 +78,7 @@ def test_operator_is_forbidden_what_it_does_not_need(kube, operator_account):
 
 
 def test_a_missing_peering_object_is_explained(operator_account, tmp_path):
-    args = ["operator", "--peering", "no-such-peering", "--liveness", ""]
+    args = ["operator", "--peering", "no-such-peering", "--liveness", "", "--metrics-port", "-1"]
     with triphase_process(tmp_path, "unpeered", args, timeout=90, env={"KUBECONFIG": str(operator_account)}):
         log = tmp_path / "unpeered.log"
         wait_for(lambda: "Waiting for ClusterKopfPeering 'no-such-peering'" in log.read_text(), 60,
@@ -236,6 +239,66 @@ def test_a_pool_removed_from_the_spec_is_deleted(kube, operator_account, tmp_pat
         without = {kind: [n for n in names if n != "shrinking-prefill"] for kind, names in expected.items()}
         wait_for(lambda: _children(kube, "shrinking") == without, 60, "the prefill pool to go")
     kube.kubectl("delete", "tsd", "shrinking", "--wait=false")
+
+
+SIM = ["--engine", "sim", "--sim-prefill-per-token-ms", "1", "--sim-decode-per-seq-ms", "5"]
+
+
+def _events(kube, reason):
+    items = _json(kube, "get", "events", "--field-selector", f"reason={reason}")["items"]
+    return [e["message"] for e in items]
+
+
+def test_the_operator_balances_roles(kube, operator_account, tmp_path):
+    """roleSwitching.enabled: the operator watches the deployment's workers (here sim workers on
+    127.0.0.1, which the kwok pods point at with their endpoint annotation) and, under a prefill
+    backlog, switches a decode worker to prefill: the worker, its pod label, an Event and
+    status.pools show it."""
+    balanced = copy.deepcopy(SAMPLE)
+    balanced["metadata"]["name"] = "balanced"
+    balanced["spec"]["pools"]["prefill"]["replicas"] = 2
+    balanced["spec"]["slo"] = {"ttftSeconds": 2.0, "tpotSeconds": 0.05}
+    balanced["spec"]["roleSwitching"] = {"enabled": True, "maxSwitchesPerMinute": 6, "minPerRole": 1}
+    with contextlib.ExitStack() as stack:
+        endpoints = {}
+        for name, role in [("p0", "prefill"), ("p1", "prefill"), ("d0", "decode"), ("d1", "decode")]:
+            _, port = stack.enter_context(triphase_process(tmp_path, name, ["worker", "--role", role, "--port", "0",
+                                                                             *SIM]))
+            endpoints.setdefault(role, []).append(f"127.0.0.1:{port}")
+        stack.enter_context(operator(tmp_path, operator_account))
+        _apply(kube, balanced)
+
+        def pods(role):
+            return _json(kube, "get", "pods", "-l", f"{labels.DEPLOYMENT}=balanced,{labels.ROLE}={role}")["items"]
+
+        wait_for(lambda: all(len(pods(r)) == 2 and all(p["status"].get("phase") == "Running" for p in pods(r))
+                             for r in endpoints), 90, "the worker pods to run")
+        for role, eps in endpoints.items():
+            for pod, endpoint in zip(pods(role), eps, strict=True):
+                kube.kubectl("annotate", "pod", pod["metadata"]["name"], f"{labels.ENDPOINT}={endpoint}")
+
+        def current_roles():
+            return sorted((p["metadata"]["labels"][labels.ROLE], p["metadata"]["labels"].get(CURRENT_ROLE))
+                          for r in endpoints for p in pods(r))
+
+        # Every pod is labelled with the role its worker reports.
+        wait_for(lambda: current_roles() == [("decode", "decode")] * 2 + [("prefill", "prefill")] * 2, 30,
+                 "the pods to be labelled with their workers' roles")
+        every = ",".join(endpoints["prefill"] + endpoints["decode"])
+        _, router_port = stack.enter_context(triphase_process(tmp_path, "router", ["router", "--workers", every,
+                                                                                   "--port", "0"]))
+        with load_in_background(f"http://127.0.0.1:{router_port}", "hello " * 3000, max_tokens=4, lanes=16) as load:
+            wait_for(lambda: ("decode", "prefill") in current_roles(), 60, "a decode worker to switch to prefill")
+        assert not load.failed, load.failed[:3]
+        assert current_roles().count(("decode", "decode")) == 1  # minPerRole
+        messages = _events(kube, "RoleSwitched")
+        assert any("from decode to prefill (prefill-backlog)" in m for m in messages), messages
+        wait_for(lambda: _json(kube, "get", "tsd", "balanced")["status"]["pools"]["decode"]["byRole"] ==
+                 {"decode": 1, "prefill": 1}, 30, "status.pools.decode.byRole to count the switch")
+        # Turned off: the daemon stops and the roles stay as they are.
+        kube.kubectl("patch", "tsd", "balanced", "--type", "merge", "-p",
+                     json.dumps({"spec": {"roleSwitching": {"enabled": False}}}))
+    kube.kubectl("delete", "tsd", "balanced", "--wait=false")
 
 
 def test_two_replicas_elect_one_leader(kube, operator_account, tmp_path):

@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--standalone", action="store_true", help="no leader election (a single replica)")
     parser.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
     parser.add_argument("--ready-file", help="write the liveness port (or 1) here once the operator is running")
+    parser.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics endpoint")
+    parser.add_argument("--metrics-port", type=int, default=8081,
+                        help="port of the Prometheus metrics endpoint (/metrics; 0: any free port; -1: off)")
     parser.add_argument("--resync-seconds", type=float, default=30.0,
                         help="period of the level-based resync (drift correction, status refresh)")
 
@@ -31,7 +34,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--resync-seconds must be positive")
     os.environ["TRIPHASE_RESYNC_SECONDS"] = str(args.resync_seconds)  # read when the handlers register
 
-    from triphase.operator import handlers  # noqa: F401  (registers the handlers)
+    from triphase.operator import (
+        handlers,  # noqa: F401  (registers the handlers)
+        metrics,
+    )
+
+    if args.metrics_port >= 0:
+        from prometheus_client import start_http_server
+
+        server, _ = start_http_server(args.metrics_port, addr=args.metrics_host, registry=metrics.REGISTRY)
+        if args.ready_file:
+            pathlib.Path(args.ready_file + ".metrics").write_text(str(server.server_port))
 
     ready = threading.Event()
     if args.ready_file:

@@ -18,7 +18,9 @@ from typing import Any
 import kopf
 
 from triphase.common import labels
+from triphase.operator import metrics
 from triphase.operator.api.v1alpha1 import GROUP, VERSION
+from triphase.operator.balancing import DeploymentBalancer
 from triphase.operator.kube import ApiError, Kube
 from triphase.operator.reconcile import InvalidSpec, reconcile
 
@@ -162,3 +164,20 @@ async def pool_event(body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo, log
     message = f"Scaled to {spec.get('replicas')} replicas; the Deployment follows"
     logger.info(message)
     kopf.event(body, type="Normal", reason="Scaled", message=message)
+
+
+def _role_switching(spec: kopf.Spec, **_: Any) -> bool:
+    return bool((spec.get("roleSwitching") or {}).get("enabled"))
+
+
+@kopf.daemon(GROUP, VERSION, "servingdeployments", when=_role_switching, cancellation_timeout=10.0)
+async def role_balancer(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """The fast loop, for as long as spec.roleSwitching.enabled is true (kopf stops the daemon when the
+    filter stops matching, the object goes, or this replica loses the leadership)."""
+    def post(type_: str, reason: str, message: str) -> None:
+        kopf.event(body, type=type_, reason=reason, message=message)
+
+    try:
+        await DeploymentBalancer(memo.kube, body, metrics.BALANCER, post).run()
+    except InvalidSpec as exc:  # reported by the reconcile; try again once the spec is fixed
+        raise kopf.TemporaryError(f"not balancing roles: {exc}", delay=30) from None

@@ -120,6 +120,11 @@ class Kube:
         await self.request("PATCH", path(api_version, kind, namespace, name) + "/status", {"status": status},
                            content_type="application/merge-patch+json")
 
+    async def patch_labels(self, api_version: str, kind: str, namespace: str, name: str,
+                           labels: dict[str, str]) -> None:
+        await self.request("PATCH", path(api_version, kind, namespace, name), {"metadata": {"labels": labels}},
+                           content_type="application/merge-patch+json")
+
     async def has_api(self, group_version: str, max_age_s: float = 60.0) -> bool:
         """Whether the API server serves `group_version` (cached for `max_age_s`: asked every reconcile)."""
         now = time.monotonic()

@@ -5,9 +5,9 @@ reference -> observe the children -> status. Running it twice changes nothing; r
 crash half-way finishes the job; objects are named deterministically, so nothing is ever duplicated.
 Deleting the ServingDeployment leaves cleanup to the garbage collector (owner references).
 
-Pools are counted by the role each worker pod reports (`triphase.dev/current-role`, set by the router
-or the worker when a role switch happens), falling back to the role it was created with; the
-operator never relabels pods, so it never fights a runtime role switch.
+Pools are counted by the role each worker pod reports (`triphase.dev/current-role`, written by the
+role balancer, balancing.py, from what the worker itself reports), falling back to the role it was
+created with; the reconcile never relabels pods, so it never fights a runtime role switch.
 """
 
 from __future__ import annotations

@@ -180,9 +180,14 @@ class Autoscaling(_Model):
 
 
 class RoleSwitching(_Model):
-    enabled: bool = Field(default=False, description="Let the router move workers between prefill and decode.")
-    max_switches_per_minute: int = Field(default=2, ge=0, le=600, description="Rate limit of role switches.")
-    min_per_role: int = Field(default=1, ge=0, le=1000, description="Workers each role keeps at least.")
+    enabled: bool = Field(default=False, description="Run the operator's role balancer: workers of the prefill "
+                                                     "and decode pools switch roles in place as the load shifts, "
+                                                     "against spec.slo (TTFT for the prefill backlog, TPOT for "
+                                                     "decode steps).")
+    max_switches_per_minute: int = Field(default=2, ge=0, le=600, description="Rate limit of role switches "
+                                                                             "(0: none).")
+    min_per_role: int = Field(default=1, ge=0, le=1000, description="Ready workers prefill and decode each keep at "
+                                                                   "least.")
 
 
 class ServingDeploymentSpec(_Model):

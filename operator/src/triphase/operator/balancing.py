@@ -1,0 +1,147 @@
+"""The role balancer of one ServingDeployment, run by a kopf daemon while `spec.roleSwitching.enabled`
+(no kopf import here: the daemon in handlers.py passes in how to post Events).
+
+Leader election makes the operator the single writer of roles. Every DISCOVERY_S the worker pods are
+listed (Running and Ready, endpoints read as the router reads them) and their stats watched; the
+shared loop (triphase.control) decides and executes switches. After each switch the pod's
+`triphase.dev/current-role` label is written, an Event is posted on the ServingDeployment and the
+status is refreshed, so `status.pools[*].byRole` counts the new split. A label that disagrees with
+the role a worker reports (a restarted container comes back in its pool's role) is corrected, so the
+label, and the status computed from it, stays true. The SLO and limits are re-read from the live
+spec on every discovery pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from triphase.common import labels
+from triphase.common.pods import pod_endpoint
+from triphase.control.balancer import Balancer, Settings, Slo, Switch
+from triphase.control.loop import BalancerLoop, SetRoleActuator
+from triphase.control.metrics import BalancerMetrics
+from triphase.control.stats import Channels, StatsWatcher
+from triphase.operator.api.v1alpha1 import API_VERSION, ServingDeploymentSpec
+from triphase.operator.kube import ApiError, Kube
+from triphase.operator.reconcile import CURRENT_ROLE, InvalidSpec, parse, reconcile
+
+logger = logging.getLogger(__name__)
+DISCOVERY_S = 5.0
+
+PostEvent = Callable[[str, str, str], None]  # (type, reason, message)
+
+
+def policy(spec: ServingDeploymentSpec) -> tuple[Slo, Settings]:
+    rs = spec.role_switching
+    return Slo(spec.slo.ttft_seconds, spec.slo.tpot_seconds), Settings(
+        max_switches_per_minute=rs.max_switches_per_minute, min_per_role=rs.min_per_role)
+
+
+class _Actuator:
+    """SetRole, then the pod label, the Event and the status."""
+
+    def __init__(self, balancing: DeploymentBalancer, channels: Channels) -> None:
+        self.balancing = balancing
+        self.set_role = SetRoleActuator(channels)
+
+    async def switch(self, endpoint: str, switch: Switch) -> None:
+        started = time.monotonic()
+        await self.set_role.switch(endpoint, switch)
+        b = self.balancing
+        pod = b.pods.get(endpoint, "")
+        message = (f"Switched worker {pod or switch.worker_id} from {switch.from_role} to {switch.to_role} "
+                   f"({switch.reason}) in {time.monotonic() - started:.1f} s")
+        b.post("Normal", "RoleSwitched", message)
+        logger.info("%s/%s: %s", b.namespace, b.name, message)
+        if pod:
+            b.switched_at[pod] = time.monotonic()
+            await b.label(pod, str(switch.to_role))
+        await b.refresh_status()
+
+
+class DeploymentBalancer:
+    def __init__(self, kube: Kube, body: Any, metrics: BalancerMetrics | None, post: PostEvent) -> None:
+        self.kube = kube
+        self.body = body  # kopf's live view: always the latest spec
+        self.namespace = body["metadata"]["namespace"]
+        self.name = body["metadata"]["name"]
+        self.metrics = metrics
+        self.post = post
+        self.pods: dict[str, str] = {}  # endpoint -> pod name
+        self.labelled: dict[str, str] = {}  # pod name -> its current-role label
+        self.switched_at: dict[str, float] = {}  # pod name -> when a switch of it completed
+
+    @property
+    def deployment(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    async def run(self) -> None:
+        spec = parse(dict(self.body.get("spec") or {}))
+        slo, settings = policy(spec)
+        channels = Channels()
+        watcher = StatsWatcher(channels)
+        balancer = Balancer(slo, settings)
+        loop = BalancerLoop(watcher, _Actuator(self, channels), balancer, deployment=self.deployment,
+                            metrics=self.metrics)
+        task = asyncio.create_task(loop.run())
+        logger.info("%s: role balancer started (TTFT %g s, TPOT %g s)", self.deployment, slo.ttft_s, slo.tpot_s)
+        try:
+            while not task.done():
+                with contextlib.suppress(InvalidSpec):
+                    balancer.slo, balancer.settings = policy(parse(dict(self.body.get("spec") or {})))
+                try:
+                    await self.discover(watcher)
+                    await self.correct_labels(watcher)
+                except ApiError as exc:
+                    logger.warning("%s: could not list or label worker pods: %s", self.deployment, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), DISCOVERY_S)
+            task.result()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await watcher.stop()
+            await channels.close()
+            if self.metrics is not None:
+                self.metrics.forget(self.deployment)
+            logger.info("%s: role balancer stopped", self.deployment)
+
+    async def discover(self, watcher: StatsWatcher) -> None:
+        selector = f"{labels.DEPLOYMENT}={self.name},{labels.COMPONENT}=worker"
+        pods = await self.kube.list("v1", "Pod", self.namespace, selector)
+        self.pods = {ep: p["metadata"]["name"] for p in pods if (ep := pod_endpoint(p))}
+        self.labelled = {p["metadata"]["name"]: (p["metadata"].get("labels") or {}).get(CURRENT_ROLE, "")
+                         for p in pods}
+        watcher.set_endpoints(sorted(self.pods))
+
+    async def correct_labels(self, watcher: StatsWatcher) -> None:
+        """Label each pod with the role its worker reports, from a report newer than its last switch."""
+        for endpoint, view in list(watcher.views.items()):
+            pod = self.pods.get(endpoint)
+            if pod is None or not view.healthy or view.switching or view.seen_at <= self.switched_at.get(pod, 0.0):
+                continue
+            if self.labelled.get(pod) != str(view.role):
+                await self.label(pod, str(view.role))
+
+    async def label(self, pod: str, role: str) -> None:
+        try:
+            await self.kube.patch_labels("v1", "Pod", self.namespace, pod, {CURRENT_ROLE: role})
+        except ApiError as exc:
+            if exc.status != 404:  # a pod deleted meanwhile needs no label
+                raise
+        self.labelled[pod] = role
+
+    async def refresh_status(self) -> None:
+        """Recompute the status from the children (what a resync would do, now)."""
+        body = await self.kube.get(API_VERSION, "ServingDeployment", self.namespace, self.name)
+        if body is None:
+            return
+        with contextlib.suppress(InvalidSpec):
+            outcome = await reconcile(self.kube, body)
+            await self.kube.patch_status(API_VERSION, "ServingDeployment", self.namespace, self.name, outcome.status)
