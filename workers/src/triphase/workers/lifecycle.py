@@ -66,10 +66,9 @@ async def shutdown(worker: WorkerServicer, server: grpc.aio.Server, *, delay_s: 
     """Drain, let work finish or hand it over, stop the server (see the module docstring)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max(0.0, delay_s) + max(0.0, grace_s)
-    worker.draining = True
+    worker.state.drain()
     if worker.health is not None:
         await worker.health.set(False)
-    worker.engine.stats_changed.set()
     if delay_s > 0:
         await asyncio.sleep(delay_s)  # endpoint propagation: routers stop placing work here
     handed = await worker.settle(deadline - loop.time(), keeps_decoding=False, keeps_prefilling=False)

@@ -51,11 +51,11 @@ class WorkerCollector(Collector):
         yield counter("triphase_preemptions", "Requests preempted (KV freed, recomputed later)", s.preemptions)
         received = CounterMetricFamily("triphase_kv_received_bytes", "KV bytes pulled from prefill workers",
                                        labels=[*labels, "backend"])
-        for backend, count in sv.kv_bytes_received.items():
+        for backend, count in sv.handoff.bytes_received.items():
             received.add_metric([*values, backend], count)
         yield received
         yield counter("triphase_kv_nixl_fallbacks", "NIXL transfers that fell back to the gRPC stream",
-                      sv.nixl_fallbacks)
+                      sv.handoff.nixl_fallbacks)
 
 
 def serve_metrics(servicer: WorkerServicer, host: str, port: int) -> int:

@@ -1,6 +1,7 @@
-"""The gRPC WorkerService around the engine: protobuf <-> engine types, roles, KV hand-off.
+"""The gRPC WorkerService around the engine: protobuf <-> engine types and status codes.
 
-This is the only module that converts between protobuf messages and engine types. Errors become
+This is the only module that converts between protobuf messages and engine types; the role and
+admission state lives in roles.py, the decode side of the KV hand-off in kv/handoff.py. Errors become
 gRPC status codes: INVALID_ARGUMENT for bad input, NOT_FOUND for unknown pinned KV,
 RESOURCE_EXHAUSTED when the KV cache has no room, FAILED_PRECONDITION when the role or drain
 state refuses the call, UNAVAILABLE while the role is switching or the engine is not healthy (and
@@ -8,23 +9,15 @@ for streams handed over by a switch or a shutdown), ABORTED when a Decode could 
 (the router then prefills elsewhere), INTERNAL when the engine failed computing the request (the
 message never carries internal exception text). Numbers a caller controls are bounded here or in
 SamplingParams before any work is done on them.
-
-Who frees pinned KV: the prefill worker keeps a prefilled request's blocks pinned until the decode
-worker's ReleaseKv (sent once the blocks are in its own cache), the router's ReleaseKv (hand-off
-failed or cancelled), or the pin timeout. A NIXL READ that raced the timeout is detected by the
-ReleaseKv answer (`released` false: the blocks may have been reused), one whose source died by the
-ReleaseKv failing; both are a failed hand-off, decided before the imported blocks are committed
-(and enter the prefix cache).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -39,8 +32,10 @@ from triphase.workers.engine.core import KvExport, RequestOutput
 from triphase.workers.engine.kv_layout import KvLayout
 from triphase.workers.engine.sampling import SamplingParams
 from triphase.workers.kv import grpc_stream
-from triphase.workers.kv.nixl import NixlConnector, NixlUnavailable
+from triphase.workers.kv.handoff import HandOffFailed, KvHandOff
+from triphase.workers.kv.nixl import NixlConnector
 from triphase.workers.lifecycle import Health
+from triphase.workers.roles import Refused, RoleState
 
 logger = logging.getLogger(__name__)
 
@@ -54,22 +49,11 @@ FINISH_TO_PB = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STO
 STATS_COALESCE_S = 0.05  # WatchStats sends at most one update per this many seconds
 STATS_INTERVAL_S = (0.05, 60.0)  # WatchStats interval_seconds is clamped to this range (default 1)
 MAX_GRACE_S = 3600.0  # SetRole grace_seconds is clamped to [0, this] (default 30)
-MAX_REQUEST_ID_CHARS = 256
 
 
 def clamp(value: float, low: float, high: float, default: float) -> float:
     """`value` within [low, high]; `default` for NaN or infinity."""
     return min(max(value, low), high) if math.isfinite(value) else default
-
-
-class _Refused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class _HandOffFailed(Exception):
-    """The KV of a Decode request could not be obtained from its prefill worker."""
 
 
 def sampling_from_pb(p: pb.SamplingParams) -> SamplingParams:
@@ -104,36 +88,38 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, engine: AsyncEngine, *, worker_id: str, endpoint: str, role: Role, model: str,
                  nixl: NixlConnector | None = None) -> None:
         self.engine = engine
-        self.worker_id = worker_id
         self.endpoint = endpoint
-        self.role = role
         self.model = model
-        self.draining = False
-        self.switching = False
+        self.state = RoleState(worker_id, role, on_change=engine.stats_changed.set)
         self.in_flight = 0
-        self.streams: set[str] = set()  # request ids of decoding streams (Generate or Decode)
-        self.prefills = 0
         self.channels = grpc_stream.ChannelPool()
+        self.handoff = KvHandOff(engine, self.channels, nixl)
         self.nixl = nixl
-        self.kv_bytes_received: dict[str, int] = {"nixl": 0, "grpc": 0}
-        self.nixl_fallbacks = 0
         self.health: Health | None = None
-        self.stream_done = asyncio.Event()
+
+    @property
+    def worker_id(self) -> str:
+        return self.state.worker_id
+
+    @worker_id.setter
+    def worker_id(self, value: str) -> None:
+        self.state.worker_id = value
+
+    @property
+    def role(self) -> Role:
+        return self.state.role
+
+    @property
+    def draining(self) -> bool:
+        return self.state.draining
 
     # ------------------------------------------------------------------ helpers
     def _admit(self, request_id: str, *, needs_prefill: bool = False, needs_decode: bool = False) -> None:
-        if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
-            raise ValueError(f"request_id must have 1 to {MAX_REQUEST_ID_CHARS} characters")
-        if self.engine.health() != "ok":
-            raise _Refused(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id}: engine {self.engine.health()}")
-        if self.draining:
-            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"worker {self.worker_id} is draining")
-        if self.switching:
-            raise _Refused(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is switching its role")
-        if needs_prefill and not self.role.can_prefill:
-            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"worker {self.worker_id} is {self.role}, not prefill")
-        if needs_decode and not self.role.can_decode:
-            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"worker {self.worker_id} is {self.role}, not decode")
+        self.state.admit(request_id, self.engine.health(), needs_prefill=needs_prefill, needs_decode=needs_decode)
+
+    def _interrupt(self, request_id: str, reason: str) -> bool:
+        """End a stream with UNAVAILABLE (the router resumes it elsewhere)."""
+        return self.engine.interrupt(request_id, Refused(reason, transient=True))
 
     def _prompt(self, request: pb.GenerateRequest | pb.PrefillRequest | pb.DecodeRequest) -> list[int]:
         """The prompt's token ids, its length bounded before they are copied (a message may carry
@@ -149,9 +135,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.in_flight += 1
         try:
             yield
-        except _Refused as exc:
-            await context.abort(exc.code, str(exc))
-        except _HandOffFailed as exc:
+        except Refused as exc:
+            code = grpc.StatusCode.UNAVAILABLE if exc.transient else grpc.StatusCode.FAILED_PRECONDITION
+            await context.abort(code, str(exc))
+        except HandOffFailed as exc:
             await context.abort(grpc.StatusCode.ABORTED, str(exc))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -176,7 +163,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             sampling = sampling_from_pb(request.sampling)
             prompt = self._prompt(request)
             stream = self.engine.generate(request.request_id, prompt, sampling, request.resumed_output_tokens)
-            with self._tracked(request.request_id):
+            with self.state.tracked(request.request_id):
                 async with contextlib.aclosing(stream) as outputs:
                     first = True
                     async for out in outputs:
@@ -188,11 +175,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._admit(request.request_id, needs_prefill=True)
             sampling = sampling_from_pb(request.sampling)
             prompt = self._prompt(request)
-            self.prefills += 1
-            try:
+            with self.state.prefilling():
                 export, first = await self.engine.prefill(request.request_id, prompt, sampling)
-            finally:
-                self.prefills -= 1
             kv = pb.KvTransferParams(
                 request_id=request.request_id, source_worker=self.worker_id, source_endpoint=self.endpoint,
                 block_ids=export.block_ids, layout=layout_to_pb(export.layout), num_tokens=export.num_tokens,
@@ -209,81 +193,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                      ) -> AsyncIterator[pb.TokenDelta]:
         async with self._errors(context):
             self._admit(request.request_id, needs_decode=True)
-            with self._tracked(request.request_id):
-                outputs, first, backend = await self._adopt(request)
+            with self.state.tracked(request.request_id):
+                kv = request.kv
+                export = KvExport(kv.request_id, layout_from_pb(kv.layout, len(kv.block_ids)), list(kv.block_ids),
+                                  kv.num_tokens, kv.first_token_id)
+                outputs, first, backend = await self.handoff.adopt(
+                    request.request_id, self._prompt(request), sampling_from_pb(request.sampling), export, kv)
                 async with contextlib.aclosing(outputs) as deltas:
                     delta = delta_to_pb(first)
                     delta.kv_backend = backend
                     yield delta
                     async for out in deltas:
                         yield delta_to_pb(out)
-
-    async def _adopt(self, request: pb.DecodeRequest,
-                     ) -> tuple[AsyncGenerator[RequestOutput, None], RequestOutput, str]:
-        """Bring a prefilled request's KV into this worker and compute its first output here.
-        NIXL READ first (when both sides have it), the gRPC stream as fallback; then the prefill
-        worker is told to free its copy. Any failure to obtain the KV is a `_HandOffFailed`."""
-        sampling = sampling_from_pb(request.sampling)
-        prompt = self._prompt(request)
-        kv = request.kv
-        export = KvExport(kv.request_id, layout_from_pb(kv.layout, len(kv.block_ids)), list(kv.block_ids),
-                          kv.num_tokens, kv.first_token_id)
-        source = f"KV hand-off of {kv.request_id} from {kv.source_worker or kv.source_endpoint}"
-        if not self.engine.engine.layout.compatible_with(export.layout):
-            raise _HandOffFailed(f"{source} failed: KV layouts differ ({export.layout} vs ours)")
-        # Before a block is reserved or a byte pulled: counts, token ids, lengths (ValueError).
-        self.engine.engine.check_import(request.request_id, prompt, sampling, export)
-        backend = "grpc"
-        if self.nixl is not None and kv.nixl_agent_metadata:
-            nixl = self.nixl
-
-            async def fill(dst: list[int]) -> None:
-                moved = await asyncio.to_thread(nixl.read, kv.nixl_agent_metadata, kv.kv_base_address,
-                                                list(kv.block_ids), dst)
-                self.kv_bytes_received["nixl"] += moved
-                # A READ is only known to be whole if the source still held the pin after it: one whose
-                # pin expired may have reused the blocks, one that died (or was restarted on its port)
-                # may have died during the READ. Checked here, before the import commits and the
-                # blocks enter the prefix cache, so that a bad copy is never reused by a later request.
-                if not await self._release_source(kv):
-                    raise _HandOffFailed(f"{source} failed: the source did not hold the KV through the transfer")
-
-            outputs = self.engine.import_and_decode(request.request_id, prompt, sampling, export, fill)
-            try:
-                first = await anext(outputs)
-                backend = "nixl"
-            except NixlUnavailable as exc:
-                await outputs.aclose()
-                logger.warning("NIXL transfer of %s failed (%s); falling back to the gRPC stream", kv.request_id,
-                               exc)
-                self.nixl_fallbacks += 1
-        if backend == "grpc":  # the stream, read to its end, needs no proof; the source frees its copy
-            try:
-                outputs = await self._grpc_import(request, prompt, sampling, export)
-            except grpc.aio.AioRpcError as exc:
-                raise _HandOffFailed(f"{source} failed: {exc.code().name}: {exc.details()}") from None
-            first = await anext(outputs)
-            await self._release_source(kv)
-        return outputs, first, backend
-
-    async def _release_source(self, kv: pb.KvTransferParams) -> bool:
-        """ReleaseKv on the prefill worker: whether it still held the pin (False if unreachable)."""
-        try:
-            return bool((await self.channels.stub(kv.source_endpoint).ReleaseKv(
-                pb.ReleaseKvRequest(request_id=kv.request_id), timeout=10)).released)
-        except grpc.aio.AioRpcError as exc:
-            logger.warning("Could not release %s on %s: %s", kv.request_id, kv.source_endpoint, exc.code().name)
-            return False
-
-    async def _grpc_import(self, request: pb.DecodeRequest, prompt: list[int], sampling: SamplingParams,
-                           export: KvExport) -> AsyncGenerator[RequestOutput, None]:
-        """Pull the blocks over the ReadKv stream, then adopt them."""
-        kv = request.kv
-        data, received = await grpc_stream.pull(self.channels, kv.source_endpoint, kv.request_id, export.layout,
-                                                len(kv.block_ids))
-        self.kv_bytes_received["grpc"] += received
-        export = dataclasses.replace(export, data=data)
-        return self.engine.import_and_decode(request.request_id, prompt, sampling, export)
 
     async def ReadKv(self, request: pb.ReadKvRequest, context: grpc.aio.ServicerContext,
                      ) -> AsyncIterator[pb.KvChunk]:
@@ -297,69 +218,28 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                         ) -> pb.ReleaseKvResponse:
         return pb.ReleaseKvResponse(released=await self.engine.release(request.request_id))
 
-    @contextlib.contextmanager
-    def _tracked(self, request_id: str) -> Iterator[None]:
-        """Register a decoding stream, so that a role switch can wait for it or hand it over."""
-        self.streams.add(request_id)
-        try:
-            yield
-        finally:
-            self.streams.discard(request_id)
-            self.stream_done.set()
-
     async def SetRole(self, request: pb.SetRoleRequest, context: grpc.aio.ServicerContext) -> pb.SetRoleResponse:
         if request.role not in ROLE_FROM_PB:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be encode, prefill, decode or both")
-        if self.switching:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a role switch is already in progress")
-        previous, target = self.role, ROLE_FROM_PB[request.role]
         grace = clamp(request.grace_seconds, 0.0, MAX_GRACE_S, 30.0) if request.HasField("grace_seconds") else 30.0
-        handed_over = 0
-        if target != previous:
-            self.switching = True
-            self.engine.stats_changed.set()
-            try:
-                handed_over = await self.settle(grace, keeps_decoding=target.can_decode,
-                                                keeps_prefilling=target.can_prefill, reason=f"switched to {target}")
-                self.role = target
-            finally:
-                self.switching = False
-                self.engine.stats_changed.set()
+        target = ROLE_FROM_PB[request.role]
+        try:
+            previous, handed_over = await self.state.switch(target, grace, self._interrupt)
+        except Refused as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        if previous != target:
             logger.info("Role changed from %s to %s (%d streams handed over)", previous, target, handed_over)
         return pb.SetRoleResponse(previous=ROLE_TO_PB[previous], current=ROLE_TO_PB[self.role],
                                   handed_over=handed_over)
 
     async def settle(self, grace: float, *, keeps_decoding: bool, keeps_prefilling: bool,
                      reason: str = "shutting down") -> int:
-        """Wait up to `grace` seconds for the work that is to stop (decoding streams, prefills); hand
-        over the streams left (UNAVAILABLE: the router resumes them). Returns how many were handed
-        over. Pinned prefill KV is left alone: its reader, or the pin timeout, frees it."""
-        def blocking() -> bool:
-            return (bool(self.streams) and not keeps_decoding) or (self.prefills > 0 and not keeps_prefilling)
-
-        deadline = asyncio.get_running_loop().time() + grace
-        while blocking():
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                break
-            self.stream_done.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stream_done.wait(), timeout=min(remaining, 0.5))
-        if keeps_decoding:
-            return 0
-        handed = [rid for rid in list(self.streams)
-                  if self.engine.interrupt(rid, _Refused(grpc.StatusCode.UNAVAILABLE,
-                                                         f"worker {self.worker_id} {reason}"))]
-        # Wait until those streams have ended (they end at their next engine step).
-        while any(rid in self.streams for rid in handed):
-            self.stream_done.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stream_done.wait(), timeout=0.5)
-        return len(handed)
+        """See RoleState.settle (the streams left are ended with UNAVAILABLE)."""
+        return await self.state.settle(grace, keeps_decoding=keeps_decoding, keeps_prefilling=keeps_prefilling,
+                                       interrupt=self._interrupt, reason=reason)
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
-        self.draining = True
-        self.engine.stats_changed.set()
+        self.state.drain()
         if self.health is not None:
             await self.health.set(False)
         return pb.DrainResponse(in_flight=self.in_flight)
@@ -371,7 +251,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             running_requests=s.running, waiting_requests=s.waiting, free_kv_blocks=s.free_blocks,
             total_kv_blocks=s.total_blocks, queued_prefill_tokens=s.queued_prefill_tokens, pinned_requests=s.pinned,
             block_size=self.engine.engine.layout.block_size, cached_block_hashes=s.cached_block_hashes,
-            model=self.model, switching=self.switching, prefill_tokens_per_second=s.prefill_tokens_per_s,
+            model=self.model, switching=self.state.switching, prefill_tokens_per_second=s.prefill_tokens_per_s,
             decode_step_seconds=s.decode_step_s,
         )
 
