@@ -140,3 +140,27 @@ def test_an_import_is_checked_before_anything_is_allocated(engine):
     with pytest.raises(ValueError, match="vocabulary"):
         engine.reserve_import("d", [vocab + 5] * 10, GREEDY, KvExport("d", layout, [0], 10, 7))
     assert engine.kv.num_free_blocks == engine.layout.num_blocks
+
+
+async def test_a_prefill_export_and_its_release_do_not_wait_for_the_step_in_progress(engine):
+    """The hand-off's latency: a prefilled request's export comes with its output (not after the
+    next step), and ReleaseKv is answered while another request's long step is still running (the
+    decode worker commits its copy on that answer)."""
+    faults = Faults(engine.runner)
+    runner = AsyncEngine(engine)
+    runner.start()
+    try:
+        export, first = await runner.prefill("a", [1, 2, 3, 4], GREEDY)
+        assert export.num_tokens == 4 and export.first_token_id == first.new_token_ids[0]
+        faults.hold.set()  # every step from now on runs until the test lets it go
+        held = asyncio.ensure_future(runner.prefill("b", [5, 6, 7], GREEDY))
+        await asyncio.to_thread(wait_for, lambda: engine.scheduler.running, 10, "b's step to be running")
+        assert await asyncio.wait_for(runner.release("a"), 5) is True
+        assert await runner.release("a") is False  # released once
+        faults.release.set()
+        export_b, _ = await asyncio.wait_for(held, 10)
+        assert export_b.num_tokens == 3
+        await asyncio.to_thread(wait_for, lambda: "a" not in engine.scheduler.pinned, 10, "a's blocks to be freed")
+    finally:
+        faults.release.set()
+        await runner.stop()

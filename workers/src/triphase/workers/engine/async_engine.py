@@ -73,7 +73,12 @@ class AsyncEngine:
         self._progress_at = time.monotonic()  # the thread's last pass round its loop
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[Any]] = {}
-        self._pinned_at: dict[str, float] = {}
+        # Pinned prefills, by when they were pinned. Guarded by a lock rather than owned by the engine
+        # thread, so that ReleaseKv is answered at once (the proof a decode worker waits for) instead
+        # of after the step in progress; freeing the blocks is queued for the engine thread.
+        self._pins: dict[str, float] = {}
+        self._pin_lock = threading.Lock()
+        self._exporting: set[str] = set()  # prefill-only requests (engine thread only)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -145,7 +150,7 @@ class AsyncEngine:
                 else:
                     consecutive = 0
                 for out in outputs:
-                    self._deliver(out.request_id, out)
+                    self._deliver(out.request_id, self._with_export(out))
             if ran or stepped:
                 self._publish_stats()
             self._expire_pins()
@@ -187,17 +192,30 @@ class AsyncEngine:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.stats_changed.set)
 
+    def _with_export(self, out: RequestOutput) -> Any:
+        """A prefill-only request's output travels with its export, made in the same turn of the
+        engine thread (a command queued after the output would wait for the next step)."""
+        if out.request_id not in self._exporting:
+            return out
+        self._exporting.discard(out.request_id)
+        export = self.engine.export_kv(out.request_id)
+        with self._pin_lock:
+            self._pins[out.request_id] = time.monotonic()
+        return out, export
+
     def _expire_pins(self) -> None:
-        if not self._pinned_at:
+        if not self._pins:
             return
         now = time.monotonic()
-        for request_id, since in list(self._pinned_at.items()):
-            if now - since > self.pin_timeout_s:
-                del self._pinned_at[request_id]
-                if self.engine.release_kv(request_id):
-                    self.pins_expired += 1
-                    logger.warning("Released unread KV of %s after %.0f s", request_id, self.pin_timeout_s)
-                    self._publish_stats()
+        with self._pin_lock:
+            expired = [rid for rid, since in self._pins.items() if now - since > self.pin_timeout_s]
+            for request_id in expired:
+                del self._pins[request_id]
+        for request_id in expired:
+            if self.engine.release_kv(request_id):
+                self.pins_expired += 1
+                logger.warning("Released unread KV of %s after %.0f s", request_id, self.pin_timeout_s)
+                self._publish_stats()
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread and await its result (exceptions propagate)."""
@@ -260,37 +278,51 @@ class AsyncEngine:
         await self._abort(request_id)
 
     async def _abort(self, request_id: str) -> None:
+        def run() -> None:
+            self._exporting.discard(request_id)
+            with self._pin_lock:  # an aborted request's blocks are freed: no release may vouch for them
+                self._pins.pop(request_id, None)
+            self.engine.abort(request_id)
+
         with contextlib.suppress(EngineFailed):  # a dead engine has nothing left to free
-            await asyncio.shield(self.call(lambda: self.engine.abort(request_id)))
+            await asyncio.shield(self.call(run))
 
     async def prefill(self, request_id: str, prompt: Sequence[int], sampling: SamplingParams,
                       ) -> tuple[KvExport, RequestOutput]:
         """Prefill only; the KV stays pinned until `release` (or the pin timeout)."""
         stream: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[request_id] = stream
+
+        def add() -> None:
+            self.engine.add_request(request_id, prompt, sampling, prefill_only=True)
+            self._exporting.add(request_id)
+
         try:
-            await self.call(lambda: self.engine.add_request(request_id, prompt, sampling, prefill_only=True))
-            first = await stream.get()
-            if isinstance(first, BaseException):
-                raise first
+            await self.call(add)
+            item = await stream.get()
+            if isinstance(item, BaseException):
+                raise item
         except BaseException:
             self._streams.pop(request_id, None)
             await self._abort(request_id)
             raise
         self._streams.pop(request_id, None)
-
-        def export() -> KvExport:
-            self._pinned_at[request_id] = time.monotonic()
-            return self.engine.export_kv(request_id)
-
-        return await self.call(export), first
+        first, export = item
+        return export, first
 
     async def release(self, request_id: str) -> bool:
-        def run() -> bool:
-            self._pinned_at.pop(request_id, None)
-            return self.engine.release_kv(request_id)
+        """Unpin a prefilled request's KV; True if it was still pinned (not expired, not released
+        before). Answered at once; the blocks are freed on the engine thread before its next step."""
+        if self.failure is not None:
+            raise EngineFailed("the engine stopped")
+        with self._pin_lock:
+            held = self._pins.pop(request_id, None) is not None
+        if held:
+            def free() -> None:
+                self.engine.release_kv(request_id)
 
-        return await self.call(run)
+            self._commands.put(free)
+        return held
 
     async def read_pinned(self, request_id: str) -> tuple[list[int], torch.Tensor]:
         """A copy of a pinned request's blocks (for the gRPC stream connector)."""
