@@ -5,7 +5,8 @@ the router resume a finished request past its stop token: one chaos output in a 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+import contextlib
+from collections.abc import AsyncGenerator, Iterator
 
 from triphase.common.roles import Role
 from triphase.router.metrics import RouterMetrics
@@ -27,6 +28,12 @@ class Registry:
 
     def mark_unhealthy(self, endpoint: str) -> None:
         self.unhealthy.append(endpoint)
+
+    @contextlib.contextmanager
+    def streaming(self, endpoint: str) -> Iterator[None]:
+        yield
+
+    prefilling = streaming
 
 
 class Client:

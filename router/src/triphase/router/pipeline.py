@@ -99,26 +99,28 @@ class Pipeline:
         placement = await self._placement(prompt, failed)
         decode = placement.decode
         trace.decode_worker, trace.decode_endpoint = decode.worker_id, decode.endpoint
-        if placement.prefill is not None:
-            trace.prefill_worker = placement.prefill.worker_id
-            try:
-                ticket, first = await self.client.prefill(placement.prefill.endpoint, trace.request_id, prompt,
-                                                          sampling)
-            except WorkerFailed as exc:
-                logger.warning("%s: prefill on %s failed (%s); prefilling on %s", trace.request_id,
-                               placement.prefill.worker_id, exc, decode.worker_id)
-                self.registry.mark_unhealthy(placement.prefill.endpoint)
-            else:
-                async with contextlib.aclosing(self._hand_off(decode.endpoint, prompt, sampling, trace, ticket,
-                                                              first)) as deltas:
-                    async for delta in deltas:
-                        yield delta
-                return
-        trace.local_prefill = True
-        async with contextlib.aclosing(self.client.generate(decode.endpoint, trace.request_id, prompt,
-                                                            sampling)) as deltas:
-            async for delta in deltas:
-                yield delta
+        with self.registry.streaming(decode.endpoint):  # counted in its load from placement on
+            if placement.prefill is not None:
+                trace.prefill_worker = placement.prefill.worker_id
+                try:
+                    with self.registry.prefilling(placement.prefill.endpoint, len(prompt)):
+                        ticket, first = await self.client.prefill(placement.prefill.endpoint, trace.request_id, prompt,
+                                                                  sampling)
+                except WorkerFailed as exc:
+                    logger.warning("%s: prefill on %s failed (%s); prefilling on %s", trace.request_id,
+                                   placement.prefill.worker_id, exc, decode.worker_id)
+                    self.registry.mark_unhealthy(placement.prefill.endpoint)
+                else:
+                    async with contextlib.aclosing(self._hand_off(decode.endpoint, prompt, sampling, trace, ticket,
+                                                                  first)) as deltas:
+                        async for delta in deltas:
+                            yield delta
+                    return
+            trace.local_prefill = True
+            async with contextlib.aclosing(self.client.generate(decode.endpoint, trace.request_id, prompt,
+                                                                sampling)) as deltas:
+                async for delta in deltas:
+                    yield delta
 
     async def _resume(self, prompt: list[int], sampling: Sampling, trace: Trace, sent: list[int],
                       failed: set[str], stay: bool) -> AsyncGenerator[Delta, None]:
@@ -137,9 +139,10 @@ class Pipeline:
         request_id = f"{trace.request_id}-r{trace.migrations}"
         stream = self.client.generate(endpoint, request_id, resumed,
                                       dataclasses.replace(sampling, max_tokens=remaining), len(sent))
-        async with contextlib.aclosing(stream) as deltas:
-            async for delta in deltas:
-                yield delta
+        with self.registry.streaming(endpoint):
+            async with contextlib.aclosing(stream) as deltas:
+                async for delta in deltas:
+                    yield delta
 
     async def _placement(self, prompt: list[int], failed: set[str]) -> Placement:
         """Where to run the request; waits up to placement_wait_s for a worker to (re)appear. Workers

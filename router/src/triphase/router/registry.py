@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 
 from triphase.common.roles import Role
 from triphase.router.policy.pairing import WorkerView
@@ -16,11 +17,20 @@ from triphase.router.worker_client import WorkerClient, WorkerFailed
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass
+class Outstanding:
+    """What this router has sent a worker and not yet seen finish."""
+
+    prefill_tokens: int = 0
+    streams: int = 0
+
+
 class Registry:
     def __init__(self, client: WorkerClient, endpoints: list[str] | None = None) -> None:
         self.client = client
         self._initial = list(endpoints or [])
         self._views: dict[str, WorkerView] = {}
+        self._outstanding: dict[str, Outstanding] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.changed = asyncio.Event()
 
@@ -56,7 +66,35 @@ class Registry:
                 await task
 
     def snapshot(self) -> list[WorkerView]:
-        return list(self._views.values())
+        """Every worker as last reported, with what this router has outstanding on it."""
+        views = []
+        for endpoint, view in self._views.items():
+            mine = self._outstanding.get(endpoint)
+            if mine is not None and (mine.prefill_tokens or mine.streams):
+                view = dataclasses.replace(view, outstanding_prefill_tokens=mine.prefill_tokens,
+                                           outstanding_streams=mine.streams)
+            views.append(view)
+        return views
+
+    @contextlib.contextmanager
+    def prefilling(self, endpoint: str, tokens: int) -> Iterator[None]:
+        """A Prefill call in flight on `endpoint` (counted in its load until it returns)."""
+        mine = self._outstanding.setdefault(endpoint, Outstanding())
+        mine.prefill_tokens += tokens
+        try:
+            yield
+        finally:
+            mine.prefill_tokens -= tokens
+
+    @contextlib.contextmanager
+    def streaming(self, endpoint: str) -> Iterator[None]:
+        """A request streaming from `endpoint` (counted in its load until the stream ends)."""
+        mine = self._outstanding.setdefault(endpoint, Outstanding())
+        mine.streams += 1
+        try:
+            yield
+        finally:
+            mine.streams -= 1
 
     def mark_unhealthy(self, endpoint: str) -> None:
         view = self._views.get(endpoint)

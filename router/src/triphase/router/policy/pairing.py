@@ -5,6 +5,11 @@ goes where the prompt's prefix is cached, unless that worker is much busier than
 one (overlap is worth `CACHE_WEIGHT` queued tokens per block). Decode goes to the decode-capable
 worker with the most free KV per running request. Without a prefill-capable worker other than the
 decode choice, the decode worker prefills locally (prefill = None).
+
+A worker's load is the larger of what it last reported and what this router has sent it and not
+yet seen finish (`outstanding_*`): reports lag (a worker in a long step reports nothing, and has not
+even queued what arrived meanwhile), and without the router's own count a burst would all go to
+the worker that looked idlest when it began.
 """
 
 from __future__ import annotations
@@ -29,6 +34,16 @@ class WorkerView:
     queued_prefill_tokens: int = 0
     block_size: int = 16
     cached_hashes: frozenset[int] = frozenset()
+    outstanding_prefill_tokens: int = 0  # prompt tokens this router sent it to prefill, not yet returned
+    outstanding_streams: int = 0  # requests this router is streaming from it
+
+    @property
+    def decode_load(self) -> int:
+        return max(self.running + self.waiting, self.outstanding_streams)
+
+    @property
+    def prefill_load(self) -> int:
+        return max(self.queued_prefill_tokens, self.outstanding_prefill_tokens)
 
     @property
     def available(self) -> bool:
@@ -62,13 +77,13 @@ def select(hashes: Sequence[int], workers: Sequence[WorkerView], exclude: frozen
     if not decoders:
         return None
     dedicated_decoders = [w for w in decoders if w.role is Role.DECODE] or decoders
-    decode = max(dedicated_decoders, key=lambda w: (w.free_blocks / (1 + w.running + w.waiting), -w.running))
+    decode = max(dedicated_decoders, key=lambda w: (w.free_blocks / (1 + w.decode_load), -w.decode_load))
     prefillers = [w for w in usable if w.role.can_prefill and w.worker_id != decode.worker_id]
     if not prefillers:
         return Placement(decode, None, cached_prefix(decode, hashes))
 
     def score(w: WorkerView) -> float:
-        return cached_prefix(w, hashes) * CACHE_WEIGHT * w.block_size - w.queued_prefill_tokens - 64 * w.waiting
+        return cached_prefix(w, hashes) * CACHE_WEIGHT * w.block_size - w.prefill_load - 64 * w.waiting
 
     prefill = max(prefillers, key=score)
     return Placement(decode, prefill, cached_prefix(prefill, hashes))
