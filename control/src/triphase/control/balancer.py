@@ -75,7 +75,7 @@ class Settings:
     kv_high: float = 0.9  # KV usage that counts as decode pressure 1.0
     sustain_s: float = 1.0  # a pressure must hold this long before it moves a worker
     cooldown_s: float = 30.0  # a switched worker stays in its new role at least this long
-    settle_s: float = 5.0  # no switch this soon after the last one
+    settle_s: float = 1.0  # no switch this soon after the last one
     max_switches_per_minute: int = 2
     min_per_role: int = 1
     stale_after_s: float = 5.0
