@@ -136,8 +136,8 @@ class Sampler(threading.Thread):
                 if self.metrics:
                     with urllib.request.urlopen(self.metrics, timeout=5) as response:
                         text = response.read().decode()
-                    found = re.search(r"^triphase_balancer_prefill_backlog_seconds\{[^}]*\} (\S+)$", text, re.M)
-                    backlog = float(found.group(1)) if found else 0.0
+                    found = re.findall(r"^triphase_balancer_prefill_backlog_seconds\{[^}]*\} (\S+)$", text, re.M)
+                    backlog = min(max((float(v) for v in found), default=0.0), 120.0)  # inf: no rate yet
             except OSError:
                 continue
             self.samples.append((time.monotonic() - self.t0, prefill, backlog))

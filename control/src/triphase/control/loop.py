@@ -76,7 +76,7 @@ class BalancerLoop:
             workers = self.watcher.snapshot()
             decision = self.last = self.balancer.decide(workers, time.monotonic())
             model = next(iter(self.watcher.models.values()), "")
-            if self.metrics is not None:
+            if self.metrics is not None and model:  # no series before a worker has said what it serves
                 self.metrics.observe(self.deployment, model, decision, workers)
             if decision.switch is not None:
                 await self._execute(decision.switch, decision.why, model)
