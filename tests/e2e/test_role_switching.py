@@ -46,10 +46,16 @@ async def test_roles_follow_a_load_that_shifts_from_prompts_to_generations() -> 
         # Prompt-heavy: 16 clients sending ~3000-token prompts for 4 tokens each; the two prefill
         # workers (1000 tokens/s each) build a backlog far above the 2 s TTFT target.
         prompts = Load(url, "hello " * 3000, max_tokens=4, lanes=16)
-        took = await wait_until(lambda: count(url, "prefill") == 3, REACTION_S + 20)
+        seen: list[dict[str, str]] = []
+
+        def switched_to_prefill() -> bool:
+            seen.append(roles(url))
+            return list(seen[-1].values()).count("prefill") == 3
+
+        took = await wait_until(switched_to_prefill, REACTION_S + 20)
         await prompts.stop()
         assert took <= REACTION_S, f"a decode worker became a prefill worker after {took:.1f} s"
-        assert count(url, "decode") == 1  # min-per-role kept the last one
+        assert list(seen[-1].values()).count("decode") == 1  # min-per-role kept the last one
         assert not prompts.failed, prompts.failed[:3]
         assert prompts.done and all(n == 4 for n in prompts.done)
 
