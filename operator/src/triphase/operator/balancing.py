@@ -58,10 +58,14 @@ class _Actuator:
                    f"({switch.reason}) in {time.monotonic() - started:.1f} s")
         b.post("Normal", "RoleSwitched", message)
         logger.info("%s/%s: %s", b.namespace, b.name, message)
-        if pod:
-            b.switched_at[pod] = time.monotonic()
-            await b.label(pod, str(switch.to_role))
-        await b.refresh_status()
+        try:
+            if pod:
+                b.switched_at[pod] = time.monotonic()
+                await b.label(pod, str(switch.to_role))
+            await b.refresh_status()
+        except ApiError as exc:  # the switch stands; the next discovery pass and resync catch up
+            logger.warning("%s: switched %s but could not label it or refresh the status: %s", b.deployment,
+                           pod or switch.worker_id, exc)
 
 
 class DeploymentBalancer:
