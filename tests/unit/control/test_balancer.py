@@ -252,3 +252,15 @@ def test_a_steady_load_reaches_a_split_and_stays() -> None:
     assert len(switches) == 2 and reversals(switches) == 0
     assert all(at < 60 for at, _ in switches), switches
     assert cluster.backlog == 0
+
+
+def test_a_donor_is_judged_by_its_recent_peak() -> None:
+    """Decode was busy 5 s ago and is quiet now: it cannot spare a worker until the burst has left
+    the spare window (10 s)."""
+    balancer = Balancer(SLO)
+    busy = [w("p0", P), w("d0", D, running=4, decode_step_s=0.05), w("d1", D, running=4, decode_step_s=0.05)]
+    balancer.decide([dataclasses.replace(x, seen_at=0.0) for x in busy], 0.0)
+    hot_prefill = [w("p0", P, **BACKLOG), w("d0", D), w("d1", D)]
+    decision = decide_after_sustain(balancer, hot_prefill, start=5.0)
+    assert decision.switch is None and "cannot spare" in decision.why
+    assert decide_after_sustain(balancer, hot_prefill, start=10.5).switch is not None

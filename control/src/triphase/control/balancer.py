@@ -12,9 +12,10 @@ Two pressures, each in units of its SLO budget (1.0 = the budget is used up):
 A worker moves from the cool role to the hot one when:
 - the hot pressure has stayed at or above its `enter` threshold for `sustain_s` (a prefill backlog
   that shrank by a tenth over that time is draining and does not count: the capacity is there), and
-- the cool role, one worker smaller, is projected (pressure x N/(N-1)) to stay below its `spare`
-  threshold. The gap between `enter` and `spare` is the hysteresis that stops a switch from
-  causing its own reversal.
+- the cool role, one worker smaller, is projected (its peak pressure over the last `spare_window_s`
+  x N/(N-1)) to stay below its `spare` threshold. The gap between `enter` and `spare` is the
+  hysteresis that stops a switch from causing its own reversal; taking the peak rather than the
+  present value keeps a bursty load's quiet moment from passing for spare capacity.
 When both roles are hot no worker moves: that is the planner's (pool size) problem.
 
 Limits, each of which makes `decide` answer "no switch" with a reason: one switch in flight at a
@@ -76,6 +77,7 @@ class Settings:
     sustain_s: float = 1.0  # a pressure must hold this long before it moves a worker
     cooldown_s: float = 30.0  # a switched worker stays in its new role at least this long
     settle_s: float = 1.0  # no switch this soon after the last one
+    spare_window_s: float = 10.0  # a donor's pressure is judged by its peak over this long
     max_switches_per_minute: int = 2
     min_per_role: int = 1
     stale_after_s: float = 5.0
@@ -143,6 +145,7 @@ class Balancer:
         self.settings = settings or Settings()
         self.hot_since: dict[Role, float] = {}
         self.backlog_tokens: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
+        self.recent: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=1024)  # (t, p, d)
         self.switches: collections.deque[tuple[float, Switch]] = collections.deque(maxlen=1024)
 
     def record(self, switch: Switch, at: float) -> None:
@@ -166,6 +169,9 @@ class Balancer:
         p, d, backlog = pressures(fresh, self.slo, s)
         by_role = {role: [w for w in fresh if w.role is role] for role in SWITCHABLE}
         summary = Pressures(p, d, backlog, len(by_role[Role.PREFILL]), len(by_role[Role.DECODE]))
+        self.recent.append((now, p, d))
+        while self.recent and now - self.recent[0][0] > s.spare_window_s:
+            self.recent.popleft()
         queued = sum(w.queued_prefill_tokens for w in by_role[Role.PREFILL])
         self._track_heat(Role.PREFILL, p >= s.prefill_enter and not self._draining(queued, now), now)
         self._track_heat(Role.DECODE, d >= s.decode_enter, now)
@@ -192,9 +198,9 @@ class Balancer:
             return hold(f"{from_role} is at its minimum of {s.min_per_role} workers")
         n = len(donors)
         if from_role is Role.DECODE:
-            projected, spare = d * n / (n - 1), s.decode_spare
+            projected, spare = max(x[2] for x in self.recent) * n / (n - 1), s.decode_spare
         else:
-            projected, spare = p * n / (n - 1), s.prefill_spare
+            projected, spare = max(x[1] for x in self.recent) * n / (n - 1), s.prefill_spare
         if projected >= spare:
             return hold(f"{to_role} is under pressure but {from_role} cannot spare a worker "
                         f"(projected pressure {projected:.2f} ≥ {spare})")
