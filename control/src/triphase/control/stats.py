@@ -9,7 +9,6 @@ change at any time (Kubernetes discovery) and a dropped endpoint is forgotten.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -19,6 +18,7 @@ import grpc
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
 from triphase.common.roles import Role
+from triphase.common.signals import cancel_and_wait
 from triphase.control.balancer import WorkerView
 
 logger = logging.getLogger(__name__)
@@ -89,11 +89,7 @@ class StatsWatcher:
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(tasks)
 
     async def _watch(self, endpoint: str) -> None:
         backoff = 0.2

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator
 
 from triphase.common.roles import Role
+from triphase.common.signals import cancel_and_wait
 from triphase.router.policy.pairing import WorkerView
 from triphase.router.worker_client import WorkerClient, WorkerFailed
 
@@ -59,11 +60,7 @@ class Registry:
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(tasks)
 
     def snapshot(self) -> list[WorkerView]:
         """Every worker as last reported, with what this router has outstanding on it."""
