@@ -67,6 +67,7 @@ class StatsWatcher:
         self.views: dict[str, WorkerView] = {}  # by endpoint
         self.models: dict[str, str] = {}  # by endpoint: the model each worker serves
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self.changed = asyncio.Event()
 
     def set_endpoints(self, endpoints: list[str]) -> None:
@@ -75,6 +76,9 @@ class StatsWatcher:
             self._tasks.pop(endpoint).cancel()
             self.views.pop(endpoint, None)
             self.models.pop(endpoint, None)
+            closing = asyncio.create_task(self.channels.forget(endpoint))  # pods come and go
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
         for endpoint in endpoints:
             if endpoint not in self._tasks:
                 self._tasks[endpoint] = asyncio.create_task(self._watch(endpoint))
@@ -90,6 +94,7 @@ class StatsWatcher:
         tasks = list(self._tasks.values())
         self._tasks.clear()
         await cancel_and_wait(tasks)
+        await asyncio.gather(*self._closing)
 
     async def _watch(self, endpoint: str) -> None:
         backoff = 0.2

@@ -48,6 +48,7 @@ class Registry:
         for endpoint in [ep for ep in self._tasks if ep not in wanted]:
             self._tasks.pop(endpoint).cancel()
             self._views.pop(endpoint, None)
+            self._outstanding.pop(endpoint, None)  # calls still in flight hold their own entry
             logger.info("Worker %s removed", endpoint)
         for endpoint in endpoints:
             if endpoint not in self._tasks:
