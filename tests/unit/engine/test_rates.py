@@ -34,3 +34,4 @@ def test_prefill_chunks_and_decodes_are_told_apart_and_timed() -> None:
         rates.record(step(s), 0.1)
     assert abs(rates.decode_step_s - 0.1) < 1e-12
     assert rates.prefill_tokens_per_s == 15 / 1.25  # no prefill since: the last figure stays
+    assert rates.prefill_tokens_total == 15  # every prompt token computed, beyond the window

@@ -45,6 +45,7 @@ class WorkerCollector(Collector):
         yield gauge("triphase_worker_prefill_tokens_per_second", "Prompt tokens per second of recent prefill steps",
                     s.prefill_tokens_per_s)
         yield gauge("triphase_worker_decode_step_seconds", "Mean duration of recent decode steps", s.decode_step_s)
+        yield counter("triphase_worker_prefill_tokens", "Prompt tokens computed", s.prefill_tokens_total)
         yield counter("triphase_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
                       s.prefix_queries)
         yield counter("triphase_prefix_cache_hits", "Prompt tokens found in the prefix cache", s.prefix_hits)

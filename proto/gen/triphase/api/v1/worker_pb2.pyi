@@ -176,7 +176,7 @@ class WatchStatsRequest(_message.Message):
     def __init__(self, interval_seconds: _Optional[float] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "draining", "running_requests", "waiting_requests", "free_kv_blocks", "total_kv_blocks", "queued_prefill_tokens", "pinned_requests", "block_size", "cached_block_hashes", "model", "switching", "prefill_tokens_per_second", "decode_step_seconds")
+    __slots__ = ("worker_id", "role", "draining", "running_requests", "waiting_requests", "free_kv_blocks", "total_kv_blocks", "queued_prefill_tokens", "pinned_requests", "block_size", "cached_block_hashes", "model", "switching", "prefill_tokens_per_second", "decode_step_seconds", "prefill_tokens_total")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,7 @@ class WorkerStats(_message.Message):
     SWITCHING_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: Role
     draining: bool
@@ -207,7 +208,8 @@ class WorkerStats(_message.Message):
     switching: bool
     prefill_tokens_per_second: float
     decode_step_seconds: float
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., draining: _Optional[bool] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., pinned_requests: _Optional[int] = ..., block_size: _Optional[int] = ..., cached_block_hashes: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., switching: _Optional[bool] = ..., prefill_tokens_per_second: _Optional[float] = ..., decode_step_seconds: _Optional[float] = ...) -> None: ...
+    prefill_tokens_total: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., draining: _Optional[bool] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., pinned_requests: _Optional[int] = ..., block_size: _Optional[int] = ..., cached_block_hashes: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., switching: _Optional[bool] = ..., prefill_tokens_per_second: _Optional[float] = ..., decode_step_seconds: _Optional[float] = ..., prefill_tokens_total: _Optional[int] = ...) -> None: ...
 
 class SetRoleRequest(_message.Message):
     __slots__ = ("role", "grace_seconds")

@@ -58,6 +58,7 @@ class EngineStats:
     cached_block_hashes: tuple[int, ...] = ()
     prefill_tokens_per_s: float = 0.0
     decode_step_s: float = 0.0
+    prefill_tokens_total: int = 0
 
 
 class AsyncEngine:
@@ -188,6 +189,7 @@ class AsyncEngine:
             prefix_queries=kv.prefix_queries, prefix_hits=kv.prefix_hits, preemptions=sched.num_preemptions,
             steps=engine.num_steps, cached_block_hashes=hashes,
             prefill_tokens_per_s=engine.rates.prefill_tokens_per_s, decode_step_s=engine.rates.decode_step_s,
+            prefill_tokens_total=engine.rates.prefill_tokens_total,
         )
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.stats_changed.set)

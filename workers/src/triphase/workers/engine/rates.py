@@ -30,6 +30,7 @@ def split(output: SchedulerOutput) -> tuple[int, int]:
 @dataclasses.dataclass
 class StepRates:
     window: int = 32
+    prefill_tokens_total: int = 0  # since the engine started
     _prefill: collections.deque[tuple[int, float]] = dataclasses.field(init=False)
     _decode: collections.deque[float] = dataclasses.field(init=False)
 
@@ -39,6 +40,7 @@ class StepRates:
 
     def record(self, output: SchedulerOutput, seconds: float) -> None:
         prefill_tokens, decodes = split(output)
+        self.prefill_tokens_total += prefill_tokens
         if prefill_tokens:
             self._prefill.append((prefill_tokens, seconds))
         if decodes:
