@@ -1,11 +1,14 @@
-"""The pipeline's resume rule with a fake worker client: a request resumes elsewhere only if it
-had not finished. (A worker SIGKILLed between sending its last delta and closing the stream made
-the router resume a finished request past its stop token: one chaos output in a thousand.)"""
+"""The pipeline's retry rules with a fake worker client: a request resumes elsewhere only if it
+had not finished (a worker SIGKILLed between sending its last delta and closing the stream made
+the router resume a finished request past its stop token: one chaos output in a thousand); a
+failed prefill goes to another prefill worker before the decode worker prefills locally (a prefill
+worker switching role hands its whole queue back, which must not stall the decode pool)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncGenerator, Iterator
 
 from triphase.common.roles import Role
@@ -33,7 +36,9 @@ class Registry:
     def streaming(self, endpoint: str) -> Iterator[None]:
         yield
 
-    prefilling = streaming
+    @contextlib.contextmanager
+    def prefilling(self, endpoint: str, tokens: int) -> Iterator[None]:
+        yield
 
 
 class Client:
@@ -77,3 +82,55 @@ def test_a_worker_failing_mid_stream_resumes_with_the_tokens_sent() -> None:
     assert [t for d in deltas for t in d.token_ids] == [5, 6, IM_END]
     (_, _, _), (endpoint, prompt, resumed) = client.calls
     assert (endpoint, prompt, resumed) == ("b:1", [1, 9, 5], 1)
+
+
+@dataclasses.dataclass
+class Ticket:
+    nbytes: int = 0
+
+
+class PrefillClient(Client):
+    """Prefill fails on the endpoints in `refusing`; decode repeats the first token, then stops."""
+
+    def __init__(self, refusing: set[str]) -> None:
+        super().__init__({"d:1": ([Delta([7], "z"), Delta([IM_END], "", "stop")], False)})
+        self.refusing = refusing
+        self.prefills: list[str] = []
+
+    async def prefill(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
+                      ) -> tuple[Ticket, Delta]:
+        self.prefills.append(endpoint)
+        if endpoint in self.refusing:
+            raise WorkerFailed("UNAVAILABLE: switching role")
+        return Ticket(), Delta([5], "x")
+
+    async def decode(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
+                     ticket: Ticket) -> AsyncGenerator[Delta, None]:
+        for delta in (Delta([5], "x"), Delta([IM_END], "", "stop")):
+            yield delta
+
+    async def release(self, ticket: Ticket) -> None:
+        return None
+
+
+def prefill_run(client: PrefillClient) -> list[int]:
+    views = [WorkerView("p1", "p1:1", Role.PREFILL, queued_prefill_tokens=0),
+             WorkerView("p2", "p2:1", Role.PREFILL, queued_prefill_tokens=100), WorkerView("d", "d:1", Role.DECODE)]
+    pipeline = Pipeline(Registry(views), client, RouterMetrics("m"), placement_wait_s=1)  # type: ignore[arg-type]
+
+    async def collect() -> list[int]:
+        return [t async for d in pipeline.run([1, 9], Sampling(max_tokens=8, temperature=0)) for t in d.token_ids]
+
+    return asyncio.run(collect())
+
+
+def test_a_failed_prefill_goes_to_another_prefill_worker() -> None:
+    client = PrefillClient(refusing={"p1:1"})
+    assert prefill_run(client) == [5, IM_END]
+    assert client.prefills == ["p1:1", "p2:1"] and client.calls == []  # no local prefill on d
+
+
+def test_the_decode_worker_prefills_only_when_no_prefill_worker_is_left() -> None:
+    client = PrefillClient(refusing={"p1:1", "p2:1"})
+    assert prefill_run(client) == [7, IM_END]
+    assert client.prefills == ["p1:1", "p2:1"] and [c[0] for c in client.calls] == ["d:1"]

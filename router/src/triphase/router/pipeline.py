@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator
 from triphase.common.block_hash import prompt_block_hashes
 from triphase.router.errors import Unavailable
 from triphase.router.metrics import RouterMetrics
-from triphase.router.policy.pairing import Placement, select
+from triphase.router.policy.pairing import Placement, select, select_prefill
 from triphase.router.registry import Registry
 from triphase.router.worker_client import Delta, HandOffFailed, Sampling, WorkerClient, WorkerFailed
 
@@ -100,22 +100,30 @@ class Pipeline:
         decode = placement.decode
         trace.decode_worker, trace.decode_endpoint = decode.worker_id, decode.endpoint
         with self.registry.streaming(decode.endpoint):  # counted in its load from placement on
-            if placement.prefill is not None:
-                trace.prefill_worker = placement.prefill.worker_id
+            prefill, tried = placement.prefill, set(failed)
+            while prefill is not None:
+                trace.prefill_worker = prefill.worker_id
                 try:
-                    with self.registry.prefilling(placement.prefill.endpoint, len(prompt)):
-                        ticket, first = await self.client.prefill(placement.prefill.endpoint, trace.request_id, prompt,
-                                                                  sampling)
+                    with self.registry.prefilling(prefill.endpoint, len(prompt)):
+                        ticket, first = await self.client.prefill(prefill.endpoint, trace.request_id, prompt, sampling)
                 except WorkerFailed as exc:
-                    logger.warning("%s: prefill on %s failed (%s); prefilling on %s", trace.request_id,
-                                   placement.prefill.worker_id, exc, decode.worker_id)
-                    self.registry.mark_unhealthy(placement.prefill.endpoint)
-                else:
-                    async with contextlib.aclosing(self._hand_off(decode.endpoint, prompt, sampling, trace, ticket,
-                                                                  first)) as deltas:
-                        async for delta in deltas:
-                            yield delta
-                    return
+                    # Another prefill worker rather than the decode worker if there is one: a local
+                    # prefill stalls every stream on the decode worker (what disaggregation avoids);
+                    # a prefill worker that switches role hands its whole queue back at once.
+                    self.registry.mark_unhealthy(prefill.endpoint)
+                    tried.add(prefill.worker_id)
+                    failed_on, prefill = prefill.worker_id, None
+                    if len(tried) - len(failed) <= self.max_retries:
+                        prefill = select_prefill(prompt_block_hashes(prompt, self.block_size),
+                                                 self.registry.snapshot(), decode.worker_id, frozenset(tried))
+                    logger.warning("%s: prefill on %s failed (%s); prefilling on %s", trace.request_id, failed_on,
+                                   exc, prefill.worker_id if prefill else decode.worker_id)
+                    continue
+                async with contextlib.aclosing(self._hand_off(decode.endpoint, prompt, sampling, trace, ticket,
+                                                              first)) as deltas:
+                    async for delta in deltas:
+                        yield delta
+                return
             trace.local_prefill = True
             async with contextlib.aclosing(self.client.generate(decode.endpoint, trace.request_id, prompt,
                                                                 sampling)) as deltas:

@@ -78,12 +78,20 @@ def select(hashes: Sequence[int], workers: Sequence[WorkerView], exclude: frozen
         return None
     dedicated_decoders = [w for w in decoders if w.role is Role.DECODE] or decoders
     decode = max(dedicated_decoders, key=lambda w: (w.free_blocks / (1 + w.decode_load), -w.decode_load))
-    prefillers = [w for w in usable if w.role.can_prefill and w.worker_id != decode.worker_id]
+    prefill = select_prefill(hashes, usable, decode.worker_id)
+    return Placement(decode, prefill, cached_prefix(prefill or decode, hashes))
+
+
+def select_prefill(hashes: Sequence[int], workers: Sequence[WorkerView], decode_id: str,
+                   exclude: frozenset[str] = frozenset()) -> WorkerView | None:
+    """The prefill worker for a request decoded on `decode_id`: the longest cached prefix, less load;
+    None when only the decode worker itself could prefill."""
+    prefillers = [w for w in workers if w.available and w.role.can_prefill and w.worker_id != decode_id
+                  and w.worker_id not in exclude]
     if not prefillers:
-        return Placement(decode, None, cached_prefix(decode, hashes))
+        return None
 
     def score(w: WorkerView) -> float:
         return cached_prefix(w, hashes) * CACHE_WEIGHT * w.block_size - w.prefill_load - 64 * w.waiting
 
-    prefill = max(prefillers, key=score)
-    return Placement(decode, prefill, cached_prefix(prefill, hashes))
+    return max(prefillers, key=score)
