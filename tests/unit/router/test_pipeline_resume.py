@@ -90,12 +90,16 @@ class Ticket:
 
 
 class PrefillClient(Client):
-    """Prefill fails on the endpoints in `refusing`; decode repeats the first token, then stops."""
+    """Prefill and decode fail on the endpoints in `refusing`; decode repeats the first token, then
+    stops; local prefill (generate) answers 7."""
 
     def __init__(self, refusing: set[str]) -> None:
-        super().__init__({"d:1": ([Delta([7], "z"), Delta([IM_END], "", "stop")], False)})
+        done = ([Delta([7], "z"), Delta([IM_END], "", "stop")], False)
+        super().__init__({"d:1": done, "e:1": done})
         self.refusing = refusing
         self.prefills: list[str] = []
+        self.decodes: list[str] = []
+        self.released = 0
 
     async def prefill(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
                       ) -> tuple[Ticket, Delta]:
@@ -106,16 +110,22 @@ class PrefillClient(Client):
 
     async def decode(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
                      ticket: Ticket) -> AsyncGenerator[Delta, None]:
+        self.decodes.append(endpoint)
+        if endpoint in self.refusing:
+            raise WorkerFailed("FAILED_PRECONDITION: worker is prefill, not decode")
         for delta in (Delta([5], "x"), Delta([IM_END], "", "stop")):
             yield delta
 
     async def release(self, ticket: Ticket) -> None:
-        return None
+        self.released += 1
 
 
-def prefill_run(client: PrefillClient) -> list[int]:
+def prefill_run(client: PrefillClient, second_decoder: bool = False) -> list[int]:
     views = [WorkerView("p1", "p1:1", Role.PREFILL, queued_prefill_tokens=0),
-             WorkerView("p2", "p2:1", Role.PREFILL, queued_prefill_tokens=100), WorkerView("d", "d:1", Role.DECODE)]
+             WorkerView("p2", "p2:1", Role.PREFILL, queued_prefill_tokens=100),
+             WorkerView("d", "d:1", Role.DECODE, free_blocks=100)]
+    if second_decoder:
+        views.append(WorkerView("e", "e:1", Role.DECODE, free_blocks=10))
     pipeline = Pipeline(Registry(views), client, RouterMetrics("m"), placement_wait_s=1)  # type: ignore[arg-type]
 
     async def collect() -> list[int]:
@@ -134,3 +144,12 @@ def test_the_decode_worker_prefills_only_when_no_prefill_worker_is_left() -> Non
     client = PrefillClient(refusing={"p1:1", "p2:1"})
     assert prefill_run(client) == [7, IM_END]
     assert client.prefills == ["p1:1", "p2:1"] and [c[0] for c in client.calls] == ["d:1"]
+
+
+def test_a_decode_worker_refusing_the_hand_off_passes_the_kv_to_another() -> None:
+    """d (the roomier decode worker, chosen first) has just become a prefill worker: e takes the
+    pinned KV with the same ticket; nothing is prefilled again and nothing is released early."""
+    client = PrefillClient(refusing={"d:1"})
+    assert prefill_run(client, second_decoder=True) == [5, IM_END]
+    assert client.prefills == ["p1:1"] and client.decodes == ["d:1", "e:1"] and client.calls == []
+    assert client.released == 0  # e adopted the KV (and releases the prefill worker's copy itself)

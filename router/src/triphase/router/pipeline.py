@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator
 from triphase.common.block_hash import prompt_block_hashes
 from triphase.router.errors import Unavailable
 from triphase.router.metrics import RouterMetrics
-from triphase.router.policy.pairing import Placement, select, select_prefill
+from triphase.router.policy.pairing import Placement, WorkerView, select, select_prefill
 from triphase.router.registry import Registry
 from triphase.router.worker_client import Delta, HandOffFailed, Sampling, WorkerClient, WorkerFailed
 
@@ -181,20 +181,46 @@ class Pipeline:
             return
         started = time.monotonic()
         adopted = False  # the decode worker has the KV (it then releases the prefill worker's copy)
+        tried = {trace.decode_worker or ""}
         try:
-            stream = self.client.decode(endpoint, trace.request_id, prompt, sampling, ticket)
-            async with contextlib.aclosing(stream) as deltas:
-                async for delta in deltas:
-                    if not adopted:  # the decode worker repeats the first token: already sent
-                        adopted = True
-                        trace.kv_backend = backend = delta.kv_backend or "grpc"
-                        self.metrics.kv_transfer_seconds.labels(self.metrics.model, backend).observe(
-                            time.monotonic() - started)
-                        self.metrics.kv_transfer_bytes.labels(self.metrics.model, backend).inc(ticket.nbytes)
-                        delta = dataclasses.replace(delta, token_ids=delta.token_ids[1:], text="")
-                        if not delta.token_ids and delta.finish_reason is None:
-                            continue
-                    yield delta
+            with contextlib.ExitStack() as counted:
+                while True:
+                    try:
+                        stream = self.client.decode(endpoint, trace.request_id, prompt, sampling, ticket)
+                        async with contextlib.aclosing(stream) as deltas:
+                            async for delta in deltas:
+                                if not adopted:  # the decode worker repeats the first token: already sent
+                                    adopted = True
+                                    trace.kv_backend = backend = delta.kv_backend or "grpc"
+                                    self.metrics.kv_transfer_seconds.labels(self.metrics.model, backend).observe(
+                                        time.monotonic() - started)
+                                    self.metrics.kv_transfer_bytes.labels(self.metrics.model, backend).inc(
+                                        ticket.nbytes)
+                                    delta = dataclasses.replace(delta, token_ids=delta.token_ids[1:], text="")
+                                    if not delta.token_ids and delta.finish_reason is None:
+                                        continue
+                                yield delta
+                        return
+                    except HandOffFailed:
+                        raise
+                    except WorkerFailed as exc:
+                        # Refused before it took the KV (it is switching role, draining or gone): the KV
+                        # is still pinned on the prefill worker, so another decode worker takes the same
+                        # ticket. Resuming instead would prefill the whole prompt again on a decode worker.
+                        if adopted or len(tried) > self.max_retries or \
+                                (other := self._another_decode(prompt, tried)) is None:
+                            raise
+                        self.registry.mark_unhealthy(endpoint)
+                        logger.warning("%s: decode worker %s refused the hand-off (%s); handing off to %s",
+                                       trace.request_id, trace.decode_worker, exc, other.worker_id)
+                        tried.add(other.worker_id)
+                        trace.decode_worker, trace.decode_endpoint = other.worker_id, other.endpoint
+                        endpoint = other.endpoint
+                        counted.enter_context(self.registry.streaming(endpoint))
         finally:
             if not adopted:  # failed or cancelled before the hand-off completed: unpin now
                 await self.client.release(ticket)
+
+    def _another_decode(self, prompt: list[int], tried: set[str]) -> WorkerView | None:
+        placement = select(prompt_block_hashes(prompt, self.block_size), self.registry.snapshot(), frozenset(tried))
+        return placement.decode if placement is not None and placement.decode.worker_id not in tried else None
