@@ -32,20 +32,22 @@ def decide_after_sustain(balancer: Balancer, workers: list[WorkerView], start: f
     return balancer.decide([dataclasses.replace(x, seen_at=later) for x in workers], later)
 
 
-BACKLOG = {"queued_prefill_tokens": 3000}  # 3000 tokens at 1000 tok/s = 1.5 s = 0.75 of the TTFT target
+# 3000 tokens at 1000 tok/s: a 1.5 s backlog, 0.5 s beyond the half of the TTFT target it may take; clearing
+# that within one TTFT target (2 s) takes a worker's worth: prefill demand 1.0 (with no new arrivals).
+BACKLOG = {"queued_prefill_tokens": 3000}
 SLOW_DECODE = {"running": 8, "decode_step_s": 0.12}  # 1.2 of the TPOT target
 
 
 @pytest.mark.parametrize(("workers", "expected", "why"), [
     # A prefill backlog moves the idlest decode worker.
     ([w("p0", P, **BACKLOG), w("d0", D, running=3), w("d1", D, running=1), w("d2", D, running=2)],
-     Switch("d1", D, P, "prefill-backlog"), "prefill backlog"),
+     Switch("d1", D, P, "prefill-backlog"), "prefill load"),
     # Slow decode steps move the prefill worker with the least in flight.
     ([w("p0", P, running=1), w("p1", P), w("d0", D, **SLOW_DECODE)],
-     Switch("p1", P, D, "decode-pressure"), "decode pressure"),
+     Switch("p1", P, D, "decode-pressure"), "decode load"),
     # A full KV cache is decode pressure too, even with fast steps.
     ([w("p0", P), w("p1", P), w("d0", D, running=4, kv_usage=0.95)],
-     Switch("p0", P, D, "decode-pressure"), "decode pressure"),
+     Switch("p0", P, D, "decode-pressure"), "decode load"),
     # No pressure: nothing moves.
     ([w("p0", P, queued_prefill_tokens=100), w("d0", D, running=2), w("d1", D)], None, "no role is under"),
     # Both hot: the planner's problem.
@@ -53,18 +55,21 @@ SLOW_DECODE = {"running": 8, "decode_step_s": 0.12}  # 1.2 of the TPOT target
      None, "both roles"),
     # min_per_role (1): the only decode worker stays.
     ([w("p0", P, **BACKLOG), w("d0", D)], None, "minimum"),
-    # The donor, one worker smaller, would be hot itself: no switch.
-    ([w("p0", P, **BACKLOG), w("d0", D, running=8, decode_step_s=0.04), w("d1", D, running=8, decode_step_s=0.04)],
+    # The donor, one worker smaller, would be hotter than the receiver is now: no switch.
+    ([w("p0", P, **BACKLOG), w("d0", D, running=8, decode_step_s=0.06), w("d1", D, running=8, decode_step_s=0.06)],
      None, "cannot spare"),
+    # ... but one that ends up above its spare threshold and still well below the receiver may give.
+    ([w("p0", P, **BACKLOG), w("d0", D, running=8, decode_step_s=0.04), w("d1", D, running=8, decode_step_s=0.04)],
+     Switch("d0", D, P, "prefill-backlog"), "prefill load"),
     # A prefill worker whose KV is still to be read stays; the other one moves.
     ([w("p0", P, pinned=2), w("p1", P, running=1), w("d0", D, **SLOW_DECODE)],
-     Switch("p1", P, D, "decode-pressure"), "decode pressure"),
+     Switch("p1", P, D, "decode-pressure"), "decode load"),
     ([w("p0", P, pinned=2), w("p1", P, pinned=1), w("d0", D, **SLOW_DECODE)], None, "KV to be read"),
     # A switch in flight blocks another.
     ([w("p0", P, **BACKLOG), w("d0", D), w("d1", D, switching=True), w("d2", D)], None, "in flight"),
     # A queue but no measured rate yet is as hot as it gets.
     ([w("p0", P, queued_prefill_tokens=10, prefill_tokens_per_s=0.0), w("d0", D), w("d1", D)],
-     Switch("d0", D, P, "prefill-backlog"), "prefill backlog"),
+     Switch("d0", D, P, "prefill-backlog"), "prefill load"),
     # `both` and `encode` workers never move and count for neither role.
     ([w("b0", Role.BOTH), w("e0", Role.ENCODE), w("p0", P, **BACKLOG), w("d0", D)], None, "minimum"),
 ])
@@ -145,7 +150,7 @@ def test_zero_switches_per_minute_never_switches() -> None:
     assert "rate limit" in decide_after_sustain(balancer, [w("p0", P, **BACKLOG), w("d0", D), w("d1", D)]).why
 
 
-@pytest.mark.parametrize("bad", [{"prefill_spare": 0.6}, {"decode_spare": 0.0}, {"min_per_role": -1}])
+@pytest.mark.parametrize("bad", [{"prefill_spare": 1.05}, {"decode_spare": 0.0}, {"min_per_role": -1}, {"drain": 0.0}])
 def test_settings_are_checked(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         Settings(**bad)  # type: ignore[arg-type]
@@ -159,6 +164,7 @@ class Cluster:
     roles: dict[str, Role]
     backlog: float = 0.0  # prompt tokens queued over the prefill pool
     switching: dict[str, float] = dataclasses.field(default_factory=dict)  # worker -> done at
+    computed: dict[str, float] = dataclasses.field(default_factory=dict)  # prompt tokens per worker
     switch_s: float = 1.0
 
     def views(self, streams: float, now: float) -> list[WorkerView]:
@@ -167,21 +173,28 @@ class Cluster:
         per_decode = streams / max(len(decode), 1)
         out = []
         for worker_id, role in sorted(self.roles.items()):
+            total = int(self.computed.get(worker_id, 0.0))
             if role is P:
+                queued = int(self.backlog / len(prefill)) if worker_id in prefill else 0
                 out.append(WorkerView(worker_id, role, now, switching=worker_id in self.switching,
-                                      queued_prefill_tokens=int(self.backlog / max(len(prefill), 1)),
-                                      prefill_tokens_per_s=1000.0))
+                                      queued_prefill_tokens=queued, prefill_tokens_per_s=1000.0,
+                                      prefill_tokens_total=total))
             else:
                 out.append(WorkerView(worker_id, role, now, switching=worker_id in self.switching,
-                                      running=round(per_decode), decode_step_s=0.01 + 0.01 * per_decode))
+                                      running=round(per_decode), decode_step_s=0.01 + 0.01 * per_decode,
+                                      prefill_tokens_total=total))
         return out
 
     def advance(self, prompt_tokens_per_s: float, dt: float, now: float) -> None:
         for worker_id, done in list(self.switching.items()):
             if now >= done:
                 del self.switching[worker_id]
-        prefill = sum(1 for i, r in self.roles.items() if r is P and i not in self.switching)
-        self.backlog = max(0.0, self.backlog + (prompt_tokens_per_s - 1000.0 * prefill) * dt)
+        prefill = [i for i, r in self.roles.items() if r is P and i not in self.switching]
+        work = self.backlog + prompt_tokens_per_s * dt
+        done = min(work, 1000.0 * len(prefill) * dt)
+        for worker_id in prefill:
+            self.computed[worker_id] = self.computed.get(worker_id, 0.0) + done / len(prefill)
+        self.backlog = work - done
 
 
 def run(load: list[tuple[float, float, float]], workers: int = 8, settings: Settings | None = None,
@@ -214,8 +227,10 @@ def test_a_step_to_prompt_heavy_load_moves_decode_workers_to_prefill_quickly() -
     switches, cluster = run([(20, 2000, 4), (120, 5500, 4)])
     assert switches and switches[0][0] - 20 <= 10, switches
     assert all(sw.to_role is P for _, sw in switches)
-    assert sum(1 for r in cluster.roles.values() if r is P) == 6
+    # 6 prefill workers would carry 5500 tok/s, but not clear the backlog built while reacting in time: 7.
+    assert sum(1 for r in cluster.roles.values() if r is P) == 7
     assert cluster.backlog == 0  # the backlog built while reacting is gone
+    assert switches[-1][0] - switches[0][0] <= 3 * (1.0 + 1.0 + 0.5)  # one after the other: switch + settle
 
 
 def test_a_step_to_decode_heavy_load_moves_prefill_workers_to_decode() -> None:
@@ -255,12 +270,41 @@ def test_a_steady_load_reaches_a_split_and_stays() -> None:
 
 
 def test_a_donor_is_judged_by_its_recent_peak() -> None:
-    """Decode was busy 5 s ago and is quiet now: it cannot spare a worker until the burst has left
-    the spare window (10 s)."""
+    """Decode was busy 3 s ago and is quiet now: it cannot spare a worker until the busy moment has
+    left the spare window (5 s)."""
     balancer = Balancer(SLO)
-    busy = [w("p0", P), w("d0", D, running=4, decode_step_s=0.05), w("d1", D, running=4, decode_step_s=0.05)]
+    busy = [w("p0", P), w("d0", D, running=4, decode_step_s=0.12), w("d1", D, running=4, decode_step_s=0.12)]
     balancer.decide([dataclasses.replace(x, seen_at=0.0) for x in busy], 0.0)
     hot_prefill = [w("p0", P, **BACKLOG), w("d0", D), w("d1", D)]
-    decision = decide_after_sustain(balancer, hot_prefill, start=5.0)
+    decision = decide_after_sustain(balancer, hot_prefill, start=2.0)
     assert decision.switch is None and "cannot spare" in decision.why
-    assert decide_after_sustain(balancer, hot_prefill, start=10.5).switch is not None
+    assert decide_after_sustain(balancer, hot_prefill, start=5.5).switch is not None
+
+
+def test_arriving_prompt_tokens_move_a_worker_before_a_backlog_builds() -> None:
+    """2100 prompt tokens/s reach two prefill workers of 1000 tok/s each: the queue grows by only
+    100 tokens/s (its backlog is far inside the TTFT budget), but demand exceeds the pool."""
+    balancer = Balancer(SLO)
+    decision = None
+    for tick in range(8):
+        t = tick * 0.5
+        workers = [w(f"p{i}", P, seen_at=t, prefill_tokens_total=int(1000 * t), queued_prefill_tokens=int(50 * t))
+                   for i in range(2)] + [w("d0", D, seen_at=t), w("d1", D, seen_at=t)]
+        decision = balancer.decide(workers, t)
+        if decision.switch:
+            break
+    assert decision is not None and decision.switch == Switch("d0", D, P, "prefill-backlog"), decision
+    assert decision.pressures is not None and decision.pressures.backlog_s < 0.2
+    assert abs(decision.pressures.arrivals - 2100) < 1
+
+
+def test_arrivals_count_handed_over_work_once_and_skip_a_restarted_worker() -> None:
+    balancer = Balancer(SLO)
+    before = [w("p0", P, queued_prefill_tokens=500, prefill_tokens_total=10_000),
+              w("p1", P, prefill_tokens_total=20_000), w("d0", D, prefill_tokens_total=300)]
+    balancer.arrivals(before, 0.0)
+    # p0 handed its 500 queued tokens to p1 (which computed them), computed 100 of new work itself;
+    # d0 restarted (its counter went back): it is left out.
+    after = [w("p0", P, prefill_tokens_total=10_100), w("p1", P, prefill_tokens_total=20_500),
+             w("d0", D, prefill_tokens_total=5)]
+    assert balancer.arrivals(after, 1.0) == 100.0

@@ -1,30 +1,35 @@
 """The role balancer's policy: which worker, if any, changes role now (pure: no I/O, no clock).
 
-Two pressures, each in units of its SLO budget (1.0 = the budget is used up):
+Each role's demand is measured in workers' worth of capacity at its SLO, and its load is that
+demand over the role's ready workers (1.0 = the pool is exactly full):
 
-- prefill pressure = seconds of prefill backlog (prompt tokens queued on the prefill workers ÷ the
-  rate those workers measured) ÷ the TTFT target. A request arriving now waits that long before its
-  own prefill starts.
-- decode pressure = per decode worker with streams, the larger of (measured decode step time ÷ the
-  TPOT target) and (KV usage ÷ `kv_high`); the pool's pressure is the mean (the router spreads
-  streams over the pool). An idle decode worker has pressure 0.
+- prefill demand = (prompt tokens arriving per second + the backlog beyond what the TTFT budget
+  tolerates, to be cleared within `drain` TTFT targets) ÷ one prefill worker's measured rate. Arrivals come
+  from the workers' counters (queued + computed prompt tokens) over `rate_window_s`, so demand is
+  seen as it arrives, before a backlog has built up; the backlog term sizes the pool to clear what
+  built up anyway. A backlog that the pool is clearing fast enough adds nothing.
+- decode demand = the sum over decode workers of max(measured step time ÷ the TPOT target,
+  KV usage ÷ `kv_high`); an idle decode worker adds 0 (streams go to it as soon as it exists).
 
 A worker moves from the cool role to the hot one when:
-- the hot pressure has stayed at or above its `enter` threshold for `sustain_s` (a prefill backlog
-  that shrank by a tenth over that time is draining and does not count: the capacity is there), and
-- the cool role, one worker smaller, is projected (its peak pressure over the last `spare_window_s`
-  x N/(N-1)) to stay below its `spare` threshold. The gap between `enter` and `spare` is the
-  hysteresis that stops a switch from causing its own reversal; taking the peak rather than the
-  present value keeps a bursty load's quiet moment from passing for spare capacity.
-When both roles are hot no worker moves: that is the planner's (pool size) problem.
+- the hot role's load has stayed at or above its `enter` threshold for `sustain_s`, and
+- the donor role, one worker smaller, stays cool enough: its peak demand over the last
+  `spare_window_s` ÷ (its workers - 1) is below its `spare` threshold, or the move lowers the
+  higher of the two loads by at least `margin` (the hot role is the worse off by far: a worker
+  serves the SLOs better there). The gaps between `enter`, `spare` and `margin` are the
+  hysteresis that keeps a switch from causing its own reversal; judging the donor by its recent
+  peak keeps a bursty load's quiet moment from passing for spare capacity.
+While the hot role stays hot, the next worker follows after `settle_s` (a step in load is met by
+as many switches as it needs, one at a time). When both roles are hot no worker moves: that is
+the planner's (pool size) problem.
 
 Limits, each of which makes `decide` answer "no switch" with a reason: one switch in flight at a
-time; none within `settle_s` of the last one (a pool needs that long to show its new size); at
-most `max_switches_per_minute`; a worker switched less than `cooldown_s` ago stays; a role keeps
-`min_per_role` ready workers; a prefill worker whose pinned KV is still to be read stays; a worker
-whose stats are older than `stale_after_s` counts as absent (and a role with no fresh worker blocks
-any decision). Among the candidates the one with the least in-flight work moves. Only `prefill`
-and `decode` workers move; `both` and `encode` workers are left alone.
+time; none within `settle_s` of the last one; at most `max_switches_per_minute`; a worker
+switched less than `cooldown_s` ago stays; a role keeps `min_per_role` ready workers; a prefill
+worker whose pinned KV is still to be read stays; a worker whose stats are older than
+`stale_after_s` counts as absent (and a role with no fresh worker blocks any decision). Among the
+candidates the one with the least in-flight work moves. Only `prefill` and `decode` workers move;
+`both` and `encode` workers are left alone.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class WorkerView:
     pinned: int = 0  # prefilled requests whose KV a decode worker has still to read
     prefill_tokens_per_s: float = 0.0  # measured over its recent prefill steps; 0 = not measured yet
     decode_step_s: float = 0.0  # mean of its recent decode steps; 0 = not measured yet
+    prefill_tokens_total: int = 0  # prompt tokens computed since the worker started
 
     @property
     def in_flight(self) -> int:
@@ -69,15 +75,20 @@ class Slo:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    prefill_enter: float = 0.5  # backlog of half the TTFT budget: move a decode worker to prefill
-    prefill_spare: float = 0.25  # prefill may give up a worker if it stays below this
+    # A prefill pool below full keeps its queue short; a backlog it cannot clear in time is demand too.
+    prefill_enter: float = 1.0  # prefill load (demand ÷ workers) that moves a decode worker to prefill
+    prefill_spare: float = 0.75  # prefill may give up a worker if its load stays below this
     decode_enter: float = 0.9
     decode_spare: float = 0.6
+    margin: float = 0.1  # ... or if the move lowers the higher of the two loads by this much
+    backlog_ok: float = 0.5  # share of the TTFT target a prefill backlog may take before it adds demand
+    drain: float = 1.0  # a backlog beyond that is to be cleared within this many TTFT targets
+    rate_window_s: float = 10.0  # arrivals of prompt tokens are measured over this long
     kv_high: float = 0.9  # KV usage that counts as decode pressure 1.0
-    sustain_s: float = 1.0  # a pressure must hold this long before it moves a worker
+    sustain_s: float = 1.0  # a load must hold this long before it moves a worker
     cooldown_s: float = 30.0  # a switched worker stays in its new role at least this long
     settle_s: float = 1.0  # no switch this soon after the last one
-    spare_window_s: float = 10.0  # a donor's pressure is judged by its peak over this long
+    spare_window_s: float = 5.0  # a donor's demand is judged by its peak over this long
     max_switches_per_minute: int = 2
     min_per_role: int = 1
     stale_after_s: float = 5.0
@@ -87,15 +98,20 @@ class Settings:
             raise ValueError("each role's spare threshold must be positive and below its enter threshold")
         if self.max_switches_per_minute < 0 or self.min_per_role < 0:
             raise ValueError("max_switches_per_minute and min_per_role must not be negative")
+        if min(self.margin, self.drain, self.rate_window_s) <= 0:
+            raise ValueError("margin, drain and rate_window_s must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
 class Pressures:
-    prefill: float  # backlog seconds ÷ TTFT target
-    decode: float  # mean over decode workers of max(step ÷ TPOT target, KV usage ÷ kv_high)
-    backlog_s: float
+    prefill: float  # prefill load: demand ÷ ready prefill workers (1 = the pool is full)
+    decode: float  # decode load: demand ÷ ready decode workers
+    backlog_s: float  # queued prompt tokens ÷ the prefill pool's measured rate
     prefill_workers: int  # ready (fresh, healthy, not switching or draining)
     decode_workers: int
+    prefill_demand: float = 0.0  # in workers
+    decode_demand: float = 0.0
+    arrivals: float = 0.0  # prompt tokens per second arriving at the workers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,33 +134,36 @@ def ready(worker: WorkerView, now: float, settings: Settings) -> bool:
             and now - worker.seen_at <= settings.stale_after_s)
 
 
-def pressures(workers: Sequence[WorkerView], slo: Slo, settings: Settings) -> tuple[float, float, float]:
-    """(prefill pressure, decode pressure, backlog seconds) of these workers."""
+def demands(workers: Sequence[WorkerView], arrivals: float, slo: Slo, settings: Settings,
+            ) -> tuple[float, float, float]:
+    """(prefill demand, decode demand, backlog seconds) of these (ready) workers; demands in workers."""
     prefill = [w for w in workers if w.role is Role.PREFILL]
     decode = [w for w in workers if w.role is Role.DECODE]
     queued = sum(w.queued_prefill_tokens for w in prefill)
-    rate = sum(w.prefill_tokens_per_s for w in prefill)
-    if queued == 0:
-        backlog = 0.0
-    elif rate > 0:
-        backlog = queued / rate
-    else:  # a queue but no measured rate yet: as hot as it gets until the first prefill is measured
-        backlog = float("inf")
-    per_worker = [max(w.decode_step_s / slo.tpot_s if w.running else 0.0, w.kv_usage / settings.kv_high)
-                  for w in decode]
-    decode_pressure = sum(per_worker) / len(per_worker) if per_worker else 0.0
-    return backlog / slo.ttft_s, decode_pressure, backlog
+    rates = [w.prefill_tokens_per_s for w in prefill if w.prefill_tokens_per_s > 0]
+    if not rates:  # no prefill measured yet: a queue is as hot as it gets, none is no demand
+        inf = float("inf")
+        prefill_demand, backlog = (inf, inf) if queued or arrivals else (0.0, 0.0)
+    else:
+        per_worker = sum(rates) / len(rates)
+        backlog = queued / (per_worker * len(prefill))
+        tolerated = settings.backlog_ok * slo.ttft_s * per_worker * len(prefill)
+        prefill_demand = (arrivals + max(0.0, queued - tolerated) / (settings.drain * slo.ttft_s)) / per_worker
+    decode_demand = sum(max(w.decode_step_s / slo.tpot_s if w.running else 0.0, w.kv_usage / settings.kv_high)
+                        for w in decode)
+    return prefill_demand, decode_demand, backlog
 
 
 class Balancer:
-    """Decides switches from successive snapshots. It remembers only what the policy needs: since
-    when each role has been hot, and the switches it decided (`record` them once started)."""
+    """Decides switches from successive snapshots. It remembers only what the policy needs: the
+    recent prompt-token counters (for the arrival rate), the recent demands (for the donor's
+    peak), since when each role has been hot, and the switches it decided (`record` them once done)."""
 
     def __init__(self, slo: Slo, settings: Settings | None = None) -> None:
         self.slo = slo
         self.settings = settings or Settings()
         self.hot_since: dict[Role, float] = {}
-        self.backlog_tokens: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
+        self.counters: collections.deque[tuple[float, dict[str, tuple[int, int]]]] = collections.deque(maxlen=1024)
         self.recent: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=1024)  # (t, p, d)
         self.switches: collections.deque[tuple[float, Switch]] = collections.deque(maxlen=1024)
 
@@ -152,29 +171,42 @@ class Balancer:
         """A switch ended at `at` (the loop calls this once the worker serves in its new role, or the
         switch failed); `decide` never assumes that what it proposed was done."""
         self.switches.append((at, switch))
-        self.hot_since.clear()  # the pressure has to build up again against the new split
 
-    def _draining(self, queued: int, now: float) -> bool:
-        """Whether the prefill backlog shrank by at least a tenth over the last `sustain_s`."""
-        history = self.backlog_tokens
-        history.append((now, queued))
-        while len(history) > 1 and now - history[1][0] >= self.settings.sustain_s:
+    def arrivals(self, workers: Sequence[WorkerView], now: float) -> float:
+        """Prompt tokens per second that reached the workers over the last `rate_window_s`: the growth
+        of each worker's queued + computed prompt tokens (work handed from one worker to another
+        leaves one and reaches the other, so it cancels out; a restarted worker is left out)."""
+        current = {w.worker_id: (w.queued_prefill_tokens, w.prefill_tokens_total)
+                   for w in workers if w.role in SWITCHABLE and w.healthy}
+        history = self.counters
+        history.append((now, current))
+        while len(history) > 2 and now - history[1][0] >= self.settings.rate_window_s:
             history.popleft()
         then, before = history[0]
-        return now - then >= self.settings.sustain_s and queued < 0.9 * before
+        if now - then <= 0:
+            return 0.0
+        grown = sum(sum(current[k]) - sum(before[k]) for k in current.keys() & before.keys()
+                    if current[k][1] >= before[k][1])
+        return max(0.0, grown / (now - then))
 
     def decide(self, workers: Sequence[WorkerView], now: float) -> Decision:
         s = self.settings
+        arrivals = self.arrivals(workers, now)
         fresh = [w for w in workers if ready(w, now, s)]
-        p, d, backlog = pressures(fresh, self.slo, s)
+        need_p, need_d, backlog = demands(fresh, arrivals, self.slo, s)
         by_role = {role: [w for w in fresh if w.role is role] for role in SWITCHABLE}
-        summary = Pressures(p, d, backlog, len(by_role[Role.PREFILL]), len(by_role[Role.DECODE]))
-        self.recent.append((now, p, d))
+        n = {role: len(by_role[role]) for role in SWITCHABLE}
+        need = {Role.PREFILL: need_p, Role.DECODE: need_d}
+        load = {role: need[role] / n[role] if n[role] else float("inf") if need[role] else 0.0
+                for role in SWITCHABLE}
+        summary = Pressures(load[Role.PREFILL], load[Role.DECODE], backlog, n[Role.PREFILL], n[Role.DECODE],
+                            need_p, need_d, arrivals)
+        self.recent.append((now, need_p, need_d))
         while self.recent and now - self.recent[0][0] > s.spare_window_s:
             self.recent.popleft()
-        queued = sum(w.queued_prefill_tokens for w in by_role[Role.PREFILL])
-        self._track_heat(Role.PREFILL, p >= s.prefill_enter and not self._draining(queued, now), now)
-        self._track_heat(Role.DECODE, d >= s.decode_enter, now)
+        enter = {Role.PREFILL: s.prefill_enter, Role.DECODE: s.decode_enter}
+        for role in SWITCHABLE:
+            self._track_heat(role, load[role] >= enter[role], now)
 
         def hold(why: str) -> Decision:
             return Decision(None, why, summary)
@@ -182,7 +214,7 @@ class Balancer:
         if any(w.switching for w in workers):
             return hold("a switch is in flight")
         stale = [w.worker_id for w in workers if w.healthy and now - w.seen_at > s.stale_after_s]
-        if not by_role[Role.PREFILL] or not by_role[Role.DECODE]:
+        if not n[Role.PREFILL] or not n[Role.DECODE]:
             return hold("a role has no ready worker" + (f" (stale stats: {', '.join(stale)})" if stale else ""))
         if self.switches and now - self.switches[-1][0] < s.settle_s:
             return hold("the last switch is still settling")
@@ -196,14 +228,13 @@ class Balancer:
         donors = by_role[from_role]
         if len(donors) <= s.min_per_role:
             return hold(f"{from_role} is at its minimum of {s.min_per_role} workers")
-        n = len(donors)
-        if from_role is Role.DECODE:
-            projected, spare = max(x[2] for x in self.recent) * n / (n - 1), s.decode_spare
-        else:
-            projected, spare = max(x[1] for x in self.recent) * n / (n - 1), s.prefill_spare
-        if projected >= spare:
+        column = 1 if from_role is Role.PREFILL else 2
+        donor_after = max(x[column] for x in self.recent) / (len(donors) - 1)
+        spare = s.prefill_spare if from_role is Role.PREFILL else s.decode_spare
+        receiver_after = need[to_role] / (n[to_role] + 1)
+        if donor_after >= spare and max(donor_after, receiver_after) > load[to_role] - s.margin:
             return hold(f"{to_role} is under pressure but {from_role} cannot spare a worker "
-                        f"(projected pressure {projected:.2f} ≥ {spare})")
+                        f"(its load would be {donor_after:.2f}, {to_role}'s {receiver_after:.2f})")
         recent = [at for at, _ in self.switches if now - at < 60.0]
         if len(recent) >= s.max_switches_per_minute:
             return hold(f"rate limit: {len(recent)} switches in the last minute")
@@ -213,8 +244,8 @@ class Balancer:
             return hold(f"every {from_role} worker is cooling down or still holds KV to be read")
         chosen = min(candidates, key=lambda w: (w.in_flight, w.queued_prefill_tokens, w.worker_id))
         reason = "prefill-backlog" if to_role is Role.PREFILL else "decode-pressure"
-        why = (f"prefill backlog {backlog:.2f} s is {p:.2f} of the TTFT target" if to_role is Role.PREFILL
-               else f"decode pressure {d:.2f} of the TPOT target / KV limit")
+        why = (f"prefill load {load[to_role]:.2f} ({arrivals:.0f} prompt tokens/s arriving, backlog {backlog:.2f} s)"
+               if to_role is Role.PREFILL else f"decode load {load[to_role]:.2f} of the TPOT target / KV limit")
         return Decision(Switch(chosen.worker_id, from_role, to_role, reason), why, summary)
 
     def _track_heat(self, role: Role, hot: bool, now: float) -> None:

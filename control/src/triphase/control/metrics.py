@@ -24,10 +24,14 @@ class BalancerMetrics:
                                   buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
         self.backlog = Gauge("triphase_balancer_prefill_backlog_seconds", "Queued prompt tokens over the prefill "
                              "workers' measured rate", labels, registry=registry)
-        self.prefill_pressure = Gauge("triphase_balancer_prefill_pressure", "Prefill backlog over the TTFT "
-                                      "target (1 = budget used up)", labels, registry=registry)
-        self.decode_pressure = Gauge("triphase_balancer_decode_pressure", "Mean over decode workers of step time "
-                                     "over the TPOT target or KV usage over its limit", labels, registry=registry)
+        self.prefill_pressure = Gauge("triphase_balancer_prefill_pressure", "Prefill demand over the ready "
+                                      "prefill workers (1 = the pool is full)", labels, registry=registry)
+        self.decode_pressure = Gauge("triphase_balancer_decode_pressure", "Decode demand over the ready decode "
+                                     "workers (1 = the pool is full)", labels, registry=registry)
+        self.demand = Gauge("triphase_balancer_demand_workers", "Workers' worth of capacity each role needs at "
+                            "its SLO", [*labels, "role"], registry=registry)
+        self.arrivals = Gauge("triphase_balancer_prompt_tokens_per_second", "Prompt tokens per second arriving "
+                              "at the workers", labels, registry=registry)
         self.workers = Gauge("triphase_balancer_workers", "Ready workers by current role, as the balancer sees them",
                              [*labels, "role"], registry=registry)
 
@@ -38,6 +42,9 @@ class BalancerMetrics:
         self.backlog.labels(deployment, model).set(p.backlog_s)
         self.prefill_pressure.labels(deployment, model).set(p.prefill)
         self.decode_pressure.labels(deployment, model).set(p.decode)
+        self.demand.labels(deployment, model, str(Role.PREFILL)).set(p.prefill_demand)
+        self.demand.labels(deployment, model, str(Role.DECODE)).set(p.decode_demand)
+        self.arrivals.labels(deployment, model).set(p.arrivals)
         for role in (*SWITCHABLE, Role.BOTH):
             self.workers.labels(deployment, model, str(role)).set(sum(1 for w in workers if w.role is role
                                                                       and w.healthy))
@@ -49,6 +56,6 @@ class BalancerMetrics:
     def forget(self, deployment: str) -> None:
         """Drop a deleted deployment's series."""
         for metric in (self.switches, self.failures, self.duration, self.backlog, self.prefill_pressure,
-                       self.decode_pressure, self.workers):
+                       self.decode_pressure, self.demand, self.arrivals, self.workers):
             for labels in [k for k in metric._metrics if k and k[0] == deployment]:
                 metric.remove(*labels)

@@ -35,7 +35,8 @@ def view_of(stats: pb.WorkerStats, seen_at: float) -> WorkerView:
         switching=stats.switching, draining=stats.draining, running=stats.running_requests,
         waiting=stats.waiting_requests, queued_prefill_tokens=stats.queued_prefill_tokens,
         kv_usage=1 - stats.free_kv_blocks / total if total else 0.0, pinned=stats.pinned_requests,
-        prefill_tokens_per_s=stats.prefill_tokens_per_second, decode_step_s=stats.decode_step_seconds)
+        prefill_tokens_per_s=stats.prefill_tokens_per_second, decode_step_s=stats.decode_step_seconds,
+        prefill_tokens_total=stats.prefill_tokens_total)
 
 
 class Channels:
