@@ -12,11 +12,13 @@ import openai
 
 class Load:
     """Chat completions from `lanes` concurrent clients (half streamed) until stopped; `done` holds
-    each completed request's completion tokens, `failed` each error."""
+    each completed request's completion tokens, `failed` each error. `unique` puts a number in front
+    of each prompt, so that the prefix cache cannot make a repeated prompt free to prefill."""
 
-    def __init__(self, url: str, prompt: str, max_tokens: int, lanes: int) -> None:
+    def __init__(self, url: str, prompt: str, max_tokens: int, lanes: int, *, unique: bool = False) -> None:
         self.client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-        self.request = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+        self.prompt, self.unique, self.sent = prompt, unique, 0
+        self.max_tokens = max_tokens
         self.done: list[int] = []
         self.failed: list[str] = []
         self.stopping = False
@@ -27,14 +29,17 @@ class Load:
         for _ in range(10_000):  # bounded; stopped long before
             if self.stopping:
                 return
+            self.sent += 1
+            content = f"{lane}.{self.sent} {self.prompt}" if self.unique else self.prompt
+            request = {"messages": [{"role": "user", "content": content}], "max_tokens": self.max_tokens}
             try:
                 if lane % 2:
                     stream = await self.client.chat.completions.create(
-                        model=model, stream=True, stream_options={"include_usage": True}, **self.request)
+                        model=model, stream=True, stream_options={"include_usage": True}, **request)
                     chunks = [c async for c in stream]
                     usage = chunks[-1].usage
                 else:
-                    usage = (await self.client.chat.completions.create(model=model, **self.request)).usage
+                    usage = (await self.client.chat.completions.create(model=model, **request)).usage
                 self.done.append(usage.completion_tokens if usage else 0)
             except (openai.APIError, OSError) as exc:
                 self.failed.append(f"{type(exc).__name__}: {exc}")

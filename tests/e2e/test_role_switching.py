@@ -3,6 +3,9 @@
 Sim workers (2 prefill + 2 decode; 1 ms per prompt token, 10 ms + 5 ms per stream per decode step)
 under a prompt-heavy load, then a decode-heavy one: a decode worker becomes a prefill worker, then
 a worker goes back to decode, each within the reaction target, and every request completes.
+The real model (1 prefill + 2 decode) under the same two loads, with greedy chat completions
+running throughout: the balancer switches a worker each way, and every greedy output equals the
+one the stack gave before any switch.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import json
 import time
 import urllib.request
 
+import pytest
+
+from tests.chaos import PROMPTS, Outcome, load
 from tests.load import Load
 from tests.procs import triphase_up
 
@@ -67,3 +73,42 @@ async def test_roles_follow_a_load_that_shifts_from_prompts_to_generations() -> 
         assert took <= REACTION_S, f"a prefill worker became a decode worker after {took:.1f} s"
         assert not generations.failed, generations.failed[:3]
         assert generations.done and all(n == 200 for n in generations.done)
+
+
+# Tight SLOs for a 2-core CPU, so that a saturated pool is hot whatever this machine's speed; no grace,
+# so a switching worker hands its streams over at once (the router resumes them elsewhere).
+REAL = ["--dtype", "float32", "--prefill", "1", "--decode", "2", "--kv-cache-mib", "64", "--role-switching",
+        "--ttft-slo", "0.5", "--tpot-slo", "0.03", "--switch-cooldown", "2", "--max-switches-per-minute", "30",
+        "--switch-grace", "0"]
+CHECKED_TOKENS = 32
+
+
+@pytest.mark.slow
+async def test_switches_on_the_real_model_keep_greedy_outputs_equal() -> None:
+    with triphase_up(REAL) as (_, url):
+        before = await load(url, len(PROMPTS), 1, CHECKED_TOKENS)  # one at a time: nothing to balance
+        assert (count(url, "prefill"), count(url, "decode")) == (1, 2)
+        assert all(o.text for o in before), before
+        expected = {o.index: o.text for o in before}
+        checked: list[Outcome] = []
+        stop = asyncio.Event()
+
+        async def greedy_throughout() -> None:
+            while not stop.is_set():
+                checked.extend(await load(url, 2, 2, CHECKED_TOKENS))
+
+        checker = asyncio.create_task(greedy_throughout())
+        # Long prompts of their own (no prefix-cache hits) for 2 tokens each saturate the prefill worker.
+        prompts = Load(url, "Summarise this. " + "The quick brown fox jumps over the lazy dog. " * 120,
+                       max_tokens=2, lanes=4, unique=True)
+        await wait_until(lambda: count(url, "prefill") == 2, 120)
+        await prompts.stop()
+        # Many generations saturate the one decode worker left.
+        generations = Load(url, "Tell me a long story about a turtle.", max_tokens=64, lanes=8)
+        await wait_until(lambda: count(url, "decode") == 2, 120)
+        await generations.stop()
+        stop.set()
+        await asyncio.wait_for(checker, timeout=120)
+        assert not prompts.failed and not generations.failed, (prompts.failed + generations.failed)[:3]
+        assert checked and [o for o in checked if o.text is None] == []
+        assert [(o.index, o.text) for o in checked if o.text != expected[o.index]] == []
