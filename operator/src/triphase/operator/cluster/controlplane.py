@@ -29,6 +29,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+from triphase.common import gobuild
 from triphase.common.errors import UserError
 from triphase.common.net import free_port
 from triphase.operator.cluster import binaries
@@ -40,7 +41,7 @@ STAGES = pathlib.Path(__file__).with_name("kwok-stages.yaml")
 
 
 def default_state_dir(name: str = "default") -> pathlib.Path:
-    return binaries.cache_root() / "cluster" / name
+    return gobuild.cache_root() / "cluster" / name
 
 
 @dataclasses.dataclass
