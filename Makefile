@@ -8,7 +8,7 @@ PY = $(VENV)/bin/python
 PROMPT ?= Explain in two sentences why splitting prefill and decode across machines helps LLM serving.
 PORT ?= 8000
 
-.PHONY: help up generate test lint unit bench venv k8s-tools
+.PHONY: help up generate test lint unit bench venv k8s-tools prometheus-tools
 
 help:
 	@echo "make up     router + prefill + decode workers on 127.0.0.1:$(PORT) (OpenAI API), bundled model"
@@ -36,7 +36,11 @@ lint:
 k8s-tools:
 	@$(PY) -m triphase.cli cluster build >/dev/null
 
-test: lint k8s-tools
+# prometheus and promtool for the planner and alert-rule tests, built the same way.
+prometheus-tools:
+	@$(PY) -m triphase.cli prometheus build >/dev/null
+
+test: lint k8s-tools prometheus-tools
 	@echo "== pytest"; $(PY) -m pytest
 
 unit:

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_parser = sub.add_parser("cluster", help="a local Kubernetes control plane with fake GPU nodes (kwok)")
     cluster.add_arguments(cluster_parser)
     cluster_parser.set_defaults(run=cluster.run, log_level="WARNING")
+
+    from triphase.local import command as prometheus
+
+    prometheus_parser = sub.add_parser("prometheus", help="a local Prometheus, built from the Go module proxy")
+    prometheus.add_arguments(prometheus_parser)
+    prometheus_parser.set_defaults(run=prometheus.run, log_level="WARNING")
     return parser
 
 

@@ -22,7 +22,9 @@ import urllib.error
 import urllib.request
 
 from triphase.common.errors import UserError
+from triphase.common.net import free_port
 from triphase.control import main as balancer
+from triphase.local import prometheus
 from triphase.local.supervisor import Supervisor
 
 SIM_TIMING = ("sim_prefill_ms", "sim_prefill_per_token_ms", "sim_decode_ms", "sim_decode_per_seq_ms")
@@ -42,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on Ctrl-C / SIGTERM: seconds each process may take to finish its requests")
     for name in SIM_TIMING:
         parser.add_argument("--" + name.replace("_", "-"), type=float, help="passed to the sim workers")
+    parser.add_argument("--prometheus", action="store_true",
+                        help="also run a Prometheus (built from the Go module proxy on first use) that scrapes "
+                             "the router, the workers and the balancer every second")
+    parser.add_argument("--prometheus-port", type=int, default=9090)
     switching = parser.add_argument_group("role switching")
     switching.add_argument("--role-switching", action="store_true",
                            help="run the role balancer: workers move between prefill and decode as load shifts")
@@ -55,6 +61,7 @@ def _say(message: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     stack = Supervisor(pathlib.Path(tempfile.mkdtemp(prefix="triphase-up-")), _say)
+    server: prometheus.Prometheus | None = None
 
     def on_signal(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -79,8 +86,13 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("at least one worker is needed")
         if args.decode == 0:
             names = [(n, "both") if r == "prefill" else (n, r) for n, r in names]
+        tools = prometheus.ensure() if args.prometheus else None  # before the workers: a build wants both cores
+        # Fixed metrics ports, so that a restarted worker is scraped where it was.
+        scraped = [free_port() for _ in names] if args.prometheus else []
         _say(f"starting {len(names)} workers ({args.prefill} prefill, {args.decode} decode); loading the model ...")
-        workers = [stack.spawn(name, ["worker", "--role", role, "--port", "0", *common]) for name, role in names]
+        workers = [stack.spawn(name, ["worker", "--role", role, "--port", "0", *common,
+                                      *(["--metrics-port", str(scraped[i])] if scraped else [])])
+                   for i, (name, role) in enumerate(names)]
         endpoints = []
         for child in workers:
             port = stack.wait_ready(child, deadline)
@@ -91,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         if args.model:
             router_args += ["--model", args.model]
         port = stack.wait_ready(stack.spawn("router", router_args), deadline)
+        metrics = None
         if args.role_switching:
             metrics = stack.wait_ready(stack.spawn("balancer", ["balancer", "--workers", ",".join(endpoints),
                                                                 "--port", "0", *balancer.policy_argv(args)]),
@@ -99,6 +112,14 @@ def run(args: argparse.Namespace) -> int:
                  f"127.0.0.1:{metrics})")
         url = f"http://127.0.0.1:{port}"
         model = _wait_ready(url, deadline)
+        if args.prometheus:
+            jobs = {"router": [f"127.0.0.1:{port}"], "worker": [f"127.0.0.1:{p}" for p in scraped],
+                    "balancer": [f"127.0.0.1:{metrics}"] if metrics else []}
+            server = prometheus.Prometheus(prometheus.scrape_config(jobs), port=args.prometheus_port, tools=tools,
+                                           workdir=stack.tmp / "prometheus")
+            server.start(timeout_s=max(10.0, deadline - time.monotonic()))
+            _say(f"prometheus on {server.url} (scraping the router, {len(scraped)} workers"
+                 f"{' and the balancer' if metrics else ''} every second)")
         sys.stdout.write(
             f"\ntriphase is serving {model} at {url}/v1  (logs: {stack.tmp})\n\n"
             f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
@@ -112,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         stack.stop(grace_s=args.drain_timeout + 5)
+        if server is not None:
+            server.stop()
 
 
 def _wait_ready(url: str, deadline: float) -> str:

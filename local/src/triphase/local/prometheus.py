@@ -1,0 +1,172 @@
+"""A real Prometheus for one machine: built from the Go module proxy, started on 127.0.0.1.
+
+`ensure()` builds `prometheus` and `promtool` (github.com/prometheus/prometheus at a pinned module
+version; the module's v0.3MM.P tags are Prometheus 3.MM.P) into `<cache>/prometheus-<version>/bin`,
+once, with progress on stderr. `Prometheus` runs one against a scrape configuration, waits until it
+is ready and answers instant and range queries over the HTTP API, the way the planner and the tests
+read it. `triphase up --prometheus` starts one that scrapes the local stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from triphase.common.errors import UserError
+from triphase.common.gobuild import cache_root, go_binary, go_install, say
+from triphase.common.net import free_port
+
+MODULE = "github.com/prometheus/prometheus"
+VERSION = "v0.316.0"
+RELEASE = "3.16.0"  # what `prometheus --version` reports for that module version
+TOOLS = ("prometheus", "promtool")
+
+
+def tools_dir() -> pathlib.Path:
+    return cache_root() / f"prometheus-{VERSION}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tools:
+    bin: pathlib.Path
+
+    @property
+    def prometheus(self) -> str:
+        return str(self.bin / "prometheus")
+
+    @property
+    def promtool(self) -> str:
+        return str(self.bin / "promtool")
+
+
+def installed() -> Tools | None:
+    bin_dir = tools_dir() / "bin"
+    return Tools(bin_dir) if all((bin_dir / tool).is_file() for tool in TOOLS) else None
+
+
+def ensure(progress: bool = True) -> Tools:
+    """prometheus and promtool, built on first use (about 6 minutes on two cores), instant afterwards."""
+    tools = installed()
+    if tools is not None:
+        return tools
+    go = go_binary("Prometheus")
+    bin_dir = tools_dir() / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    stamp = " ".join(f"-X github.com/prometheus/common/version.{key}={value}"
+                     for key, value in (("Version", RELEASE), ("Branch", "HEAD"), ("Revision", VERSION)))
+    started = time.monotonic()
+    say(progress, "triphase prometheus", f"building prometheus and promtool {RELEASE} from the Go module proxy "
+                                          f"into {bin_dir} (first run only; several minutes)")
+    go_install(go, [f"{MODULE}/cmd/{tool}@{VERSION}" for tool in TOOLS], bin_dir, ldflags=f"-s -w {stamp}")
+    say(progress, "triphase prometheus", f"built in {time.monotonic() - started:.0f} s")
+    tools = installed()
+    if tools is None:
+        raise UserError(f"prometheus or promtool missing in {bin_dir} after the build")
+    return tools
+
+
+def scrape_config(jobs: Mapping[str, Sequence[str]], interval_s: float = 1.0) -> dict[str, Any]:
+    """A configuration that scrapes `host:port` targets per job name every `interval_s`."""
+    interval = f"{int(interval_s * 1000)}ms"
+    return {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}
+                           for job, targets in jobs.items() if targets],
+    }
+
+
+class QueryError(Exception):
+    """Prometheus answered a query with an error, or could not be reached."""
+
+
+class Prometheus:
+    """One Prometheus process on 127.0.0.1 with its own data directory; a context manager."""
+
+    def __init__(self, config: Mapping[str, Any], *, port: int | None = None, workdir: pathlib.Path | None = None,
+                 tools: Tools | None = None, retention: str = "2h") -> None:
+        self.tools = tools or ensure()
+        self.port = port or free_port()
+        self.workdir = workdir or pathlib.Path(tempfile.mkdtemp(prefix="triphase-prometheus-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_file = self.workdir / "prometheus.yml"
+        self.config_file.write_text(json.dumps(dict(config), indent=2))  # JSON is YAML
+        self.retention = retention
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 60.0) -> Prometheus:
+        log = open(self.workdir / "prometheus.log", "ab")  # noqa: SIM115 (owned by the child)
+        self.proc = subprocess.Popen(
+            [self.tools.prometheus, f"--config.file={self.config_file}", f"--storage.tsdb.path={self.workdir / 'data'}",
+             f"--storage.tsdb.retention.time={self.retention}", f"--web.listen-address=127.0.0.1:{self.port}",
+             "--web.enable-lifecycle"], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise UserError(f"prometheus exited with code {self.proc.returncode}: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)  # polling readiness, bounded by the deadline
+        self.stop()
+        raise UserError(f"prometheus was not ready within {timeout_s:g} s: {self.log_tail()}")
+
+    def log_tail(self, lines: int = 5) -> str:
+        text = (self.workdir / "prometheus.log").read_text(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:])
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Prometheus:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def api(self, path: str, params: Mapping[str, str], timeout_s: float = 10.0) -> Any:
+        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                body = json.load(response)
+        except urllib.error.HTTPError as exc:
+            body = json.loads(exc.read() or b"{}")
+            raise QueryError(f"{body.get('errorType', exc.code)}: {body.get('error', exc.reason)}") from exc
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            raise QueryError(f"prometheus at {self.url} unreachable: {exc}") from exc
+        if body.get("status") != "success":
+            raise QueryError(f"{body.get('errorType')}: {body.get('error')}")
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """An instant query's result vector (each item: `metric` labels and `value` [t, "v"])."""
+        return list(self.api("query", {"query": expr})["result"])
+
+    def targets_up(self) -> dict[str, bool]:
+        """`job/instance` -> whether its last scrape succeeded."""
+        data = self.api("targets", {"state": "active"})
+        return {f"{t['labels']['job']}/{t['labels']['instance']}": t["health"] == "up" for t in data["activeTargets"]}
