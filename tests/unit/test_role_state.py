@@ -38,10 +38,10 @@ async def test_a_switch_waits_for_streams_then_hands_over_the_rest() -> None:
         return True
 
     def finish(request_id: str) -> None:
-        state.streams.discard(request_id)
+        state.streams.pop(request_id, None)
         state.stream_done.set()
 
-    state.streams.update({"quick", "slow"})
+    state.streams.update({"quick": (10, 10), "slow": (10, 10)})
     asyncio.get_running_loop().call_later(0.05, finish, "quick")
     previous, handed = await state.switch(Role.PREFILL, 0.3, interrupt)
     assert (previous, handed, interrupted) == (Role.DECODE, 1, ["slow"])
@@ -58,3 +58,15 @@ async def test_only_one_switch_at_a_time() -> None:
         with pytest.raises(Refused):
             await state.switch(Role.DECODE, 0.0, lambda rid, why: False)
     assert await first == (Role.PREFILL, 0) and state.role is Role.DECODE
+
+
+def test_streams_to_move_are_the_newest_within_bounds() -> None:
+    state = RoleState("w", Role.DECODE)
+    for rid, prompt, new in [("old", 100, 200), ("long-prompt", 5000, 200), ("short", 100, 8), ("new", 100, 200),
+                             ("newest", 50, 100)]:
+        state.streams[rid] = (prompt, new)
+    assert state.movable(2, max_context_tokens=4096, min_new_tokens=16) == ["newest", "new"]
+    assert state.movable(9, max_context_tokens=4096, min_new_tokens=16) == ["newest", "new", "old"]
+    state.switching = True  # a switch hands over on its own terms
+    assert state.movable(9, 4096, 16) == []
+    assert RoleState("p", Role.PREFILL).movable(9, 4096, 16) == []

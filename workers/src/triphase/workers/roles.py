@@ -37,7 +37,9 @@ class RoleState:
         self.on_change = on_change  # the state changed: publish stats now
         self.draining = False
         self.switching = False
-        self.streams: set[str] = set()  # request ids of decoding streams (Generate or Decode)
+        # Decoding streams (Generate or Decode) by request id, in the order they started: (prompt
+        # tokens, max new tokens), what a hand-over to balance load looks at.
+        self.streams: dict[str, tuple[int, int]] = {}
         self.prefills = 0
         self.stream_done = asyncio.Event()
 
@@ -57,14 +59,23 @@ class RoleState:
             raise Refused(f"worker {self.worker_id} is {self.role}, not decode", transient=False)
 
     @contextlib.contextmanager
-    def tracked(self, request_id: str) -> Iterator[None]:
+    def tracked(self, request_id: str, prompt_tokens: int = 0, max_tokens: int = 0) -> Iterator[None]:
         """A decoding stream, which a switch or a shutdown waits for or hands over."""
-        self.streams.add(request_id)
+        self.streams[request_id] = (prompt_tokens, max_tokens)
         try:
             yield
         finally:
-            self.streams.discard(request_id)
+            self.streams.pop(request_id, None)
             self.stream_done.set()
+
+    def movable(self, count: int, max_context_tokens: int, min_new_tokens: int) -> list[str]:
+        """Up to `count` streams to hand over for balance: the newest first, whose prompt + max new
+        tokens fit `max_context_tokens` and whose max new tokens are at least `min_new_tokens`."""
+        if self.switching or self.draining or not self.role.can_decode:
+            return []
+        fits = [rid for rid, (prompt, new) in reversed(self.streams.items())
+                if prompt + new <= max_context_tokens and new >= min_new_tokens]
+        return fits[:count]
 
     @contextlib.contextmanager
     def prefilling(self) -> Iterator[None]:

@@ -49,6 +49,7 @@ FINISH_TO_PB = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STO
 STATS_COALESCE_S = 0.05  # WatchStats sends at most one update per this many seconds
 STATS_INTERVAL_S = (0.05, 60.0)  # WatchStats interval_seconds is clamped to this range (default 1)
 MAX_GRACE_S = 3600.0  # SetRole grace_seconds is clamped to [0, this] (default 30)
+MAX_HAND_OVER = 1024  # HandOver streams is clamped to this
 
 
 def clamp(value: float, low: float, high: float, default: float) -> float:
@@ -163,7 +164,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             sampling = sampling_from_pb(request.sampling)
             prompt = self._prompt(request)
             stream = self.engine.generate(request.request_id, prompt, sampling, request.resumed_output_tokens)
-            with self.state.tracked(request.request_id):
+            with self.state.tracked(request.request_id, len(prompt), sampling.max_tokens):
                 async with contextlib.aclosing(stream) as outputs:
                     first = True
                     async for out in outputs:
@@ -193,7 +194,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                      ) -> AsyncIterator[pb.TokenDelta]:
         async with self._errors(context):
             self._admit(request.request_id, needs_decode=True)
-            with self.state.tracked(request.request_id):
+            with self.state.tracked(request.request_id, len(request.prompt_token_ids), request.sampling.max_tokens):
                 kv = request.kv
                 export = KvExport(kv.request_id, layout_from_pb(kv.layout, len(kv.block_ids)), list(kv.block_ids),
                                   kv.num_tokens, kv.first_token_id)
@@ -231,6 +232,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             logger.info("Role changed from %s to %s (%d streams handed over)", previous, target, handed_over)
         return pb.SetRoleResponse(previous=ROLE_TO_PB[previous], current=ROLE_TO_PB[self.role],
                                   handed_over=handed_over)
+
+    async def HandOver(self, request: pb.HandOverRequest, context: grpc.aio.ServicerContext,
+                       ) -> pb.HandOverResponse:
+        picked = self.state.movable(min(request.streams, MAX_HAND_OVER), request.max_context_tokens,
+                                    request.min_new_tokens)
+        handed = [rid for rid in picked if self._interrupt(rid, f"worker {self.worker_id} handed the stream over "
+                                                                "to balance decode load")]
+        if handed:
+            logger.info("Handed %d streams over to balance decode load", len(handed))
+        return pb.HandOverResponse(handed_over=len(handed))
 
     async def settle(self, grace: float, *, keeps_decoding: bool, keeps_prefilling: bool,
                      reason: str = "shutting down") -> int:

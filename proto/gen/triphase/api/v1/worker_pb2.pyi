@@ -268,3 +268,19 @@ class KvChunk(_message.Message):
     num_blocks: int
     data: bytes
     def __init__(self, block_offset: _Optional[int] = ..., num_blocks: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class HandOverRequest(_message.Message):
+    __slots__ = ("streams", "max_context_tokens", "min_new_tokens")
+    STREAMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    streams: int
+    max_context_tokens: int
+    min_new_tokens: int
+    def __init__(self, streams: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ...) -> None: ...
+
+class HandOverResponse(_message.Message):
+    __slots__ = ("handed_over",)
+    HANDED_OVER_FIELD_NUMBER: _ClassVar[int]
+    handed_over: int
+    def __init__(self, handed_over: _Optional[int] = ...) -> None: ...

@@ -74,6 +74,11 @@ class WorkerServiceStub:
                 request_serializer=triphase_dot_api_dot_v1_dot_worker__pb2.ReadKvRequest.SerializeToString,
                 response_deserializer=triphase_dot_api_dot_v1_dot_worker__pb2.KvChunk.FromString,
                 _registered_method=True)
+        self.HandOver = channel.unary_unary(
+                '/triphase.api.v1.WorkerService/HandOver',
+                request_serializer=triphase_dot_api_dot_v1_dot_worker__pb2.HandOverRequest.SerializeToString,
+                response_deserializer=triphase_dot_api_dot_v1_dot_worker__pb2.HandOverResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -137,6 +142,15 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HandOver(self, request, context):
+        """End up to `streams` decoding streams with UNAVAILABLE, as a role switch does, so that the
+        router resumes them on a less loaded decode worker: the newest first (the most left to
+        generate, the least to prefill again), only those within the request's bounds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +193,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.ReadKv,
                     request_deserializer=triphase_dot_api_dot_v1_dot_worker__pb2.ReadKvRequest.FromString,
                     response_serializer=triphase_dot_api_dot_v1_dot_worker__pb2.KvChunk.SerializeToString,
+            ),
+            'HandOver': grpc.unary_unary_rpc_method_handler(
+                    servicer.HandOver,
+                    request_deserializer=triphase_dot_api_dot_v1_dot_worker__pb2.HandOverRequest.FromString,
+                    response_serializer=triphase_dot_api_dot_v1_dot_worker__pb2.HandOverResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +416,33 @@ class WorkerService:
             '/triphase.api.v1.WorkerService/ReadKv',
             triphase_dot_api_dot_v1_dot_worker__pb2.ReadKvRequest.SerializeToString,
             triphase_dot_api_dot_v1_dot_worker__pb2.KvChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HandOver(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triphase.api.v1.WorkerService/HandOver',
+            triphase_dot_api_dot_v1_dot_worker__pb2.HandOverRequest.SerializeToString,
+            triphase_dot_api_dot_v1_dot_worker__pb2.HandOverResponse.FromString,
             options,
             channel_credentials,
             insecure,
