@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM: seconds to keep serving with /readyz 503 while endpoints update")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGTERM: seconds in-flight requests may take to finish")
+    parser.add_argument("--rebalance-gap", type=int, default=4, metavar="STREAMS",
+                        help="move running streams off a decode worker that has this many more than another "
+                             "(it hands them over; they resume on the less loaded one); 0: never")
     parser.add_argument("--ready-file", help="write the bound port here once serving")
 
 
@@ -93,6 +96,8 @@ async def _serve(args: argparse.Namespace) -> int:
         raise UserError("--workers is required with static discovery (or use --discovery kubernetes)")
     if args.max_body_bytes < 1024 or args.max_connections < 1:
         raise UserError("--max-body-bytes must be at least 1024 and --max-connections at least 1")
+    if args.rebalance_gap < 0 or args.rebalance_gap == 1:
+        raise UserError("--rebalance-gap must be 0 (off) or at least 2")
     path = resolve(args.model)
     tokenizer, _ = load_tokenizer(path)
     model = args.served_model_name or served_name(path)
@@ -112,6 +117,11 @@ async def _serve(args: argparse.Namespace) -> int:
         logger.info("Discovering workers: pods %s in namespace %s", args.selector, namespace)
     metrics = RouterMetrics(model)
     pipeline = Pipeline(registry, client, metrics, placement_wait_s=args.placement_wait)
+    balancing: asyncio.Task[None] | None = None
+    if args.rebalance_gap:
+        from triphase.router.stream_balance import StreamBalancer
+
+        balancing = asyncio.create_task(StreamBalancer(registry, client, metrics, min_gap=args.rebalance_gap).run())
     api = Api(pipeline, tokenizer, metrics, model=model, max_model_len=args.max_model_len,
               admission=Admission(args.max_in_flight, args.max_queued, args.max_queue_wait),
               max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout)
@@ -134,6 +144,8 @@ async def _serve(args: argparse.Namespace) -> int:
     await runner.cleanup()  # stops accepting, waits up to drain_timeout for in-flight handlers
     if discovery is not None:
         discovery.cancel()
+    if balancing is not None:
+        balancing.cancel()
     await registry.stop()
     await client.close()
     return 0

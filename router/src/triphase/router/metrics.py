@@ -36,3 +36,5 @@ class RouterMetrics:
                                  registry=r)
         self.migrations = Counter("triphase_request_migrations_total", "Requests resumed on another worker",
                                   ["model"], registry=r)
+        self.rebalanced = Counter("triphase_streams_rebalanced_total", "Running streams a crowded decode worker "
+                                  "handed over to be resumed on a less loaded one", ["model"], registry=r)

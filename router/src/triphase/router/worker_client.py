@@ -149,6 +149,16 @@ class WorkerClient:
             await self._stub(ticket.source).ReleaseKv(pb.ReleaseKvRequest(request_id=ticket.params.request_id),
                                                       timeout=10)
 
+    async def hand_over(self, endpoint: str, streams: int, max_context_tokens: int, min_new_tokens: int) -> int:
+        """Ask a decode worker to end up to `streams` streams for the router to resume elsewhere."""
+        try:
+            response = await self._stub(endpoint).HandOver(
+                pb.HandOverRequest(streams=streams, max_context_tokens=max_context_tokens,
+                                   min_new_tokens=min_new_tokens), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            raise WorkerFailed(f"{endpoint}: {exc.code().name}") from None
+        return int(response.handed_over)
+
     async def watch(self, endpoint: str, interval_s: float = 0.5) -> AsyncIterator[WorkerView]:
         call = self._stub(endpoint).WatchStats(pb.WatchStatsRequest(interval_seconds=interval_s))
         try:
