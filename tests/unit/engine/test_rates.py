@@ -16,7 +16,7 @@ def step(s: Scheduler):  # type: ignore[no-untyped-def]
 def test_prefill_chunks_and_decodes_are_told_apart_and_timed() -> None:
     s = Scheduler(SchedulerConfig(8, 8, 64), KVCacheManager(16, 4))
     s.add(Request("a", list(range(12)), SamplingParams(max_tokens=8)))
-    rates = StepRates(window=4)
+    rates = StepRates(window=4, decode_window=4)
     assert (rates.prefill_tokens_per_s, rates.decode_step_s) == (0.0, 0.0)
     first = step(s)  # 8 of a's 12 prompt tokens
     assert split(first) == (8, 0)

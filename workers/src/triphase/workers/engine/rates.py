@@ -3,7 +3,9 @@
 The role balancer divides a prefill backlog by the prefill rate and compares decode step time with
 the TPOT target, so both are measured where they happen, per step, and reported in WorkerStats.
 The windows count steps, not seconds: an idle worker keeps reporting what it last measured (its
-capacity), which is what the balancer needs to judge what the worker would do if it had work.
+capacity), which is what the balancer needs to judge what the worker would do if it had work. The
+decode window is short (8 steps): step time follows the streams a worker runs, and a long window
+of slow steps lagged the balancer by tens of seconds behind a decode pool filling up.
 A step that both prefills and decodes counts for both (its time is what each of its parts waited).
 """
 
@@ -29,14 +31,15 @@ def split(output: SchedulerOutput) -> tuple[int, int]:
 
 @dataclasses.dataclass
 class StepRates:
-    window: int = 32
+    window: int = 32  # prefill steps
+    decode_window: int = 8
     prefill_tokens_total: int = 0  # since the engine started
     _prefill: collections.deque[tuple[int, float]] = dataclasses.field(init=False)
     _decode: collections.deque[float] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self._prefill = collections.deque(maxlen=self.window)
-        self._decode = collections.deque(maxlen=self.window)
+        self._decode = collections.deque(maxlen=self.decode_window)
 
     def record(self, output: SchedulerOutput, seconds: float) -> None:
         prefill_tokens, decodes = split(output)
