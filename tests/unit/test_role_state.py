@@ -41,7 +41,7 @@ async def test_a_switch_waits_for_streams_then_hands_over_the_rest() -> None:
         state.streams.pop(request_id, None)
         state.stream_done.set()
 
-    state.streams.update({"quick": (10, 10), "slow": (10, 10)})
+    state.streams.update({"quick": (10, 10, True), "slow": (10, 10, True)})
     asyncio.get_running_loop().call_later(0.05, finish, "quick")
     previous, handed = await state.switch(Role.PREFILL, 0.3, interrupt)
     assert (previous, handed, interrupted) == (Role.DECODE, 1, ["slow"])
@@ -63,8 +63,8 @@ async def test_only_one_switch_at_a_time() -> None:
 def test_streams_to_move_are_the_newest_within_bounds() -> None:
     state = RoleState("w", Role.DECODE)
     for rid, prompt, new in [("old", 100, 200), ("long-prompt", 5000, 200), ("short", 100, 8), ("new", 100, 200),
-                             ("newest", 50, 100)]:
-        state.streams[rid] = (prompt, new)
+                             ("newest", 50, 100), ("resumed", 50, 100)]:  # resumed here: moved once already
+        state.streams[rid] = (prompt, new, rid != "resumed")
     assert state.movable(2, max_context_tokens=4096, min_new_tokens=16) == ["newest", "new"]
     assert state.movable(9, max_context_tokens=4096, min_new_tokens=16) == ["newest", "new", "old"]
     state.switching = True  # a switch hands over on its own terms

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import AsyncGenerator, Iterator
 
 from triphase.common.roles import Role
 from triphase.router.metrics import RouterMetrics
 from triphase.router.pipeline import Pipeline
 from triphase.router.policy.pairing import WorkerView
-from triphase.router.worker_client import Delta, Sampling, WorkerFailed
+from triphase.router.worker_client import Delta, HandedOver, Sampling, WorkerFailed
 
 IM_END = 2
 
@@ -153,3 +154,37 @@ def test_a_decode_worker_refusing_the_hand_off_passes_the_kv_to_another() -> Non
     assert prefill_run(client, second_decoder=True) == [5, IM_END]
     assert client.prefills == ["p1:1"] and client.decodes == ["d:1", "e:1"] and client.calls == []
     assert client.released == 0  # e adopted the KV (and releases the prefill worker's copy itself)
+
+
+class HandingOver(Client):
+    """Each endpoint sends one token, then hands the stream over, `times` times in all; then completes."""
+
+    def __init__(self, times: int) -> None:
+        super().__init__({})
+        self.times = times
+
+    async def generate(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
+                       resumed_output_tokens: int = 0) -> AsyncGenerator[Delta, None]:
+        self.calls.append((endpoint, prompt, resumed_output_tokens))
+        if len(self.calls) > self.times:
+            yield Delta([IM_END], "", "stop")
+            return
+        yield Delta([5], "x")
+        raise HandedOver("worker handed the stream over to balance decode load")
+
+
+def test_hand_overs_are_not_failures() -> None:
+    """Three hand-overs in a row (max_retries is 2): the stream goes on, alternating between the two
+    workers (never straight back to the one that handed it over), and none is marked unhealthy."""
+    client = HandingOver(times=3)
+    views = [WorkerView("a", "a:1", Role.DECODE), WorkerView("b", "b:1", Role.DECODE)]
+    registry = Registry(views)
+    pipeline = Pipeline(registry, client, RouterMetrics("m"), placement_wait_s=1)  # type: ignore[arg-type]
+
+    async def collect() -> list[int]:
+        return [t async for d in pipeline.run([1, 9], Sampling(max_tokens=8, temperature=0)) for t in d.token_ids]
+
+    assert asyncio.run(collect()) == [5, 5, 5, IM_END]
+    endpoints = [c[0] for c in client.calls]
+    assert all(x != y for x, y in itertools.pairwise(endpoints)) and registry.unhealthy == []
+    assert [c[2] for c in client.calls] == [0, 1, 2, 3]

@@ -6,6 +6,9 @@ import enum
 
 LABEL_PREFIX = "triphase.dev"
 ROLE_LABEL = f"{LABEL_PREFIX}/role"
+# Trailing gRPC metadata on the UNAVAILABLE that ends a stream a worker handed over (a role switch,
+# a shutdown, load balancing): the router resumes it elsewhere without counting a failure.
+HANDED_OVER_METADATA = "triphase-handed-over"
 
 
 class Role(enum.StrEnum):

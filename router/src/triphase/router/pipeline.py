@@ -23,9 +23,11 @@ from triphase.router.errors import Unavailable
 from triphase.router.metrics import RouterMetrics
 from triphase.router.policy.pairing import Placement, WorkerView, select, select_prefill
 from triphase.router.registry import Registry
-from triphase.router.worker_client import Delta, HandOffFailed, Sampling, WorkerClient, WorkerFailed
+from triphase.router.worker_client import Delta, HandedOver, HandOffFailed, Sampling, WorkerClient, WorkerFailed
 
 logger = logging.getLogger(__name__)
+
+MAX_HAND_OVERS = 8  # a stream given back more often than this (workers switching back and forth) fails
 
 
 @dataclasses.dataclass
@@ -55,13 +57,17 @@ class Pipeline:
                   ) -> AsyncGenerator[Delta, None]:
         """Stream a request's deltas. If the decode worker fails mid-stream, the request resumes on
         another worker (prompt + tokens already sent, re-prefilled there): the client sees one
-        uninterrupted stream. After `max_retries` failed workers: `Unavailable` (a 503)."""
+        uninterrupted stream. After `max_retries` failed workers: `Unavailable` (a 503). A worker that
+        hands the stream back (switching role, balancing load) has not failed: the stream resumes on
+        another worker and counts against MAX_HAND_OVERS only."""
         trace = trace or Trace(f"req-{uuid.uuid4().hex[:16]}")
         sent: list[int] = []
         failed: set[str] = set()
+        handed: list[str] = []  # workers that gave the stream back (a switch, balancing): not failures
         resume = stay = False  # resume: re-prefill prompt + sent tokens; stay: on the same decode worker
         while True:
-            stream = self._resume(prompt, sampling, trace, sent, failed, stay) if resume else \
+            avoid = failed | set(handed[-1:])  # not straight back to the worker that handed it over
+            stream = self._resume(prompt, sampling, trace, sent, avoid, stay) if resume else \
                 self._place_and_run(prompt, sampling, trace, failed)
             try:
                 async with contextlib.aclosing(stream) as deltas:
@@ -83,6 +89,14 @@ class Pipeline:
                 trace.local_prefill = resume = stay = True
                 trace.kv_backend = None
                 continue
+            except HandedOver as exc:
+                resume, stay = True, False
+                handed.append(trace.decode_worker or "")
+                if len(handed) > MAX_HAND_OVERS:
+                    raise Unavailable(f"the request was handed over {len(handed)} times: {exc}") from None
+                self.metrics.migrations.labels(self.metrics.model).inc()
+                logger.info("%s: decode worker %s handed the stream over after %d tokens (%s); resuming elsewhere",
+                            trace.request_id, trace.decode_worker, len(sent), exc)
             except WorkerFailed as exc:
                 resume, stay = True, False
                 if trace.decode_endpoint:

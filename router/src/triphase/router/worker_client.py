@@ -15,7 +15,7 @@ import grpc
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
-from triphase.common.roles import Role
+from triphase.common.roles import HANDED_OVER_METADATA, Role
 from triphase.router.errors import BadRequest
 from triphase.router.policy.pairing import WorkerView
 
@@ -27,6 +27,11 @@ OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.keepalive_time_
 
 class WorkerFailed(Exception):
     """The worker could not serve the call (down, overloaded, refused): try elsewhere."""
+
+
+class HandedOver(WorkerFailed):
+    """The worker gave a running stream back (a role switch, a shutdown, load balancing): resume it
+    elsewhere; the worker has not failed."""
 
 
 class HandOffFailed(WorkerFailed):
@@ -82,6 +87,9 @@ def _failure(exc: grpc.aio.AioRpcError) -> Exception:
         return BadRequest(exc.details() or "invalid request")
     if exc.code() == grpc.StatusCode.ABORTED:
         return HandOffFailed(exc.details() or "KV hand-off failed")
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and any(
+            key == HANDED_OVER_METADATA for key, _ in (exc.trailing_metadata() or ())):
+        return HandedOver(exc.details() or "handed over")
     return WorkerFailed(f"{exc.code().name}: {exc.details()}")
 
 

@@ -30,6 +30,13 @@ class Refused(Exception):
         self.transient = transient
 
 
+class HandedOver(Refused):
+    """A running stream this worker gives back for the router to resume elsewhere: not a failure."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=True)
+
+
 class RoleState:
     def __init__(self, worker_id: str, role: Role, on_change: Callable[[], None] = lambda: None) -> None:
         self.worker_id = worker_id
@@ -38,8 +45,8 @@ class RoleState:
         self.draining = False
         self.switching = False
         # Decoding streams (Generate or Decode) by request id, in the order they started: (prompt
-        # tokens, max new tokens), what a hand-over to balance load looks at.
-        self.streams: dict[str, tuple[int, int]] = {}
+        # tokens, max new tokens, whether it may move for balance), what a hand-over looks at.
+        self.streams: dict[str, tuple[int, int, bool]] = {}
         self.prefills = 0
         self.stream_done = asyncio.Event()
 
@@ -59,9 +66,11 @@ class RoleState:
             raise Refused(f"worker {self.worker_id} is {self.role}, not decode", transient=False)
 
     @contextlib.contextmanager
-    def tracked(self, request_id: str, prompt_tokens: int = 0, max_tokens: int = 0) -> Iterator[None]:
-        """A decoding stream, which a switch or a shutdown waits for or hands over."""
-        self.streams[request_id] = (prompt_tokens, max_tokens)
+    def tracked(self, request_id: str, prompt_tokens: int = 0, max_tokens: int = 0, movable: bool = True,
+                ) -> Iterator[None]:
+        """A decoding stream, which a switch or a shutdown waits for or hands over (and, if
+        `movable`, a hand-over for balance may move; a stream resumed here has moved once)."""
+        self.streams[request_id] = (prompt_tokens, max_tokens, movable)
         try:
             yield
         finally:
@@ -73,8 +82,8 @@ class RoleState:
         tokens fit `max_context_tokens` and whose max new tokens are at least `min_new_tokens`."""
         if self.switching or self.draining or not self.role.can_decode:
             return []
-        fits = [rid for rid, (prompt, new) in reversed(self.streams.items())
-                if prompt + new <= max_context_tokens and new >= min_new_tokens]
+        fits = [rid for rid, (prompt, new, movable) in reversed(self.streams.items())
+                if movable and prompt + new <= max_context_tokens and new >= min_new_tokens]
         return fits[:count]
 
     @contextlib.contextmanager

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
-from triphase.common.roles import Role
+from triphase.common.roles import HANDED_OVER_METADATA, Role
 from triphase.workers.engine.async_engine import AsyncEngine, EngineFailed
 from triphase.workers.engine.core import KvExport, RequestOutput
 from triphase.workers.engine.kv_layout import KvLayout
@@ -35,7 +35,7 @@ from triphase.workers.kv import grpc_stream
 from triphase.workers.kv.handoff import HandOffFailed, KvHandOff
 from triphase.workers.kv.nixl import NixlConnector
 from triphase.workers.lifecycle import Health
-from triphase.workers.roles import Refused, RoleState
+from triphase.workers.roles import HandedOver, Refused, RoleState
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     def _interrupt(self, request_id: str, reason: str) -> bool:
         """End a stream with UNAVAILABLE (the router resumes it elsewhere)."""
-        return self.engine.interrupt(request_id, Refused(reason, transient=True))
+        return self.engine.interrupt(request_id, HandedOver(reason))
 
     def _prompt(self, request: pb.GenerateRequest | pb.PrefillRequest | pb.DecodeRequest) -> list[int]:
         """The prompt's token ids, its length bounded before they are copied (a message may carry
@@ -136,6 +136,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.in_flight += 1
         try:
             yield
+        except HandedOver as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc), trailing_metadata=((HANDED_OVER_METADATA, "1"),))
         except Refused as exc:
             code = grpc.StatusCode.UNAVAILABLE if exc.transient else grpc.StatusCode.FAILED_PRECONDITION
             await context.abort(code, str(exc))
@@ -164,7 +166,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             sampling = sampling_from_pb(request.sampling)
             prompt = self._prompt(request)
             stream = self.engine.generate(request.request_id, prompt, sampling, request.resumed_output_tokens)
-            with self.state.tracked(request.request_id, len(prompt), sampling.max_tokens):
+            with self.state.tracked(request.request_id, len(prompt), sampling.max_tokens,
+                                    movable=not request.resumed_output_tokens):
                 async with contextlib.aclosing(stream) as outputs:
                     first = True
                     async for out in outputs:
