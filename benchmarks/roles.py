@@ -320,6 +320,13 @@ def main() -> None:
             "window. (3) Two cores run the workers, the router and the client: per-request Python work is "
             "part of every step and every token's latency.",
         ]
+    lines += [
+        "",
+        "The real model is not benchmarked here: on two shared cores its workers draw on one pool of compute "
+        "(an idle worker leaves its CPU to the busy ones), so a split changes nothing a benchmark could "
+        "attribute to it; role switching pays where each worker has an accelerator of its own. Its "
+        "correctness under switching is tested (tests/e2e/test_role_switching.py: greedy outputs equal).",
+    ]
     body = "## Role switching under a shifting load (issue 10)\n\n" + "\n".join(lines)
     sys.stdout.write(body + "\n")
     if args.no_write:
