@@ -278,8 +278,8 @@ def test_the_operator_balances_roles(kube, operator_account, tmp_path):
                 kube.kubectl("annotate", "pod", pod["metadata"]["name"], f"{labels.ENDPOINT}={endpoint}")
 
         def current_roles():
-            return sorted((p["metadata"]["labels"][labels.ROLE], p["metadata"]["labels"].get(CURRENT_ROLE))
-                          for r in endpoints for p in pods(r))
+            return sorted((p["metadata"]["labels"][labels.ROLE], p["metadata"]["labels"].get(CURRENT_ROLE, ""))
+                          for r in endpoints for p in pods(r))  # "": not labelled yet
 
         # Every pod is labelled with the role its worker reports.
         wait_for(lambda: current_roles() == [("decode", "decode")] * 2 + [("prefill", "prefill")] * 2, 30,
