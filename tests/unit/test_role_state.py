@@ -69,4 +69,6 @@ def test_streams_to_move_are_the_newest_within_bounds() -> None:
     assert state.movable(9, max_context_tokens=4096, min_new_tokens=16) == ["newest", "new", "old"]
     state.switching = True  # a switch hands over on its own terms
     assert state.movable(9, 4096, 16) == []
-    assert RoleState("p", Role.PREFILL).movable(9, 4096, 16) == []
+    prefill = RoleState("p", Role.PREFILL)
+    prefill.streams["queued"] = (100, 200, True)  # a prefill worker holds prompts, not streams to hand over
+    assert prefill.movable(9, 4096, 16) == []
