@@ -97,14 +97,15 @@ class Prometheus:
         self.tools = tools or ensure()
         self.port = port or free_port()
         self.workdir = workdir or pathlib.Path(tempfile.mkdtemp(prefix="triphase-prometheus-"))
-        self.workdir.mkdir(parents=True, exist_ok=True)
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_file = self.workdir / "prometheus.yml"
-        self.config_file.write_text(json.dumps(dict(config), indent=2))  # JSON is YAML
+        self.config = dict(config)
         self.retention = retention
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 60.0) -> Prometheus:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(json.dumps(self.config, indent=2))  # JSON is YAML
         log = open(self.workdir / "prometheus.log", "ab")  # noqa: SIM115 (owned by the child)
         self.proc = subprocess.Popen(
             [self.tools.prometheus, f"--config.file={self.config_file}", f"--storage.tsdb.path={self.workdir / 'data'}",
