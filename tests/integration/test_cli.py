@@ -77,3 +77,24 @@ def test_errors_are_one_line_without_traceback(case, tmp_path, loaded_model):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--port", "0"], "--port 0: a port is in 1..65535"),
+    (["--prometheus", "--prometheus-port", "70000"], "--prometheus-port 70000: a port is in 1..65535"),
+    (["--prometheus", "--prometheus-port", "TAKEN"], "cannot listen on 127.0.0.1:"),
+])
+def test_up_rejects_a_bad_port_before_starting_anything(flags, expected):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        flags = [str(taken.getsockname()[1]) if flag == "TAKEN" else flag for flag in flags]
+        with socket.socket() as free:  # the router port, free unless a case says otherwise
+            free.bind(("127.0.0.1", 0))
+            router_port = str(free.getsockname()[1])
+        proc = triphase("up", "--engine", "sim", "--port", router_port, *flags, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], proc.stderr

@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 
 from triphase.common.errors import UserError
-from triphase.common.net import free_port
+from triphase.common.net import check_port, free_port
 from triphase.control import main as balancer
 from triphase.local import prometheus
 from triphase.local.supervisor import Supervisor
@@ -78,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
                 if args.engine != "sim":
                     raise UserError(f"--{name.replace('_', '-')} needs --engine sim")
                 common += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+        check_port("--port", args.port)  # taken or out of range: one line now, not after the model loads
+        if args.prometheus:
+            check_port("--prometheus-port", args.prometheus_port)
         if args.role_switching:
             balancer.settings_from(args)  # a bad SLO or limit is a one-line error before anything starts
         names = [(f"prefill-{i}", "prefill") for i in range(args.prefill)]

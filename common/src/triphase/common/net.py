@@ -18,6 +18,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def check_port(flag: str, port: int, host: str = "127.0.0.1") -> None:
+    """ValueError naming `flag` unless `port` is in 1..65535 and can be bound on `host` now."""
+    if not 0 < port < 65536:
+        raise ValueError(f"{flag} {port}: a port is in 1..65535")
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            raise ValueError(f"{flag} {port}: cannot listen on {host}:{port} ({error.strerror})") from None
+
+
 def http_ok(url: str, timeout: float = 5.0) -> bool:
     """GET `url` answers 200 (False while it refuses or errs)."""
     try:
