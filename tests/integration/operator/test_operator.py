@@ -238,6 +238,16 @@ def test_a_pool_removed_from_the_spec_is_deleted(kube, operator_account, tmp_pat
                      json.dumps([{"op": "remove", "path": "/spec/pools/prefill"}]))
         without = {kind: [n for n in names if n != "shrinking-prefill"] for kind, names in expected.items()}
         wait_for(lambda: _children(kube, "shrinking") == without, 60, "the prefill pool to go")
+        # A removal interrupted after its ServingPool went leaves a worker Deployment behind (its owner
+        # lives on, so the garbage collector keeps it): the next resync removes it too.
+        leftover = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {
+            "name": "shrinking-prefill", "namespace": kube.namespace,
+            "labels": {labels.DEPLOYMENT: "shrinking", labels.COMPONENT: "worker", labels.ROLE: "prefill"}},
+            "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "leftover"}}, "template": {
+                "metadata": {"labels": {"app": "leftover"}},
+                "spec": {"containers": [{"name": "worker", "image": "triphase:left"}]}}}}
+        kube.api("POST", f"/apis/apps/v1/namespaces/{kube.namespace}/deployments", leftover)
+        wait_for(lambda: _children(kube, "shrinking") == without, 60, "the left-behind prefill Deployment to go")
     kube.kubectl("delete", "tsd", "shrinking", "--wait=false")
 
 

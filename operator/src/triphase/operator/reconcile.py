@@ -104,10 +104,16 @@ async def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     wanted = builders.pools(spec)
     existing = {p["metadata"]["labels"].get(labels.ROLE): p
                 for p in await kube.list(API_VERSION, "ServingPool", namespace, f"{labels.DEPLOYMENT}={name}")}
+    # A pool's Deployment counts too: one left behind without its ServingPool (an interrupted removal)
+    # would otherwise never be removed, its owner being alive.
+    deployed = {d["metadata"]["labels"].get(labels.ROLE)
+                for d in await kube.list("apps/v1", "Deployment", namespace,
+                                         f"{labels.DEPLOYMENT}={name},{labels.COMPONENT}=worker")}
+    removed = (set(existing) | deployed) - set(wanted)
     applied_pools, _ = await asyncio.gather(  # wanted pools applied while removed ones go, all at once
         asyncio.gather(*(_pool(kube, name, namespace, role, pool, owner, existing.get(role))
                          for role, pool in wanted.items())),
-        asyncio.gather(*(_remove_pool(kube, namespace, f"{name}-{role}") for role in existing if role not in wanted)))
+        asyncio.gather(*(_remove_pool(kube, namespace, f"{name}-{role}") for role in sorted(removed) if role)))
     pools = dict(zip(wanted, applied_pools, strict=True))
     replicas = {role: int(pool["spec"].get("replicas", wanted[role].replicas)) for role, pool in pools.items()}
 
