@@ -47,6 +47,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 
     memo.kube = Kube(KubeAccess.load())
     memo.pool_replicas = {}  # ServingPool uid -> spec.replicas last seen (shared: the memo is copied shallowly)
+    memo.locks = {}  # (namespace, name) -> asyncio.Lock: one reconcile of a ServingDeployment at a time
     memo.peering_watch = None
     if not settings.peering.standalone:
         memo.peering_watch = asyncio.create_task(say_while_peering_is_missing(memo.kube, settings.peering.name))
@@ -92,12 +93,26 @@ async def _api_retries() -> AsyncIterator[None]:
         raise kopf.TemporaryError(f"API server: {exc}", delay=5) from None
 
 
-async def _run(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any) -> None:
-    status = body.get("status") or {}
+def _lock(memo: kopf.Memo, namespace: str, name: str) -> asyncio.Lock:
+    """Change handlers, the resync timer and pool events run concurrently; reconciles of one object must
+    not, or one with an older spec re-creates what a newer one just removed."""
+    lock: asyncio.Lock = memo.locks.setdefault((namespace, name), asyncio.Lock())
+    return lock
+
+
+async def _run(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, *, reread: bool = False) -> None:
+    meta = body["metadata"]
     try:
-        async with _api_retries():
+        async with _api_retries(), _lock(memo, meta["namespace"], meta["name"]):
+            if reread:  # the timer's body may predate a change reconciled while it waited for the lock
+                fresh = await memo.kube.get(f"{GROUP}/{VERSION}", "ServingDeployment", meta["namespace"], meta["name"])
+                if fresh is None or fresh["metadata"].get("deletionTimestamp"):
+                    return
+                body = kopf.Body(fresh)
+            status = body.get("status") or {}
             outcome = await reconcile(memo.kube, dict(body))
     except InvalidSpec as exc:
+        status = body.get("status") or {}
         already = status.get("observedGeneration") == body["metadata"].get("generation") and any(
             c.get("type") == "Degraded" and c.get("status") == "True" for c in status.get("conditions") or [])
         patch.status.update(exc.status)
@@ -120,9 +135,10 @@ async def serving_deployment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo
 
 
 @kopf.on.delete(GROUP, VERSION, "servingdeployments")
-async def deleted(body: kopf.Body, logger: Any, **_: Any) -> None:
+async def deleted(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
     """Held by the operator's finalizer so the deletion is recorded; the children carry owner references
     and the garbage collector removes them."""
+    memo.locks.pop((body["metadata"]["namespace"], body["metadata"]["name"]), None)
     logger.info("Deleting %s: its pools, router and objects are garbage-collected", body["metadata"]["name"])
 
 
@@ -130,7 +146,7 @@ async def deleted(body: kopf.Body, logger: Any, **_: Any) -> None:
 async def resync(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any) -> None:
     """Level-based: correct drift and refresh status even when nothing announced a change."""
     with contextlib.suppress(kopf.PermanentError):  # already reported; waits for a spec change
-        await _run(body, patch, memo, logger)
+        await _run(body, patch, memo, logger, reread=True)
 
 
 @kopf.on.event(GROUP, VERSION, "servingpools")
@@ -151,7 +167,7 @@ async def pool_event(body: kopf.Body, event: kopf.RawEvent, memo: kopf.Memo, log
     deployment = spec.get("deployment")
     if before is None or before == spec.get("replicas") or not deployment:
         return
-    async with _api_retries():
+    async with _api_retries(), _lock(memo, meta["namespace"], deployment):
         parent = await memo.kube.get(f"{GROUP}/{VERSION}", "ServingDeployment", meta["namespace"], deployment)
         if parent is None:
             return
