@@ -41,6 +41,8 @@ class WorkerCollector(Collector):
                     s.pinned)
         yield gauge("triphase_kv_cache_usage_ratio", "Share of KV blocks in use (not free)",
                     1 - s.free_blocks / s.total_blocks if s.total_blocks else 0.0)
+        yield gauge("triphase_worker_queued_prefill_tokens", "Prompt tokens waiting to be prefilled",
+                    s.queued_prefill_tokens)
         yield gauge("triphase_worker_draining", "1 while the worker refuses new work", float(sv.draining))
         yield gauge("triphase_worker_prefill_tokens_per_second", "Prompt tokens per second of recent prefill steps",
                     s.prefill_tokens_per_s)
