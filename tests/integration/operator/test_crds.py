@@ -63,6 +63,17 @@ def test_the_sample_is_valid_for_the_models_and_the_api_server(crds):
      "spec.pools.decode.resources.limits", "must not be negative"),
     ("no-decode", lambda s: s["pools"].pop("decode"), "spec.pools", "at least one pool must decode"),
     ("path-without-path", lambda s: s["model"].update(source="path"), "spec.model", "source path needs path"),
+    ("autoscaling-without-prometheus", lambda s: s.update(autoscaling={"enabled": True}), "spec.autoscaling",
+     "enabled needs prometheusUrl"),
+    ("autoscaling-bad-url", lambda s: s.update(autoscaling={"enabled": True, "prometheusUrl": "prometheus:9090"}),
+     "spec.autoscaling.prometheusUrl", "must be an http:// or https:// URL"),
+    ("autoscaling-unbounded", lambda s: (s.update(autoscaling={"enabled": True, "prometheusUrl": "http://p:9090"}),
+                                         s["pools"]["prefill"].pop("maxReplicas")),
+     "spec", "autoscaling.enabled needs maxReplicas on the prefill and decode pools"),
+    ("autoscaling-decode-to-zero", lambda s: (
+        s.update(autoscaling={"enabled": True, "prometheusUrl": "http://p:9090"}),
+        s["pools"]["prefill"].update(maxReplicas=4),
+        s["pools"]["decode"].update(minReplicas=0, maxReplicas=4)), "spec", "pools.decode.minReplicas must be >= 1"),
 ])
 def test_invalid_specs_are_rejected_with_the_field_path(crds, name, edit, path, words):
     result = _apply(crds, _variant(name, edit))

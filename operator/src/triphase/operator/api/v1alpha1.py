@@ -173,10 +173,27 @@ class Slo(_Model):
 
 
 class Autoscaling(_Model):
-    enabled: bool = Field(default=False, description="Let the planner resize pools from Prometheus TTFT/TPOT.")
-    interval_seconds: int = Field(default=60, ge=5, le=3600, description="Planner period.")
-    prometheus_url: str | None = Field(default=None, description="Prometheus base URL.", max_length=2048)
-    stabilization_seconds: int = Field(default=300, ge=0, le=86400, description="Minimum time between scale-downs.")
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "!self.enabled || has(self.prometheusUrl)", "message": "enabled needs prometheusUrl"},
+    ]})
+
+    enabled: bool = Field(default=False, description="Run the planner: the prefill and decode pools' replicas "
+                                                     "follow the demand and the TTFT/TPOT percentiles Prometheus "
+                                                     "measures (each pool within minReplicas..maxReplicas, which "
+                                                     "are then required).")
+    interval_seconds: int = Field(default=60, ge=5, le=3600, description="Planner period; also the window its "
+                                                                         "rates and percentiles are measured over.")
+    prometheus_url: str | None = Field(default=None, description="Base URL of a Prometheus that scrapes this "
+                                                                 "deployment (the PodMonitor the operator creates, "
+                                                                 "or an equivalent job keeping the "
+                                                                 "triphase_dev_deployment and namespace labels).",
+                                       max_length=2048,
+                                       json_schema_extra={"x-kubernetes-validations": [
+                                           {"rule": "self.matches('^https?://[^\\\\s]+$')",
+                                            "message": "must be an http:// or https:// URL"}]})
+    stabilization_seconds: int = Field(default=300, ge=0, le=86400, description="A pool shrinks only when every "
+                                                                                "recommendation over this long "
+                                                                                "agrees (growth is immediate).")
 
 
 class RoleSwitching(_Model):
@@ -191,6 +208,16 @@ class RoleSwitching(_Model):
 
 
 class ServingDeploymentSpec(_Model):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "!has(self.autoscaling) || !self.autoscaling.enabled || "
+                 "((!has(self.pools.decode) || has(self.pools.decode.maxReplicas)) && "
+                 "(!has(self.pools.prefill) || has(self.pools.prefill.maxReplicas)))",
+         "message": "autoscaling.enabled needs maxReplicas on the prefill and decode pools"},
+        {"rule": "!has(self.autoscaling) || !self.autoscaling.enabled || !has(self.pools.decode) || "
+                 "!has(self.pools.decode.minReplicas) || self.pools.decode.minReplicas >= 1",
+         "message": "autoscaling keeps at least one decode worker: pools.decode.minReplicas must be >= 1"},
+    ]})
+
     model: ModelSource = Field(description="The model to serve.")
     image: str = Field(default="ghcr.io/triphase/triphase:latest", description="Container image of router and "
                                                                                "workers.", min_length=1)
