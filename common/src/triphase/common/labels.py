@@ -8,5 +8,8 @@ DEPLOYMENT = f"{DOMAIN}/deployment"  # label: the ServingDeployment a pod belong
 COMPONENT = f"{DOMAIN}/component"  # label: "worker" or "router"
 ROLE = f"{DOMAIN}/role"  # label: the role the pod's pool was created with (the worker reports its current one)
 ENDPOINT = f"{DOMAIN}/endpoint"  # annotation: host:port of the worker's gRPC server, overriding podIP:port
+# The DEPLOYMENT label on every scraped series (a PodMonitor's podTargetLabels, sanitised as Prometheus does):
+# the planner selects one ServingDeployment's metrics with it, together with `namespace`.
+PROMETHEUS_DEPLOYMENT = DEPLOYMENT.replace(".", "_").replace("/", "_")
 GRPC_PORT_NAME = "grpc"  # the worker container's gRPC port is named this
 DEFAULT_GRPC_PORT = 50051

@@ -207,6 +207,7 @@ def disruption_budget(name: str, namespace: str, component: str, selector: dict[
 def pod_monitor(name: str, namespace: str) -> dict[str, Any]:
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": _meta(name, namespace, name),
             "spec": {"selector": {"matchLabels": {labels.DEPLOYMENT: name}},
+                     "podTargetLabels": [labels.DEPLOYMENT],  # the planner's selector
                      "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics"},
                                              {"port": "http", "path": "/metrics"}]}}
 
