@@ -9,67 +9,21 @@ import contextlib
 import copy
 import json
 import os
-import pathlib
 import random
 import time
 
 import pytest
-import yaml
 
+from tests.integration.operator.helpers import SAMPLE, operator
+from tests.integration.operator.helpers import apply as _apply
+from tests.integration.operator.helpers import kubectl_json as _json
 from tests.load import load_in_background
 from tests.procs import http_ok, triphase_process, wait_for
 from triphase.common import labels
-from triphase.common.net import free_port
 from triphase.operator.cluster import controlplane
-from triphase.operator.cluster.controlplane import write_kubeconfig
 from triphase.operator.reconcile import CURRENT_ROLE
 
 pytestmark = pytest.mark.slow
-ROOT = pathlib.Path(__file__).resolve().parents[3]
-SAMPLE = yaml.safe_load((ROOT / "deploy" / "samples" / "smollm2-disaggregated.yaml").read_text())
-SYSTEM = "triphase-system"
-
-
-def _json(kube, *args):
-    return json.loads(kube.kubectl(*args, "-o", "json").stdout)
-
-
-def _apply(kube, obj):
-    kube.kubectl("apply", "-f", "-", input_text=json.dumps(obj))
-
-
-@pytest.fixture(scope="module")
-def operator_account(kube, tmp_path_factory):
-    """CRDs, RBAC and the peering object as a platform engineer would apply them; a kubeconfig with the
-    operator ServiceAccount's token."""
-    with contextlib.suppress(Exception):
-        kube.api("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                                "metadata": {"name": SYSTEM}})
-    kube.kubectl("apply", "--server-side", "-f", str(ROOT / "deploy" / "crds"))
-    kube.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-    kube.kubectl("apply", "-n", SYSTEM, "-f", str(ROOT / "deploy" / "manifests"))
-    token = kube.api("POST", f"/api/v1/namespaces/{SYSTEM}/serviceaccounts/triphase-operator/token",
-                     {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                      "spec": {"expirationSeconds": 3600}})["status"]["token"]
-    path = tmp_path_factory.mktemp("operator") / "operator.kubeconfig"
-    write_kubeconfig(path, kube.cluster.server, kube.cluster.state / "pki" / "ca.crt", token, user="operator")
-    return path
-
-
-_STARTS = iter(range(100, 1000))
-
-
-@contextlib.contextmanager
-def operator(tmp_path, config, name="operator", priority=None):
-    """`triphase operator` as the ServiceAccount (KUBECONFIG), resyncing every second. By default each
-    start outranks the ones before it: a replica stopped earlier may leave its peering entry behind for
-    its 60 s lifetime, and an entry of the same priority would pause the new replica until it expires."""
-    priority = next(_STARTS) if priority is None else priority
-    args = ["operator", "--peering", "triphase", "--priority", str(priority), "--resync-seconds", "1",
-            "--liveness", f"http://127.0.0.1:{free_port()}/healthz", "--metrics-host", "127.0.0.1",
-            "--metrics-port", "0"]
-    with triphase_process(tmp_path, name, args, timeout=90, env={"KUBECONFIG": str(config)}) as (proc, port):
-        yield proc, port
 
 
 def test_operator_is_forbidden_what_it_does_not_need(kube, operator_account):
