@@ -51,14 +51,15 @@ class Load:
 
 
 @contextlib.contextmanager
-def load_in_background(url: str, prompt: str, max_tokens: int, lanes: int) -> Iterator[Load]:
+def load_in_background(url: str, prompt: str, max_tokens: int, lanes: int, *, unique: bool = False,
+                       ) -> Iterator[Load]:
     """A `Load` on an event loop of its own thread, for synchronous tests; stopped on exit."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
 
     async def start() -> Load:
-        return Load(url, prompt, max_tokens, lanes)
+        return Load(url, prompt, max_tokens, lanes, unique=unique)
 
     load = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
     try:

@@ -31,7 +31,7 @@ def signals(prefill_workers: float = 1.0, streams: tuple[float, ...] = (4.0,), t
             queued: float = 0.0, rate: float = 1.0) -> Signals:
     """Load worth `prefill_workers` prefill workers at the planner's utilization, decode workers running
     `streams` with the sim's step time."""
-    return Signals(request_rate=rate, prompt_tokens_rate=prefill_workers * RATE * 0.8, ttft_s=ttft, tpot_s=tpot,
+    return Signals(request_rate=rate, prefill_tokens_rate=prefill_workers * RATE * 0.8, ttft_s=ttft, tpot_s=tpot,
                    queued_prefill_tokens=queued, prefill_tokens_per_s=RATE,
                    decode=tuple(DecodeSample(s, STEP.fixed_s + STEP.per_stream_s * s, 0.05 * s) for s in streams))
 
@@ -136,7 +136,7 @@ def test_an_alternating_load_does_not_make_the_pool_oscillate() -> None:
 
 def test_when_traffic_stops_the_pools_go_to_their_minimum_after_the_window() -> None:
     sim = Sim(planner(stabilization_s=120.0), p=4, d=4)
-    idle = Signals(request_rate=0.0, prompt_tokens_rate=0.0, prefill_tokens_per_s=RATE)
+    idle = Signals(request_rate=0.0, prefill_tokens_rate=0.0, prefill_tokens_per_s=RATE)
     sim.step(signals(3.0, (20.0, 20.0, 20.0, 20.0)))
     for _ in range(3):
         sim.step(idle)

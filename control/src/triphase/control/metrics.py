@@ -59,3 +59,31 @@ class BalancerMetrics:
                        self.decode_pressure, self.demand, self.arrivals, self.workers):
             for labels in [k for k in metric._metrics if k and k[0] == deployment]:
                 metric.remove(*labels)
+
+
+class PlannerMetrics:
+    """The planner's decisions and inputs, per deployment. Labels: `deployment` and `model` (empty until
+    Prometheus has said what the workers serve)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["deployment", "model"]
+        self.desired = Gauge("triphase_planner_desired_replicas", "Replicas the planner wants for each pool",
+                             [*labels, "pool"], registry=registry)
+        self.demand = Gauge("triphase_planner_demand_workers", "Forecast demand of each role, in workers at its SLO",
+                            [*labels, "role"], registry=registry)
+        self.decisions = Counter("triphase_planner_decisions", "Pool size changes the planner made",
+                                 [*labels, "pool", "direction", "reason"], registry=registry)
+        self.held = Counter("triphase_planner_holds", "Intervals in which the planner held back",
+                            [*labels, "reason"], registry=registry)
+        self.metrics_up = Gauge("triphase_planner_metrics_available", "1 when the last Prometheus read succeeded",
+                                labels, registry=registry)
+        self.metrics_errors = Counter("triphase_planner_metrics_errors", "Prometheus reads that failed or found "
+                                      "no series", labels, registry=registry)
+        self.attainment = Gauge("triphase_planner_slo_attainment_ratio", "Share of requests meeting both SLO "
+                                "targets over the last window (a lower bound)", labels, registry=registry)
+
+    def forget(self, deployment: str) -> None:
+        for metric in (self.desired, self.demand, self.decisions, self.held, self.metrics_up, self.metrics_errors,
+                       self.attainment):
+            for labels in [k for k in metric._metrics if k and k[0] == deployment]:
+                metric.remove(*labels)

@@ -4,7 +4,7 @@ The slow loop beside the role balancer's fast one. Every interval it gets what P
 the last window (`Signals`) and the pools as they stand (`PoolView`), and answers the replicas each pool
 should have (`Plan`). Demand is measured in workers' worth of capacity at the SLO, per role:
 
-- prefill demand = (prompt tokens arriving per second + the queued prompt tokens to clear within one
+- prefill demand = (prompt tokens prefilled per second + the queued prompt tokens to clear within one
   TTFT target) ÷ (one worker's measured prefill rate * `prefill_utilization`). The utilization below 1
   leaves the queueing headroom that keeps the TTFT percentile, not the mean, under its target.
 - decode demand = running streams ÷ the streams one worker carries at the TPOT target. That capacity
@@ -87,13 +87,15 @@ class Signals:
     """What Prometheus measured over the last window; None where it had no data."""
 
     request_rate: float | None = None  # requests finishing per second
-    prompt_tokens_rate: float | None = None  # prompt tokens per second of requests the router ran
+    prefill_tokens_rate: float | None = None  # prompt tokens computed per second by all workers (cache hits
+    # need no compute and are left out; a backlog is `queued_prefill_tokens`)
     ttft_s: float | None = None  # at the SLO percentile
     tpot_s: float | None = None
     queued_prefill_tokens: float | None = None  # waiting on the prefill workers now
     prefill_tokens_per_s: float | None = None  # one prefill worker's measured rate (mean over workers)
     decode: tuple[DecodeSample, ...] = ()  # one per decode worker
     attainment: float | None = None  # share of requests that met the SLO over the window
+    model: str = ""  # the served model's name, for labelling
 
     @property
     def streams(self) -> float:
@@ -102,7 +104,7 @@ class Signals:
     @property
     def idle(self) -> bool:
         return (self.request_rate or 0.0) == 0.0 and self.streams == 0 and not self.queued_prefill_tokens \
-            and not self.prompt_tokens_rate
+            and not self.prefill_tokens_rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +204,7 @@ class Planner:
 
     def prefill_demand(self, signals: Signals) -> float | None:
         rate = signals.prefill_tokens_per_s
-        arriving = (signals.prompt_tokens_rate or 0.0) + (signals.queued_prefill_tokens or 0.0) / self.slo.ttft_s
+        arriving = (signals.prefill_tokens_rate or 0.0) + (signals.queued_prefill_tokens or 0.0) / self.slo.ttft_s
         if not rate:  # no prefill measured yet: nothing arriving is no demand, otherwise unknown
             return 0.0 if arriving == 0 else None
         return arriving / (rate * self.settings.prefill_utilization)

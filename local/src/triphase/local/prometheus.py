@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -75,14 +76,27 @@ def ensure(progress: bool = True) -> Tools:
     return tools
 
 
-def scrape_config(jobs: Mapping[str, Sequence[str]], interval_s: float = 1.0) -> dict[str, Any]:
-    """A configuration that scrapes `host:port` targets per job name every `interval_s`."""
+def scrape_config(jobs: Mapping[str, Sequence[str]], interval_s: float = 1.0,
+                  labels: Mapping[str, str] | None = None,
+                  target_files: Mapping[str, pathlib.Path] | None = None) -> dict[str, Any]:
+    """A configuration that scrapes `host:port` targets per job name every `interval_s`, adding `labels`
+    to every series (e.g. the `namespace` and deployment labels a PodMonitor would add in a cluster).
+    `target_files`: jobs whose targets are in a file Prometheus re-reads as it changes
+    (`write_targets`), for targets that come and go."""
     interval = f"{int(interval_s * 1000)}ms"
-    return {
-        "global": {"scrape_interval": interval, "evaluation_interval": interval},
-        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}
-                           for job, targets in jobs.items() if targets],
-    }
+    extra = {"labels": dict(labels)} if labels else {}
+    configs: list[dict[str, Any]] = [{"job_name": job, "static_configs": [{"targets": list(targets), **extra}]}
+                                     for job, targets in jobs.items() if targets]
+    configs += [{"job_name": job, "file_sd_configs": [{"files": [str(path)], "refresh_interval": "1s"}]}
+                for job, path in (target_files or {}).items()]
+    return {"global": {"scrape_interval": interval, "evaluation_interval": interval}, "scrape_configs": configs}
+
+
+def write_targets(path: pathlib.Path, targets: Sequence[str], labels: Mapping[str, str] | None = None) -> None:
+    """A file_sd target file (replaced at once, so Prometheus never reads half of it)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps([{"targets": sorted(targets), "labels": dict(labels or {})}]))
+    os.replace(partial, path)
 
 
 class QueryError(Exception):

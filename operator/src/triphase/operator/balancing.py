@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from triphase.common import labels
@@ -27,14 +26,12 @@ from triphase.control.loop import BalancerLoop, SetRoleActuator
 from triphase.control.metrics import BalancerMetrics
 from triphase.control.stats import Channels, StatsWatcher
 from triphase.operator.api.v1alpha1 import API_VERSION, ServingDeploymentSpec
+from triphase.operator.daemon import DeploymentDaemon, PostEvent
 from triphase.operator.kube import ApiError, Kube
-from triphase.operator.reconcile import CURRENT_ROLE, InvalidSpec, parse, reconcile
+from triphase.operator.reconcile import CURRENT_ROLE, InvalidSpec, reconcile
 
 logger = logging.getLogger(__name__)
 DISCOVERY_S = 5.0
-
-PostEvent = Callable[[str, str, str], None]  # (type, reason, message)
-
 
 def policy(spec: ServingDeploymentSpec) -> tuple[Slo, Settings]:
     rs = spec.role_switching
@@ -68,24 +65,16 @@ class _Actuator:
                            pod or switch.worker_id, exc)
 
 
-class DeploymentBalancer:
+class DeploymentBalancer(DeploymentDaemon):
     def __init__(self, kube: Kube, body: Any, metrics: BalancerMetrics | None, post: PostEvent) -> None:
-        self.kube = kube
-        self.body = body  # kopf's live view: always the latest spec
-        self.namespace = body["metadata"]["namespace"]
-        self.name = body["metadata"]["name"]
+        super().__init__(kube, body, post)
         self.metrics = metrics
-        self.post = post
         self.pods: dict[str, str] = {}  # endpoint -> pod name
         self.labelled: dict[str, str] = {}  # pod name -> its current-role label
         self.switched_at: dict[str, float] = {}  # pod name -> when a switch of it completed
 
-    @property
-    def deployment(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
     async def run(self) -> None:
-        spec = parse(dict(self.body.get("spec") or {}))
+        spec = self.live_spec()
         slo, settings = policy(spec)
         channels = Channels()
         watcher = StatsWatcher(channels)
@@ -97,7 +86,7 @@ class DeploymentBalancer:
         try:
             while not task.done():
                 with contextlib.suppress(InvalidSpec):
-                    balancer.slo, balancer.settings = policy(parse(dict(self.body.get("spec") or {})))
+                    balancer.slo, balancer.settings = policy(self.live_spec())
                 try:
                     await self.discover(watcher)
                     await self.correct_labels(watcher)

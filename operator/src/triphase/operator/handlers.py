@@ -1,5 +1,6 @@
 """The only module with kopf decorators: every event on a ServingDeployment (create, update, resume,
-a periodic timer) and a change of a ServingPool's replicas runs the same reconcile.
+a periodic timer) and a change of a ServingPool's replicas runs the same reconcile; two daemons run the
+control loops a spec asks for (the role balancer, the planner).
 
 A spec that cannot be served becomes a Degraded condition and a Warning event, and the handler stops
 retrying (kopf.PermanentError) until the spec changes: never a crash loop. A failed API call is
@@ -22,6 +23,7 @@ from triphase.operator import metrics
 from triphase.operator.api.v1alpha1 import GROUP, VERSION
 from triphase.operator.balancing import DeploymentBalancer
 from triphase.operator.kube import ApiError, Kube
+from triphase.operator.planning import DeploymentPlanner
 from triphase.operator.reconcile import InvalidSpec, reconcile
 
 logger = logging.getLogger(__name__)
@@ -197,3 +199,21 @@ async def role_balancer(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         await DeploymentBalancer(memo.kube, body, metrics.BALANCER, post).run()
     except InvalidSpec as exc:  # reported by the reconcile; try again once the spec is fixed
         raise kopf.TemporaryError(f"not balancing roles: {exc}", delay=30) from None
+
+
+def _autoscaling(spec: kopf.Spec, **_: Any) -> bool:
+    return bool((spec.get("autoscaling") or {}).get("enabled"))
+
+
+@kopf.daemon(GROUP, VERSION, "servingdeployments", when=_autoscaling, cancellation_timeout=10.0)
+async def planner(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """The slow loop, for as long as spec.autoscaling.enabled is true: pool sizes from Prometheus."""
+    def post(type_: str, reason: str, message: str) -> None:
+        kopf.event(body, type=type_, reason=reason, message=message)
+
+    meta = body["metadata"]
+    try:
+        await DeploymentPlanner(memo.kube, body, metrics.PLANNER, post, _lock(memo, meta["namespace"],
+                                                                            meta["name"])).run()
+    except InvalidSpec as exc:  # reported by the reconcile; try again once the spec is fixed
+        raise kopf.TemporaryError(f"not planning: {exc}", delay=30) from None
