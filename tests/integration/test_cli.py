@@ -80,7 +80,7 @@ def test_errors_are_one_line_without_traceback(case, tmp_path, loaded_model):
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--port", "0"], "--port 0: a port is in 1..65535"),
+    (["--port", "-1"], "--port -1: a port is in 1..65535"),
     (["--prometheus", "--prometheus-port", "70000"], "--prometheus-port 70000: a port is in 1..65535"),
     (["--prometheus", "--prometheus-port", "TAKEN"], "cannot listen on 127.0.0.1:"),
 ])

@@ -19,9 +19,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def check_port(flag: str, port: int, host: str = "127.0.0.1") -> None:
-    """ValueError naming `flag` unless `port` is in 1..65535 and can be bound on `host` now."""
-    if not 0 < port < 65536:
-        raise ValueError(f"{flag} {port}: a port is in 1..65535")
+    """ValueError naming `flag` unless `port` is 0 (any free port) or in 1..65535 and can be bound on
+    `host` now."""
+    if not 0 <= port < 65536:
+        raise ValueError(f"{flag} {port}: a port is in 1..65535 (0: any free port)")
     with socket.socket() as sock:
         try:
             sock.bind((host, port))
