@@ -11,6 +11,7 @@ import pathlib
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from triphase.common import endpoints_file
 from triphase.common.signals import wait_for_stop_signal
 from triphase.control.balancer import Balancer, Settings, Slo
 from triphase.control.loop import BalancerLoop, SetRoleActuator
@@ -21,7 +22,10 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", required=True, help="comma-separated worker gRPC endpoints (host:port)")
+    workers = parser.add_mutually_exclusive_group(required=True)
+    workers.add_argument("--workers", help="comma-separated worker gRPC endpoints (host:port)")
+    workers.add_argument("--workers-file", help="a file of worker endpoints (one host:port per line) to follow "
+                                                "as it changes (`triphase up --autoscale` rewrites it)")
     add_policy_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="metrics address")
     parser.add_argument("--port", type=int, default=0, help="metrics port (0: any free port)")
@@ -59,35 +63,38 @@ def settings_from(args: argparse.Namespace) -> tuple[Slo, Settings]:
 
 
 def run(args: argparse.Namespace) -> int:
-    endpoints = [e.strip() for e in args.workers.split(",") if e.strip()]
-    if not endpoints:
+    workers_file = pathlib.Path(args.workers_file) if args.workers_file else None
+    endpoints = [e.strip() for e in (args.workers or "").split(",") if e.strip()]
+    if workers_file is None and not endpoints:
         raise ValueError("--workers names no endpoint")
     slo, settings = settings_from(args)
     registry = CollectorRegistry()
     server, _ = start_http_server(args.port, addr=args.host, registry=registry)
     port = int(server.server_port)
     metrics = BalancerMetrics(registry)
-    logger.info("Role balancer over %d workers (TTFT %.3g s, TPOT %.3g s); metrics on %s:%d", len(endpoints),
-                slo.ttft_s, slo.tpot_s, args.host, port)
+    logger.info("Role balancer over %s (TTFT %.3g s, TPOT %.3g s); metrics on %s:%d",
+                workers_file or f"{len(endpoints)} workers", slo.ttft_s, slo.tpot_s, args.host, port)
     if args.ready_file:
         pathlib.Path(args.ready_file).write_text(str(port))
-    return asyncio.run(_balance(endpoints, slo, settings, args.switch_grace, metrics))
+    return asyncio.run(_balance(endpoints, workers_file, slo, settings, args.switch_grace, metrics))
 
 
-async def _balance(endpoints: list[str], slo: Slo, settings: Settings, grace_s: float,
-                   metrics: BalancerMetrics) -> int:
+async def _balance(endpoints: list[str], workers_file: pathlib.Path | None, slo: Slo, settings: Settings,
+                   grace_s: float, metrics: BalancerMetrics) -> int:
     channels = Channels()
     watcher = StatsWatcher(channels)
     watcher.set_endpoints(endpoints)
     loop = BalancerLoop(watcher, SetRoleActuator(channels, grace_s), Balancer(slo, settings), metrics=metrics)
     task = asyncio.create_task(loop.run())
     stop = asyncio.create_task(wait_for_stop_signal())
+    following = asyncio.create_task(endpoints_file.follow(workers_file, watcher.set_endpoints)) if workers_file \
+        else None
     try:
         await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             task.result()  # the loop never ends on its own: raise what ended it (the process exits 1)
     finally:
-        for t in (task, stop):
+        for t in (task, stop, *([following] if following else [])):
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t

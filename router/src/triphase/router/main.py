@@ -1,5 +1,5 @@
-"""`triphase router`: the OpenAI-compatible front end over a static list of workers, or over the
-worker pods Kubernetes discovery finds.
+"""`triphase router`: the OpenAI-compatible front end over a static list of workers, the list in a file
+it follows (`triphase up --autoscale` rewrites it), or the worker pods Kubernetes discovery finds.
 
 SIGTERM: /readyz answers 503 at once, the router keeps serving for `--shutdown-delay` seconds while
 endpoints update, then stops accepting connections and gives in-flight requests `--drain-timeout`
@@ -22,8 +22,10 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", help="comma-separated worker endpoints host:port (static discovery)")
-    parser.add_argument("--discovery", choices=["static", "kubernetes"], default="static",
-                        help="kubernetes: watch the worker pods selected by --selector in --namespace")
+    parser.add_argument("--discovery", choices=["static", "file", "kubernetes"], default="static",
+                        help="file: follow --workers-file (one host:port per line); kubernetes: watch the worker "
+                             "pods selected by --selector in --namespace")
+    parser.add_argument("--workers-file", help="file discovery: the file to follow")
     parser.add_argument("--namespace", help="kubernetes discovery: namespace (default: the router's own, or the "
                                             "kubeconfig context's)")
     parser.add_argument("--selector", default="triphase.dev/component=worker",
@@ -94,6 +96,8 @@ async def _serve(args: argparse.Namespace) -> int:
 
     if args.discovery == "static" and not args.workers:
         raise UserError("--workers is required with static discovery (or use --discovery kubernetes)")
+    if (args.discovery == "file") != bool(args.workers_file):
+        raise UserError("--workers-file goes with --discovery file, and file discovery needs it")
     if args.max_body_bytes < 1024 or args.max_connections < 1:
         raise UserError("--max-body-bytes must be at least 1024 and --max-connections at least 1")
     if args.rebalance_gap < 0 or args.rebalance_gap == 1:
@@ -106,6 +110,11 @@ async def _serve(args: argparse.Namespace) -> int:
     registry = Registry(client, endpoints)
     registry.start()
     discovery: asyncio.Task[None] | None = None
+    if args.discovery == "file":
+        from triphase.common import endpoints_file
+
+        discovery = asyncio.create_task(endpoints_file.follow(pathlib.Path(args.workers_file), registry.set_endpoints))
+        logger.info("Discovering workers: following %s", args.workers_file)
     if args.discovery == "kubernetes":
         from triphase.common.kube import KubeAccess
         from triphase.router.kube_discovery import PodWatcher
