@@ -23,8 +23,10 @@ import urllib.request
 
 from triphase.common.errors import UserError
 from triphase.common.net import check_port, free_port
+from triphase.common.roles import Role
 from triphase.control import main as balancer
-from triphase.local import prometheus
+from triphase.control import planner, signals
+from triphase.local import autoscale, prometheus
 from triphase.local.supervisor import Supervisor
 
 SIM_TIMING = ("sim_prefill_ms", "sim_prefill_per_token_ms", "sim_decode_ms", "sim_decode_per_seq_ms")
@@ -48,6 +50,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run a Prometheus (built from the Go module proxy on first use) that scrapes "
                              "the router, the workers and the balancer every second")
     parser.add_argument("--prometheus-port", type=int, default=9090)
+    scaling = parser.add_argument_group("autoscaling (the planner; implies --prometheus)")
+    scaling.add_argument("--autoscale", action="store_true",
+                         help="run the planner: it starts and stops workers from what Prometheus measures")
+    scaling.add_argument("--planner-interval", type=float, default=10.0, metavar="SECONDS",
+                         help="planner period, and the window its rates and percentiles cover")
+    scaling.add_argument("--stabilization", type=float, default=60.0, metavar="SECONDS",
+                         help="a pool shrinks only when every recommendation this long agrees")
+    scaling.add_argument("--slo-percentile", type=float, default=90.0, help="percentile the SLO targets apply to")
+    for role in ("prefill", "decode"):
+        scaling.add_argument(f"--min-{role}", type=int, default=1, help=f"fewest {role} workers")
+        scaling.add_argument(f"--max-{role}", type=int, default=4, help=f"most {role} workers")
     switching = parser.add_argument_group("role switching")
     switching.add_argument("--role-switching", action="store_true",
                            help="run the role balancer: workers move between prefill and decode as load shifts")
@@ -83,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
             check_port("--prometheus-port", args.prometheus_port)
         if args.role_switching:
             balancer.settings_from(args)  # a bad SLO or limit is a one-line error before anything starts
+        if args.autoscale:
+            _check_autoscaling(args)
+            args.prometheus = True
         names = [(f"prefill-{i}", "prefill") for i in range(args.prefill)]
         names += [(f"decode-{i}", "decode") for i in range(args.decode)]
         if not names or args.decode + args.prefill == 0:
@@ -93,24 +109,41 @@ def run(args: argparse.Namespace) -> int:
         # Fixed metrics ports, so that a restarted worker is scraped where it was.
         scraped = [free_port() for _ in names] if args.prometheus else []
         _say(f"starting {len(names)} workers ({args.prefill} prefill, {args.decode} decode); loading the model ...")
-        workers = [stack.spawn(name, ["worker", "--role", role, "--port", "0", *common,
-                                      *(["--metrics-port", str(scraped[i])] if scraped else [])])
-                   for i, (name, role) in enumerate(names)]
+        pools: autoscale.LocalPools | None = None
+        if args.autoscale:
+            pools = autoscale.LocalPools(
+                stack, lambda role, metrics_port: ["worker", "--role", str(role), "--port", "0", *common,
+                                                   "--metrics-port", str(metrics_port)],
+                {Role.PREFILL: autoscale.Bounds(args.min_prefill, args.max_prefill),
+                 Role.DECODE: autoscale.Bounds(args.min_decode, args.max_decode)},
+                stack.tmp / "workers.txt", stack.tmp / "worker-targets.json", _say)
+            workers = [pools.add(Role(role)).child for _, role in names]
+            scraped = [pools.workers[child.name].metrics_port for child in workers]
+        else:
+            workers = [stack.spawn(name, ["worker", "--role", role, "--port", "0", *common,
+                                          *(["--metrics-port", str(scraped[i])] if scraped else [])])
+                       for i, (name, role) in enumerate(names)]
         endpoints = []
         for child in workers:
             port = stack.wait_ready(child, deadline)
             endpoints.append(f"127.0.0.1:{port}")
             _say(f"{child.name} ready on 127.0.0.1:{port}")
-        router_args = ["router", "--workers", ",".join(endpoints), "--port", str(args.port),
-                       "--drain-timeout", str(args.drain_timeout)]
+        if pools is not None:
+            for child, endpoint in zip(workers, endpoints, strict=True):
+                pools.workers[child.name].endpoint = endpoint
+            pools.publish()
+            discovery = ["--discovery", "file", "--workers-file", str(pools.workers_file)]
+        else:
+            discovery = ["--workers", ",".join(endpoints)]
+        router_args = ["router", *discovery, "--port", str(args.port), "--drain-timeout", str(args.drain_timeout)]
         if args.model:
             router_args += ["--model", args.model]
         port = stack.wait_ready(stack.spawn("router", router_args), deadline)
         metrics = None
         if args.role_switching:
-            metrics = stack.wait_ready(stack.spawn("balancer", ["balancer", "--workers", ",".join(endpoints),
-                                                                "--port", "0", *balancer.policy_argv(args)]),
-                                       deadline)
+            following = ["--workers-file", discovery[-1]] if pools is not None else discovery
+            metrics = stack.wait_ready(stack.spawn("balancer", ["balancer", *following, "--port", "0",
+                                                                *balancer.policy_argv(args)]), deadline)
             _say(f"role balancer running (TTFT {args.ttft_slo:g} s, TPOT {args.tpot_slo:g} s; metrics on "
                  f"127.0.0.1:{metrics})")
         url = f"http://127.0.0.1:{port}"
@@ -118,8 +151,12 @@ def run(args: argparse.Namespace) -> int:
         if args.prometheus:
             jobs = {"router": [f"127.0.0.1:{port}"], "worker": [f"127.0.0.1:{p}" for p in scraped],
                     "balancer": [f"127.0.0.1:{metrics}"] if metrics else []}
-            server = prometheus.Prometheus(prometheus.scrape_config(jobs), port=args.prometheus_port, tools=tools,
-                                           workdir=stack.tmp / "prometheus")
+            files = {}
+            if pools is not None:  # workers come and go: Prometheus follows the planner's target file
+                files["worker"] = pools.targets_file
+                jobs.pop("worker")
+            server = prometheus.Prometheus(prometheus.scrape_config(jobs, target_files=files),
+                                           port=args.prometheus_port, tools=tools, workdir=stack.tmp / "prometheus")
             server.start(timeout_s=max(10.0, deadline - time.monotonic()))
             _say(f"prometheus on {server.url} (scraping the router, {len(scraped)} workers"
                  f"{' and the balancer' if metrics else ''} every second)")
@@ -129,7 +166,15 @@ def run(args: argparse.Namespace) -> int:
             f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
             "Ctrl-C stops everything.\n")
         sys.stdout.flush()
-        stack.supervise()
+        if pools is not None and server is not None:
+            slo, _ = balancer.settings_from(args)
+            settings = planner.Settings(stabilization_s=args.stabilization, role_switching=args.role_switching)
+            reader = signals.PrometheusSignals(signals.http_query(server.url), "", slo, args.slo_percentile,
+                                               args.planner_interval)
+            autoscale.start_planner(planner.Planner(slo, settings), reader, pools, args.planner_interval)
+            _say(f"planner running every {args.planner_interval:g} s (prefill {args.min_prefill}..{args.max_prefill}, "
+                 f"decode {args.min_decode}..{args.max_decode} workers)")
+        stack.supervise(tick=pools.apply if pools is not None else None)
         return 0
     except KeyboardInterrupt:
         _say("stopping")
@@ -138,6 +183,19 @@ def run(args: argparse.Namespace) -> int:
         stack.stop(grace_s=args.drain_timeout + 5)
         if server is not None:
             server.stop()
+
+
+def _check_autoscaling(args: argparse.Namespace) -> None:
+    if args.prefill < 1 or args.decode < 1:
+        raise UserError("--autoscale needs a prefill and a decode pool (--prefill and --decode at least 1)")
+    for role in ("prefill", "decode"):
+        low, high, start = getattr(args, f"min_{role}"), getattr(args, f"max_{role}"), getattr(args, role)
+        if not 1 <= low <= start <= high:
+            raise UserError(f"--min-{role} {low} <= --{role} {start} <= --max-{role} {high} must hold, from 1")
+    if not (args.planner_interval >= 1 and args.stabilization >= 0 and 50 <= args.slo_percentile < 100):
+        raise UserError("--planner-interval must be at least 1 s, --stabilization not negative and "
+                        "--slo-percentile in [50, 100)")
+    balancer.settings_from(args)  # the SLO targets
 
 
 def _wait_ready(url: str, deadline: float) -> str:

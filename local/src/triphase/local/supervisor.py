@@ -52,6 +52,7 @@ class Supervisor:
         self.tmp = tmp
         self.say = say
         self.children: dict[str, Child] = {}
+        self.retired: list[subprocess.Popen[bytes]] = []  # retired children still draining
 
     def ready_file(self, child: Child) -> pathlib.Path:
         return self.tmp / f"{child.name}.port"
@@ -88,10 +89,14 @@ class Supervisor:
         text = (self.tmp / f"{child.name}.log").read_text(errors="replace").strip().splitlines()
         return " | ".join(text[-lines:])
 
-    def supervise(self, until: Callable[[], bool] = lambda: False) -> None:
-        """Restart children that exit, until `until()` is true (or forever: Ctrl-C ends it)."""
+    def supervise(self, until: Callable[[], bool] = lambda: False, tick: Callable[[], None] | None = None) -> None:
+        """Restart children that exit, until `until()` is true (or forever: Ctrl-C ends it); `tick()` runs
+        on every pass, in this thread (where children may be spawned and retired)."""
         while not until():
             self.check()
+            if tick is not None:
+                tick()
+            self.retired = [proc for proc in self.retired if proc.poll() is None]
             time.sleep(POLL_S)  # supervising: wake up to notice a child that died
 
     def check(self) -> None:
@@ -116,9 +121,20 @@ class Supervisor:
                 child.announced = True
                 self.say(f"{child.name} is back on port {child.port} (restart {child.restarts})")
 
+    def retire(self, name: str) -> subprocess.Popen[bytes] | None:
+        """SIGTERM a child (it drains its requests and exits) and stop supervising it: it is not restarted.
+        Returns its process, for the caller to reap."""
+        child = self.children.pop(name, None)
+        if child is None or child.proc is None:
+            return None
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
+        self.retired.append(child.proc)
+        return child.proc
+
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM every child (they drain), SIGKILL what is left after `grace_s`."""
-        procs = [c.proc for c in reversed(self.children.values()) if c.proc is not None]
+        procs = [c.proc for c in reversed(self.children.values()) if c.proc is not None] + self.retired
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
