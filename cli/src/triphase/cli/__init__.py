@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker_main.add_arguments(worker)
     worker.set_defaults(run=worker_main.run, log_level="INFO")
 
+    from triphase.workers import profile
+
+    profile_parser = sub.add_parser("profile", help="measure the engine's prefill and decode speed into a profile")
+    profile.add_arguments(profile_parser)
+    profile_parser.set_defaults(run=profile.run, log_level="WARNING")
+
     from triphase.router import main as router_main
 
     router = sub.add_parser("router", help="the OpenAI-compatible front end over a list of workers")
@@ -39,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     balancer = sub.add_parser("balancer", help="the role balancer over a list of workers (prefill <-> decode)")
     balancer_main.add_arguments(balancer)
     balancer.set_defaults(run=balancer_main.run, log_level="INFO")
+
+    from triphase.control import plan_command
+
+    plan_parser = sub.add_parser("plan", help="simulate prefill/decode splits for a workload from a profile")
+    plan_command.add_arguments(plan_parser)
+    plan_parser.set_defaults(run=plan_command.run, log_level="WARNING")
 
     from triphase.cli import up
 

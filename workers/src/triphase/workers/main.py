@@ -28,18 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     parser.add_argument("--worker-id", help="default: HOSTNAME:PORT")
-    parser.add_argument("--model", help="GGUF file or Hugging Face directory (default: bundled SmolLM2-135M)")
-    parser.add_argument("--engine", default="torch", choices=["torch", "sim"],
-                        help="sim: real scheduling and KV bookkeeping with a timing model instead of the model")
-    parser.add_argument("--sim-prefill-ms", type=float, default=10.0, help="sim: fixed cost of a prefill step")
-    parser.add_argument("--sim-prefill-per-token-ms", type=float, default=0.0)
-    parser.add_argument("--sim-decode-ms", type=float, default=10.0, help="sim: fixed cost of a decode step")
-    parser.add_argument("--sim-decode-per-seq-ms", type=float, default=0.0)
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    parser.add_argument("--weights", default="auto", choices=["auto", "dense", "int4"])
-    parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache size (default 512 MiB)")
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-batched-tokens", type=int, default=512, help="per-step token budget")
+    add_engine_arguments(parser)
     parser.add_argument("--kv-pin-timeout", type=float, default=30.0,
                         help="seconds before prefilled KV nobody read is freed")
     parser.add_argument("--kv-transfer", default="nixl", choices=["nixl", "grpc"],
@@ -57,21 +46,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds without engine progress, while it has work, before health is NOT_SERVING")
 
 
-def run(args: argparse.Namespace) -> int:
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine's settings (shared by `triphase worker` and `triphase profile`)."""
+    parser.add_argument("--model", help="GGUF file or Hugging Face directory (default: bundled SmolLM2-135M)")
+    parser.add_argument("--engine", default="torch", choices=["torch", "sim"],
+                        help="sim: real scheduling and KV bookkeeping with a timing model instead of the model")
+    parser.add_argument("--sim-prefill-ms", type=float, default=10.0, help="sim: fixed cost of a prefill step")
+    parser.add_argument("--sim-prefill-per-token-ms", type=float, default=0.0)
+    parser.add_argument("--sim-decode-ms", type=float, default=10.0, help="sim: fixed cost of a decode step")
+    parser.add_argument("--sim-decode-per-seq-ms", type=float, default=0.0)
+    parser.add_argument("--sim-profile", metavar="PATH",
+                        help="sim: replay the timing `triphase profile` measured (instead of the --sim-*-ms)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--weights", default="auto", choices=["auto", "dense", "int4"])
+    parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache size (default 512 MiB)")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-batched-tokens", type=int, default=512, help="per-step token budget")
+
+
+def engine_from_args(args: argparse.Namespace) -> Any:
+    """The engine `add_engine_arguments` describes (loading the model, with progress, unless sim)."""
     from triphase.workers.engine.core import Engine, EngineConfig
     from triphase.workers.generate import progress_bar
 
     config = EngineConfig(dtype=args.dtype, weights=args.weights, kv_cache_bytes=args.kv_cache_mib << 20,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens)
+    if args.sim_profile and args.engine != "sim":
+        raise ValueError("--sim-profile needs --engine sim")
     if args.engine == "sim":
         from triphase.workers.engine.sim import SimTiming, simulated_engine
 
-        timing = SimTiming(args.sim_prefill_ms / 1e3, args.sim_prefill_per_token_ms / 1e3, args.sim_decode_ms / 1e3,
-                           args.sim_decode_per_seq_ms / 1e3)
-        engine = simulated_engine(args.model, config, timing)
-    else:
-        engine = Engine.from_path(args.model, config, progress=progress_bar(quiet=not sys.stderr.isatty()))
-    return asyncio.run(_serve(args, engine))
+        if args.sim_profile:
+            from triphase.common.profile import Profile
+
+            p = Profile.load(pathlib.Path(args.sim_profile))
+            timing = SimTiming(p.prefill_base_s, p.prefill_per_token_s, p.decode_base_s, p.decode_per_seq_s,
+                               p.decode_per_context_token_s)
+        else:
+            timing = SimTiming(args.sim_prefill_ms / 1e3, args.sim_prefill_per_token_ms / 1e3,
+                               args.sim_decode_ms / 1e3, args.sim_decode_per_seq_ms / 1e3)
+        return simulated_engine(args.model, config, timing)
+    return Engine.from_path(args.model, config, progress=progress_bar(quiet=not sys.stderr.isatty()))
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_serve(args, engine_from_args(args)))
 
 
 async def _serve(args: argparse.Namespace, engine: Any) -> int:
