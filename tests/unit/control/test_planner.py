@@ -196,3 +196,11 @@ def test_settings_are_checked() -> None:
         Settings(target_utilization=1.5)
     with pytest.raises(ValueError, match="at least one"):
         Settings(throughput_mode=False, load_mode=False)
+
+
+def test_a_profile_gives_the_step_model_with_its_context_term_folded_in() -> None:
+    from triphase.common.profile import Profile
+
+    model = StepModel.from_profile(Profile(0.01, 0.001, 0.04, 0.02, 1e-5), context_tokens=1000)
+    assert model.fixed_s == 0.04 and model.per_stream_s == pytest.approx(0.03)
+    assert model.streams_within(0.2) == pytest.approx(16 / 3)

@@ -23,6 +23,7 @@ import urllib.request
 
 from triphase.common.errors import UserError
 from triphase.common.net import check_port, free_port
+from triphase.common.profile import Profile
 from triphase.common.roles import Role
 from triphase.control import main as balancer
 from triphase.control import planner, signals
@@ -58,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scaling.add_argument("--stabilization", type=float, default=60.0, metavar="SECONDS",
                          help="a pool shrinks only when every recommendation this long agrees")
     scaling.add_argument("--slo-percentile", type=float, default=90.0, help="percentile the SLO targets apply to")
+    scaling.add_argument("--planner-profile", metavar="PATH",
+                         help="decode capacity from this `triphase profile` instead of fitting what workers report")
     for role in ("prefill", "decode"):
         scaling.add_argument(f"--min-{role}", type=int, default=1, help=f"fewest {role} workers")
         scaling.add_argument(f"--max-{role}", type=int, default=4, help=f"most {role} workers")
@@ -171,7 +174,9 @@ def run(args: argparse.Namespace) -> int:
             settings = planner.Settings(stabilization_s=args.stabilization, role_switching=args.role_switching)
             reader = signals.PrometheusSignals(signals.http_query(server.url), "", slo, args.slo_percentile,
                                                args.planner_interval)
-            autoscale.start_planner(planner.Planner(slo, settings), reader, pools, args.planner_interval)
+            step_model = planner.StepModel.from_profile(Profile.load(pathlib.Path(args.planner_profile))) \
+                if args.planner_profile else None
+            autoscale.start_planner(planner.Planner(slo, settings, step_model), reader, pools, args.planner_interval)
             _say(f"planner running every {args.planner_interval:g} s (prefill {args.min_prefill}..{args.max_prefill}, "
                  f"decode {args.min_decode}..{args.max_decode} workers)")
         stack.supervise(tick=pools.apply if pools is not None else None)
@@ -196,6 +201,8 @@ def _check_autoscaling(args: argparse.Namespace) -> None:
         raise UserError("--planner-interval must be at least 1 s, --stabilization not negative and "
                         "--slo-percentile in [50, 100)")
     balancer.settings_from(args)  # the SLO targets
+    if args.planner_profile:
+        Profile.load(pathlib.Path(args.planner_profile))  # a bad file is a one-line error before anything starts
 
 
 def _wait_ready(url: str, deadline: float) -> str:

@@ -45,6 +45,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
+from triphase.common.profile import Profile
 from triphase.common.roles import Role
 from triphase.control.balancer import Slo  # the same targets drive both loops
 
@@ -145,6 +146,12 @@ class StepModel:
 
     fixed_s: float
     per_stream_s: float
+
+    @classmethod
+    def from_profile(cls, profile: Profile, context_tokens: float = 1024.0) -> StepModel:
+        """The profile's decode model for streams of `context_tokens` each (the context term folded in)."""
+        per_stream = profile.decode_per_seq_s + profile.decode_per_context_token_s * context_tokens
+        return cls(profile.decode_base_s, per_stream)
 
     def streams_within(self, tpot_s: float) -> float:
         """Streams one worker can run with steps no longer than `tpot_s` (0 when even one cannot)."""
