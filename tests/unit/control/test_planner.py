@@ -31,7 +31,7 @@ def signals(prefill_workers: float = 1.0, streams: tuple[float, ...] = (4.0,), t
             queued: float = 0.0, rate: float = 1.0) -> Signals:
     """Load worth `prefill_workers` prefill workers at the planner's utilization, decode workers running
     `streams` with the sim's step time."""
-    return Signals(request_rate=rate, prefill_tokens_rate=prefill_workers * RATE * 0.8, ttft_s=ttft, tpot_s=tpot,
+    return Signals(request_rate=rate, prefill_tokens_rate=prefill_workers * RATE, ttft_s=ttft, tpot_s=tpot,
                    queued_prefill_tokens=queued, prefill_tokens_per_s=RATE,
                    decode=tuple(DecodeSample(s, STEP.fixed_s + STEP.per_stream_s * s, 0.05 * s) for s in streams))
 

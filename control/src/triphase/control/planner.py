@@ -5,8 +5,9 @@ the last window (`Signals`) and the pools as they stand (`PoolView`), and answer
 should have (`Plan`). Demand is measured in workers' worth of capacity at the SLO, per role:
 
 - prefill demand = (prompt tokens prefilled per second + the queued prompt tokens to clear within one
-  TTFT target) ÷ (one worker's measured prefill rate * `prefill_utilization`). The utilization below 1
-  leaves the queueing headroom that keeps the TTFT percentile, not the mean, under its target.
+  TTFT target) ÷ (one worker's measured prefill rate * `prefill_utilization`, 1 by default: the
+  queueing headroom that keeps the TTFT percentile, not the mean, under its target is
+  `target_utilization`, the same for both roles).
 - decode demand = running streams ÷ the streams one worker carries at the TPOT target. That capacity
   comes from a step-time model `step = fixed + per_stream * streams`, fitted to the (streams, step)
   pairs the decode workers reported over the recent intervals (or given by a profile); with one point
@@ -55,7 +56,7 @@ ROLES = (Role.PREFILL, Role.DECODE)
 @dataclasses.dataclass(frozen=True)
 class Settings:
     target_utilization: float = 0.85  # of each role's capacity at its SLO
-    prefill_utilization: float = 0.8  # of a prefill worker's measured rate that counts as capacity
+    prefill_utilization: float = 1.0  # of a prefill worker's measured rate that counts as capacity
     kv_high: float = 0.9  # KV usage a decode worker may reach
     down_slo_fraction: float = 0.8  # a role may shrink only while its percentile is under this * target
     stabilization_s: float = 300.0  # a decrease must be recommended this long
