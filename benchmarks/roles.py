@@ -77,8 +77,21 @@ def phases(seconds: float, scale: float) -> list[tuple[float, float, tuple[int, 
     return [(i * seconds, (i + 1) * seconds, (w, n, r * scale)) for i, (w, n, r) in enumerate(shapes)]
 
 
-async def drive(url: str, plan: list[tuple[float, float, tuple[int, int, float]]], seed: int) -> list[Result]:
+def arrivals(plan: list[tuple[float, float, tuple[int, int, float]]], seed: int) -> list[tuple[float, int, int]]:
+    """(arrival second, prompt words, output tokens) of every request of the load (fixed by `seed`)."""
     rng = random.Random(seed)
+    out = []
+    for start, end, (words, tokens, rate) in plan:
+        t = start
+        while True:
+            t += rng.expovariate(rate)
+            if t >= end:
+                break
+            out.append((t, words, tokens))
+    return out
+
+
+async def drive(url: str, plan: list[tuple[float, float, tuple[int, int, float]]], seed: int) -> list[Result]:
     results: list[Result] = []
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -99,16 +112,8 @@ async def drive(url: str, plan: list[tuple[float, float, tuple[int, int, float]]
             tpot = (s.total - s.ttft) / (n - 1) if s.ttft is not None and n > 1 else None
             results.append(Result(arrival, s.ttft, tpot, n == tokens))
 
-        tasks = []
-        for start, end, (words, tokens, rate) in plan:
-            t = start
-            while True:
-                t += rng.expovariate(rate)
-                if t >= end:
-                    break
-                tasks.append((t, words, tokens))
         running = []
-        for t, words, tokens in tasks:
+        for t, words, tokens in arrivals(plan, seed):
             delay = started + t - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)  # the open-loop schedule
