@@ -204,3 +204,22 @@ def test_a_profile_gives_the_step_model_with_its_context_term_folded_in() -> Non
     model = StepModel.from_profile(Profile(0.01, 0.001, 0.04, 0.02, 1e-5), context_tokens=1000)
     assert model.fixed_s == 0.04 and model.per_stream_s == pytest.approx(0.03)
     assert model.streams_within(0.2) == pytest.approx(16 / 3)
+
+
+def test_decode_demand_is_the_tokens_wanted_not_the_streams_an_overload_inflates() -> None:
+    """One decode worker, overloaded: 12 streams, then 24 a minute later (steps of 0.28 s, then 0.52 s,
+    against a 0.2 s target). Counting streams says 3 workers; the tokens streamed (saturated) say about
+    1.2; the tokens wanted, with the streams piling up at 0.2 a second, lie between."""
+    p = planner()
+
+    def overloaded(streams: float, served: float) -> Signals:
+        step = STEP.fixed_s + STEP.per_stream_s * streams
+        return Signals(request_rate=1.0, prefill_tokens_rate=0.0, prefill_tokens_per_s=RATE, tpot_s=step,
+                       decode=(DecodeSample(streams, step, 0.0),), generation_tokens_rate=served)
+
+    first = p.decode_demand(overloaded(12, 12 / 0.28), now=0.0)
+    assert first == pytest.approx(12 / 0.28 * 0.2 / 8)  # nothing to compare with yet: what was streamed
+    served = 24 / 0.52
+    second = p.decode_demand(overloaded(24, served), now=60.0)
+    assert second == pytest.approx((served + 0.2 * served / 1.0) * 0.2 / 8)
+    assert served * 0.2 / 8 < second < 24 / 8

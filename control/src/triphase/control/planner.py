@@ -8,11 +8,16 @@ should have (`Plan`). Demand is measured in workers' worth of capacity at the SL
   TTFT target) ÷ (one worker's measured prefill rate * `prefill_utilization`, 1 by default: the
   queueing headroom that keeps the TTFT percentile, not the mean, under its target is
   `target_utilization`, the same for both roles).
-- decode demand = running streams ÷ the streams one worker carries at the TPOT target. That capacity
-  comes from a step-time model `step = fixed + per_stream * streams`, fitted to the (streams, step)
-  pairs the decode workers reported over the recent intervals (or given by a profile); with one point
-  only, the model is proportional (fixed = 0), which overestimates the cost per stream and so errs
-  towards more workers. KV caps it too: streams * KV per stream stays under `kv_high`.
+- decode demand = the output tokens wanted per second ÷ what one worker streams at the TPOT target
+  (the streams it carries at that step time ÷ the target). Tokens wanted = tokens streamed per second
+  + the growth of running streams per second * tokens per request: under overload every stream
+  slows, so the stream count inflates and the streamed tokens saturate, and neither alone is the
+  demand. (With no tokens streamed or requests finished in the window: running streams ÷ streams
+  per worker.) The streams per worker come from a step-time model `step = fixed + per_stream *
+  streams`, fitted to the (streams, step) pairs the decode workers reported over the recent intervals
+  (or given by a profile); with one point only, the model is proportional (fixed = 0), which
+  overestimates the cost per stream and so errs towards more workers. KV caps it too: streams * KV
+  per stream stays under `kv_high`.
 
 Two modes, both on by default, combined per role:
 - throughput: the next interval's demand, forecast from the trend of the last `forecast_points`
@@ -96,6 +101,7 @@ class Signals:
     queued_prefill_tokens: float | None = None  # waiting on the prefill workers now
     prefill_tokens_per_s: float | None = None  # one prefill worker's measured rate (mean over workers)
     decode: tuple[DecodeSample, ...] = ()  # one per decode worker
+    generation_tokens_rate: float | None = None  # tokens streamed to clients per second
     attainment: float | None = None  # share of requests that met the SLO over the window
     model: str = ""  # the served model's name, for labelling
 
@@ -205,6 +211,7 @@ class Planner:
         self.demands: dict[Role, collections.deque[float]] = {r: collections.deque(maxlen=64) for r in ROLES}
         self.recommended: collections.deque[tuple[float, dict[Role, int]]] = collections.deque(maxlen=4096)
         self.samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)
+        self.last_streams: tuple[float, float] | None = None  # (when, decode streams): their growth
 
     # ---- demand
     def step_model(self) -> StepModel | None:
@@ -217,8 +224,9 @@ class Planner:
             return 0.0 if arriving == 0 else None
         return arriving / (rate * self.settings.prefill_utilization)
 
-    def decode_demand(self, signals: Signals) -> float | None:
+    def decode_demand(self, signals: Signals, now: float = 0.0) -> float | None:
         streams = signals.streams
+        previous, self.last_streams = self.last_streams, (now, streams)
         if streams == 0:
             return 0.0
         model = self.step_model()
@@ -228,7 +236,19 @@ class Planner:
         kv_per_stream = [s.kv_usage / s.streams for s in signals.decode if s.streams > 0 and s.kv_usage > 0]
         if kv_per_stream:
             per_worker = min(per_worker, self.settings.kv_high / (sum(kv_per_stream) / len(kv_per_stream)))
-        return math.inf if per_worker <= 0 else streams / per_worker
+        if per_worker <= 0:
+            return math.inf
+        served, finished = signals.generation_tokens_rate, signals.request_rate
+        if not served or not finished:  # nothing streamed or finished in the window: count streams
+            return streams / per_worker
+        # Tokens wanted per second: those streamed, plus what streams piling up will want (growth in
+        # streams per second times the tokens a request takes). Under overload the stream count
+        # inflates (every stream is slower) and the streamed tokens saturate; this is neither.
+        growth = 0.0
+        if previous is not None and now > previous[0]:
+            growth = max(0.0, (streams - previous[1]) / (now - previous[0]))
+        wanted = served + growth * served / finished
+        return wanted * self.slo.tpot_s / per_worker  # one worker streams per_worker / TPOT tokens a second
 
     # ---- the plan
     def plan(self, now: float, signals: Signals | None, pools: Mapping[Role, PoolView],
@@ -242,7 +262,7 @@ class Planner:
         for sample in signals.decode:
             if sample.streams > 0 and sample.step_s > 0:
                 self.samples.append((sample.streams, sample.step_s))
-        demand = {Role.PREFILL: self.prefill_demand(signals), Role.DECODE: self.decode_demand(signals)}
+        demand = {Role.PREFILL: self.prefill_demand(signals), Role.DECODE: self.decode_demand(signals, now)}
         for role, value in demand.items():
             if value is not None and math.isfinite(value):
                 self.demands[role].append(value)

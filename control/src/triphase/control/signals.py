@@ -4,9 +4,10 @@ HTTP API (`/api/v1/query`, standard library only).
 Series are selected by a label matcher: on Kubernetes `namespace="ns",triphase_dev_deployment="name"`
 (the PodMonitor copies the pod label onto every target), locally whatever the scrape configuration set.
 
-- request rate: `rate()` of the router's counter over the window; prefill rate: of the workers' counter of
-  prompt tokens computed (the router's prompt-token counter includes prefix-cache hits, which cost no
-  prefill; a repeated prompt would look like hundreds of workers' worth of demand);
+- request rate, tokens streamed: `rate()` of the router's counters over the window; prefill rate: of
+  the workers' counter of prompt tokens computed (the router's prompt-token counter includes
+  prefix-cache hits, which cost no prefill: a repeated prompt would look like hundreds of workers'
+  worth of demand);
 - TTFT and TPOT at the SLO percentile: `histogram_quantile` over the router's histograms;
 - attainment: from the same histograms' buckets, the share of requests at or under each target
   (interpolated linearly inside the bucket the target falls in, as `histogram_quantile` does). The two
@@ -142,6 +143,7 @@ class PrometheusSignals:
             attainment = max(0.0, ttft_share - (1 - tpot_share if tpot_share is not None else 0.0))
         return Signals(
             request_rate=self._rate("triphase_requests_total"),
+            generation_tokens_rate=self._rate("triphase_generation_tokens_total"),
             prefill_tokens_rate=self._rate("triphase_worker_prefill_tokens_total"),
             ttft_s=self._quantile("triphase_request_ttft_seconds"),
             tpot_s=self._quantile("triphase_request_tpot_seconds"),
