@@ -55,6 +55,7 @@ class Run:
     decode: int
     results: list[roles.Result]
     samples: list[tuple[float, int, int]]  # (t, worker processes, ready prefill workers)
+    decisions: list[tuple[float, str]] = dataclasses.field(default_factory=list)  # the planner's, timed
 
     def worker_seconds(self, end: float) -> float:
         inside = [s for s in self.samples if s[0] <= end]
@@ -96,7 +97,11 @@ def run_config(name: str, prefill: int, decode: int, extra: list[str], plan, see
         results = asyncio.run(roles.drive(url, plan, seed))
         sampler.done.set()
         sampler.join()
-    return Run(name, prefill, decode, results, sampler.samples)
+        decisions = [(t - sampler.t0, line.split("planner: ", 1)[1].strip()) for t, line in proc.said
+                     if "planner: " in line and t >= sampler.t0]
+    for t, decision in decisions:
+        log(f"{name} {t:6.1f} s: {decision}")
+    return Run(name, prefill, decode, results, sampler.samples, decisions)
 
 
 def measure_profile(tmp: pathlib.Path) -> Profile:
@@ -190,6 +195,10 @@ def main() -> None:
     for run, attainment, goodput, by_phase, shown, _, revs, ws, failed in rows:
         lines.append(f"| {run.name} | {len(run.results)} | {failed} | {attainment:.1%} | {by_phase} | "
                      f"{goodput:.2f} | {shown} | {revs} | {ws:.0f} |")
+    planned = runs[2].decisions
+    if planned:
+        lines += ["", "The planner's decisions (seconds into the load): " + "; ".join(
+            f"{t:.0f} s {d}" for t, d in planned) + "."]
     lines += ["", "`triphase plan`'s model against the measurement (static splits, the same requests):", "",
               "| split | predicted attainment | measured | error (points) |", "|---|---|---|---|"]
     for p, d, pred, meas in validation:

@@ -59,8 +59,16 @@ def triphase_up(args: list[str], timeout: float = 240) -> Iterator[tuple[subproc
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str] = queue.Queue()
     errors: list[str] = []  # drained as it comes: a full pipe would block the supervisor's messages
+    said: list[tuple[float, str]] = []  # the same lines with when they came (monotonic), for benchmarks
+    proc.said = said  # type: ignore[attr-defined]
+
+    def drain() -> None:
+        for line in proc.stderr or ():
+            errors.append(line)
+            said.append((time.monotonic(), line))
+
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or ()], daemon=True).start()
-    threading.Thread(target=lambda: errors.extend(proc.stderr or ()), daemon=True).start()
+    threading.Thread(target=drain, daemon=True).start()
     deadline = time.monotonic() + timeout
     url = None
     try:
