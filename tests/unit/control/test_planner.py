@@ -223,3 +223,17 @@ def test_decode_demand_is_the_tokens_wanted_not_the_streams_an_overload_inflates
     second = p.decode_demand(overloaded(24, served), now=60.0)
     assert second == pytest.approx((served + 0.2 * served / 1.0) * 0.2 / 8)
     assert served * 0.2 / 8 < second < 24 / 8
+
+
+def test_just_after_a_shift_the_stream_count_bounds_the_decode_demand() -> None:
+    """Few requests finished yet (0.05/s) while many tokens stream: tokens per request look huge, and
+    their product with the growth in streams would ask for dozens of workers; 20 streams ask for 2.5."""
+    p = planner()
+    step = STEP.fixed_s + STEP.per_stream_s * 10
+
+    def shifted(streams: float) -> Signals:
+        return Signals(request_rate=0.05, prefill_tokens_rate=0.0, prefill_tokens_per_s=RATE,
+                       decode=(DecodeSample(streams / 2, step, 0.0),) * 2, generation_tokens_rate=streams / step)
+
+    p.decode_demand(shifted(4), now=0.0)
+    assert p.decode_demand(shifted(20), now=5.0) == pytest.approx(20 / 8)

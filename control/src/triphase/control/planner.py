@@ -12,12 +12,12 @@ should have (`Plan`). Demand is measured in workers' worth of capacity at the SL
   (the streams it carries at that step time ÷ the target). Tokens wanted = tokens streamed per second
   + the growth of running streams per second * tokens per request: under overload every stream
   slows, so the stream count inflates and the streamed tokens saturate, and neither alone is the
-  demand. (With no tokens streamed or requests finished in the window: running streams ÷ streams
-  per worker.) The streams per worker come from a step-time model `step = fixed + per_stream *
-  streams`, fitted to the (streams, step) pairs the decode workers reported over the recent intervals
-  (or given by a profile); with one point only, the model is proportional (fixed = 0), which
-  overestimates the cost per stream and so errs towards more workers. KV caps it too: streams * KV
-  per stream stays under `kv_high`.
+  demand. Running streams ÷ streams per worker bounds it from above (and stands in when nothing
+  was streamed or finished in the window). The streams per worker come from a step-time model
+  `step = fixed + per_stream * streams`, fitted to the (streams, step) pairs the decode workers
+  reported over the recent intervals (or given by a profile); with one point only, the model is
+  proportional (fixed = 0), which overestimates the cost per stream and so errs towards more
+  workers. KV caps it too: streams * KV per stream stays under `kv_high`.
 
 Two modes, both on by default, combined per role:
 - throughput: the next interval's demand, forecast from the trend of the last `forecast_points`
@@ -248,7 +248,9 @@ class Planner:
         if previous is not None and now > previous[0]:
             growth = max(0.0, (streams - previous[1]) / (now - previous[0]))
         wanted = served + growth * served / finished
-        return wanted * self.slo.tpot_s / per_worker  # one worker streams per_worker / TPOT tokens a second
+        # One worker streams per_worker / TPOT tokens a second. The stream count bounds the result: just
+        # after a shift few requests have finished, tokens per request look huge and so would the growth.
+        return min(wanted * self.slo.tpot_s / per_worker, streams / per_worker)
 
     # ---- the plan
     def plan(self, now: float, signals: Signals | None, pools: Mapping[Role, PoolView],
