@@ -82,6 +82,14 @@ def test_invalid_specs_are_rejected_with_the_field_path(crds, name, edit, path, 
     assert crds.kubectl("get", "tsd", name, check=False).returncode != 0  # nothing was stored
 
 
+@pytest.mark.parametrize("sample", sorted(p.name for p in (ROOT / "deploy" / "samples").glob("*.yaml")))
+def test_every_sample_is_valid_for_the_models_and_the_api_server(crds, sample):
+    obj = yaml.safe_load((ROOT / "deploy" / "samples" / sample).read_text())
+    ServingDeploymentSpec.model_validate(obj["spec"])
+    result = crds.kubectl("apply", "--dry-run=server", "-f", "-", check=False, input_text=json.dumps(obj))
+    assert result.returncode == 0, result.stderr
+
+
 def test_serving_pool_scales_through_the_scale_subresource(crds):
     pool = {"apiVersion": "triphase.dev/v1alpha1", "kind": "ServingPool", "metadata": {"name": "smollm2-decode"},
             "spec": {"deployment": "smollm2", "role": "decode", "replicas": 2}}
