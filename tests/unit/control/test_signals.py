@@ -42,3 +42,28 @@ def test_a_deployment_prometheus_does_not_scrape_is_metrics_unavailable() -> Non
     reader = PrometheusSignals(empty, 'namespace="x"', Slo(1.0, 0.1), 90, 60)
     with pytest.raises(MetricsUnavailable, match="no worker series"):
         reader.read()
+
+
+def test_an_oversized_answer_is_refused_before_it_is_parsed() -> None:
+    import http.server
+    import threading
+
+    from triphase.control import signals
+
+    class Huge(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"[" + b"0," * (signals.MAX_ANSWER_BYTES // 2 + 8) + b"0]")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Huge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(MetricsUnavailable, match="answered more than"):
+            http_query(f"http://127.0.0.1:{server.server_port}")("up")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -33,6 +33,7 @@ from triphase.control.balancer import Slo
 from triphase.control.planner import DecodeSample, Signals
 
 Query = Callable[[str], list[dict[str, Any]]]  # PromQL -> the instant vector's items
+MAX_ANSWER_BYTES = 16 << 20  # an instant vector of one deployment's series is kilobytes
 
 
 class MetricsUnavailable(Exception):
@@ -47,7 +48,10 @@ def http_query(base_url: str, timeout_s: float = 10.0) -> Query:
         url = f"{base}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as response:
-                body = json.load(response)
+                raw = response.read(MAX_ANSWER_BYTES + 1)
+            if len(raw) > MAX_ANSWER_BYTES:  # what the spec's URL answers is bounded before it is parsed
+                raise MetricsUnavailable(f"prometheus at {base} answered more than {MAX_ANSWER_BYTES} bytes")
+            body = json.loads(raw)
         except urllib.error.HTTPError as exc:
             try:
                 detail = json.loads(exc.read() or b"{}").get("error", exc.reason)
