@@ -32,11 +32,16 @@ def read_endpoints(path: pathlib.Path) -> list[str]:
     return sorted(endpoints)
 
 
-def write_endpoints(path: pathlib.Path, endpoints: Iterable[str]) -> None:
-    """Replace the file's content at once (write a sibling, then rename over it)."""
+def replace_text(path: pathlib.Path, text: str) -> None:
+    """Replace a file's content at once (write a sibling, then rename over it): a reader polling it
+    never sees half of it."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(f"{e}\n" for e in sorted(set(endpoints))))
+    partial.write_text(text)
     os.replace(partial, path)
+
+
+def write_endpoints(path: pathlib.Path, endpoints: Iterable[str]) -> None:
+    replace_text(path, "".join(f"{e}\n" for e in sorted(set(endpoints))))
 
 
 async def follow(path: pathlib.Path, on_change: Callable[[list[str]], None], poll_s: float = POLL_S) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from triphase.common.endpoints_file import replace_text
 from triphase.common.errors import UserError
 from triphase.common.gobuild import cache_root, go_binary, go_install, say
 from triphase.common.net import free_port
@@ -94,9 +94,7 @@ def scrape_config(jobs: Mapping[str, Sequence[str]], interval_s: float = 1.0,
 
 def write_targets(path: pathlib.Path, targets: Sequence[str], labels: Mapping[str, str] | None = None) -> None:
     """A file_sd target file (replaced at once, so Prometheus never reads half of it)."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps([{"targets": sorted(targets), "labels": dict(labels or {})}]))
-    os.replace(partial, path)
+    replace_text(path, json.dumps([{"targets": sorted(targets), "labels": dict(labels or {})}]))
 
 
 class QueryError(Exception):
