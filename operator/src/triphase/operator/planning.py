@@ -36,7 +36,7 @@ from triphase.control.signals import PrometheusSignals, http_query
 from triphase.operator.api.v1alpha1 import API_VERSION, PoolSpec, ServingDeploymentSpec
 from triphase.operator.conditions import now, set_condition
 from triphase.operator.daemon import DeploymentDaemon, PostEvent
-from triphase.operator.kube import ApiError, Kube
+from triphase.operator.kube import Kube
 from triphase.operator.reconcile import CURRENT_ROLE, InvalidSpec
 
 logger = logging.getLogger(__name__)
@@ -104,22 +104,18 @@ class DeploymentPlanner(DeploymentDaemon):
                            deployment=self.deployment, metrics=self.metrics, report=self.report)
         logger.info("%s: planner started (every %d s, Prometheus %s)", self.deployment,
                     self.spec.autoscaling.interval_seconds, self.spec.autoscaling.prometheus_url)
+        def refresh() -> None:  # the latest spec for this interval
+            nonlocal reader
+            with contextlib.suppress(InvalidSpec):  # the reconcile reports an invalid spec
+                self.spec = self.live_spec()
+                planner.slo, new = settings(self.spec)
+                planner.settings = dataclasses.replace(planner.settings, stabilization_s=new.stabilization_s,
+                                                       role_switching=new.role_switching)
+                reader = self._reader(self.spec)
+                loop.interval_s = self.spec.autoscaling.interval_seconds
+
         try:
-            while True:
-                started = asyncio.get_running_loop().time()
-                with contextlib.suppress(InvalidSpec):  # the reconcile reports an invalid spec
-                    self.spec = self.live_spec()
-                    planner.slo, new = settings(self.spec)
-                    planner.settings = dataclasses.replace(planner.settings, stabilization_s=new.stabilization_s,
-                                                           role_switching=new.role_switching)
-                    reader = self._reader(self.spec)
-                    loop.interval_s = self.spec.autoscaling.interval_seconds
-                try:
-                    await loop.tick()
-                except ApiError as exc:
-                    logger.warning("%s: planner could not read or scale the pools: %s", self.deployment, exc)
-                elapsed = asyncio.get_running_loop().time() - started
-                await asyncio.sleep(max(0.0, loop.interval_s - elapsed))  # the planner's period
+            await loop.run(before_tick=refresh)
         finally:
             if self.metrics is not None:
                 self.metrics.forget(self.deployment)
