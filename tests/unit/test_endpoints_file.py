@@ -24,7 +24,8 @@ def test_a_line_that_is_not_host_port_is_an_error_naming_it(tmp_path: pathlib.Pa
         read_endpoints(path)
 
 
-def test_following_sees_each_change_once_and_keeps_the_last_good_list(tmp_path: pathlib.Path) -> None:
+def test_following_sees_each_change_once_and_keeps_the_last_good_list(tmp_path: pathlib.Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "workers.txt"
     write_endpoints(path, ["127.0.0.1:9001"])
     seen: list[list[str]] = []
@@ -41,9 +42,17 @@ def test_following_sees_each_change_once_and_keeps_the_last_good_list(tmp_path: 
                 break
             await asyncio.sleep(0.01)
         path.write_text("not an endpoint\n")  # a bad edit keeps what was there
+        for _ in range(200):
+            if "expected host:port" in caplog.text:
+                break
+            await asyncio.sleep(0.01)  # polling for the watcher's warning, bounded
         path.unlink()  # and so does a missing file
-        await asyncio.sleep(0.05)  # several polls of a file that is gone: nothing may be published
+        for _ in range(200):
+            if "No such file" in caplog.text:
+                break
+            await asyncio.sleep(0.01)
         task.cancel()
+        assert "expected host:port" in caplog.text and "No such file" in caplog.text
 
     asyncio.run(scenario())
     assert seen == [["127.0.0.1:9001"], ["127.0.0.1:9001", "127.0.0.1:9002"]]
