@@ -103,6 +103,8 @@ def test_completions_and_the_disaggregated_path_was_used(stack, model):
     moved = re.search(r'triphase_kv_transfer_bytes_total\{backend="nixl",model="[^"]+"\} (\S+)', metrics)
     assert moved and float(moved.group(1)) > 0
     assert re.search(r'triphase_workers\{model="[^"]+",role="prefill",state="ready"\} 1', metrics)
+    # Zeros are series too (the "no ready decode worker" alert compares one with 0).
+    assert re.search(r'triphase_workers\{model="[^"]+",role="decode",state="unhealthy"\} 0', metrics)
 
 
 @pytest.mark.parametrize("body,param", [

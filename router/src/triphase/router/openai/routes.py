@@ -25,10 +25,11 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from triphase.common.roles import Role
 from triphase.common.tokenizer import Tokenizer
 from triphase.router.admission import Admission
 from triphase.router.errors import BadRequest, Overloaded, PayloadTooLarge, RequestTimeout, RouterError, Unavailable
-from triphase.router.metrics import RouterMetrics
+from triphase.router.metrics import WORKER_STATES, RouterMetrics
 from triphase.router.openai import protocol as p
 from triphase.router.openai.openapi import document
 from triphase.router.pipeline import Pipeline, Trace
@@ -345,10 +346,12 @@ class Api:
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         workers = self.pipeline.registry.snapshot()
+        counts = {(str(role), state): 0 for role in Role for state in WORKER_STATES}  # zeros too: an alert on
+        for w in workers:  # "no ready decode worker" needs a series that is 0, not one that is gone
+            counts[str(w.role), "draining" if w.draining else "ready" if w.healthy else "unhealthy"] += 1
         self.metrics.workers.clear()
-        for w in workers:
-            state = "draining" if w.draining else "ready" if w.healthy else "unhealthy"
-            self.metrics.workers.labels(self.model, str(w.role), state).inc()
+        for (role, state), n in counts.items():
+            self.metrics.workers.labels(self.model, role, state).set(n)
         depth = self.metrics.queue_depth
         depth.clear()
         depth.labels(self.model, "router").set(self.admission.queued)
