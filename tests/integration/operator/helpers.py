@@ -48,13 +48,13 @@ _STARTS = iter(range(100, 1000))
 
 
 @contextlib.contextmanager
-def operator(tmp_path, config, name="operator", priority=None):
+def operator(tmp_path, config, name="operator", priority=None, extra=()):
     """`triphase operator` as the ServiceAccount (KUBECONFIG), resyncing every second. By default each
     start outranks the ones before it: a replica stopped earlier may leave its peering entry behind for
     its 60 s lifetime, and an entry of the same priority would pause the new replica until it expires."""
     priority = next(_STARTS) if priority is None else priority
     args = ["operator", "--peering", "triphase", "--priority", str(priority), "--resync-seconds", "1",
             "--liveness", f"http://127.0.0.1:{free_port()}/healthz", "--metrics-host", "127.0.0.1",
-            "--metrics-port", "0"]
+            "--metrics-port", "0", *extra]
     with triphase_process(tmp_path, name, args, timeout=90, env={"KUBECONFIG": str(config)}) as (proc, port):
         yield proc, port

@@ -283,30 +283,43 @@ def test_two_replicas_elect_one_leader(kube, operator_account, tmp_path):
     kube.kubectl("delete", "tsd", "elected", "--wait=false")
 
 
-PODMONITOR_CRD = {
-    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-    "metadata": {"name": "podmonitors.monitoring.coreos.com"},
-    "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
-             "names": {"kind": "PodMonitor", "plural": "podmonitors", "singular": "podmonitor"},
-             "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
-                 "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
-}
+def _stand_in_crd(kind: str, plural: str) -> dict[str, object]:
+    """A stand-in for one of the Prometheus operator's CRDs (only its API is needed)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.monitoring.coreos.com"},
+        "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+                 "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                 "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                     "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
+    }
 
 
-def test_pod_monitor_when_prometheus_operator_is_installed(kube, operator_account, tmp_path):
-    """A stand-in for the Prometheus operator's CRD (only its API is needed): the operator then adds a
-    PodMonitor scraping the workers' and router's metrics ports."""
-    _apply(kube, PODMONITOR_CRD)
-    kube.kubectl("wait", "--for=condition=Established", "crd/podmonitors.monitoring.coreos.com", "--timeout=30s")
+def test_monitoring_objects_when_prometheus_operator_is_installed(kube, operator_account, tmp_path):
+    """With the Prometheus operator's API served, the operator adds a PodMonitor scraping the workers' and
+    router's metrics ports and a PrometheusRule of the deployment's SLO, both owned by it."""
+    for kind, plural in (("PodMonitor", "podmonitors"), ("PrometheusRule", "prometheusrules")):
+        _apply(kube, _stand_in_crd(kind, plural))
+        kube.kubectl("wait", "--for=condition=Established", f"crd/{plural}.monitoring.coreos.com", "--timeout=30s")
     monitored = copy.deepcopy(SAMPLE)
     monitored["metadata"]["name"] = "monitored"
-    with operator(tmp_path, operator_account):
+    monitored["spec"]["slo"] = {"ttftSeconds": 1.5, "tpotSeconds": 0.05, "attainmentTarget": 0.99}
+    with operator(tmp_path, operator_account, extra=["--monitoring-label", "release=prometheus"]):
         _apply(kube, monitored)
-        wait_for(lambda: kube.kubectl("get", "podmonitors.monitoring.coreos.com", "monitored", check=False)
-                 .returncode == 0, 60, "the PodMonitor")
+        wait_for(lambda: all(kube.kubectl("get", kind, name, check=False).returncode == 0
+                             for kind, name in (("podmonitors.monitoring.coreos.com", "monitored"),
+                                                ("prometheusrules.monitoring.coreos.com", "monitored-slo"))),
+                 60, "the PodMonitor and the PrometheusRule")
     monitor = _json(kube, "get", "podmonitors.monitoring.coreos.com", "monitored")
     assert monitor["spec"]["selector"]["matchLabels"] == {labels.DEPLOYMENT: "monitored"}
     assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics", "http"}
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    rule = _json(kube, "get", "prometheusrules.monitoring.coreos.com", "monitored-slo")
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    assert rule["metadata"]["ownerReferences"][0]["name"] == "monitored"
+    exprs = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert any("histogram_fraction(0, 1.5," in e for e in exprs)  # the spec's own TTFT target
+    assert any(r.get("alert") == "TriphaseErrorBudgetBurn" for g in rule["spec"]["groups"] for r in g["rules"])
 
 
 def test_deleting_collects_every_child(kube, operator_account, tmp_path):

@@ -19,7 +19,7 @@ def _by_name(objects):
 
 
 def test_children_of_the_sample():
-    objects = _by_name(builders.children("llm", "ns", SPEC, {"decode": 3}, monitoring=False))
+    objects = _by_name(builders.children("llm", "ns", SPEC, {"decode": 3}, monitoring=()))
     assert sorted(objects) == sorted([
         ("ConfigMap", "llm-config"), ("ServiceAccount", "llm-router"),
         ("RoleBinding", "llm-router"), ("Deployment", "llm-prefill"), ("PodDisruptionBudget", "llm-prefill"),
@@ -41,8 +41,12 @@ def test_children_of_the_sample():
     assert "triphase.dev/deployment=llm,triphase.dev/component=worker" in router["containers"][0]["args"]
     service = objects[("Service", "llm")]["spec"]
     assert service["ports"][0]["port"] == 8000 and service["selector"]["triphase.dev/component"] == "router"
-    with_monitor = _by_name(builders.children("llm", "ns", SPEC, {}, monitoring=True))
-    assert ("PodMonitor", "llm") in with_monitor
+    with_monitor = _by_name(builders.children("llm", "ns", SPEC, {}, monitoring={"PodMonitor", "PrometheusRule"},
+                                              monitoring_labels={"release": "prometheus"}))
+    assert with_monitor[("PodMonitor", "llm")]["metadata"]["labels"]["release"] == "prometheus"
+    assert with_monitor[("PrometheusRule", "llm-slo")]["metadata"]["labels"]["release"] == "prometheus"
+    only_monitors = _by_name(builders.children("llm", "ns", SPEC, {}, monitoring={"PodMonitor"}))
+    assert ("PodMonitor", "llm") in only_monitors and ("PrometheusRule", "llm-slo") not in only_monitors
 
 
 def test_a_config_change_changes_the_pod_template_hash():
@@ -50,7 +54,7 @@ def test_a_config_change_changes_the_pod_template_hash():
     changed.pools.decode.engine.max_batched_tokens = 256  # type: ignore[union-attr]
 
     def digest(spec):
-        return _by_name(builders.children("llm", "ns", spec, {}, monitoring=False))[("Deployment", "llm-decode")][
+        return _by_name(builders.children("llm", "ns", spec, {}, monitoring=()))[("Deployment", "llm-decode")][
             "spec"]["template"]["metadata"]["annotations"]["triphase.dev/config-hash"]
 
     assert digest(changed) != digest(SPEC)
@@ -73,7 +77,7 @@ def test_serving_pool_carries_replicas_only_on_creation():
 
 
 def test_pods_drain_inside_their_grace_period():
-    objects = _by_name(builders.children("llm", "ns", SPEC, {}, monitoring=False))
+    objects = _by_name(builders.children("llm", "ns", SPEC, {}, monitoring=()))
     for name in ("llm-decode", "llm-prefill", "llm-router"):
         deployment = objects[("Deployment", name)]["spec"]
         pod = deployment["template"]["spec"]

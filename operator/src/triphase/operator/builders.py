@@ -13,6 +13,7 @@ Children of ServingDeployment `<name>`:
   PodDisruptionBudget <name>-<role>, <name>-router
   ServiceAccount/Role/RoleBinding  <name>-router (get/list/watch pods: worker discovery)
   PodMonitor    <name>             when the monitoring.coreos.com API exists
+  PrometheusRule <name>-slo        likewise: SLO recording rules and burn-rate alerts (slo_rules.py)
 
 Shutdown: every pod waits PRESTOP_S in a preStop sleep (endpoints and routers stop sending it work),
 then gets SIGTERM and drains for at most DRAIN_S (workers finish or hand over their streams; the
@@ -24,9 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from typing import Any
 
 from triphase.common import labels
+from triphase.operator import slo_rules
 from triphase.operator.api.v1alpha1 import API_VERSION, PoolSpec, ServingDeploymentSpec
 
 GRPC_PORT = labels.DEFAULT_GRPC_PORT
@@ -204,17 +207,29 @@ def disruption_budget(name: str, namespace: str, component: str, selector: dict[
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}}}
 
 
-def pod_monitor(name: str, namespace: str) -> dict[str, Any]:
-    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": _meta(name, namespace, name),
+def pod_monitor(name: str, namespace: str, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """`extra_labels`: what the Prometheus's podMonitorSelector looks for (the operator's --monitoring-label)."""
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+            "metadata": _meta(name, namespace, name, extra_labels),
             "spec": {"selector": {"matchLabels": {labels.DEPLOYMENT: name}},
                      "podTargetLabels": [labels.DEPLOYMENT],  # the planner's selector
                      "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics"},
                                              {"port": "http", "path": "/metrics"}]}}
 
 
+def slo_rule(name: str, namespace: str, spec: ServingDeploymentSpec,
+             extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """spec.slo as recording rules and burn-rate alerts (slo_rules.py); `extra_labels` as for the PodMonitor."""
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+            "metadata": _meta(f"{name}-slo", namespace, name, extra_labels),
+            "spec": {"groups": slo_rules.groups(name, namespace, spec.slo)}}
+
+
 def children(name: str, namespace: str, spec: ServingDeploymentSpec, replicas: dict[str, int], *,
-             monitoring: bool) -> list[dict[str, Any]]:
-    """Every child except the ServingPools, in apply order. `replicas[role]` comes from the pools."""
+             monitoring: Collection[str] = (), monitoring_labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every child except the ServingPools, in apply order. `replicas[role]` comes from the pools;
+    `monitoring`: the Prometheus operator's kinds the API server serves (PodMonitor, PrometheusRule), whose
+    objects get `monitoring_labels` (what the Prometheus selects them by)."""
     config = config_map(name, namespace, spec)
     digest = config_hash(config)
     objects = [config, *router_rbac(name, namespace)]
@@ -224,6 +239,8 @@ def children(name: str, namespace: str, spec: ServingDeploymentSpec, replicas: d
         objects.append(disruption_budget(name, namespace, role, worker_selector(name, role)))
     objects += [router_deployment(name, namespace, spec, digest), router_service(name, namespace, spec),
                 disruption_budget(name, namespace, "router", {labels.DEPLOYMENT: name, labels.COMPONENT: "router"})]
-    if monitoring:
-        objects.append(pod_monitor(name, namespace))
+    if "PodMonitor" in monitoring:
+        objects.append(pod_monitor(name, namespace, monitoring_labels))
+    if "PrometheusRule" in monitoring:
+        objects.append(slo_rule(name, namespace, spec, monitoring_labels))
     return objects

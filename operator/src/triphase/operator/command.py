@@ -23,16 +23,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="port of the Prometheus metrics endpoint (/metrics; 0: any free port; -1: off)")
     parser.add_argument("--resync-seconds", type=float, default=30.0,
                         help="period of the level-based resync (drift correction, status refresh)")
+    parser.add_argument("--monitoring-label", action="append", default=[], metavar="KEY=VALUE",
+                        help="label for the PodMonitors and PrometheusRules it creates, e.g. release=prometheus "
+                             "when the Prometheus selects them by label (repeatable)")
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--monitoring-label {pair!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     import kopf
+
+    from triphase.operator.settings import SETTINGS
 
     if args.resync_seconds <= 0:
         raise ValueError("--resync-seconds must be positive")
-    os.environ["TRIPHASE_RESYNC_SECONDS"] = str(args.resync_seconds)  # read when the handlers register
+    SETTINGS.resync_seconds = args.resync_seconds  # read when the handlers register
+    SETTINGS.monitoring_labels = _labels(args.monitoring_label)
 
     from triphase.operator import (
         handlers,  # noqa: F401  (registers the handlers)

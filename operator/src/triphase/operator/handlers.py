@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import kopf
 
 from triphase.common import labels
-from triphase.operator import metrics
+from triphase.operator import metrics, settings
 from triphase.operator.api.v1alpha1 import GROUP, VERSION
 from triphase.operator.balancing import DeploymentBalancer
 from triphase.operator.kube import ApiError, Kube
@@ -30,7 +29,7 @@ logger = logging.getLogger(__name__)
 FINALIZER = f"{GROUP}/operator"
 PEERING_CHECK_S = 5.0  # how often a missing peering object is looked for
 PEERING_NAG_S = 60.0  # how often its absence is repeated in the log
-RESYNC_SECONDS = float(os.environ.get("TRIPHASE_RESYNC_SECONDS", "30"))  # set by `--resync-seconds`
+RESYNC_SECONDS = settings.SETTINGS.resync_seconds  # `--resync-seconds`, set before this module is imported
 
 
 @kopf.on.startup()

@@ -25,6 +25,7 @@ RESOURCES = {
     "ConfigMap": ("configmaps", True), "Service": ("services", True), "ServiceAccount": ("serviceaccounts", True),
     "Pod": ("pods", True), "Deployment": ("deployments", True), "PodDisruptionBudget": ("poddisruptionbudgets", True),
     "Role": ("roles", True), "RoleBinding": ("rolebindings", True), "PodMonitor": ("podmonitors", True),
+    "PrometheusRule": ("prometheusrules", True),
     "ServingDeployment": ("servingdeployments", True), "ServingPool": ("servingpools", True),
     "Event": ("events", True),
 }
@@ -49,7 +50,7 @@ class Kube:
     def __init__(self, access: KubeAccess) -> None:
         self.access = access
         self._session: aiohttp.ClientSession | None = None
-        self._apis: dict[str, tuple[bool, float]] = {}
+        self._apis: dict[str, tuple[frozenset[str], float]] = {}
 
     async def close(self) -> None:
         if self._session is not None:
@@ -125,18 +126,19 @@ class Kube:
         await self.request("PATCH", path(api_version, kind, namespace, name), {"metadata": {"labels": labels}},
                            content_type="application/merge-patch+json")
 
-    async def has_api(self, group_version: str, max_age_s: float = 60.0) -> bool:
-        """Whether the API server serves `group_version` (cached for `max_age_s`: asked every reconcile)."""
+    async def api_resources(self, group_version: str, max_age_s: float = 60.0) -> frozenset[str]:
+        """The resources (plurals) the API server serves in `group_version`, empty when it serves none of
+        them (cached for `max_age_s`: asked every reconcile)."""
         now = time.monotonic()
         cached = self._apis.get(group_version)
         if cached is not None and now - cached[1] < max_age_s:
             return cached[0]
         try:
-            await self.request("GET", f"/apis/{group_version}")
-            found = True
+            listing = await self.request("GET", f"/apis/{group_version}")
+            found = frozenset(r["name"] for r in listing.get("resources") or [] if "/" not in r["name"])
         except ApiError as exc:
             if exc.status != 404:
                 raise
-            found = False
+            found = frozenset()
         self._apis[group_version] = (found, now)
         return found

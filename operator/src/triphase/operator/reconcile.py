@@ -21,10 +21,10 @@ from pydantic import ValidationError
 
 from triphase.common import labels
 from triphase.common.pods import pod_ready
-from triphase.operator import builders
+from triphase.operator import builders, settings
 from triphase.operator.api.v1alpha1 import API_VERSION, PoolSpec, ServingDeploymentSpec
 from triphase.operator.conditions import set_condition
-from triphase.operator.kube import Kube
+from triphase.operator.kube import RESOURCES, Kube
 
 logger = logging.getLogger(__name__)
 CURRENT_ROLE = f"{labels.DOMAIN}/current-role"
@@ -117,8 +117,10 @@ async def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     pools = dict(zip(wanted, applied_pools, strict=True))
     replicas = {role: int(pool["spec"].get("replicas", wanted[role].replicas)) for role, pool in pools.items()}
 
-    monitoring = await kube.has_api("monitoring.coreos.com/v1")
-    objects = [_owned(obj, owner) for obj in builders.children(name, namespace, spec, replicas, monitoring=monitoring)]
+    served = await kube.api_resources("monitoring.coreos.com/v1")
+    monitoring = {kind for kind, (plural, _) in RESOURCES.items() if plural in served}
+    objects = [_owned(obj, owner) for obj in builders.children(name, namespace, spec, replicas, monitoring=monitoring,
+                                                               monitoring_labels=settings.monitoring_labels())]
     results = await asyncio.gather(*(kube.apply(obj) for obj in objects))  # independent: one wave
     router = next(result for obj, result in zip(objects, results, strict=True)
                   if obj["kind"] == "Deployment" and obj["metadata"]["name"] == f"{name}-router")
