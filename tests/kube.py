@@ -40,8 +40,14 @@ def start_cluster(state: pathlib.Path) -> controlplane.Cluster:
     return controlplane.up(state, nodes=4, gpus_per_node=8, progress=True, timeout=120)
 
 
+# Every test namespace enforces the Pod Security "restricted" level: a pod the operator (or a chart) makes
+# that breaks it is refused by the API server, as on a hardened cluster.
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/warn": "restricted"}
+
+
 def new_namespace(cluster: controlplane.Cluster, prefix: str) -> str:
     name = f"{prefix[:40].lower().replace('_', '-')}-{uuid.uuid4().hex[:6]}"
-    cluster.api("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    cluster.api("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                               "metadata": {"name": name, "labels": RESTRICTED}})
     return name
 

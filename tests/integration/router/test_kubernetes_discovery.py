@@ -14,6 +14,7 @@ import pytest
 
 from tests.procs import triphase_process, wait_for
 from triphase.common import labels
+from triphase.operator import builders
 from triphase.operator.cluster.controlplane import write_kubeconfig
 
 pytestmark = pytest.mark.slow
@@ -24,9 +25,11 @@ def _pod(name, endpoint):
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "labels": {labels.COMPONENT: "worker", labels.DEPLOYMENT: "demo"},
                          "annotations": {labels.ENDPOINT: endpoint}},
-            "spec": {"containers": [{"name": "worker", "image": "triphase:test",
+            "spec": {"securityContext": builders.POD_SECURITY,  # the namespace enforces "restricted"
+                     "containers": [{"name": "worker", "image": "triphase:test",
                                      "ports": [{"name": labels.GRPC_PORT_NAME, "containerPort": 50051}],
-                                     "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}
+                                     "resources": {"limits": {"nvidia.com/gpu": "1"}},
+                                     "securityContext": builders.CONTAINER_SECURITY}]}}
 
 
 def _router_kubeconfig(kube, tmp_path):

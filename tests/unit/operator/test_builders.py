@@ -65,7 +65,8 @@ def test_model_from_a_pvc_is_mounted_read_only():
                                                                             "path": "llama.gguf"})})
     deployment = builders.worker_deployment("llm", "ns", "decode", spec.pools.decode, spec, 1, "h")  # type: ignore[arg-type]
     pod = deployment["spec"]["template"]["spec"]
-    assert pod["volumes"] == [{"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}}]
+    assert pod["volumes"][0] == {"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}}
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in pod["containers"][0]["volumeMounts"]
     args = pod["containers"][0]["args"]
     assert args[args.index("--model") + 1] == "/models/llama.gguf"
 
@@ -88,3 +89,23 @@ def test_pods_drain_inside_their_grace_period():
     for role in ("decode", "prefill"):  # one worker at a time, no surge pod needing accelerators
         strategy = objects[("Deployment", f"llm-{role}")]["spec"]["strategy"]
         assert strategy["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+
+
+def test_every_pod_follows_the_restricted_profile():
+    """What the Pod Security "restricted" level checks (the operator tests' namespace enforces it too)."""
+    objects = builders.children("llm", "ns", SPEC, {}, monitoring=())
+    pods = [o["spec"]["template"]["spec"] for o in objects if o["kind"] == "Deployment"]
+    assert len(pods) == 3
+    for pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"]:
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
+            assert security["capabilities"] == {"drop": ["ALL"]}
+            mounted = {m["mountPath"] for m in container["volumeMounts"]}
+            assert "/tmp" in mounted  # writable scratch (HOME) on a read-only root
+            assert {"name": "HOME", "value": "/tmp"} in container["env"]
+        allowed = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
+                   "secret", "image"}
+        assert all(set(v) - {"name"} <= allowed for v in pod["volumes"]), pod["volumes"]

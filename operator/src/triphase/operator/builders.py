@@ -33,7 +33,7 @@ from triphase.operator import slo_rules
 from triphase.operator.api.v1alpha1 import API_VERSION, PoolSpec, ServingDeploymentSpec
 
 GRPC_PORT = labels.DEFAULT_GRPC_PORT
-ROUTER_ROLE = "triphase-router"  # ClusterRole shipped with the operator
+ROUTER_ROLE = "triphase-router"  # ClusterRole shipped with the operator (the chart's: --router-cluster-role)
 METRICS_PORT = 9100
 HTTP_PORT = 8000
 MODEL_MOUNT = "/models"
@@ -47,6 +47,35 @@ def _graceful(container: dict[str, Any]) -> dict[str, Any]:
     container["args"] = [*container["args"], "--drain-timeout", str(DRAIN_S)]
     container["lifecycle"] = {"preStop": {"sleep": {"seconds": PRESTOP_S}}}
     return container
+
+
+# Every pod follows the Pod Security "restricted" profile: non-root, no privilege escalation, no
+# capabilities, RuntimeDefault seccomp, a read-only root filesystem. What the processes write goes to
+# emptyDirs: /tmp (HOME too: caches of Python libraries) and, for workers, /dev/shm (UCX's shared memory
+# transport for NIXL between processes of one node).
+RUN_AS = 10001
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                      "capabilities": {"drop": ["ALL"]}}
+SCRATCH = "/tmp"
+
+
+def _restricted(pod_spec: dict[str, Any], *, shared_memory: bool) -> dict[str, Any]:
+    """The pod spec with the restricted profile's settings and its writable scratch volumes."""
+    pod_spec["securityContext"] = dict(POD_SECURITY)
+    pod_spec["volumes"] = [*pod_spec.get("volumes", []), {"name": "scratch", "emptyDir": {}}]
+    mounts = [{"name": "scratch", "mountPath": SCRATCH}]
+    if shared_memory:
+        pod_spec["volumes"].append({"name": "shm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "shm", "mountPath": "/dev/shm"})
+    for container in pod_spec["containers"]:
+        container["securityContext"] = {**CONTAINER_SECURITY, "capabilities": {"drop": ["ALL"]}}
+        container["volumeMounts"] = [*container.get("volumeMounts", []), *mounts]
+        env = container.get("env") or []
+        if not any(e.get("name") == "HOME" for e in env):
+            container["env"] = [{"name": "HOME", "value": SCRATCH}, *env]
+    return pod_spec
 
 
 def common_labels(name: str) -> dict[str, str]:
@@ -127,8 +156,8 @@ def worker_deployment(name: str, namespace: str, role: str, pool: PoolSpec, spec
         "env": [e.model_dump() for e in pool.env or []],
         "volumeMounts": mounts,
     }
-    pod_spec: dict[str, Any] = {"containers": [_graceful(container)], "volumes": volumes,
-                                "terminationGracePeriodSeconds": GRACE_S}
+    pod_spec = _restricted({"containers": [_graceful(container)], "volumes": volumes,
+                            "terminationGracePeriodSeconds": GRACE_S}, shared_memory=True)
     if pool.node_selector:
         pod_spec["nodeSelector"] = dict(pool.node_selector)
     if pool.tolerations:
@@ -171,8 +200,9 @@ def router_deployment(name: str, namespace: str, spec: ServingDeploymentSpec, co
             "replicas": spec.router.replicas, "selector": {"matchLabels": selector},
             "template": {"metadata": {"labels": {**common_labels(name), **selector},
                                       "annotations": {f"{labels.DOMAIN}/config-hash": config_digest}},
-                         "spec": {"serviceAccountName": f"{name}-router", "containers": [_graceful(container)],
-                                  "volumes": volumes, "terminationGracePeriodSeconds": GRACE_S}},
+                         "spec": _restricted({"serviceAccountName": f"{name}-router",
+                                              "containers": [_graceful(container)], "volumes": volumes,
+                                              "terminationGracePeriodSeconds": GRACE_S}, shared_memory=False)},
         },
     }
 
@@ -187,8 +217,8 @@ def router_service(name: str, namespace: str, spec: ServingDeploymentSpec) -> di
     }
 
 
-def router_rbac(name: str, namespace: str) -> list[dict[str, Any]]:
-    """The router's ServiceAccount, bound in this namespace to the shared ClusterRole ROUTER_ROLE
+def router_rbac(name: str, namespace: str, cluster_role: str = ROUTER_ROLE) -> list[dict[str, Any]]:
+    """The router's ServiceAccount, bound in this namespace to the shared ClusterRole `cluster_role`
     (deploy/manifests/operator-rbac.yaml: read pods, for worker discovery). One RoleBinding instead of a
     Role per deployment: nothing to order, and one write fewer per deployment."""
     account = f"{name}-router"
@@ -196,7 +226,7 @@ def router_rbac(name: str, namespace: str) -> list[dict[str, Any]]:
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(account, namespace, name)},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
          "metadata": _meta(account, namespace, name),
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": ROUTER_ROLE},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
          "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]},
     ]
 
@@ -226,13 +256,14 @@ def slo_rule(name: str, namespace: str, spec: ServingDeploymentSpec,
 
 
 def children(name: str, namespace: str, spec: ServingDeploymentSpec, replicas: dict[str, int], *,
-             monitoring: Collection[str] = (), monitoring_labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+             monitoring: Collection[str] = (), monitoring_labels: dict[str, str] | None = None,
+             router_role: str = ROUTER_ROLE) -> list[dict[str, Any]]:
     """Every child except the ServingPools, in apply order. `replicas[role]` comes from the pools;
     `monitoring`: the Prometheus operator's kinds the API server serves (PodMonitor, PrometheusRule), whose
     objects get `monitoring_labels` (what the Prometheus selects them by)."""
     config = config_map(name, namespace, spec)
     digest = config_hash(config)
-    objects = [config, *router_rbac(name, namespace)]
+    objects = [config, *router_rbac(name, namespace, router_role)]
     for role, pool in pools(spec).items():
         objects.append(worker_deployment(name, namespace, role, pool, spec, replicas.get(role, pool.replicas),
                                          digest))

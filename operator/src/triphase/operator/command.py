@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import random
 import threading
+import time
 import urllib.parse
 
 
@@ -16,7 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peering", default="triphase",
                         help="ClusterKopfPeering name for leader election between replicas")
     parser.add_argument("--standalone", action="store_true", help="no leader election (a single replica)")
-    parser.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    parser.add_argument("--priority", type=_priority, default=0,
+                        help="peering priority of this replica (the highest leads; equal ones all freeze), or "
+                             "'auto': from the start time in ms plus a random tie-break, so that the replicas "
+                             "of one Deployment differ and the newest leads")
     parser.add_argument("--ready-file", help="write the liveness port (or 1) here once the operator is running")
     parser.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics endpoint")
     parser.add_argument("--metrics-port", type=int, default=8081,
@@ -26,6 +31,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--monitoring-label", action="append", default=[], metavar="KEY=VALUE",
                         help="label for the PodMonitors and PrometheusRules it creates, e.g. release=prometheus "
                              "when the Prometheus selects them by label (repeatable)")
+    parser.add_argument("--router-cluster-role", default="triphase-router",
+                        help="ClusterRole (read pods) the operator binds each router's ServiceAccount to; it may "
+                             "bind that one only (the chart names it after its release)")
+
+
+def _priority(text: str) -> int:
+    if text == "auto":
+        return time.time_ns() // 1_000_000 * 1000 + random.randrange(1000)  # < 2**53: exact in JSON
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor 'auto'") from None
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -47,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--resync-seconds must be positive")
     SETTINGS.resync_seconds = args.resync_seconds  # read when the handlers register
     SETTINGS.monitoring_labels = _labels(args.monitoring_label)
+    SETTINGS.router_cluster_role = args.router_cluster_role
 
     from triphase.operator import (
         handlers,  # noqa: F401  (registers the handlers)

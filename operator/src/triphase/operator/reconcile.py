@@ -120,7 +120,8 @@ async def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     served = await kube.api_resources("monitoring.coreos.com/v1")
     monitoring = {kind for kind, (plural, _) in RESOURCES.items() if plural in served}
     objects = [_owned(obj, owner) for obj in builders.children(name, namespace, spec, replicas, monitoring=monitoring,
-                                                               monitoring_labels=settings.monitoring_labels())]
+                                                               monitoring_labels=settings.monitoring_labels(),
+                                                               router_role=settings.SETTINGS.router_cluster_role)]
     results = await asyncio.gather(*(kube.apply(obj) for obj in objects))  # independent: one wave
     router = next(result for obj, result in zip(objects, results, strict=True)
                   if obj["kind"] == "Deployment" and obj["metadata"]["name"] == f"{name}-router")

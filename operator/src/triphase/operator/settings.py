@@ -10,6 +10,7 @@ import dataclasses
 class Settings:
     resync_seconds: float = 30.0  # --resync-seconds: period of the level-based resync
     monitoring_labels: dict[str, str] = dataclasses.field(default_factory=dict)  # --monitoring-label KEY=VALUE
+    router_cluster_role: str = "triphase-router"  # --router-cluster-role
 
 
 SETTINGS = Settings()
