@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_arguments(operator_parser)
     operator_parser.set_defaults(run=operator.run, log_level="INFO")
 
+    from triphase.cli import check
+
+    check_parser = sub.add_parser("check", help="probe HTTP endpoints: each must answer 2xx (helm test)")
+    check.add_arguments(check_parser)
+    check_parser.set_defaults(run=check.run, log_level="WARNING")
+
     from triphase.operator.cluster import command as cluster
 
     cluster_parser = sub.add_parser("cluster", help="a local Kubernetes control plane with fake GPU nodes (kwok)")
