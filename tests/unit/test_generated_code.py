@@ -17,3 +17,9 @@ def test_crds_are_fresh():
     from triphase.operator.api import crd
 
     assert crd.main(["--check"]) == 0
+
+
+def test_chart_copies_of_deploy_are_fresh():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sync_chart.py"), "--check"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
