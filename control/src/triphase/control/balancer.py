@@ -5,11 +5,9 @@ demand over the role's ready workers (1.0 = the pool is exactly full):
 
 - prefill demand = (prompt tokens arriving per second + the backlog beyond what the TTFT budget
   tolerates, to be cleared within `drain` TTFT targets) ÷ one prefill worker's measured rate. Arrivals come
-  from the workers' counters (queued + computed prompt tokens): the higher of their rate over
-  `rate_window_s` and over the last `rise_window_s`, so a rise is seen within seconds (before a
-  backlog has built up) while a fall is believed only once the long window has seen it; the backlog
-  term sizes the pool to clear what built up anyway. A backlog that the pool is clearing fast enough
-  adds nothing.
+  from the workers' counters (queued + computed prompt tokens) over `rate_window_s`, so demand is
+  seen as it arrives, before a backlog has built up; the backlog term sizes the pool to clear what
+  built up anyway. A backlog that the pool is clearing fast enough adds nothing.
 - decode demand = the sum over decode workers of max(measured step time ÷ the TPOT target,
   KV usage ÷ `kv_high`); an idle decode worker adds 0 (streams go to it as soon as it exists).
 
@@ -85,8 +83,7 @@ class Settings:
     margin: float = 0.1  # ... or if the move lowers the higher of the two loads by this much
     backlog_ok: float = 0.5  # share of the TTFT target a prefill backlog may take before it adds demand
     drain: float = 1.0  # a backlog beyond that is to be cleared within this many TTFT targets
-    rate_window_s: float = 10.0  # arrivals of prompt tokens are measured over this long ...
-    rise_window_s: float = 2.5  # ... and over this long, the higher rate counting (a rise is seen soon)
+    rate_window_s: float = 10.0  # arrivals of prompt tokens are measured over this long
     kv_high: float = 0.9  # KV usage that counts as decode pressure 1.0
     sustain_s: float = 1.0  # a load must hold this long before it moves a worker
     cooldown_s: float = 30.0  # a switched worker stays in its new role at least this long
@@ -101,10 +98,8 @@ class Settings:
             raise ValueError("each role's spare threshold must be positive and below its enter threshold")
         if self.max_switches_per_minute < 0 or self.min_per_role < 0:
             raise ValueError("max_switches_per_minute and min_per_role must not be negative")
-        if min(self.margin, self.drain, self.rate_window_s, self.rise_window_s) <= 0:
-            raise ValueError("margin, drain, rate_window_s and rise_window_s must be positive")
-        if self.rise_window_s > self.rate_window_s:
-            raise ValueError("rise_window_s must not exceed rate_window_s")
+        if min(self.margin, self.drain, self.rate_window_s) <= 0:
+            raise ValueError("margin, drain and rate_window_s must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,23 +173,16 @@ class Balancer:
         self.switches.append((at, switch))
 
     def arrivals(self, workers: Sequence[WorkerView], now: float) -> float:
-        """Prompt tokens per second reaching the workers: the growth of each worker's queued + computed
-        prompt tokens (work handed from one worker to another leaves one and reaches the other, so it
-        cancels out; a restarted worker is left out), the higher of its rate over `rate_window_s` and
-        over `rise_window_s`."""
+        """Prompt tokens per second that reached the workers over the last `rate_window_s`: the growth
+        of each worker's queued + computed prompt tokens (work handed from one worker to another
+        leaves one and reaches the other, so it cancels out; a restarted worker is left out)."""
         current = {w.worker_id: (w.queued_prefill_tokens, w.prefill_tokens_total)
                    for w in workers if w.role in SWITCHABLE and w.healthy}
         history = self.counters
         history.append((now, current))
         while len(history) > 2 and now - history[1][0] >= self.settings.rate_window_s:
             history.popleft()
-        recent = next((entry for entry in history if now - entry[0] <= self.settings.rise_window_s), history[0])
-        return max(self._rate(history[0], now, current), self._rate(recent, now, current))
-
-    @staticmethod
-    def _rate(since: tuple[float, dict[str, tuple[int, int]]], now: float,
-              current: dict[str, tuple[int, int]]) -> float:
-        then, before = since
+        then, before = history[0]
         if now - then <= 0:
             return 0.0
         grown = sum(sum(current[k]) - sum(before[k]) for k in current.keys() & before.keys()
