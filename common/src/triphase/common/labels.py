@@ -11,5 +11,10 @@ ENDPOINT = f"{DOMAIN}/endpoint"  # annotation: host:port of the worker's gRPC se
 # The DEPLOYMENT label on every scraped series (a PodMonitor's podTargetLabels, sanitised as Prometheus does):
 # the planner selects one ServingDeployment's metrics with it, together with `namespace`.
 PROMETHEUS_DEPLOYMENT = DEPLOYMENT.replace(".", "_").replace("/", "_")
+# `triphase up` labels what it scrapes as if the stack were ServingDeployment local/local, so the SLO rules,
+# alerts and dashboards select it as they select a deployment in a cluster.
+LOCAL_NAMESPACE = "local"
+LOCAL_NAME = "local"
+LOCAL_DEPLOYMENT = f"{LOCAL_NAMESPACE}/{LOCAL_NAME}"  # the control loops' `deployment` label
 GRPC_PORT_NAME = "grpc"  # the worker container's gRPC port is named this
 DEFAULT_GRPC_PORT = 50051

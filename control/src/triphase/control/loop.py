@@ -20,6 +20,7 @@ from typing import Protocol
 import grpc
 
 from triphase.api.v1 import worker_pb2 as pb
+from triphase.common import labels
 from triphase.control.balancer import Balancer, Decision, Switch
 from triphase.control.metrics import BalancerMetrics
 from triphase.control.stats import ROLE_TO_PB, Channels, StatsWatcher
@@ -57,7 +58,7 @@ class SetRoleActuator:
 
 class BalancerLoop:
     def __init__(self, watcher: StatsWatcher, actuator: Actuator, balancer: Balancer, *,
-                 deployment: str = "local", metrics: BalancerMetrics | None = None, tick_s: float = 0.5,
+                 deployment: str = labels.LOCAL_DEPLOYMENT, metrics: BalancerMetrics | None = None, tick_s: float = 0.5,
                  on_switch: Callable[[Switch, float], None] | None = None) -> None:
         self.watcher = watcher
         self.actuator = actuator

@@ -1,6 +1,6 @@
 """The role balancer's metrics: switches, their duration, and the policy's inputs as gauges.
 
-Labels: `deployment` (the ServingDeployment, `namespace/name`; `local` for `triphase up`) and
+Labels: `deployment` (the ServingDeployment, `namespace/name`; `local/local` for `triphase up`) and
 `model` on every series, so one operator's registry holds every deployment it balances.
 """
 
@@ -10,6 +10,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from triphase.common.roles import Role
 from triphase.control.balancer import SWITCHABLE, Decision, Switch, WorkerView
+
+# (from, to, reason) of every switch the balancer makes: the reason follows from the role it moves to.
+SWITCH_KINDS = ((str(Role.DECODE), str(Role.PREFILL), "prefill-backlog"),
+                (str(Role.PREFILL), str(Role.DECODE), "decode-pressure"))
 
 
 class BalancerMetrics:
@@ -39,6 +43,11 @@ class BalancerMetrics:
         p = decision.pressures
         if p is None:
             return
+        # The counters exist at 0 from the first observation: a deployment's first switch or failure is then
+        # an increase that rate() and increase() see (a series born at 1 shows none).
+        for from_role, to_role, reason in SWITCH_KINDS:
+            self.switches.labels(deployment, model, from_role, to_role, reason)
+        self.failures.labels(deployment, model)
         self.backlog.labels(deployment, model).set(p.backlog_s)
         self.prefill_pressure.labels(deployment, model).set(p.prefill)
         self.decode_pressure.labels(deployment, model).set(p.decode)

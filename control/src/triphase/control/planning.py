@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from triphase.common import labels
 from triphase.common.roles import Role
 from triphase.control.metrics import PlannerMetrics
 from triphase.control.planner import Plan, Planner, PoolView, Signals
@@ -45,7 +46,7 @@ class Outcome:
 
 class PlannerLoop:
     def __init__(self, planner: Planner, read: Callable[[], Awaitable[Signals]], pools: Pools, scaler: Scaler, *,
-                 interval_s: float, deployment: str = "local", metrics: PlannerMetrics | None = None,
+                 interval_s: float, deployment: str = labels.LOCAL_DEPLOYMENT, metrics: PlannerMetrics | None = None,
                  report: Callable[[Outcome], Awaitable[None]] | None = None) -> None:
         self.planner = planner
         self.read = read

@@ -39,3 +39,9 @@ class RouterMetrics:
                                   ["model"], registry=r)
         self.rebalanced = Counter("triphase_streams_rebalanced_total", "Running streams a crowded decode worker "
                                   "handed over to be resumed on a less loaded one", ["model"], registry=r)
+        # Every series that needs no more than the model exists from the start, at 0: a rate over it
+        # is 0 rather than no data, so alerts and dashboards tell "none happened" from "not scraped".
+        for family in (self.ttft, self.tpot, self.e2e, self.prompt_tokens, self.generation_tokens, self.migrations,
+                       self.rebalanced):
+            family.labels(model)
+        self.requests.labels(model, "ok")
