@@ -21,14 +21,20 @@ import time
 import urllib.error
 import urllib.request
 
+from prometheus_client import CollectorRegistry, start_http_server
+
+from triphase.common import labels
 from triphase.common.errors import UserError
 from triphase.common.net import check_port, free_port
 from triphase.common.profile import Profile
 from triphase.common.roles import Role
 from triphase.control import main as balancer
 from triphase.control import planner, signals
+from triphase.control.metrics import PlannerMetrics
 from triphase.local import autoscale, prometheus
 from triphase.local.supervisor import Supervisor
+from triphase.operator import slo_rules
+from triphase.operator.api.v1alpha1 import Slo
 
 SIM_TIMING = ("sim_prefill_ms", "sim_prefill_per_token_ms", "sim_decode_ms", "sim_decode_per_seq_ms")
 
@@ -151,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
                  f"127.0.0.1:{metrics})")
         url = f"http://127.0.0.1:{port}"
         model = _wait_ready(url, deadline)
+        planner_metrics: PlannerMetrics | None = None
         if args.prometheus:
             jobs = {"router": [f"127.0.0.1:{port}"], "worker": [f"127.0.0.1:{p}" for p in scraped],
                     "balancer": [f"127.0.0.1:{metrics}"] if metrics else []}
@@ -158,11 +165,23 @@ def run(args: argparse.Namespace) -> int:
             if pools is not None:  # workers come and go: Prometheus follows the planner's target file
                 files["worker"] = pools.targets_file
                 jobs.pop("worker")
-            server = prometheus.Prometheus(prometheus.scrape_config(jobs, target_files=files),
-                                           port=args.prometheus_port, tools=tools, workdir=stack.tmp / "prometheus")
+                registry = CollectorRegistry()
+                planner_metrics = PlannerMetrics(registry)
+                planner_server, _ = start_http_server(0, addr="127.0.0.1", registry=registry)
+                jobs["planner"] = [f"127.0.0.1:{planner_server.server_port}"]
+            config = prometheus.scrape_config(jobs, labels=prometheus.LOCAL_LABELS, target_files=files)
+            # The SLO's recording rules and burn-rate alerts, as the operator writes them for a deployment.
+            rules = stack.tmp / "slo-rules.yaml"
+            rules.write_text(json.dumps({"groups": slo_rules.groups(
+                labels.LOCAL_NAME, labels.LOCAL_NAMESPACE,
+                Slo(ttft_seconds=args.ttft_slo, tpot_seconds=args.tpot_slo, percentile=args.slo_percentile))}))
+            config["rule_files"] = [str(rules)]
+            server = prometheus.Prometheus(config, port=args.prometheus_port, tools=tools,
+                                           workdir=stack.tmp / "prometheus")
             server.start(timeout_s=max(10.0, deadline - time.monotonic()))
             _say(f"prometheus on {server.url} (scraping the router, {len(scraped)} workers"
-                 f"{' and the balancer' if metrics else ''} every second)")
+                 f"{' and the balancer' if metrics else ''} every second; SLO rules of deployment "
+                 f"{labels.LOCAL_DEPLOYMENT})")
         sys.stdout.write(
             f"\ntriphase is serving {model} at {url}/v1  (logs: {stack.tmp})\n\n"
             f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
@@ -176,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
                                                args.planner_interval)
             step_model = planner.StepModel.from_profile(Profile.load(pathlib.Path(args.planner_profile))) \
                 if args.planner_profile else None
-            autoscale.start_planner(planner.Planner(slo, settings, step_model), reader, pools, args.planner_interval)
+            autoscale.start_planner(planner.Planner(slo, settings, step_model), reader, pools, args.planner_interval,
+                                    planner_metrics)
             _say(f"planner running every {args.planner_interval:g} s (prefill {args.min_prefill}..{args.max_prefill}, "
                  f"decode {args.min_decode}..{args.max_decode} workers)")
         stack.supervise(tick=pools.apply if pools is not None else None)

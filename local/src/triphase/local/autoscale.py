@@ -28,6 +28,7 @@ from collections.abc import Callable
 from triphase.common import endpoints_file
 from triphase.common.net import free_port
 from triphase.common.roles import Role
+from triphase.control.metrics import PlannerMetrics
 from triphase.control.planner import Plan, Planner, PoolView, Signals
 from triphase.control.planning import PlannerLoop
 from triphase.control.signals import MetricsUnavailable, PrometheusSignals
@@ -85,7 +86,8 @@ class LocalPools:
         with self.lock:
             ready = [w for w in self.workers.values() if w.endpoint]
         endpoints_file.write_endpoints(self.workers_file, [w.endpoint for w in ready if w.endpoint])
-        prometheus.write_targets(self.targets_file, [f"127.0.0.1:{w.metrics_port}" for w in self.workers.values()])
+        prometheus.write_targets(self.targets_file, [f"127.0.0.1:{w.metrics_port}" for w in self.workers.values()],
+                                 prometheus.LOCAL_LABELS)
 
     def apply(self) -> None:
         """Run on every supervisor pass: publish workers that became ready, carry out queued plans."""
@@ -139,14 +141,14 @@ class LocalPools:
 
 
 def start_planner(planner: Planner, reader: PrometheusSignals, pools: LocalPools,
-                  interval_s: float) -> threading.Thread:
+                  interval_s: float, metrics: PlannerMetrics | None = None) -> threading.Thread:
     """The planner loop on an event loop in a daemon thread (it ends with the process)."""
     pools.reader = reader
 
     async def read() -> Signals:
         return await asyncio.to_thread(reader.read)
 
-    loop = PlannerLoop(planner, read, pools, pools, interval_s=interval_s)
+    loop = PlannerLoop(planner, read, pools, pools, interval_s=interval_s, metrics=metrics)
     thread = threading.Thread(target=lambda: asyncio.run(loop.run()), name="planner", daemon=True)
     thread.start()
     return thread

@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from triphase.common import labels
 from triphase.common.endpoints_file import replace_text
 from triphase.common.errors import UserError
 from triphase.common.gobuild import cache_root, go_binary, go_env, go_install, say
@@ -75,6 +76,10 @@ def ensure(progress: bool = True) -> Tools:
         raise UserError(f"prometheus or promtool missing in {bin_dir} after the build")
     return tools
 
+
+# What a PodMonitor would add to a ServingDeployment's series, for the local stack (deployment local/local):
+# the SLO rules, alerts and dashboards select it as they select a deployment in a cluster.
+LOCAL_LABELS = {"namespace": labels.LOCAL_NAMESPACE, labels.PROMETHEUS_DEPLOYMENT: labels.LOCAL_NAME}
 
 OPERATOR_MODULE = "github.com/prometheus-operator/prometheus-operator"
 OPERATOR_VERSION = "v0.85.0"  # the newest version of the root module the proxy serves
