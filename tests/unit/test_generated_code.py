@@ -23,3 +23,9 @@ def test_chart_copies_of_deploy_are_fresh():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "sync_chart.py"), "--check"],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_dashboards_are_fresh():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_dashboards.py"), "--check"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr

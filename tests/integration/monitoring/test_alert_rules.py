@@ -4,6 +4,7 @@ ServingDeployment, evaluated over synthetic router histograms (a burning and a h
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 import subprocess
@@ -145,3 +146,15 @@ def _annotations(name: str, severity: str) -> dict[str, str]:
     rendered = dict(alert["annotations"])
     rendered["summary"] = rendered["summary"].replace("{{ $value | humanizePercentage }}", "100%")
     return rendered
+
+
+def test_docs_name_every_alert_and_dashboard() -> None:
+    """A user finds each alert and dashboard in docs/observability.md (NOTES.txt points there)."""
+    doc = (ROOT / "docs" / "observability.md").read_text()
+    alerts = [r["alert"] for g in yaml.safe_load((RULES / "alerts.yaml").read_text())["groups"] for r in g["rules"]
+              if "alert" in r]
+    assert all(name in doc for name in [*alerts, "TriphaseErrorBudgetBurn"])
+    for path in (ROOT / "deploy" / "grafana").glob("*.json"):
+        board = json.loads(path.read_text())
+        assert path.name in doc and board["uid"] in doc and board["title"] in doc, path.name
+    assert "docs/observability.md" in (ROOT / "helm" / "triphase" / "templates" / "NOTES.txt").read_text()
