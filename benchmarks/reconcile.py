@@ -31,7 +31,7 @@ import yaml
 from report import ROOT, cpu_seconds, log, update_section
 from stack import TRIPHASE, start, stop_all, wait_until
 
-from triphase.operator.cluster import binaries, controlplane
+from triphase.local.cluster import binaries, controlplane
 
 SAMPLE = yaml.safe_load((ROOT / "deploy" / "samples" / "smollm2-disaggregated.yaml").read_text())
 KINDS = ("servingpools", "deployments", "services", "configmaps", "poddisruptionbudgets", "serviceaccounts",

@@ -65,7 +65,7 @@ def chat_prompt_ids(loaded_model) -> list[list[int]]:
 def kube_cluster(tmp_path_factory):
     """A real control plane for the whole session (started on first use, stopped at the end)."""
     from tests.kube import start_cluster
-    from triphase.operator.cluster import controlplane
+    from triphase.local.cluster import controlplane
 
     state = tmp_path_factory.mktemp("kube")
     cluster = start_cluster(state)

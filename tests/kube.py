@@ -10,7 +10,7 @@ import subprocess
 import uuid
 from typing import Any
 
-from triphase.operator.cluster import binaries, controlplane
+from triphase.local.cluster import binaries, controlplane
 
 
 @dataclasses.dataclass

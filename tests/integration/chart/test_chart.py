@@ -25,8 +25,8 @@ from tests.procs import triphase_process
 from triphase.cli import build_parser
 from triphase.common.net import free_port
 from triphase.local import prometheus
-from triphase.operator.cluster import binaries
-from triphase.operator.cluster.controlplane import write_kubeconfig
+from triphase.local.cluster import binaries
+from triphase.local.cluster.controlplane import write_kubeconfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 CHART = ROOT / "helm" / "triphase"

@@ -12,7 +12,7 @@ import yaml
 
 from tests.procs import triphase_process
 from triphase.common.net import free_port
-from triphase.operator.cluster.controlplane import write_kubeconfig
+from triphase.local.cluster.controlplane import write_kubeconfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 SAMPLE = yaml.safe_load((ROOT / "deploy" / "samples" / "smollm2-disaggregated.yaml").read_text())

@@ -14,8 +14,8 @@ import pytest
 
 from tests.procs import triphase_process, wait_for
 from triphase.common import labels
+from triphase.local.cluster.controlplane import write_kubeconfig
 from triphase.operator import builders
-from triphase.operator.cluster.controlplane import write_kubeconfig
 
 pytestmark = pytest.mark.slow
 SIM = ["--engine", "sim", "--sim-prefill-ms", "2", "--sim-decode-ms", "2"]

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_arguments(check_parser)
     check_parser.set_defaults(run=check.run, log_level="WARNING")
 
-    from triphase.operator.cluster import command as cluster
+    from triphase.local.cluster import command as cluster
 
     cluster_parser = sub.add_parser("cluster", help="a local Kubernetes control plane with fake GPU nodes (kwok)")
     cluster.add_arguments(cluster_parser)

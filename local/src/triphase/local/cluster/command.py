@@ -7,7 +7,7 @@ import json
 import pathlib
 import sys
 
-from triphase.operator.cluster import binaries, controlplane
+from triphase.local.cluster import binaries, controlplane
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 from triphase.common import gobuild
 from triphase.common.errors import UserError
 from triphase.common.net import free_port
-from triphase.operator.cluster import binaries
+from triphase.local.cluster import binaries
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
