@@ -299,8 +299,9 @@ def main() -> None:
     speedup = cold / switch
     lines += [
         "",
-        f"One role switch (SetRole on an idle sim worker): **{switch * 1000:.1f} ms**; the balancer's switches under "
-        f"load took {mean_switch:.2f} s on average (drain and hand-over included); a cold start of a new sim worker "
+        f"One role switch (SetRole on an idle sim worker): **{switch * 1000:.1f} ms**; the balancer's switches "
+        f"under load took {mean_switch * 1000:.1f} ms on average (drain and hand-over included); a cold start of a "
+        "new sim worker "
         f"(process start to serving): **{cold:.2f} s**, {cold / switch:.0f}x the idle switch. A real model's cold "
         "start adds loading its weights; a switch loads nothing.",
         "",
