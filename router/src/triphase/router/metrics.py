@@ -1,8 +1,16 @@
-"""Router metrics (prometheus-client, base units, `model` label). Documented in docs/metrics.md."""
+"""Router metrics (prometheus-client, base units, `model` label). Documented in docs/metrics.md.
+
+The one place the router's series are defined and written: routes, the pipeline and the stream
+balancer report what happened through the methods below and never touch a family themselves.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from triphase.common.roles import Role
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
@@ -45,3 +53,48 @@ class RouterMetrics:
                        self.rebalanced):
             family.labels(model)
         self.requests.labels(model, "ok")
+
+    def first_token(self, seconds: float) -> None:
+        """Arrival to the first token leaving the router."""
+        self.ttft.labels(self.model).observe(seconds)
+
+    def finished(self, status: str, prompt_tokens: int, generated: int, seconds: float,
+                 after_first_s: float | None) -> None:
+        """A request the router ran ended: `status` ok, 400, 503...; `after_first_s` is the time from its
+        first token to its last (None without a first token): its TPOT when it streamed more than one."""
+        self.requests.labels(self.model, status).inc()
+        self.prompt_tokens.labels(self.model).inc(prompt_tokens)
+        self.generation_tokens.labels(self.model).inc(generated)
+        self.e2e.labels(self.model).observe(seconds)
+        if after_first_s is not None and generated > 1:
+            self.tpot.labels(self.model).observe(after_first_s / (generated - 1))
+
+    def refused(self, status: int) -> None:
+        """A request answered with an error before or instead of running (4xx, 429, 500...)."""
+        self.requests.labels(self.model, str(status)).inc()
+
+    def migrated(self) -> None:
+        self.migrations.labels(self.model).inc()
+
+    def streams_rebalanced(self, moved: int) -> None:
+        self.rebalanced.labels(self.model).inc(moved)
+
+    def kv_handoff(self, backend: str, seconds: float, nbytes: int) -> None:
+        """End of prefill to the decode worker's first token, and the KV bytes it read."""
+        self.kv_transfer_seconds.labels(self.model, backend).observe(seconds)
+        self.kv_transfer_bytes.labels(self.model, backend).inc(nbytes)
+
+    def workers_seen(self, workers: Sequence[tuple[Role, str, int]], queued: int) -> None:
+        """The registry at scrape time: (role, state, waiting requests) per worker, and the admission queue.
+        Every role x state is exported, zeros too: an alert on "no ready decode worker" needs a series
+        that is 0, not one that is gone."""
+        counts = {(str(role), state): 0 for role in Role for state in WORKER_STATES}
+        for role, state, _ in workers:
+            counts[str(role), state] += 1
+        self.workers.clear()
+        for (role_name, state), n in counts.items():
+            self.workers.labels(self.model, role_name, state).set(n)
+        self.queue_depth.clear()
+        self.queue_depth.labels(self.model, "router").set(queued)
+        for role, _, waiting in workers:  # requests waiting inside the workers, by role
+            self.queue_depth.labels(self.model, str(role)).inc(waiting)

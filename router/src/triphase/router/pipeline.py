@@ -94,7 +94,7 @@ class Pipeline:
                 handed.append(trace.decode_worker or "")
                 if len(handed) > MAX_HAND_OVERS:
                     raise Unavailable(f"the request was handed over {len(handed)} times: {exc}") from None
-                self.metrics.migrations.labels(self.metrics.model).inc()
+                self.metrics.migrated()
                 logger.info("%s: decode worker %s handed the stream over after %d tokens (%s); resuming elsewhere",
                             trace.request_id, trace.decode_worker, len(sent), exc)
             except WorkerFailed as exc:
@@ -104,7 +104,7 @@ class Pipeline:
                 failed.add(trace.decode_worker or "")
                 if len(failed) > self.max_retries:
                     raise Unavailable(f"the request failed on {len(failed)} workers; last error: {exc}") from None
-                self.metrics.migrations.labels(self.metrics.model).inc()
+                self.metrics.migrated()
                 logger.warning("%s: decode worker %s failed after %d tokens (%s); resuming elsewhere",
                                trace.request_id, trace.decode_worker, len(sent), exc)
 
@@ -206,10 +206,7 @@ class Pipeline:
                                 if not adopted:  # the decode worker repeats the first token: already sent
                                     adopted = True
                                     trace.kv_backend = backend = delta.kv_backend or "grpc"
-                                    self.metrics.kv_transfer_seconds.labels(self.metrics.model, backend).observe(
-                                        time.monotonic() - started)
-                                    self.metrics.kv_transfer_bytes.labels(self.metrics.model, backend).inc(
-                                        ticket.nbytes)
+                                    self.metrics.kv_handoff(backend, time.monotonic() - started, ticket.nbytes)
                                     delta = dataclasses.replace(delta, token_ids=delta.token_ids[1:], text="")
                                     if not delta.token_ids and delta.finish_reason is None:
                                         continue

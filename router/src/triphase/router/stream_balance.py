@@ -46,7 +46,7 @@ class StreamBalancer:
             except WorkerFailed as exc:
                 logger.debug("Hand-over on %s failed: %s", endpoint, exc)
         if moved:
-            self.metrics.rebalanced.labels(self.metrics.model).inc(moved)
+            self.metrics.streams_rebalanced(moved)
             logger.info("Moving %d streams off crowded decode workers (streams per worker: %s)", moved,
                         sorted(loads.values(), reverse=True))
         return moved

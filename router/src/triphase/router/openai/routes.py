@@ -25,11 +25,10 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from triphase.common.roles import Role
 from triphase.common.tokenizer import Tokenizer
 from triphase.router.admission import Admission
 from triphase.router.errors import BadRequest, Overloaded, PayloadTooLarge, RequestTimeout, RouterError, Unavailable
-from triphase.router.metrics import WORKER_STATES, RouterMetrics
+from triphase.router.metrics import RouterMetrics
 from triphase.router.openai import protocol as p
 from triphase.router.openai.openapi import document
 from triphase.router.pipeline import Pipeline, Trace
@@ -92,7 +91,7 @@ class Api:
         try:
             return await handler(request)
         except RouterError as exc:
-            self.metrics.requests.labels(self.model, str(exc.status)).inc()
+            self.metrics.refused(exc.status)
             headers = {"Retry-After": "1"} if isinstance(exc, Overloaded) else None
             return web.json_response(exc.body(), status=exc.status, headers=headers)
         except web.HTTPException as exc:
@@ -104,7 +103,7 @@ class Api:
             raise
         except Exception:  # a bug: logged with its traceback, answered without it
             logger.exception("Unhandled error serving %s %s", request.method, request.path)
-            self.metrics.requests.labels(self.model, "500").inc()
+            self.metrics.refused(500)
             return web.json_response(RouterError("internal error").body(), status=500)
 
     # ------------------------------------------------------------------ helpers
@@ -200,7 +199,7 @@ class Api:
                 async for delta in deltas:
                     if first_at is None and delta.token_ids:
                         first_at = time.monotonic()
-                        self.metrics.ttft.labels(self.model).observe(first_at - start)
+                        self.metrics.first_token(first_at - start)
                     generated += len(delta.token_ids)
                     yield delta
             status = "ok"
@@ -209,13 +208,8 @@ class Api:
             raise
         finally:
             end = time.monotonic()
-            m = self.metrics
-            m.requests.labels(self.model, status if status != "error" else "503").inc()
-            m.prompt_tokens.labels(self.model).inc(len(prompt))
-            m.generation_tokens.labels(self.model).inc(generated)
-            m.e2e.labels(self.model).observe(end - start)
-            if first_at is not None and generated > 1:
-                m.tpot.labels(self.model).observe((end - first_at) / (generated - 1))
+            self.metrics.finished(status if status != "error" else "503", len(prompt), generated, end - start,
+                                  None if first_at is None else end - first_at)
 
     async def _collect(self, deltas: AsyncIterator[Delta]) -> tuple[str, list[int], str, int]:
         text, tokens, reason, cached = [], [], "stop", 0
@@ -346,16 +340,7 @@ class Api:
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         workers = self.pipeline.registry.snapshot()
-        counts = {(str(role), state): 0 for role in Role for state in WORKER_STATES}  # zeros too: an alert on
-        for w in workers:  # "no ready decode worker" needs a series that is 0, not one that is gone
-            counts[str(w.role), "draining" if w.draining else "ready" if w.healthy else "unhealthy"] += 1
-        self.metrics.workers.clear()
-        for (role, state), n in counts.items():
-            self.metrics.workers.labels(self.model, role, state).set(n)
-        depth = self.metrics.queue_depth
-        depth.clear()
-        depth.labels(self.model, "router").set(self.admission.queued)
-        for w in workers:  # requests waiting inside the workers, by role
-            depth.labels(self.model, str(w.role)).inc(w.waiting)
+        self.metrics.workers_seen([(w.role, "draining" if w.draining else "ready" if w.healthy else "unhealthy",
+                                    w.waiting) for w in workers], self.admission.queued)
         return web.Response(body=generate_latest(self.metrics.registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
