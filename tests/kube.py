@@ -25,6 +25,15 @@ class Kube:
     def api(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
         return self.cluster.api(method, path, body, **kwargs)
 
+    def account_kubeconfig(self, path: pathlib.Path, account: str, namespace: str | None = None,
+                           user: str = "account") -> pathlib.Path:
+        """A kubeconfig at `path` with a one-hour token of ServiceAccount `account` (what a pod of it gets)."""
+        token = self.api("POST", f"/api/v1/namespaces/{namespace or self.namespace}/serviceaccounts/{account}/token",
+                         {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                          "spec": {"expirationSeconds": 3600}})["status"]["token"]
+        controlplane.write_kubeconfig(path, self.cluster.server, self.cluster.state / "pki" / "ca.crt", token, user)
+        return path
+
     def kubectl(self, *args: str, check: bool = True, kubeconfig: pathlib.Path | None = None,
                 input_text: str | None = None) -> subprocess.CompletedProcess[str]:
         tools = binaries.ensure(progress=False)

@@ -12,7 +12,6 @@ import yaml
 
 from tests.procs import triphase_process
 from triphase.common.net import free_port
-from triphase.local.cluster.controlplane import write_kubeconfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 SAMPLE = yaml.safe_load((ROOT / "deploy" / "samples" / "smollm2-disaggregated.yaml").read_text())
@@ -36,12 +35,8 @@ def operator_account(kube, tmp_path_factory):
     kube.kubectl("apply", "--server-side", "-f", str(ROOT / "deploy" / "crds"))
     kube.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
     kube.kubectl("apply", "-n", SYSTEM, "-f", str(ROOT / "deploy" / "manifests"))
-    token = kube.api("POST", f"/api/v1/namespaces/{SYSTEM}/serviceaccounts/triphase-operator/token",
-                     {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                      "spec": {"expirationSeconds": 3600}})["status"]["token"]
-    path = tmp_path_factory.mktemp("operator") / "operator.kubeconfig"
-    write_kubeconfig(path, kube.cluster.server, kube.cluster.state / "pki" / "ca.crt", token, user="operator")
-    return path
+    return kube.account_kubeconfig(tmp_path_factory.mktemp("operator") / "operator.kubeconfig", "triphase-operator",
+                                   SYSTEM, user="operator")
 
 
 _STARTS = iter(range(100, 1000))

@@ -14,7 +14,6 @@ import pytest
 
 from tests.procs import triphase_process, wait_for
 from triphase.common import labels
-from triphase.local.cluster.controlplane import write_kubeconfig
 from triphase.operator import builders
 
 pytestmark = pytest.mark.slow
@@ -44,12 +43,7 @@ def _router_kubeconfig(kube, tmp_path):
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "router"},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "router"},
         "subjects": [{"kind": "ServiceAccount", "name": "router", "namespace": ns}]})
-    token = kube.api("POST", f"/api/v1/namespaces/{ns}/serviceaccounts/router/token",
-                     {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-                      "spec": {"expirationSeconds": 3600}})["status"]["token"]
-    path = tmp_path / "router.kubeconfig"
-    write_kubeconfig(path, kube.cluster.server, kube.cluster.state / "pki" / "ca.crt", token, user="router")
-    return path
+    return kube.account_kubeconfig(tmp_path / "router.kubeconfig", "router", user="router")
 
 
 def _workers(url):
