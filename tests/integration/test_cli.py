@@ -83,6 +83,9 @@ def test_errors_are_one_line_without_traceback(case, tmp_path, loaded_model):
     (["--port", "-1"], "--port -1: a port is in 1..65535"),
     (["--prometheus", "--prometheus-port", "70000"], "--prometheus-port 70000: a port is in 1..65535"),
     (["--prometheus", "--prometheus-port", "TAKEN"], "cannot listen on 127.0.0.1:"),
+    # the SLO whose rules its Prometheus loads is bounded as the CRD bounds it, before any worker starts
+    (["--prometheus", "--ttft-slo", "5000"], "--ttft-slo: Input should be less than or equal to 3600"),
+    (["--prometheus", "--slo-percentile", "20"], "--slo-percentile: Input should be greater than or equal to 50"),
 ])
 def test_up_rejects_a_bad_port_before_starting_anything(flags, expected):
     import socket

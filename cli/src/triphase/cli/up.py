@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 
 from prometheus_client import CollectorRegistry, start_http_server
+from pydantic import ValidationError
 
 from triphase.common import labels
 from triphase.common.errors import UserError
@@ -108,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         if args.autoscale:
             _check_autoscaling(args)
             args.prometheus = True
+        # The SLO whose rules Prometheus loads: bounded (the CRD's limits) before any worker starts.
+        slo_spec = _slo_spec(args) if args.prometheus else None
         names = [(f"prefill-{i}", "prefill") for i in range(args.prefill)]
         names += [(f"decode-{i}", "decode") for i in range(args.decode)]
         if not names or args.decode + args.prefill == 0:
@@ -172,9 +175,9 @@ def run(args: argparse.Namespace) -> int:
             config = prometheus.scrape_config(jobs, labels=prometheus.LOCAL_LABELS, target_files=files)
             # The SLO's recording rules and burn-rate alerts, as the operator writes them for a deployment.
             rules = stack.tmp / "slo-rules.yaml"
-            rules.write_text(json.dumps({"groups": slo_rules.groups(
-                labels.LOCAL_NAME, labels.LOCAL_NAMESPACE,
-                Slo(ttft_seconds=args.ttft_slo, tpot_seconds=args.tpot_slo, percentile=args.slo_percentile))}))
+            assert slo_spec is not None  # set with args.prometheus
+            rules.write_text(json.dumps({"groups": slo_rules.groups(labels.LOCAL_NAME, labels.LOCAL_NAMESPACE,
+                                                                    slo_spec)}))
             config["rule_files"] = [str(rules)]
             server = prometheus.Prometheus(config, port=args.prometheus_port, tools=tools,
                                            workdir=stack.tmp / "prometheus")
@@ -208,6 +211,15 @@ def run(args: argparse.Namespace) -> int:
         stack.stop(grace_s=args.drain_timeout + 5)
         if server is not None:
             server.stop()
+
+
+def _slo_spec(args: argparse.Namespace) -> Slo:
+    try:
+        return Slo(ttft_seconds=args.ttft_slo, tpot_seconds=args.tpot_slo, percentile=args.slo_percentile)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        flag = {"ttft_seconds": "--ttft-slo", "tpot_seconds": "--tpot-slo", "percentile": "--slo-percentile"}
+        raise UserError(f"{flag.get(str(error['loc'][0]), error['loc'][0])}: {error['msg']}") from None
 
 
 def _check_autoscaling(args: argparse.Namespace) -> None:
