@@ -23,7 +23,7 @@ from report import ROOT, log, update_section
 
 sys.path.insert(0, str(ROOT))
 from tests.chaos import PROMPTS, Killer, all_idle, children, load, rss_mib
-from tests.procs import http_ok, triphase_up, wait_for
+from triphase.local.processes import http_ok, triphase_up, wait_for
 
 MAX_TOKENS = 24
 

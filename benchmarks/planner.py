@@ -39,9 +39,9 @@ import roles
 from report import ROOT, figure, log, save_figure, update_section
 
 sys.path.insert(0, str(ROOT))
-from tests.procs import triphase_up
 from triphase.common.profile import Profile
 from triphase.control.simulate import Request, simulate
+from triphase.local.processes import triphase_up
 
 PLANNER = ["--autoscale", "--planner-interval", "5", "--stabilization", "60", "--slo-percentile", "90",
            "--min-prefill", "1", "--min-decode", "1"]

@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 import yaml
 from report import ROOT, cpu_seconds, log, update_section
-from stack import TRIPHASE, start, stop_all, wait_until
+from stack import start_triphase, stop_all
 
 from triphase.local.cluster import binaries, controlplane
 
@@ -171,11 +171,9 @@ def main() -> None:
                             {"spec": {"expirationSeconds": 3600}})["status"]["token"]
         config = tmp / "operator.kubeconfig"
         controlplane.write_kubeconfig(config, cluster.server, state / "pki" / "ca.crt", token, user="operator")
-        ready = tmp / "operator.ready"
-        operator = start([*TRIPHASE, "operator", "--standalone", "--liveness", "", "--ready-file", str(ready)],
-                         tmp / "operator.log", env={"KUBECONFIG": str(config)})
+        operator, _ = start_triphase(tmp, "operator", ["operator", "--standalone", "--liveness", ""],
+                                     env={"KUBECONFIG": str(config)}, timeout=60)
         procs.append(operator)
-        wait_until(ready.exists, 60, "the operator")
         log("warm-up: one ServingDeployment, not counted (the operator's watches start)")
         asyncio.run(run_batch(cluster, "warm-up", 1))
         rows = []

@@ -39,9 +39,9 @@ from report import ROOT, figure, log, pct, save_figure, update_section
 from stack import stream_completion, worker
 
 sys.path.insert(0, str(ROOT))
-from tests.procs import triphase_up
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
+from triphase.local.processes import triphase_up
 
 # Sim workers: 1000 prompt tokens/s per prefill worker; a decode step of 40 ms + 20 ms per stream,
 # which meets a 200 ms TPOT up to 8 streams per worker. Slow enough that what the router, the client

@@ -30,7 +30,7 @@ import tempfile
 import time
 
 from report import ROOT, cpu_seconds, figure, log, pct, save_figure, update_section
-from stack import http_ok, router, start, stop_all, stream_completion, wait_until, worker
+from stack import http_ok, router, spawn, stop_all, stream_completion, wait_until, worker
 
 from triphase.common.net import free_port
 
@@ -181,7 +181,7 @@ def measure(requests: int) -> dict:  # type: ignore[type-arg]
         wait_until(lambda: http_ok(f"{mock_url}/health"), 60, "the mock server")
 
         vr_port = free_port()
-        vr = start([vllm_router_bin(), "--worker-urls", mock_url, "--port", str(vr_port), "--host", "127.0.0.1",
+        vr = spawn([vllm_router_bin(), "--worker-urls", mock_url, "--port", str(vr_port), "--host", "127.0.0.1",
                     "--policy", "round_robin", "--log-level", "warning"], tmp / "vllm-router.log")
         procs.append(vr)
         wait_until(lambda: http_ok(f"http://127.0.0.1:{vr_port}/health"), 60, "vllm-router")

@@ -1,58 +1,36 @@
-"""Shared by the benchmarks: start triphase workers and routers as processes on 127.0.0.1, and stream
-completions from them as a client."""
+"""Shared by the benchmarks: triphase workers and routers as processes on 127.0.0.1 (through
+triphase.local.processes, as the tests and `triphase up` start them), and streamed completions timed
+as a client sees them."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import subprocess
-import sys
 import time
 from typing import Any
 
-from triphase.common.net import free_port, http_ok, wait_until
+from triphase.local.processes import TRIPHASE, http_ok, spawn, start_triphase, stop_all, wait_until
 
-__all__ = ["TRIPHASE", "Streamed", "http_ok", "router", "start", "stop_all", "stream_completion", "wait_until",
-           "worker"]
-
-TRIPHASE = [sys.executable, "-m", "triphase.cli"]
-
-
-def start(args: list[str], log_path: pathlib.Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    with open(log_path, "wb") as log:  # the child keeps its own descriptor
-        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-
+__all__ = ["TRIPHASE", "Streamed", "http_ok", "router", "spawn", "start_triphase", "stop_all", "stream_completion",
+           "wait_until", "worker"]
 
 def worker(tmp: pathlib.Path, name: str, args: list[str], env: dict[str, str] | None = None,
            timeout: float = 180) -> tuple[subprocess.Popen[bytes], str]:
     """A `triphase worker`; returns (process, host:port) once it listens."""
-    ready = tmp / f"{name}.port"
-    proc = start([*TRIPHASE, "worker", "--port", "0", "--ready-file", str(ready), *args], tmp / f"{name}.log", env)
-    wait_until(lambda: proc.poll() is None and ready.exists() and ready.read_text(), timeout, f"worker {name}")
-    return proc, f"127.0.0.1:{ready.read_text()}"
+    proc, port = start_triphase(tmp, name, ["worker", "--port", "0", *args], env, timeout)
+    return proc, f"127.0.0.1:{port}"
 
 
 def router(tmp: pathlib.Path, endpoints: list[str], args: list[str] = (),  # type: ignore[assignment]
            timeout: float = 60) -> tuple[subprocess.Popen[bytes], str]:
     """A `triphase router` over `endpoints`; returns (process, base URL) once it is ready."""
-    port = free_port()
-    proc = start([*TRIPHASE, "router", "--workers", ",".join(endpoints), "--port", str(port), *args],
-                 tmp / "router.log")
+    proc, port = start_triphase(tmp, "router", ["router", "--workers", ",".join(endpoints), "--port", "0", *args],
+                                timeout=timeout)
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: http_ok(f"{url}/readyz"), timeout, "the router")
     return proc, url
-
-
-def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @dataclasses.dataclass

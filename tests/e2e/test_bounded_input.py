@@ -14,8 +14,8 @@ import urllib.request
 import openai
 import pytest
 
-from tests.procs import triphase_process, wait_for
 from triphase.common.model_files import load_tokenizer
+from triphase.local.processes import triphase_process, wait_for
 
 pytestmark = pytest.mark.slow
 MAX_CONNECTIONS = 16

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from tests.chaos import PROMPTS, Killer, all_idle, children, load, rss_mib
-from tests.procs import http_ok, triphase_up, wait_for
+from triphase.local.processes import http_ok, triphase_up, wait_for
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 24

@@ -15,8 +15,8 @@ import urllib.request
 import pytest
 
 from tests.load import load_in_background
-from tests.procs import triphase_up, wait_for
 from triphase.common.net import free_port
+from triphase.local.processes import triphase_up, wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = pathlib.Path(__file__).resolve().parents[2]

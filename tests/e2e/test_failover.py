@@ -12,9 +12,9 @@ import grpc
 import openai
 import pytest
 
-from tests.procs import http_ok, triphase_process, wait_for
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
+from triphase.local.processes import http_ok, triphase_process, wait_for
 from triphase.workers.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow

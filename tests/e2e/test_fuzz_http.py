@@ -14,7 +14,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.generation import GenerationMode
 
-from tests.procs import http_ok, triphase_process, wait_for
+from triphase.local.processes import http_ok, triphase_process, wait_for
 
 pytestmark = pytest.mark.slow
 EXAMPLES = int(os.environ.get("TRIPHASE_FUZZ_EXAMPLES", "40"))

@@ -15,9 +15,9 @@ import openai
 import psutil
 import pytest
 
-from tests.procs import triphase_up, wait_for
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
+from triphase.local.processes import triphase_up, wait_for
 from triphase.workers.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ import pytest
 
 from tests.chaos import PROMPTS, Outcome, load
 from tests.load import Load
-from tests.procs import triphase_up
+from triphase.local.processes import triphase_up
 
 SIM = ["--engine", "sim", "--prefill", "2", "--decode", "2", "--sim-prefill-per-token-ms", "1",
        "--sim-decode-per-seq-ms", "5", "--role-switching", "--ttft-slo", "2", "--tpot-slo", "0.05",

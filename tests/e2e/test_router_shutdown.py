@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 
 import pytest
 
-from tests.procs import http_ok, triphase_process, wait_for
+from triphase.local.processes import http_ok, start_triphase, triphase_process, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +28,11 @@ def test_sigterm_drains_the_router(tmp_path):
     worker_args = ["worker", "--engine", "sim", "--role", "both", "--port", "0", "--sim-decode-ms", "20",
                    "--kv-cache-mib", "16"]
     with triphase_process(tmp_path, "worker", worker_args) as (_, worker_port):
-        ready = tmp_path / "router.port"
-        router = subprocess.Popen([sys.executable, "-m", "triphase.cli", "router", "--workers",
-                                   f"127.0.0.1:{worker_port}", "--port", "0", "--shutdown-delay", "5",
-                                   "--drain-timeout", "30", "--ready-file", str(ready)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        router, router_port = start_triphase(tmp_path, "router", [
+            "router", "--workers", f"127.0.0.1:{worker_port}", "--port", "0", "--shutdown-delay", "5",
+            "--drain-timeout", "30"], timeout=60)
         try:
-            url = f"http://127.0.0.1:{wait_for(lambda: ready.exists() and ready.read_text(), 60, 'the router')}"
+            url = f"http://127.0.0.1:{router_port}"
             wait_for(lambda: http_ok(f"{url}/readyz"), 60, "the router to see its worker")
             body = json.dumps({"model": "SmolLM2-135M-Instruct", "prompt": "a", "max_tokens": 150,
                                "ignore_eos": True, "stream": True}).encode()

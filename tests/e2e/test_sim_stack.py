@@ -11,7 +11,7 @@ import urllib.request
 import openai
 import pytest
 
-from tests.procs import triphase_up
+from triphase.local.processes import triphase_up
 
 pytestmark = pytest.mark.slow
 

@@ -18,9 +18,9 @@ import grpc
 import openai
 import pytest
 
-from tests.procs import triphase_up
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
+from triphase.local.processes import triphase_up
 
 pytestmark = pytest.mark.slow
 SIM = ["--engine", "sim", "--prefill", "1", "--decode", "2", "--sim-decode-ms", "20", "--sim-decode-per-seq-ms", "10"]

@@ -21,11 +21,11 @@ import time
 import pytest
 import yaml
 
-from tests.procs import triphase_process
 from triphase.cli import build_parser
 from triphase.common.net import free_port
 from triphase.local import prometheus
 from triphase.local.cluster import binaries
+from triphase.local.processes import triphase_process
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 CHART = ROOT / "helm" / "triphase"

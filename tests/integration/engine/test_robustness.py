@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from tests.procs import wait_for
+from triphase.local.processes import wait_for
 from triphase.workers.engine.async_engine import AsyncEngine, EngineFailed
 from triphase.workers.engine.core import EngineConfig, KvExport
 from triphase.workers.engine.sampling import SamplingParams

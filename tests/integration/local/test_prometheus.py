@@ -11,9 +11,9 @@ import urllib.request
 
 import pytest
 
-from tests.procs import triphase_up
 from triphase.common.net import free_port, wait_until
 from triphase.local import command, prometheus
+from triphase.local.processes import triphase_up
 
 
 def test_the_scrape_configuration_passes_promtool(tmp_path) -> None:

@@ -10,8 +10,8 @@ import pathlib
 
 import yaml
 
-from tests.procs import triphase_process
 from triphase.common.net import free_port
+from triphase.local.processes import triphase_process
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 SAMPLE = yaml.safe_load((ROOT / "deploy" / "samples" / "smollm2-disaggregated.yaml").read_text())

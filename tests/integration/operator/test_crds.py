@@ -11,7 +11,7 @@ import pathlib
 import pytest
 import yaml
 
-from tests.procs import wait_for
+from triphase.local.processes import wait_for
 from triphase.operator.api.v1alpha1 import ServingDeploymentSpec
 
 pytestmark = pytest.mark.slow

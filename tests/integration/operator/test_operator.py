@@ -19,9 +19,9 @@ from tests.integration.operator.helpers import SAMPLE, operator
 from tests.integration.operator.helpers import apply as _apply
 from tests.integration.operator.helpers import kubectl_json as _json
 from tests.load import load_in_background
-from tests.procs import http_ok, triphase_process, wait_for
 from triphase.common import labels
 from triphase.local.cluster import controlplane
+from triphase.local.processes import http_ok, triphase_process, wait_for
 from triphase.operator.reconcile import CURRENT_ROLE
 
 pytestmark = pytest.mark.slow

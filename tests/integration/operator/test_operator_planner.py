@@ -14,10 +14,10 @@ import pytest
 
 from tests.integration.operator.helpers import SAMPLE, apply, kubectl_json, operator
 from tests.load import load_in_background
-from tests.procs import triphase_process, wait_for
 from triphase.common import labels
 from triphase.common.net import free_port
 from triphase.local import prometheus
+from triphase.local.processes import triphase_process, wait_for
 
 pytestmark = pytest.mark.slow
 SIM = ["--engine", "sim", "--sim-prefill-per-token-ms", "1", "--sim-decode-per-seq-ms", "5"]

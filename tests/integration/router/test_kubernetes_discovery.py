@@ -12,8 +12,8 @@ import urllib.request
 import openai
 import pytest
 
-from tests.procs import triphase_process, wait_for
 from triphase.common import labels
+from triphase.local.processes import triphase_process, wait_for
 from triphase.operator import builders
 
 pytestmark = pytest.mark.slow

@@ -15,9 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.procs import triphase_process, wait_for
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
+from triphase.local.processes import triphase_process, wait_for
 
 pytestmark = pytest.mark.slow
 EXAMPLES = int(os.environ.get("TRIPHASE_FUZZ_EXAMPLES", "60"))

@@ -7,17 +7,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import subprocess
-import sys
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.procs import wait_for
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
 from triphase.common.roles import Role
+from triphase.local.processes import start_triphase, wait_for
 from triphase.workers.engine.async_engine import AsyncEngine
 from triphase.workers.engine.core import EngineConfig
 from triphase.workers.engine.sim import SimTiming, simulated_engine
@@ -30,12 +28,10 @@ LONG = pb.SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)  # 150 
 
 @contextlib.contextmanager
 def sim_worker(tmp_path, drain_timeout: float):
-    ready = tmp_path / f"w{drain_timeout}.port"
-    proc = subprocess.Popen([sys.executable, "-m", "triphase.cli", "worker", "--engine", "sim", "--port", "0",
-                             "--sim-decode-ms", "20", "--kv-cache-mib", "16", "--drain-timeout", str(drain_timeout),
-                             "--ready-file", str(ready)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc, port = start_triphase(tmp_path, f"w{drain_timeout}", [
+        "worker", "--engine", "sim", "--port", "0", "--sim-decode-ms", "20", "--kv-cache-mib", "16",
+        "--drain-timeout", str(drain_timeout)], timeout=60)
     try:
-        port = wait_for(lambda: ready.exists() and ready.read_text(), 60, "the worker to listen")
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         yield proc, worker_pb2_grpc.WorkerServiceStub(channel), health_pb2_grpc.HealthStub(channel)
         channel.close()

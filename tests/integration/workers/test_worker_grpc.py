@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import os
-import signal
-import subprocess
-import sys
 import urllib.request
 
 import grpc
 import pytest
 
-from tests.procs import wait_for
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
 from triphase.common.block_hash import prompt_block_hashes
+from triphase.local.processes import log_tail, start_triphase, stop, wait_for
 from triphase.workers.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -26,28 +22,19 @@ GREEDY = pb.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 @contextlib.contextmanager
 def worker(tmp_path, role, kv_transfer="nixl"):
-    ready = tmp_path / f"{role}-{kv_transfer}.port"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "triphase.cli", "worker", "--role", role, "--port", "0", "--ready-file", str(ready),
-         "--dtype", "float32", "--kv-cache-mib", "64", "--kv-pin-timeout", "60", "--kv-transfer", kv_transfer,
-         "--metrics-port", "0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+    name = f"{role}-{kv_transfer}"
+    proc, port = start_triphase(tmp_path, name, [
+        "worker", "--role", role, "--port", "0", "--dtype", "float32", "--kv-cache-mib", "64", "--kv-pin-timeout",
+        "60", "--kv-transfer", kv_transfer, "--metrics-port", "0"], timeout=120)
     try:
-        port = wait_for(lambda: ready.exists() and ready.read_text(), 120, f"{role} worker to listen")
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(channel).result(timeout=30)
-        metrics_port = (tmp_path / f"{role}-{kv_transfer}.port.metrics").read_text()
+        metrics_port = (tmp_path / f"{name}.port.metrics").read_text()
         yield worker_pb2_grpc.WorkerServiceStub(channel), f"127.0.0.1:{metrics_port}"
         channel.close()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            raise
-    assert proc.returncode == 0, proc.stderr.read()
+        stop(proc, grace=30)
+    assert proc.returncode == 0, log_tail(tmp_path / f"{name}.log", 40, "\n")
 
 
 @pytest.fixture(scope="module")

@@ -5,33 +5,26 @@ serving). A child that exits while the stack runs is restarted on the port it ha
 worker endpoints and the printed URL stay valid. One that dies before it is ready again is crash
 looping: its restarts back off, doubling from RESTART_BACKOFF_S up to MAX_BACKOFF_S; one that had
 become ready (or ran STABLE_S) is restarted after RESTART_BACKOFF_S. This is what Kubernetes
-does for a pod's container; a worker whose engine dies exits 1 for exactly this. Children get
-PR_SET_PDEATHSIG, so even a `kill -9` of the supervisor leaves no orphans behind.
+does for a pod's container; a worker whose engine dies exits 1 for exactly this. Children are started
+by `triphase.local.processes`, so even a `kill -9` of the supervisor leaves no orphans behind.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 
 from triphase.common.errors import UserError
+from triphase.local.processes import TRIPHASE, log_tail, ready_port, spawn, stop_all
 
 RESTART_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 10.0
 STABLE_S = 60.0
 POLL_S = 0.2
-
-
-def _die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclasses.dataclass
@@ -68,26 +61,22 @@ class Supervisor:
         args = list(child.args)
         if child.port is not None:
             args[args.index("--port") + 1] = str(child.port)
-        log = open(self.tmp / f"{child.name}.log", "ab")  # noqa: SIM115 (owned by the child for its lifetime)
-        child.proc = subprocess.Popen([sys.executable, "-m", "triphase.cli", *args, "--ready-file", str(ready)],
-                                      stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-        log.close()
+        child.proc = spawn([*TRIPHASE, *args, "--ready-file", str(ready)], self.tmp / f"{child.name}.log",
+                           append=True)
         child.started_at = time.monotonic()
 
     def wait_ready(self, child: Child, deadline: float) -> int:
-        ready = self.ready_file(child)
         while time.monotonic() < deadline:
-            if ready.exists() and ready.read_text():
-                child.port = int(ready.read_text())
-                return child.port
+            if (port := ready_port(self.ready_file(child))) is not None:
+                child.port = port
+                return port
             if child.proc is not None and child.proc.poll() is not None:
                 raise UserError(f"{child.name} exited with code {child.proc.returncode}: {self.tail(child)}")
             time.sleep(0.1)  # polling a child's ready file, bounded by the deadline
         raise UserError(f"{child.name} was not ready in time (log: {self.tmp / (child.name + '.log')})")
 
     def tail(self, child: Child, lines: int = 5) -> str:
-        text = (self.tmp / f"{child.name}.log").read_text(errors="replace").strip().splitlines()
-        return " | ".join(text[-lines:])
+        return log_tail(self.tmp / f"{child.name}.log", lines)
 
     def supervise(self, until: Callable[[], bool] = lambda: False, tick: Callable[[], None] | None = None) -> None:
         """Restart children that exit, until `until()` is true (or forever: Ctrl-C ends it); `tick()` runs
@@ -117,7 +106,7 @@ class Supervisor:
                 child.restarts += 1
                 child.announced = False
                 self._start(child)
-            elif not child.announced and self.ready_file(child).exists() and self.ready_file(child).read_text():
+            elif not child.announced and ready_port(self.ready_file(child)) is not None:
                 child.announced = True
                 self.say(f"{child.name} is back on port {child.port} (restart {child.restarts})")
 
@@ -134,14 +123,4 @@ class Supervisor:
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM every child (they drain), SIGKILL what is left after `grace_s`."""
-        procs = [c.proc for c in reversed(self.children.values()) if c.proc is not None] + self.retired
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all([c.proc for c in reversed(self.children.values()) if c.proc is not None] + self.retired, grace_s)
