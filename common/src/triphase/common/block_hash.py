@@ -1,28 +1,54 @@
 """The chained block hash shared by the engine's prefix cache and the router's cache-aware placement.
 
 Process-independent (blake2b, not Python's salted hash) so a router can compute the hashes of a
-prompt's blocks and compare them with the hashes a worker reports."""
+prompt's blocks and compare them with the hashes a worker reports. An image in the prompt is a run
+of identical placeholder tokens (`ImageSpan`); every block that overlaps one folds the image's
+content digest into its hash, so the same text around a different image is a different prefix."""
 
 from __future__ import annotations
 
 import array
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 
 
-def hash_block_tokens(parent_hash: int | None, tokens: Sequence[int]) -> int:
-    """Hash of one full block, chained to its parent: equal only for equal prefixes."""
+@dataclasses.dataclass(frozen=True)
+class ImageSpan:
+    """Prompt positions [offset, offset + length) hold one image's embeddings; `digest` is the sha256
+    of the image's encoded bytes."""
+
+    offset: int
+    length: int
+    digest: bytes
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def hash_block_tokens(parent_hash: int | None, tokens: Sequence[int], extra: bytes = b"") -> int:
+    """Hash of one full block, chained to its parent: equal only for equal prefixes. `extra`: the
+    digests of the images the block overlaps (`span_digests`)."""
     digest = hashlib.blake2b(digest_size=8)
     digest.update((parent_hash or 0).to_bytes(8, "little"))
     digest.update(array.array("q", tokens).tobytes())
+    digest.update(extra)
     return int.from_bytes(digest.digest(), "little")
 
 
-def prompt_block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+def span_digests(images: Sequence[ImageSpan], start: int, end: int) -> bytes:
+    """The digests of the images overlapping positions [start, end), in prompt order."""
+    return b"".join(image.digest for image in images if image.offset < end and start < image.end)
+
+
+def prompt_block_hashes(token_ids: Sequence[int], block_size: int,
+                        images: Sequence[ImageSpan] = ()) -> list[int]:
     """Chained hashes of every full block of a prompt."""
     hashes: list[int] = []
     parent: int | None = None
     for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block_tokens(parent, token_ids[start : start + block_size])
+        end = start + block_size
+        parent = hash_block_tokens(parent, token_ids[start:end], span_digests(images, start, end))
         hashes.append(parent)
     return hashes
