@@ -3,28 +3,16 @@ written to safetensors by the test and loaded by both transformers and triphase.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
+from tests.checkpoints import write_word_tokenizer
 from triphase.workers.engine.core import Engine, EngineConfig
 from triphase.workers.engine.sampling import SamplingParams
 from triphase.workers.models.loader import load_model
 
 pytestmark = pytest.mark.slow
 VOCAB = 96
-
-
-def write_tokenizer(folder):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "w1", "eos_token": "w2",
-                                                              "add_bos_token": False}))
 
 
 def build_checkpoint(kind, folder):
@@ -48,7 +36,7 @@ def build_checkpoint(kind, folder):
     model.eval()
     model.generation_config.eos_token_id = None  # like ignore_eos: always 24 tokens
     model.save_pretrained(folder, safe_serialization=True)
-    write_tokenizer(folder)
+    write_word_tokenizer(folder, VOCAB)
     return model
 
 

@@ -22,13 +22,16 @@ from triphase.workers.engine.detokenizer import IncrementalDetokenizer
 from triphase.workers.engine.kv_cache_manager import KVCacheManager, cdiv
 from triphase.workers.engine.kv_layout import KvLayout
 from triphase.workers.engine.model_runner import TORCH_DTYPES, ModelRunner
+from triphase.workers.engine.multimodal import ImageInput, check_images
 from triphase.workers.engine.rates import StepRates
 from triphase.workers.engine.request import Request, RequestStatus
 from triphase.workers.engine.sampling import SamplingParams
 from triphase.workers.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
 from triphase.workers.models.config import ModelConfig
+from triphase.workers.models.image_processing import ImageProcessor
 from triphase.workers.models.llama import FAMILIES
 from triphase.workers.models.loader import LoadedModel, load_model
+from triphase.workers.models.vision import VisionConfig, VisionEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +120,11 @@ class KvExport:
 
 
 class Engine:
+    # set for a model that takes images
+    vision_config: VisionConfig | None = None
+    vision: VisionEncoder | None = None
+    image_processor: ImageProcessor | None = None
+
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         config = config or EngineConfig()
         cfg = loaded.config
@@ -128,6 +136,10 @@ class Engine:
                                            loaded.quantized if int4 else None, config.int4_max_tokens if int4 else 0)
         layout = kv_layout_for(cfg, config)
         self._setup(cfg, loaded.tokenizer, loaded.path, config, ModelRunner(model, layout))
+        if loaded.vision is not None and loaded.image_processor is not None:
+            self.vision_config = loaded.vision
+            self.vision = VisionEncoder(loaded.vision, loaded.weights, TORCH_DTYPES[config.dtype])
+            self.image_processor = loaded.image_processor
 
     def _setup(self, cfg: ModelConfig, tokenizer: Tokenizer, path: str, config: EngineConfig,
                runner: ModelRunner) -> None:
@@ -164,20 +176,40 @@ class Engine:
         """Longest prompt + output: the context length, or the KV capacity if smaller."""
         return self.scheduler.max_len
 
+    # ------------------------------------------------------------------ images
+    @property
+    def image_token_id(self) -> int | None:
+        return self.vision_config.image_token_id if self.vision_config is not None else None
+
+    def encode_images(self, images: Sequence[Any]) -> list[torch.Tensor]:
+        """Embeddings [tokens_per_image, hidden] for each decoded RGB image (PIL)."""
+        if self.vision is None or self.image_processor is None:
+            raise ValueError("this model takes no images")
+        if not images:
+            return []
+        return list(self.vision(self.image_processor(images)).to(TORCH_DTYPES[self.config.dtype]))
+
+    def _check_images(self, token_ids: Sequence[int], images: Sequence[ImageInput], need_embeds: bool) -> None:
+        check_images(token_ids, images, self.image_token_id, self.model_config.hidden_size, need_embeds)
+
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
-                    *, prefill_only: bool = False, output_offset: int = 0) -> Request:
+                    *, prefill_only: bool = False, output_offset: int = 0,
+                    images: Sequence[ImageInput] = ()) -> Request:
         """Queue a request; raises ValueError for one that can never run (too long, empty).
         `output_offset`: the prompt ends with that many tokens another worker already generated for
-        this request (a resumed request), so seeded sampling continues at the right index."""
+        this request (a resumed request), so seeded sampling continues at the right index.
+        `images`: the prompt's image placeholder runs with their embeddings."""
         if self.scheduler.find(request_id) is not None:
             raise ValueError(f"request {request_id!r} already exists")
-        request = Request(request_id, prompt_token_ids, sampling, prefill_only=prefill_only)
+        request = Request(request_id, prompt_token_ids, sampling, prefill_only=prefill_only,
+                          images=[i.span for i in images], image_embeds=[i.embeds for i in images])
         self.scheduler.check(request)  # the length first: the checks below cost time per token
         if not 0 <= output_offset < request.num_prompt_tokens:
             raise ValueError(f"resumed output tokens ({output_offset}) must be fewer than the prompt's tokens")
         request.output_offset = output_offset
         self._check_token_ids(request.prompt_token_ids, "prompt")
+        self._check_images(request.prompt_token_ids, images, need_embeds=True)
         self._check_token_ids(sampling.stop_token_ids, "stop_token_ids")
         self.scheduler.add(request)
         detok = self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
@@ -262,12 +294,15 @@ class Engine:
                              [logprobs] if logprobs else None, cached, request.stop_reason)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams],
-                 ) -> list[Completion]:
-        """Run prompts to completion together (continuous batching); results in prompt order."""
+                 images: Sequence[Sequence[ImageInput]] | None = None) -> list[Completion]:
+        """Run prompts to completion together (continuous batching); results in prompt order.
+        `images`: each prompt's images, when there are any."""
         params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+        per_prompt = list(images) if images is not None else [()] * len(prompts)
         batch = next(self._batches)
         ids = [f"gen-{batch}-{i}" for i in range(len(prompts))]
-        requests = {rid: self.add_request(rid, p, sp) for rid, p, sp in zip(ids, prompts, params, strict=True)}
+        requests = {rid: self.add_request(rid, p, sp, images=im)
+                    for rid, p, sp, im in zip(ids, prompts, params, per_prompt, strict=True)}
         texts = dict.fromkeys(ids, "")
         reasons: dict[str, str] = {}
         while len(reasons) < len(ids):
@@ -287,11 +322,14 @@ class Engine:
             request.logprobs or None,
         )
 
-    def prompt_logits(self, token_ids: Sequence[int], chunk_size: int | None = None) -> torch.Tensor:
+    def prompt_logits(self, token_ids: Sequence[int], chunk_size: int | None = None,
+                      images: Sequence[ImageInput] = ()) -> torch.Tensor:
         """Teacher-forced float32 logits at every position [len(token_ids), vocab], computed through
         the paged cache in chunks of `chunk_size` tokens (default: the step budget)."""
-        request = Request(f"score-{next(self._batches)}", token_ids, SamplingParams(max_tokens=1, temperature=0))
+        request = Request(f"score-{next(self._batches)}", token_ids, SamplingParams(max_tokens=1, temperature=0),
+                          images=[i.span for i in images], image_embeds=[i.embeds for i in images])
         self.scheduler.check(request)
+        self._check_images(token_ids, images, need_embeds=True)
         chunk = chunk_size or self.config.max_num_batched_tokens
         rows = []
         try:
@@ -307,9 +345,10 @@ class Engine:
         return torch.cat(rows)
 
     # ------------------------------------------------------------------ KV hand-off
-    def prefill(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams) -> KvExport:
+    def prefill(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
+                images: Sequence[ImageInput] = ()) -> KvExport:
         """Prefill only (stepping the engine until done) and describe the pinned KV for export."""
-        request = self.add_request(request_id, prompt_token_ids, sampling, prefill_only=True)
+        request = self.add_request(request_id, prompt_token_ids, sampling, prefill_only=True, images=images)
         while request.status is not RequestStatus.PREFILLED:
             if request.status.finished:
                 raise RuntimeError(f"request {request_id} ended during prefill ({request.status.value})")
@@ -333,12 +372,14 @@ class Engine:
         return self.scheduler.release(request_id)
 
     def import_kv(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
-                  export: KvExport, source: Engine | None = None) -> tuple[Request, RequestOutput]:
+                  export: KvExport, source: Engine | None = None,
+                  images: Sequence[ImageInput] = ()) -> tuple[Request, RequestOutput]:
         """Adopt another engine's prefill: allocate blocks, copy the KV in (from `export.data`, or
-        block-to-block from `source` in the same process), and decode from the next step on."""
+        block-to-block from `source` in the same process), and decode from the next step on.
+        `images`: the prompt's image spans (embeddings not needed: the KV holds them)."""
         if export.data is None and source is None:
             raise ValueError("the export carries no data and no source engine was given")
-        request, dst = self.reserve_import(request_id, prompt_token_ids, sampling, export)
+        request, dst = self.reserve_import(request_id, prompt_token_ids, sampling, export, images)
         if export.data is not None:
             self.runner.write_blocks(dst, export.data)
         elif source is not None:
@@ -346,18 +387,18 @@ class Engine:
         return request, self.commit_import(request, export)
 
     def reserve_import(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
-                       export: KvExport) -> tuple[Request, list[int]]:
+                       export: KvExport, images: Sequence[ImageInput] = ()) -> tuple[Request, list[int]]:
         """First half of an import: allocate blocks for the incoming KV. The request does not run
         until `commit_import`; a transport (NIXL) may write the blocks in between, from any thread,
         since no other request touches them. `cancel_import` frees them if the transfer fails."""
-        request = self.check_import(request_id, prompt_token_ids, sampling, export)
+        request = self.check_import(request_id, prompt_token_ids, sampling, export, images)
         dst = self.kv.adopt_imported(request, export.num_tokens)
         if dst is None:
             raise MemoryError(f"no room for {len(export.block_ids)} KV blocks")
         return request, dst
 
     def check_import(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
-                     export: KvExport) -> Request:
+                     export: KvExport, images: Sequence[ImageInput] = ()) -> Request:
         """Everything an import must satisfy before a block is allocated or a byte moved: raises
         ValueError for a description that does not fit this engine (layout, token and block counts,
         token ids outside the vocabulary, a prompt that could never run)."""
@@ -370,9 +411,10 @@ class Engine:
                              f"of {self.layout.block_size} per block")
         if self.scheduler.find(request_id) is not None or self.kv.owns(request_id):
             raise ValueError(f"request {request_id!r} already exists")
-        request = Request(request_id, prompt_token_ids, sampling)
+        request = Request(request_id, prompt_token_ids, sampling, images=[i.span for i in images])
         self.scheduler.check(request)
         self._check_token_ids(request.prompt_token_ids, "prompt")
+        self._check_images(request.prompt_token_ids, images, need_embeds=False)
         self._check_token_ids([export.first_token_id], "first_token_id")
         self._check_token_ids(sampling.stop_token_ids, "stop_token_ids")
         return request

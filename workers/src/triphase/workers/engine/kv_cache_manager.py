@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from triphase.common.block_hash import span_digests
 from triphase.workers.engine.block_pool import Block, BlockPool, hash_block_tokens
 from triphase.workers.engine.request import Request
 
@@ -48,8 +49,9 @@ class KVCacheManager:
         bs = self.block_size
         full = request.num_tokens // bs
         while len(hashes) < full:
-            i = len(hashes)
-            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, request.token_ids[i * bs : (i + 1) * bs]))
+            start, end = len(hashes) * bs, (len(hashes) + 1) * bs
+            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, request.token_ids[start:end],
+                                            span_digests(request.images, start, end)))
         return hashes
 
     # ------------------------------------------------------------------ allocation

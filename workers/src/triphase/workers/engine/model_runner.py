@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import math
 import mmap
+from typing import cast
 
 import torch
 
 from triphase.workers.engine.kv_layout import KvLayout, transfer_plan
+from triphase.workers.engine.multimodal import overlapping_rows
 from triphase.workers.engine.sampler import Sample, sample
 from triphase.workers.engine.scheduler import ScheduledRequest, SchedulerOutput
 from triphase.workers.models.attention import AttentionBatch, PrefillSeq
@@ -71,9 +73,16 @@ class ModelRunner:
         decode_ctx: list[int] = []
         decode_tables: list[list[int]] = []
         prefills: list[PrefillSeq] = []
+        image_rows: list[int] = []
+        image_parts: list[torch.Tensor] = []
         for item in scheduled:
             request, start, n = item.request, item.start, item.num_new_tokens
             offset = len(tokens)
+            if request.image_embeds and start < request.num_prompt_tokens:
+                embeds = cast("list[torch.Tensor]", request.image_embeds)  # the engine put tensors there
+                new_rows, new_parts = overlapping_rows(request.images, embeds, start, n, offset)
+                image_rows.extend(new_rows)
+                image_parts.extend(new_parts)
             tokens.extend(request.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             for p in range(start, start + n):
@@ -113,6 +122,7 @@ class ModelRunner:
         logits = self.model.forward(
             torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long), batch,
             self.kv_cache, torch.tensor(logits_rows, dtype=torch.long),
+            (torch.tensor(image_rows, dtype=torch.long), torch.cat(image_parts)) if image_rows else None,
         )
         return logits, sampled_items
 

@@ -6,6 +6,7 @@ import enum
 import time
 from collections.abc import Sequence
 
+from triphase.common.block_hash import ImageSpan
 from triphase.workers.engine.sampling import SamplingParams
 
 
@@ -29,10 +30,15 @@ class Request:
 
     Invariant: 0 <= num_computed_tokens <= num_tokens. When a step brings num_computed_tokens up
     to num_tokens, the step also sampled the next token, which is appended.
+
+    `images` are the prompt's image placeholder runs, in order and disjoint; `image_embeds` holds
+    their embeddings (tensors, one [length, hidden] per image, kept until the request ends: a
+    preempted request computes them into the KV again).
     """
 
     def __init__(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
-                 *, prefill_only: bool = False, arrival_time: float | None = None) -> None:
+                 *, prefill_only: bool = False, arrival_time: float | None = None,
+                 images: Sequence[ImageSpan] = (), image_embeds: Sequence[object] = ()) -> None:
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
         self.request_id = request_id
@@ -40,6 +46,8 @@ class Request:
         self.token_ids = list(prompt_token_ids)
         self.sampling = sampling
         self.prefill_only = prefill_only
+        self.images = tuple(images)
+        self.image_embeds = tuple(image_embeds)
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.num_preemptions = 0
@@ -49,6 +57,11 @@ class Request:
         self.first_token_time: float | None = None
         self.logprobs: list[dict[int, float]] = []  # per output token: {token_id: logprob}
         self.stop_reason: str | int | None = None
+
+    @property
+    def recomputable(self) -> bool:
+        """Its KV can be computed again from what it holds (not so for images without embeddings)."""
+        return len(self.image_embeds) == len(self.images)
 
     @property
     def num_prompt_tokens(self) -> int:

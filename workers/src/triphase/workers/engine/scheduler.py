@@ -148,11 +148,13 @@ class Scheduler:
 
     def _pick_victim(self, scheduled_ids: set[str]) -> Request:
         """The most recently admitted running request not yet scheduled this step; failing that, the
-        most recent one at all (its already scheduled work is dropped from this step)."""
-        for request in reversed(self.running):
+        most recent one at all (its already scheduled work is dropped from this step). Requests that
+        can recompute their KV go first: an imported request with images has no embeddings here."""
+        candidates = sorted(reversed(self.running), key=lambda r: not r.recomputable)
+        for request in candidates:
             if request.request_id not in scheduled_ids:
                 return request
-        return self.running[-1]
+        return candidates[0]
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

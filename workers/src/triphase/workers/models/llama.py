@@ -141,8 +141,10 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
-                kv_cache: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor:
-        """Returns float32 logits [len(logits_indices), vocab] for the selected token rows."""
+                kv_cache: torch.Tensor, logits_indices: torch.Tensor,
+                embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Returns float32 logits [len(logits_indices), vocab] for the selected token rows. `embeds`:
+        (rows, values) written over those rows' token embeddings (an image's placeholders)."""
         cfg = self.config
         n = input_ids.shape[0]
         self._ensure_rope(int(positions.max()) + 1)
@@ -151,6 +153,8 @@ class LlamaModel:
         # The residual stream stays float32 whatever the compute dtype: summing 60 sublayer outputs
         # in bfloat16 loses ~2 significant bits, enough to flip near-tied tokens of a small model.
         h = F.embedding(input_ids, self.embed).float()
+        if embeds is not None:
+            h[embeds[0]] = embeds[1].float()
         dtype, eps = self.dtype, cfg.rms_norm_eps
         heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qk_size, half = self.q_size + self.kv_size, dim // 2

@@ -23,7 +23,9 @@ from triphase.common import tokenizer as tok
 from triphase.common.errors import UserError
 from triphase.common.model_files import gguf_metadata, gguf_reader, is_gguf, resolve
 from triphase.workers.models.config import ModelConfig, RopeScaling, rope_scaling_from_dict
+from triphase.workers.models.image_processing import ImageProcessor
 from triphase.workers.models.quant import Q4_0, Q4_1, Q4Blocks, parse_gguf_q4
+from triphase.workers.models.vision import VisionConfig, vision_config_from_hf
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,9 @@ class LoadedModel:
     path: str
     # 4-bit GGUF matrices kept packed (HF names), when asked for with keep_quantized=True
     quantized: dict[str, Q4Blocks] = dataclasses.field(default_factory=dict)
+    # a LLaVA-style model's vision side (its weights are in `weights` as vision.* and projector.*)
+    vision: VisionConfig | None = None
+    image_processor: ImageProcessor | None = None
 
 
 def _unsupported(arch: str, path: str) -> UserError:
@@ -200,6 +205,14 @@ def _load_hf_dir(path: str, dtype: torch.dtype, progress: Progress[Any]) -> Load
         raise UserError(f"{path} has no config.json") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}/config.json is not valid JSON ({exc})") from None
+    vision = None
+    if raw.get("model_type") == "llava":
+        try:
+            vision = vision_config_from_hf(raw)
+            text = raw["text_config"]
+            raw = {**text, "eos_token_id": text.get("eos_token_id", raw.get("eos_token_id"))}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{path}/config.json: unsupported or invalid LLaVA vision settings ({exc})") from None
     arch = str(raw.get("model_type", "?"))
     if arch == "mistral":
         arch = "llama"
@@ -222,11 +235,38 @@ def _load_hf_dir(path: str, dtype: torch.dtype, progress: Progress[Any]) -> Load
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    weights[key] = handle.get_tensor(key).to(dtype)
+                    weights[_hf_name(key)] = handle.get_tensor(key).to(dtype)
         except Exception as exc:  # safetensors raises its own SafetensorError family
             raise UserError(f"{file} is a corrupted safetensors file ({exc})") from None
     config = _check_complete(weights, config, path)
-    return LoadedModel(config, weights, tokenizer, path)
+    if vision is None:
+        return LoadedModel(config, weights, tokenizer, path)
+    missing = [n for n in ("vision.embeddings.patch_embedding.weight", "projector.linear_1.weight") if n not in weights]
+    if missing:
+        raise UserError(f"{path}: missing tensor {missing[0]}")
+    return LoadedModel(config, weights, tokenizer, path, vision=vision,
+                       image_processor=ImageProcessor.from_dir(folder, vision.image_size, vision.kind))
+
+
+# Where LLaVA checkpoints keep their parts, by transformers version, and the names model code reads.
+_HF_PREFIXES = (
+    ("model.language_model.", "model."),
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.vision_tower.vision_model.", "vision."),
+    ("vision_tower.vision_model.", "vision."),
+    ("model.vision_tower.", "vision."),
+    ("vision_tower.", "vision."),
+    ("model.multi_modal_projector.", "projector."),
+    ("multi_modal_projector.", "projector."),
+)
+
+
+def _hf_name(key: str) -> str:
+    for prefix, ours in _HF_PREFIXES:
+        if key.startswith(prefix):
+            return ours + key[len(prefix):]
+    return key
 
 
 def _hf_config(raw: dict[str, Any], arch: str, path: str, folder: pathlib.Path) -> ModelConfig:

@@ -1,0 +1,175 @@
+"""The vision side of a LLaVA-style model in plain torch: a CLIP or SigLIP vision transformer and the
+MLP projector that maps its features into the language model's embedding width.
+
+`VisionEncoder(pixels)` takes preprocessed images [N, 3, H, W] (see image_processing.py) and returns
+[N, tokens_per_image, text_hidden]: the rows the prefill splices in at the image's placeholder
+tokens. As in LLaVA, features are the hidden states after `feature_layers` (negative: from the end;
+several are concatenated), without the first (CLS) token under the "default" strategy, and
+`post_layernorm` is not applied. Only the layers the features need are run. Weights arrive with the
+names loader.py gives them: `vision.*` (the tower) and `projector.*`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    kind: str  # "clip" or "siglip"
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int
+    patch_size: int
+    layer_norm_eps: float
+    hidden_act: str
+    # The LLaVA wrapper's settings
+    image_token_id: int
+    feature_layers: tuple[int, ...] = (-2,)
+    feature_strategy: str = "default"  # "default" drops the first token, "full" keeps it
+    projector_act: str = "gelu"
+    num_channels: int = 3
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + (1 if self.kind == "clip" else 0)
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Placeholder tokens (and embedding rows) one image takes in the prompt."""
+        return self.num_positions - (1 if self.feature_strategy == "default" else 0)
+
+    @property
+    def layers_needed(self) -> int:
+        """Encoder layers to run: hidden state i is the output of layer i (0: the embeddings)."""
+        return max(layer % (self.num_hidden_layers + 1) for layer in self.feature_layers)
+
+
+def vision_config_from_hf(raw: dict[str, Any]) -> VisionConfig:
+    """The vision settings of a LLaVA config.json (KeyError/ValueError/TypeError when malformed)."""
+    vision = raw["vision_config"]
+    kind = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}.get(vision.get("model_type", ""))
+    if kind is None:
+        raise ValueError(f"vision model {vision.get('model_type')!r} (supported: clip_vision_model, "
+                         "siglip_vision_model)")
+    layers = raw.get("vision_feature_layer", -2)
+    strategy = raw.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ValueError(f"vision_feature_select_strategy {strategy!r} (supported: default, full)")
+    hidden_act = vision.get("hidden_act", "quick_gelu" if kind == "clip" else "gelu_pytorch_tanh")
+    projector_act = raw.get("projector_hidden_act", "gelu")
+    for act in (hidden_act, projector_act):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"activation {act!r} (supported: {', '.join(ACTIVATIONS)})")
+    config = VisionConfig(
+        kind=kind,
+        hidden_size=int(vision["hidden_size"]),
+        intermediate_size=int(vision["intermediate_size"]),
+        num_hidden_layers=int(vision["num_hidden_layers"]),
+        num_attention_heads=int(vision["num_attention_heads"]),
+        image_size=int(vision["image_size"]),
+        patch_size=int(vision["patch_size"]),
+        layer_norm_eps=float(vision.get("layer_norm_eps", 1e-5 if kind == "clip" else 1e-6)),
+        hidden_act=hidden_act,
+        image_token_id=int(raw["image_token_id"] if "image_token_id" in raw else raw["image_token_index"]),
+        feature_layers=tuple(int(x) for x in (layers if isinstance(layers, list) else [layers])),
+        feature_strategy=strategy,
+        projector_act=projector_act,
+        num_channels=int(vision.get("num_channels", 3)),
+    )
+    if config.image_size % config.patch_size:
+        raise ValueError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
+    if any(not -config.num_hidden_layers - 1 <= x <= config.num_hidden_layers for x in config.feature_layers):
+        raise ValueError(f"vision_feature_layer {layers} is outside the tower's {config.num_hidden_layers} layers")
+    return config
+
+
+Affine = tuple[torch.Tensor, torch.Tensor]  # (weight, bias)
+
+
+class _Layer:
+    """One pre-norm transformer layer of the tower; q, k and v fused into one matrix."""
+
+    __slots__ = ("fc1", "fc2", "norm1", "norm2", "out", "qkv")
+
+    def __init__(self, w: Callable[[str], torch.Tensor], prefix: str) -> None:
+        def affine(name: str) -> Affine:
+            return w(f"{prefix}{name}.weight"), w(f"{prefix}{name}.bias")
+
+        self.norm1, self.norm2 = affine("layer_norm1"), affine("layer_norm2")
+        projections = [affine(f"self_attn.{n}_proj") for n in "qkv"]
+        self.qkv = torch.cat([p[0] for p in projections]), torch.cat([p[1] for p in projections])
+        self.out, self.fc1, self.fc2 = affine("self_attn.out_proj"), affine("mlp.fc1"), affine("mlp.fc2")
+
+
+class VisionEncoder:
+    """Vision tower + projector: pixels [N, C, H, W] -> embeddings [N, tokens_per_image, text_hidden]."""
+
+    def __init__(self, config: VisionConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        self.config = config
+        self.dtype = dtype
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(dtype)
+
+        def opt(name: str) -> torch.Tensor | None:
+            return weights[name].to(dtype) if name in weights else None
+
+        self.patch = w("vision.embeddings.patch_embedding.weight")
+        self.patch_bias = opt("vision.embeddings.patch_embedding.bias")
+        self.cls = opt("vision.embeddings.class_embedding")
+        self.positions = w("vision.embeddings.position_embedding.weight")
+        self.pre_norm = (w("vision.pre_layrnorm.weight"), w("vision.pre_layrnorm.bias")) \
+            if "vision.pre_layrnorm.weight" in weights else None
+        self.layers = [_Layer(w, f"vision.encoder.layers.{i}.") for i in range(config.layers_needed)]
+        self.proj1 = (w("projector.linear_1.weight"), opt("projector.linear_1.bias"))
+        self.proj2 = (w("projector.linear_2.weight"), opt("projector.linear_2.bias"))
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.projector_act = ACTIVATIONS[config.projector_act]
+
+    @property
+    def output_size(self) -> int:
+        return int(self.proj2[0].shape[0])
+
+    @torch.inference_mode()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        n = pixels.shape[0]
+        x = F.conv2d(pixels.to(self.dtype), self.patch, self.patch_bias, stride=cfg.patch_size)
+        x = x.flatten(2).transpose(1, 2)  # [N, patches, hidden]
+        if self.cls is not None:
+            x = torch.cat([self.cls.expand(n, 1, -1), x], dim=1)
+        x = x + self.positions[: x.shape[1]]
+        if self.pre_norm is not None:
+            x = F.layer_norm(x, x.shape[-1:], *self.pre_norm, cfg.layer_norm_eps)
+        states = [x]
+        heads = cfg.num_attention_heads
+        for layer in self.layers:
+            h = F.layer_norm(x, x.shape[-1:], *layer.norm1, cfg.layer_norm_eps)
+            q, k, v = F.linear(h, *layer.qkv).chunk(3, dim=-1)
+            q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+            attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            x = x + F.linear(attn, *layer.out)
+            h = F.layer_norm(x, x.shape[-1:], *layer.norm2, cfg.layer_norm_eps)
+            x = x + F.linear(self.act(F.linear(h, *layer.fc1)), *layer.fc2)
+            states.append(x)
+        picked = [states[i % (cfg.num_hidden_layers + 1)] for i in cfg.feature_layers]
+        if cfg.feature_strategy == "default":
+            picked = [s[:, 1:] for s in picked]
+        features = torch.cat(picked, dim=-1)
+        return F.linear(self.projector_act(F.linear(features, *self.proj1)), *self.proj2)
