@@ -3,14 +3,10 @@ tiny random-weight checkpoints written by the test, loaded by both; 0, 1 and 3 i
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from tests.checkpoints import write_word_tokenizer
+from tests.checkpoints import IMAGE_TOKEN, build_llava, png
 from triphase.common.block_hash import ImageSpan
 from triphase.common.images import ImageLimits, decode, digest
 from triphase.workers.engine.core import Engine, EngineConfig
@@ -19,45 +15,7 @@ from triphase.workers.engine.sampling import SamplingParams
 from triphase.workers.models.loader import load_model
 
 pytestmark = pytest.mark.slow
-VOCAB = 100
-IMAGE_TOKEN = 99
 LIMITS = ImageLimits()
-
-
-def build_checkpoint(kind, folder):
-    import transformers
-
-    torch.manual_seed(99 if kind == "clip" else 77)
-    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=28,
-                  patch_size=7)
-    text = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                    initializer_range=0.3, bos_token_id=1, eos_token_id=2)
-    if kind == "clip":
-        config = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**vision), text_config=text,
-                                          image_token_id=IMAGE_TOKEN, vision_feature_layer=-2)
-        processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28},
-                                                    crop_size={"height": 28, "width": 28})
-    else:  # SigLIP: no CLS token, so every position is kept; two feature layers concatenated
-        config = transformers.LlavaConfig(vision_config=transformers.SiglipVisionConfig(**vision), text_config=text,
-                                          image_token_id=IMAGE_TOKEN, vision_feature_select_strategy="full",
-                                          vision_feature_layer=[-3, -1], projector_hidden_act="gelu")
-        processor = transformers.SiglipImageProcessor(size={"height": 28, "width": 28})
-    model = transformers.LlavaForConditionalGeneration(config).eval()
-    for param in model.parameters():  # the default init is too small to tell mistakes apart
-        param.data.normal_(0, 0.15)
-    model.generation_config.eos_token_id = None
-    model.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
-    write_word_tokenizer(folder, VOCAB)
-    return model, processor
-
-
-def png(seed, width, height, mode="RGB"):
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, len(mode)), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels.squeeze(), mode).save(out, format="PNG")
-    return out.getvalue()
 
 
 def prompt_with_images(engine, text_ids, images, where):
@@ -76,7 +34,7 @@ def prompt_with_images(engine, text_ids, images, where):
 @pytest.fixture(scope="module", params=["clip", "siglip"])
 def checkpoint(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
-    model, processor = build_checkpoint(request.param, folder)
+    model, processor = build_llava(request.param, folder)
     return request.param, folder, model, processor
 
 

@@ -16,6 +16,7 @@ import socket
 import sys
 from typing import Any
 
+from triphase.common.images import ImageLimits
 from triphase.common.roles import Role
 from triphase.common.signals import wait_for_stop_signal
 
@@ -23,8 +24,9 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--role", default="both", choices=[r.value for r in Role if r is not Role.ENCODE],
-                        help="what this worker does (changeable at runtime with SetRole)")
+    parser.add_argument("--role", default="both", choices=[r.value for r in Role],
+                        help="what this worker does (changeable at runtime with SetRole); encode needs a model "
+                             "that takes images")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     parser.add_argument("--worker-id", help="default: HOSTNAME:PORT")
@@ -44,6 +46,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Kubernetes, where the preStop hook waits)")
     parser.add_argument("--stall-timeout", type=float, default=120.0,
                         help="seconds without engine progress, while it has work, before health is NOT_SERVING")
+    parser.add_argument("--embedding-cache-mib", type=int, default=256,
+                        help="image embeddings kept by content digest (encode workers serve them from here)")
+    add_image_arguments(parser)
+
+
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """Limits on the images a client may send (shared by `triphase worker` and `triphase router`)."""
+    defaults = ImageLimits()
+    parser.add_argument("--image-max-bytes", type=int, default=defaults.max_bytes, help="per encoded image")
+    parser.add_argument("--image-max-pixels", type=int, default=defaults.max_pixels, help="width x height per image")
+    parser.add_argument("--image-max-count", type=int, default=defaults.max_images, help="images per request")
+
+
+def image_limits(args: argparse.Namespace) -> ImageLimits:
+    limits = ImageLimits(args.image_max_bytes, args.image_max_pixels, args.image_max_count)
+    if min(limits.max_bytes, limits.max_pixels, limits.max_images) < 1:
+        raise ValueError("--image-max-bytes, --image-max-pixels and --image-max-count must be positive")
+    return limits
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,10 +110,16 @@ def engine_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(_serve(args, engine_from_args(args)))
+    limits = image_limits(args)
+    if args.embedding_cache_mib < 0:
+        raise ValueError("--embedding-cache-mib must be 0 or more")
+    engine = engine_from_args(args)
+    if args.role == Role.ENCODE and engine.vision is None:
+        raise ValueError("--role encode needs a model that takes images (a LLaVA-style Hugging Face directory)")
+    return asyncio.run(_serve(args, engine, limits))
 
 
-async def _serve(args: argparse.Namespace, engine: Any) -> int:
+async def _serve(args: argparse.Namespace, engine: Any, limits: ImageLimits) -> int:
     from triphase.workers.engine.async_engine import AsyncEngine
     from triphase.workers.kv.nixl import NixlConnector, NixlUnavailable
     from triphase.workers.lifecycle import monitor, shutdown
@@ -110,7 +136,8 @@ async def _serve(args: argparse.Namespace, engine: Any) -> int:
         except NixlUnavailable as exc:
             logger.warning("KV transfer falls back to the gRPC stream: %s", exc)
     servicer = WorkerServicer(runner, worker_id=worker_id, endpoint="", role=Role(args.role),
-                              model=engine.model_config.name, nixl=nixl)
+                              model=engine.model_config.name, nixl=nixl, image_limits=limits,
+                              embedding_cache_bytes=args.embedding_cache_mib << 20)
     server, port = await serve(servicer, args.host, args.port)
     servicer.endpoint = f"{args.host}:{port}"
     if not args.worker_id:
@@ -141,5 +168,6 @@ async def _serve(args: argparse.Namespace, engine: Any) -> int:
     await shutdown(servicer, server, delay_s=0 if code else args.shutdown_delay,
                    grace_s=0 if code else args.drain_timeout)
     await servicer.channels.close()
+    servicer.images.close()
     await runner.stop()
     return code

@@ -59,6 +59,18 @@ class WorkerCollector(Collector):
         yield received
         yield counter("triphase_kv_nixl_fallbacks", "NIXL transfers that fell back to the gRPC stream",
                       sv.handoff.nixl_fallbacks)
+        images = sv.images.counters
+        yield counter("triphase_encode_images", "Images this worker encoded into embeddings", images.encoded)
+        yield counter("triphase_encode_seconds", "Seconds spent decoding and encoding images", images.encode_seconds)
+        yield counter("triphase_encode_cache_hits", "Images whose embeddings were already cached here",
+                      images.cache_hits)
+        yield counter("triphase_encode_cache_misses", "Images whose embeddings had to be encoded or read",
+                      images.cache_misses)
+        moved = CounterMetricFamily("triphase_embedding_bytes", "Image embedding bytes moved between workers",
+                                    labels=[*labels, "direction"])
+        moved.add_metric([*values, "received"], images.received_bytes)
+        moved.add_metric([*values, "sent"], images.sent_bytes)
+        yield moved
 
 
 def serve_metrics(servicer: WorkerServicer, host: str, port: int) -> int:

@@ -51,7 +51,7 @@ class RoleState:
         self.stream_done = asyncio.Event()
 
     def admit(self, request_id: str, engine_health: str, *, needs_prefill: bool = False,
-              needs_decode: bool = False) -> None:
+              needs_decode: bool = False, needs_encode: bool = False) -> None:
         if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
             raise ValueError(f"request_id must have 1 to {MAX_REQUEST_ID_CHARS} characters")
         if engine_health != "ok":
@@ -64,6 +64,8 @@ class RoleState:
             raise Refused(f"worker {self.worker_id} is {self.role}, not prefill", transient=False)
         if needs_decode and not self.role.can_decode:
             raise Refused(f"worker {self.worker_id} is {self.role}, not decode", transient=False)
+        if needs_encode and self.role is not Role.ENCODE:
+            raise Refused(f"worker {self.worker_id} is {self.role}, not encode", transient=False)
 
     @contextlib.contextmanager
     def tracked(self, request_id: str, prompt_tokens: int = 0, max_tokens: int = 0, movable: bool = True,

@@ -26,11 +26,13 @@ from grpc_health.v1 import health_pb2_grpc
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
+from triphase.common.images import ImageLimits
 from triphase.common.roles import HANDED_OVER_METADATA, Role
 from triphase.workers.engine.async_engine import AsyncEngine, EngineFailed
 from triphase.workers.engine.core import KvExport, RequestOutput
 from triphase.workers.engine.kv_layout import KvLayout
 from triphase.workers.engine.sampling import SamplingParams
+from triphase.workers.images import ImageService
 from triphase.workers.kv import grpc_stream
 from triphase.workers.kv.handoff import HandOffFailed, KvHandOff
 from triphase.workers.kv.nixl import NixlConnector
@@ -87,7 +89,8 @@ def delta_to_pb(out: RequestOutput, *, prompt_tokens: int = 0) -> pb.TokenDelta:
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, engine: AsyncEngine, *, worker_id: str, endpoint: str, role: Role, model: str,
-                 nixl: NixlConnector | None = None) -> None:
+                 nixl: NixlConnector | None = None, image_limits: ImageLimits | None = None,
+                 embedding_cache_bytes: int = 256 << 20) -> None:
         self.engine = engine
         self.endpoint = endpoint
         self.model = model
@@ -95,6 +98,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.in_flight = 0
         self.channels = grpc_stream.ChannelPool()
         self.handoff = KvHandOff(engine, self.channels, nixl)
+        self.images = ImageService(engine, self.channels, limits=image_limits or ImageLimits(),
+                                   cache_bytes=embedding_cache_bytes)
         self.nixl = nixl
         self.health: Health | None = None
 
@@ -115,8 +120,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return self.state.draining
 
     # ------------------------------------------------------------------ helpers
-    def _admit(self, request_id: str, *, needs_prefill: bool = False, needs_decode: bool = False) -> None:
-        self.state.admit(request_id, self.engine.health(), needs_prefill=needs_prefill, needs_decode=needs_decode)
+    def _admit(self, request_id: str, *, needs_prefill: bool = False, needs_decode: bool = False,
+               needs_encode: bool = False) -> None:
+        self.state.admit(request_id, self.engine.health(), needs_prefill=needs_prefill, needs_decode=needs_decode,
+                         needs_encode=needs_encode)
 
     def _interrupt(self, request_id: str, reason: str) -> bool:
         """End a stream with UNAVAILABLE (the router resumes it elsewhere)."""
@@ -165,7 +172,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._admit(request.request_id, needs_decode=True)
             sampling = sampling_from_pb(request.sampling)
             prompt = self._prompt(request)
-            stream = self.engine.generate(request.request_id, prompt, sampling, request.resumed_output_tokens)
+            images = await self.images.inputs(request.images)
+            stream = self.engine.generate(request.request_id, prompt, sampling, request.resumed_output_tokens, images)
             with self.state.tracked(request.request_id, len(prompt), sampling.max_tokens,
                                     movable=not request.resumed_output_tokens):
                 async with contextlib.aclosing(stream) as outputs:
@@ -180,7 +188,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             sampling = sampling_from_pb(request.sampling)
             prompt = self._prompt(request)
             with self.state.prefilling():
-                export, first = await self.engine.prefill(request.request_id, prompt, sampling)
+                images = await self.images.inputs(request.images)
+                export, first = await self.engine.prefill(request.request_id, prompt, sampling, images)
             kv = pb.KvTransferParams(
                 request_id=request.request_id, source_worker=self.worker_id, source_endpoint=self.endpoint,
                 block_ids=export.block_ids, layout=layout_to_pb(export.layout), num_tokens=export.num_tokens,
@@ -202,7 +211,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 export = KvExport(kv.request_id, layout_from_pb(kv.layout, len(kv.block_ids)), list(kv.block_ids),
                                   kv.num_tokens, kv.first_token_id)
                 outputs, first, backend = await self.handoff.adopt(
-                    request.request_id, self._prompt(request), sampling_from_pb(request.sampling), export, kv)
+                    request.request_id, self._prompt(request), sampling_from_pb(request.sampling), export, kv,
+                    self.images.spans(request.images))
                 async with contextlib.aclosing(outputs) as deltas:
                     delta = delta_to_pb(first)
                     delta.kv_backend = backend
@@ -217,6 +227,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             block_bytes = self.engine.engine.layout.block_bytes
             for offset, count, payload in grpc_stream.chunks(data, block_bytes, request.max_chunk_bytes):
                 yield pb.KvChunk(block_offset=offset, num_blocks=count, data=payload)
+
+    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
+        async with self._errors(context):
+            self._admit("encode", needs_encode=True)
+            key, cached, seconds = await self.images.encode(request.data)
+            return pb.EncodeResponse(digest=key, tokens=self.images.tokens_per_image, cached=cached,
+                                     encode_seconds=seconds)
+        raise AssertionError("unreachable: _errors aborts")  # pragma: no cover
+
+    async def ReadEmbeddings(self, request: pb.ReadEmbeddingsRequest, context: grpc.aio.ServicerContext,
+                             ) -> AsyncIterator[pb.EmbeddingsChunk]:
+        async with self._errors(context):
+            for chunk in self.images.chunks(request.digest, request.max_chunk_bytes):
+                yield chunk
 
     async def ReleaseKv(self, request: pb.ReleaseKvRequest, context: grpc.aio.ServicerContext,
                         ) -> pb.ReleaseKvResponse:

@@ -79,6 +79,16 @@ class WorkerServiceStub:
                 request_serializer=triphase_dot_api_dot_v1_dot_worker__pb2.HandOverRequest.SerializeToString,
                 response_deserializer=triphase_dot_api_dot_v1_dot_worker__pb2.HandOverResponse.FromString,
                 _registered_method=True)
+        self.Encode = channel.unary_unary(
+                '/triphase.api.v1.WorkerService/Encode',
+                request_serializer=triphase_dot_api_dot_v1_dot_worker__pb2.EncodeRequest.SerializeToString,
+                response_deserializer=triphase_dot_api_dot_v1_dot_worker__pb2.EncodeResponse.FromString,
+                _registered_method=True)
+        self.ReadEmbeddings = channel.unary_stream(
+                '/triphase.api.v1.WorkerService/ReadEmbeddings',
+                request_serializer=triphase_dot_api_dot_v1_dot_worker__pb2.ReadEmbeddingsRequest.SerializeToString,
+                response_deserializer=triphase_dot_api_dot_v1_dot_worker__pb2.EmbeddingsChunk.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -151,6 +161,21 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Encode(self, request, context):
+        """Encode role: turn one image into embeddings and keep them, cached by the image's digest, for
+        prefill workers to read (ReadEmbeddings). INVALID_ARGUMENT for an image that cannot be used.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadEmbeddings(self, request, context):
+        """Stream an image's cached embeddings (any role); NOT_FOUND when they are not (or no longer) here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +223,16 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.HandOver,
                     request_deserializer=triphase_dot_api_dot_v1_dot_worker__pb2.HandOverRequest.FromString,
                     response_serializer=triphase_dot_api_dot_v1_dot_worker__pb2.HandOverResponse.SerializeToString,
+            ),
+            'Encode': grpc.unary_unary_rpc_method_handler(
+                    servicer.Encode,
+                    request_deserializer=triphase_dot_api_dot_v1_dot_worker__pb2.EncodeRequest.FromString,
+                    response_serializer=triphase_dot_api_dot_v1_dot_worker__pb2.EncodeResponse.SerializeToString,
+            ),
+            'ReadEmbeddings': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadEmbeddings,
+                    request_deserializer=triphase_dot_api_dot_v1_dot_worker__pb2.ReadEmbeddingsRequest.FromString,
+                    response_serializer=triphase_dot_api_dot_v1_dot_worker__pb2.EmbeddingsChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -443,6 +478,60 @@ class WorkerService:
             '/triphase.api.v1.WorkerService/HandOver',
             triphase_dot_api_dot_v1_dot_worker__pb2.HandOverRequest.SerializeToString,
             triphase_dot_api_dot_v1_dot_worker__pb2.HandOverResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Encode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/triphase.api.v1.WorkerService/Encode',
+            triphase_dot_api_dot_v1_dot_worker__pb2.EncodeRequest.SerializeToString,
+            triphase_dot_api_dot_v1_dot_worker__pb2.EncodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadEmbeddings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/triphase.api.v1.WorkerService/ReadEmbeddings',
+            triphase_dot_api_dot_v1_dot_worker__pb2.ReadEmbeddingsRequest.SerializeToString,
+            triphase_dot_api_dot_v1_dot_worker__pb2.EmbeddingsChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import torch
 
 from triphase.workers.engine.core import Engine, KvExport, RequestOutput, StepFailed
+from triphase.workers.engine.multimodal import ImageInput
 from triphase.workers.engine.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -244,12 +245,14 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ requests
     async def generate(self, request_id: str, prompt: Sequence[int], sampling: SamplingParams,
-                       output_offset: int = 0) -> AsyncGenerator[RequestOutput, None]:
+                       output_offset: int = 0, images: Sequence[ImageInput] = (),
+                       ) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's outputs; cancelling the consumer aborts the request at once."""
         stream: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[request_id] = stream
         try:
-            await self.call(lambda: self.engine.add_request(request_id, prompt, sampling, output_offset=output_offset))
+            await self.call(lambda: self.engine.add_request(request_id, prompt, sampling, output_offset=output_offset,
+                                                            images=images))
             async for out in self._drain(stream):
                 yield out
         finally:
@@ -290,13 +293,13 @@ class AsyncEngine:
             await asyncio.shield(self.call(run))
 
     async def prefill(self, request_id: str, prompt: Sequence[int], sampling: SamplingParams,
-                      ) -> tuple[KvExport, RequestOutput]:
+                      images: Sequence[ImageInput] = ()) -> tuple[KvExport, RequestOutput]:
         """Prefill only; the KV stays pinned until `release` (or the pin timeout)."""
         stream: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[request_id] = stream
 
         def add() -> None:
-            self.engine.add_request(request_id, prompt, sampling, prefill_only=True)
+            self.engine.add_request(request_id, prompt, sampling, prefill_only=True, images=images)
             self._exporting.add(request_id)
 
         try:
@@ -337,7 +340,7 @@ class AsyncEngine:
 
     async def import_and_decode(self, request_id: str, prompt: Sequence[int], sampling: SamplingParams,
                                 export: KvExport, fill: Callable[[list[int]], Awaitable[None]] | None = None,
-                                ) -> AsyncGenerator[RequestOutput, None]:
+                                images: Sequence[ImageInput] = ()) -> AsyncGenerator[RequestOutput, None]:
         """Adopt KV prefilled elsewhere and stream the rest of the request. The KV comes from
         `export.data`, or `fill(destination block ids)` writes it into the reserved blocks (a remote
         READ, off the engine thread). The first output repeats the prefill worker's first token."""
@@ -345,9 +348,11 @@ class AsyncEngine:
         self._streams[request_id] = stream
         try:
             if fill is None:
-                first = await self.call(lambda: self.engine.import_kv(request_id, prompt, sampling, export)[1])
+                first = await self.call(lambda: self.engine.import_kv(request_id, prompt, sampling, export,
+                                                                      images=images)[1])
             else:
-                request, dst = await self.call(lambda: self.engine.reserve_import(request_id, prompt, sampling, export))
+                request, dst = await self.call(lambda: self.engine.reserve_import(request_id, prompt, sampling, export,
+                                                                                  images))
                 try:
                     await fill(dst)
                 except BaseException:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 
 import grpc
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.workers.engine.async_engine import AsyncEngine
 from triphase.workers.engine.core import KvExport, RequestOutput
+from triphase.workers.engine.multimodal import ImageInput
 from triphase.workers.engine.sampling import SamplingParams
 from triphase.workers.kv import grpc_stream
 from triphase.workers.kv.nixl import NixlConnector, NixlUnavailable
@@ -45,14 +46,16 @@ class KvHandOff:
         self.nixl_fallbacks = 0
 
     async def adopt(self, request_id: str, prompt: list[int], sampling: SamplingParams, export: KvExport,
-                    kv: pb.KvTransferParams) -> tuple[AsyncGenerator[RequestOutput, None], RequestOutput, str]:
+                    kv: pb.KvTransferParams, images: Sequence[ImageInput] = (),
+                    ) -> tuple[AsyncGenerator[RequestOutput, None], RequestOutput, str]:
         """Import the KV described by `export` (from the worker `kv` names) and compute the request's
-        first output here. Returns (the rest of its outputs, the first, the backend that moved it)."""
+        first output here. Returns (the rest of its outputs, the first, the backend that moved it).
+        `images`: the prompt's image spans (their digests key the prefix cache)."""
         source = f"KV hand-off of {kv.request_id} from {kv.source_worker or kv.source_endpoint}"
         if not self.engine.engine.layout.compatible_with(export.layout):
             raise HandOffFailed(f"{source} failed: KV layouts differ ({export.layout} vs ours)")
         # Before a block is reserved or a byte pulled: counts, token ids, lengths (ValueError).
-        self.engine.engine.check_import(request_id, prompt, sampling, export)
+        self.engine.engine.check_import(request_id, prompt, sampling, export, images)
         if self.nixl is not None and kv.nixl_agent_metadata:
             nixl = self.nixl
 
@@ -63,7 +66,7 @@ class KvHandOff:
                 if not await self.release_source(kv):  # whole only if the pin held (module docstring)
                     raise HandOffFailed(f"{source} failed: the source did not hold the KV through the transfer")
 
-            outputs = self.engine.import_and_decode(request_id, prompt, sampling, export, fill)
+            outputs = self.engine.import_and_decode(request_id, prompt, sampling, export, fill, images)
             try:
                 return outputs, await anext(outputs), "nixl"
             except NixlUnavailable as exc:
@@ -77,7 +80,8 @@ class KvHandOff:
         except grpc.aio.AioRpcError as exc:
             raise HandOffFailed(f"{source} failed: {exc.code().name}: {exc.details()}") from None
         self.bytes_received["grpc"] += received
-        outputs = self.engine.import_and_decode(request_id, prompt, sampling, dataclasses.replace(export, data=data))
+        outputs = self.engine.import_and_decode(request_id, prompt, sampling, dataclasses.replace(export, data=data),
+                                                images=images)
         first = await anext(outputs)
         await self.release_source(kv)
         return outputs, first, "grpc"
