@@ -9,6 +9,7 @@ inspects (a clear 400 before work is queued); the worker that encodes inspects a
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import io
@@ -25,9 +26,29 @@ class ImageError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ImageLimits:
-    max_bytes: int = 10 * 2**20  # encoded size
+    max_bytes: int = 5 * 2**20  # encoded size
     max_pixels: int = 4096 * 4096  # width * height after decoding
-    max_images: int = 8  # per request
+    max_images: int = 4  # per request
+
+    @property
+    def max_base64_chars(self) -> int:
+        """The longest base64 text of an image within max_bytes (checked before decoding it)."""
+        return 4 * -(-self.max_bytes // 3)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The image limits as flags (`triphase worker` and `triphase router` share them)."""
+    defaults = ImageLimits()
+    parser.add_argument("--image-max-bytes", type=int, default=defaults.max_bytes, help="per encoded image")
+    parser.add_argument("--image-max-pixels", type=int, default=defaults.max_pixels, help="width x height per image")
+    parser.add_argument("--image-max-count", type=int, default=defaults.max_images, help="images per request")
+
+
+def limits_from_args(args: argparse.Namespace) -> ImageLimits:
+    limits = ImageLimits(args.image_max_bytes, args.image_max_pixels, args.image_max_count)
+    if min(limits.max_bytes, limits.max_pixels, limits.max_images) < 1:
+        raise ValueError("--image-max-bytes, --image-max-pixels and --image-max-count must be positive")
+    return limits
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,6 +36,15 @@ class ChatMessage:
     content: str
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageSlot:
+    """Where an image goes in a message's content (`encode_chat_with_images`): `count` copies of the
+    model's image placeholder token `token_id`."""
+
+    token_id: int
+    count: int
+
+
 class Tokenizer:
     """Text <-> token ids for one model."""
 
@@ -103,20 +112,44 @@ class Tokenizer:
         specials = self._specials
         if specials is None or not any(specials.search(str(row.get("content") or "")) for row in rows):
             return self.encode(self.render_chat(rows), add_special_tokens=False)
-        # Render with each content replaced by a marker, encode the template's text with its special
-        # tokens and each content with special tokens read as plain text.
-        contents = [str(row.get("content") or "") for row in rows]
+        return self._encode_marked(rows, [[str(row.get("content") or "")] for row in rows])[0]
+
+    def encode_chat_with_images(self, messages: Sequence[dict[str, Any]]) -> tuple[list[int], list[int]]:
+        """`encode_chat` for messages whose content may be a list of text and `ImageSlot`s, in order:
+        returns (token ids, the position where each image's placeholder run starts). The template sees
+        each content as one string, so it cannot split or drop an image; an image's placeholders are
+        inserted as token ids, never as text a client could forge."""
+        rows = [dict(m) for m in messages]
+        parts: list[list[Any]] = []
+        for row in rows:
+            content = row.get("content")
+            parts.append(list(content) if isinstance(content, list) else [str(content or "")])
+        return self._encode_marked(rows, parts)
+
+    def _encode_marked(self, rows: list[dict[str, Any]], contents: list[list[Any]]) -> tuple[list[int], list[int]]:
+        """Render with each content replaced by a marker, encode the template's text with its special
+        tokens and each content's text with special tokens read as plain text."""
         marked = [{**row, "content": f"\ue000{i}\ue001"} for i, row in enumerate(rows)]
         pieces = _MARKER.split(self.render_chat(marked))
         if sorted(int(p[1:-1]) for p in pieces if _MARKER.fullmatch(p)) != list(range(len(rows))):
             raise ValueError("message content contains special tokens this chat template cannot keep apart")
         ids: list[int] = []
+        images: list[int] = []
         for piece in pieces:
-            if _MARKER.fullmatch(piece):
-                ids += self._plain.encode(contents[int(piece[1:-1])], add_special_tokens=False).ids
-            elif piece:
-                ids += self.backend.encode(piece, add_special_tokens=False).ids
-        return ids
+            if not _MARKER.fullmatch(piece):
+                ids += self.backend.encode(piece, add_special_tokens=False).ids if piece else []
+                continue
+            text = ""
+            for part in [*contents[int(piece[1:-1])], None]:  # None: flush the text at the end
+                if isinstance(part, str):
+                    text += part
+                    continue
+                ids += self._plain.encode(text, add_special_tokens=False).ids if text else []
+                text = ""
+                if isinstance(part, ImageSlot):
+                    images.append(len(ids))
+                    ids += [part.token_id] * part.count
+        return ids, images
 
     @functools.cached_property
     def _specials(self) -> re.Pattern[str] | None:

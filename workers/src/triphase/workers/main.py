@@ -16,6 +16,7 @@ import socket
 import sys
 from typing import Any
 
+from triphase.common import images
 from triphase.common.images import ImageLimits
 from triphase.common.roles import Role
 from triphase.common.signals import wait_for_stop_signal
@@ -48,22 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds without engine progress, while it has work, before health is NOT_SERVING")
     parser.add_argument("--embedding-cache-mib", type=int, default=256,
                         help="image embeddings kept by content digest (encode workers serve them from here)")
-    add_image_arguments(parser)
-
-
-def add_image_arguments(parser: argparse.ArgumentParser) -> None:
-    """Limits on the images a client may send (shared by `triphase worker` and `triphase router`)."""
-    defaults = ImageLimits()
-    parser.add_argument("--image-max-bytes", type=int, default=defaults.max_bytes, help="per encoded image")
-    parser.add_argument("--image-max-pixels", type=int, default=defaults.max_pixels, help="width x height per image")
-    parser.add_argument("--image-max-count", type=int, default=defaults.max_images, help="images per request")
-
-
-def image_limits(args: argparse.Namespace) -> ImageLimits:
-    limits = ImageLimits(args.image_max_bytes, args.image_max_pixels, args.image_max_count)
-    if min(limits.max_bytes, limits.max_pixels, limits.max_images) < 1:
-        raise ValueError("--image-max-bytes, --image-max-pixels and --image-max-count must be positive")
-    return limits
+    images.add_arguments(parser)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +96,7 @@ def engine_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    limits = image_limits(args)
+    limits = images.limits_from_args(args)
     if args.embedding_cache_mib < 0:
         raise ValueError("--embedding-cache-mib must be 0 or more")
     engine = engine_from_args(args)

@@ -18,6 +18,7 @@ import torch
 
 from triphase.common.errors import UserError
 from triphase.common.tokenizer import Tokenizer
+from triphase.common.vision import VisionConfig
 from triphase.workers.engine.detokenizer import IncrementalDetokenizer
 from triphase.workers.engine.kv_cache_manager import KVCacheManager, cdiv
 from triphase.workers.engine.kv_layout import KvLayout
@@ -31,7 +32,7 @@ from triphase.workers.models.config import ModelConfig
 from triphase.workers.models.image_processing import ImageProcessor
 from triphase.workers.models.llama import FAMILIES
 from triphase.workers.models.loader import LoadedModel, load_model
-from triphase.workers.models.vision import VisionConfig, VisionEncoder
+from triphase.workers.models.vision import VisionEncoder
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ import torch
 from triphase.common import tokenizer as tok
 from triphase.common.errors import UserError
 from triphase.common.model_files import gguf_metadata, gguf_reader, is_gguf, resolve
+from triphase.common.vision import VisionConfig, vision_config_from_hf
 from triphase.workers.models.config import ModelConfig, RopeScaling, rope_scaling_from_dict
 from triphase.workers.models.image_processing import ImageProcessor
 from triphase.workers.models.quant import Q4_0, Q4_1, Q4Blocks, parse_gguf_q4
-from triphase.workers.models.vision import VisionConfig, vision_config_from_hf
 
 logger = logging.getLogger(__name__)
 
