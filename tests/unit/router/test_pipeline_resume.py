@@ -10,13 +10,13 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Iterator, Sequence
 
 from triphase.common.roles import Role
 from triphase.router.metrics import RouterMetrics
 from triphase.router.pipeline import Pipeline
 from triphase.router.policy.pairing import WorkerView
-from triphase.router.worker_client import Delta, HandedOver, Sampling, WorkerFailed
+from triphase.router.worker_client import Delta, HandedOver, PromptImage, Sampling, WorkerFailed
 
 IM_END = 2
 
@@ -50,7 +50,8 @@ class Client:
         self.calls: list[tuple[str, list[int], int]] = []
 
     async def generate(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
-                       resumed_output_tokens: int = 0) -> AsyncGenerator[Delta, None]:
+                       resumed_output_tokens: int = 0, images: Sequence[PromptImage] = (),
+                       ) -> AsyncGenerator[Delta, None]:
         self.calls.append((endpoint, prompt, resumed_output_tokens))
         deltas, fail = self.script[endpoint]
         for delta in deltas:
@@ -103,14 +104,14 @@ class PrefillClient(Client):
         self.released = 0
 
     async def prefill(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
-                      ) -> tuple[Ticket, Delta]:
+                      images: Sequence[PromptImage] = ()) -> tuple[Ticket, Delta]:
         self.prefills.append(endpoint)
         if endpoint in self.refusing:
             raise WorkerFailed("UNAVAILABLE: switching role")
         return Ticket(), Delta([5], "x")
 
     async def decode(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
-                     ticket: Ticket) -> AsyncGenerator[Delta, None]:
+                     ticket: Ticket, images: Sequence[PromptImage] = ()) -> AsyncGenerator[Delta, None]:
         self.decodes.append(endpoint)
         if endpoint in self.refusing:
             raise WorkerFailed("FAILED_PRECONDITION: worker is prefill, not decode")
@@ -164,7 +165,8 @@ class HandingOver(Client):
         self.times = times
 
     async def generate(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
-                       resumed_output_tokens: int = 0) -> AsyncGenerator[Delta, None]:
+                       resumed_output_tokens: int = 0, images: Sequence[PromptImage] = (),
+                       ) -> AsyncGenerator[Delta, None]:
         self.calls.append((endpoint, prompt, resumed_output_tokens))
         if len(self.calls) > self.times:
             yield Delta([IM_END], "", "stop")

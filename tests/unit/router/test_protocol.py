@@ -22,8 +22,12 @@ BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     ({"stop": ["x"] * 17}, "stop"),
     ({"stop": "x" * 257}, "stop"),
     ({"n": 2}, "n"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages.0.content.0.type"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+     "messages.0.content.0"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x", "b": 1}}]}]},
+     "messages.0.content.0.image_url.b"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}]}]},
+     "messages.0.content.0.image_url.url"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": "x"}] * 2049}, "messages"),
 ])
@@ -38,6 +42,8 @@ def test_refused_with_the_field_named(extra, param):
     {"tools": []}, {"tool_choice": "none"}, {"response_format": {"type": "text"}}, {"logprobs": False},
     {"frequency_penalty": 0}, {"presence_penalty": 0.0}, {"user": "u"}, {"store": False},
     {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}], "name": "ann"}]},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,", "detail": "low"}},
+                                               {"type": "text", "text": "what is it?"}]}]},
     {"stop": ["a", "b"], "seed": -(2**63), "top_k": 40, "stream_options": {"include_usage": True}},
 ])
 def test_accepted_when_off_or_harmless(extra):

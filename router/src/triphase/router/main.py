@@ -14,6 +14,7 @@ import pathlib
 import re
 import socket
 
+from triphase.common import images
 from triphase.common.errors import UserError
 from triphase.common.signals import wait_for_stop_signal
 
@@ -43,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a request may wait in the queue before a 429")
     parser.add_argument("--placement-wait", type=float, default=30.0,
                         help="seconds a request may wait for a worker to (re)appear before a 503")
-    parser.add_argument("--max-body-bytes", type=int, default=2 << 20, help="largest request body (413 beyond)")
+    parser.add_argument("--max-body-bytes", type=int,
+                        help="largest request body (413 beyond; default 2 MiB, plus room for the images a request "
+                             "may carry when the model takes images)")
     parser.add_argument("--body-timeout", type=float, default=30.0,
                         help="seconds a request body may take to arrive (408 beyond)")
     parser.add_argument("--header-timeout", type=float, default=10.0,
@@ -58,6 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="move running streams off a decode worker that has this many more than another "
                              "(it hands them over; they resume on the less loaded one); 0: never")
     parser.add_argument("--ready-file", help="write the bound port here once serving")
+    images.add_arguments(parser)
+    parser.add_argument("--image-dir", type=pathlib.Path,
+                        help="image_url may name files under this directory (default: no local files)")
+    parser.add_argument("--image-fetch", action="store_true",
+                        help="fetch http(s) image URLs (off by default: the router would reach any address a "
+                             "client names); bounded by --image-max-bytes and --image-fetch-timeout")
+    parser.add_argument("--image-fetch-timeout", type=float, default=10.0, metavar="SECONDS")
 
 
 def served_name(path: str) -> str:
@@ -86,9 +96,11 @@ async def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from triphase.common.model_files import load_tokenizer, resolve
+    from triphase.common.vision import vision_config_of
     from triphase.router.admission import Admission
     from triphase.router.connections import ConnectionLimits, GuardedSite
     from triphase.router.metrics import RouterMetrics
+    from triphase.router.openai.images import ImageSources
     from triphase.router.openai.routes import Api
     from triphase.router.pipeline import Pipeline
     from triphase.router.registry import Registry
@@ -98,11 +110,20 @@ async def _serve(args: argparse.Namespace) -> int:
         raise UserError("--workers is required with static discovery (or use --discovery kubernetes)")
     if (args.discovery == "file") != bool(args.workers_file):
         raise UserError("--workers-file goes with --discovery file, and file discovery needs it")
+    image_limits = images.limits_from_args(args)
+    if args.image_dir is not None and not args.image_dir.is_dir():
+        raise UserError(f"--image-dir {args.image_dir} is not a directory")
+    if not 0 < args.image_fetch_timeout <= 300:
+        raise UserError("--image-fetch-timeout must be in (0, 300] seconds")
+    path = resolve(args.model)
+    vision = vision_config_of(path)
+    if args.max_body_bytes is None:
+        room = image_limits.max_images * (image_limits.max_base64_chars + 64) if vision else 0
+        args.max_body_bytes = (2 << 20) + room
     if args.max_body_bytes < 1024 or args.max_connections < 1:
         raise UserError("--max-body-bytes must be at least 1024 and --max-connections at least 1")
     if args.rebalance_gap < 0 or args.rebalance_gap == 1:
         raise UserError("--rebalance-gap must be 0 (off) or at least 2")
-    path = resolve(args.model)
     tokenizer, _ = load_tokenizer(path)
     model = args.served_model_name or served_name(path)
     endpoints = [e.strip() for e in (args.workers or "").split(",") if e.strip()]
@@ -133,7 +154,8 @@ async def _serve(args: argparse.Namespace) -> int:
         balancing = asyncio.create_task(StreamBalancer(registry, client, metrics, min_gap=args.rebalance_gap).run())
     api = Api(pipeline, tokenizer, metrics, model=model, max_model_len=args.max_model_len,
               admission=Admission(args.max_in_flight, args.max_queued, args.max_queue_wait),
-              max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout)
+              max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout, vision=vision,
+              image_sources=ImageSources(image_limits, args.image_dir, args.image_fetch, args.image_fetch_timeout))
     runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None,
                            shutdown_timeout=args.drain_timeout, keepalive_timeout=75)
     await runner.setup()

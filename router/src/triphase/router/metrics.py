@@ -45,6 +45,11 @@ class RouterMetrics:
                                  registry=r)
         self.migrations = Counter("triphase_request_migrations_total", "Requests resumed on another worker",
                                   ["model"], registry=r)
+        self.encode_seconds = Histogram("triphase_image_encode_seconds", "A request's images encoded on the "
+                                        "encode pool, start to last done", ["model"], buckets=TTFT_BUCKETS,
+                                        registry=r)
+        self.images = Counter("triphase_images_total", "Images in requests, by where they were encoded",
+                              ["model", "where"], registry=r)
         self.rebalanced = Counter("triphase_streams_rebalanced_total", "Running streams a crowded decode worker "
                                   "handed over to be resumed on a less loaded one", ["model"], registry=r)
         # Every series that needs no more than the model exists from the start, at 0: a rate over it
@@ -53,6 +58,8 @@ class RouterMetrics:
                        self.rebalanced):
             family.labels(model)
         self.requests.labels(model, "ok")
+        for where in ("encode_pool", "prefill_worker"):
+            self.images.labels(model, where)
 
     def first_token(self, seconds: float) -> None:
         """Arrival to the first token leaving the router."""
@@ -72,6 +79,14 @@ class RouterMetrics:
     def refused(self, status: int) -> None:
         """A request answered with an error before or instead of running (4xx, 429, 500...)."""
         self.requests.labels(self.model, str(status)).inc()
+
+    def images_encoded(self, seconds: float | None, on_pool: int, on_prefill: int) -> None:
+        """A request's images: how many the encode pool encoded (in `seconds`, when it did) and how many
+        are left to the prefill worker (no encode pool, or it failed)."""
+        if seconds is not None:
+            self.encode_seconds.labels(self.model).observe(seconds)
+        self.images.labels(self.model, "encode_pool").inc(on_pool)
+        self.images.labels(self.model, "prefill_worker").inc(on_prefill)
 
     def migrated(self) -> None:
         self.migrations.labels(self.model).inc()

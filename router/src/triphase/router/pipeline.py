@@ -1,4 +1,9 @@
-"""The request path as named stages: validate -> tokenize -> place -> prefill -> hand-off -> decode.
+"""The request path as named stages: validate -> tokenize -> encode -> place -> prefill -> hand-off ->
+decode.
+
+Encode: a request's images are spread over the encode workers, which encode and keep them; each
+image then names its encode worker, where the prefill worker reads the embeddings. Without encode
+workers (or when one fails) the image goes to the prefill worker with its bytes and is encoded there.
 
 `Pipeline.run` takes a validated, tokenized request and yields `Delta`s. Placement is delegated to
 the pure pairing policy; this module does the waiting and the fallbacks: no prefill worker, or a
@@ -16,14 +21,23 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 
-from triphase.common.block_hash import prompt_block_hashes
+from triphase.common.block_hash import ImageSpan, prompt_block_hashes
+from triphase.common.roles import Role
 from triphase.router.errors import Unavailable
 from triphase.router.metrics import RouterMetrics
 from triphase.router.policy.pairing import Placement, WorkerView, select, select_prefill
 from triphase.router.registry import Registry
-from triphase.router.worker_client import Delta, HandedOver, HandOffFailed, Sampling, WorkerClient, WorkerFailed
+from triphase.router.worker_client import (
+    Delta,
+    HandedOver,
+    HandOffFailed,
+    PromptImage,
+    Sampling,
+    WorkerClient,
+    WorkerFailed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +55,7 @@ class Trace:
     kv_backend: str | None = None
     local_prefill: bool = False
     migrations: int = 0
+    encoded_on: list[str] = dataclasses.field(default_factory=list)  # encode worker of each image ("": none)
 
 
 class Pipeline:
@@ -52,23 +67,60 @@ class Pipeline:
         self.client = client
         self.metrics = metrics
         self.block_size = block_size
+        self._encode_turn = 0  # rotates which encode worker a request's first image goes to
+
+    def _hashes(self, prompt: list[int], images: Sequence[PromptImage]) -> list[int]:
+        spans: list[ImageSpan] = [image.span for image in images]
+        return prompt_block_hashes(prompt, self.block_size, spans)
+
+    async def encode(self, images: Sequence[PromptImage], trace: Trace) -> list[PromptImage]:
+        """The encode stage: each image encoded on an encode worker (a request's images spread over
+        them, a failed worker's image tried on the next), which then holds its embeddings; an image no
+        encode worker took keeps only its bytes, for the prefill worker to encode."""
+        if not images:
+            return []
+        encoders = [w for w in self.registry.snapshot() if w.role is Role.ENCODE and w.available]
+        if not encoders:
+            trace.encoded_on = [""] * len(images)
+            self.metrics.images_encoded(None, 0, len(images))
+            return list(images)
+        turn, self._encode_turn = self._encode_turn, self._encode_turn + len(images)
+        started = time.monotonic()
+
+        async def one(index: int, image: PromptImage) -> PromptImage:
+            for attempt in range(min(len(encoders), self.max_retries + 1)):
+                worker = encoders[(turn + index + attempt) % len(encoders)]
+                try:
+                    if await self.client.encode(worker.endpoint, image.data) == image.digest:
+                        return dataclasses.replace(image, source=worker.endpoint)
+                except WorkerFailed as exc:
+                    self.registry.mark_unhealthy(worker.endpoint)
+                    logger.warning("%s: encode worker %s failed (%s)", trace.request_id, worker.worker_id, exc)
+            return image
+
+        done = await asyncio.gather(*(one(i, image) for i, image in enumerate(images)))
+        trace.encoded_on = [image.source for image in done]
+        on_pool = sum(1 for image in done if image.source)
+        self.metrics.images_encoded(time.monotonic() - started if on_pool else None, on_pool, len(done) - on_pool)
+        return done
 
     async def run(self, prompt: list[int], sampling: Sampling, trace: Trace | None = None,
-                  ) -> AsyncGenerator[Delta, None]:
+                  images: Sequence[PromptImage] = ()) -> AsyncGenerator[Delta, None]:
         """Stream a request's deltas. If the decode worker fails mid-stream, the request resumes on
         another worker (prompt + tokens already sent, re-prefilled there): the client sees one
         uninterrupted stream. After `max_retries` failed workers: `Unavailable` (a 503). A worker that
         hands the stream back (switching role, balancing load) has not failed: the stream resumes on
         another worker and counts against MAX_HAND_OVERS only."""
         trace = trace or Trace(f"req-{uuid.uuid4().hex[:16]}")
+        images = await self.encode(images, trace)
         sent: list[int] = []
         failed: set[str] = set()
         handed: list[str] = []  # workers that gave the stream back (a switch, balancing): not failures
         resume = stay = False  # resume: re-prefill prompt + sent tokens; stay: on the same decode worker
         while True:
             avoid = failed | set(handed[-1:])  # not straight back to the worker that handed it over
-            stream = self._resume(prompt, sampling, trace, sent, avoid, stay) if resume else \
-                self._place_and_run(prompt, sampling, trace, failed)
+            stream = self._resume(prompt, sampling, trace, sent, avoid, stay, images) if resume else \
+                self._place_and_run(prompt, sampling, trace, failed, images)
             try:
                 async with contextlib.aclosing(stream) as deltas:
                     async for delta in deltas:
@@ -109,8 +161,8 @@ class Pipeline:
                                trace.request_id, trace.decode_worker, len(sent), exc)
 
     async def _place_and_run(self, prompt: list[int], sampling: Sampling, trace: Trace, failed: set[str],
-                             ) -> AsyncGenerator[Delta, None]:
-        placement = await self._placement(prompt, failed)
+                             images: Sequence[PromptImage]) -> AsyncGenerator[Delta, None]:
+        placement = await self._placement(prompt, failed, images)
         decode = placement.decode
         trace.decode_worker, trace.decode_endpoint = decode.worker_id, decode.endpoint
         with self.registry.streaming(decode.endpoint):  # counted in its load from placement on
@@ -119,7 +171,8 @@ class Pipeline:
                 trace.prefill_worker = prefill.worker_id
                 try:
                     with self.registry.prefilling(prefill.endpoint, len(prompt)):
-                        ticket, first = await self.client.prefill(prefill.endpoint, trace.request_id, prompt, sampling)
+                        ticket, first = await self.client.prefill(prefill.endpoint, trace.request_id, prompt, sampling,
+                                                                  images)
                 except WorkerFailed as exc:
                     # Another prefill worker rather than the decode worker if there is one: a local
                     # prefill stalls every stream on the decode worker (what disaggregation avoids);
@@ -128,24 +181,24 @@ class Pipeline:
                     tried.add(prefill.worker_id)
                     failed_on, prefill = prefill.worker_id, None
                     if len(tried) - len(failed) <= self.max_retries:
-                        prefill = select_prefill(prompt_block_hashes(prompt, self.block_size),
-                                                 self.registry.snapshot(), decode.worker_id, frozenset(tried))
+                        prefill = select_prefill(self._hashes(prompt, images), self.registry.snapshot(),
+                                                 decode.worker_id, frozenset(tried))
                     logger.warning("%s: prefill on %s failed (%s); prefilling on %s", trace.request_id, failed_on,
                                    exc, prefill.worker_id if prefill else decode.worker_id)
                     continue
                 async with contextlib.aclosing(self._hand_off(decode.endpoint, prompt, sampling, trace, ticket,
-                                                              first)) as deltas:
+                                                              first, images)) as deltas:
                     async for delta in deltas:
                         yield delta
                 return
             trace.local_prefill = True
             async with contextlib.aclosing(self.client.generate(decode.endpoint, trace.request_id, prompt,
-                                                                sampling)) as deltas:
+                                                                sampling, images=images)) as deltas:
                 async for delta in deltas:
                     yield delta
 
     async def _resume(self, prompt: list[int], sampling: Sampling, trace: Trace, sent: list[int],
-                      failed: set[str], stay: bool) -> AsyncGenerator[Delta, None]:
+                      failed: set[str], stay: bool, images: Sequence[PromptImage]) -> AsyncGenerator[Delta, None]:
         """Continue on a decode-capable worker, which re-prefills prompt + sent tokens: the same one
         (`stay`, after a failed hand-off) or a healthy one not in `failed` (after a failed worker)."""
         remaining = sampling.max_tokens - len(sent)
@@ -154,23 +207,23 @@ class Pipeline:
         resumed = prompt + sent
         endpoint = trace.decode_endpoint if stay else None
         if endpoint is None:
-            placement = await self._placement(resumed, failed)
+            placement = await self._placement(resumed, failed, images)
             trace.decode_worker, trace.decode_endpoint = placement.decode.worker_id, placement.decode.endpoint
             endpoint = placement.decode.endpoint
         trace.migrations += 1
         request_id = f"{trace.request_id}-r{trace.migrations}"
         stream = self.client.generate(endpoint, request_id, resumed,
-                                      dataclasses.replace(sampling, max_tokens=remaining), len(sent))
+                                      dataclasses.replace(sampling, max_tokens=remaining), len(sent), images)
         with self.registry.streaming(endpoint):
             async with contextlib.aclosing(stream) as deltas:
                 async for delta in deltas:
                     yield delta
 
-    async def _placement(self, prompt: list[int], failed: set[str]) -> Placement:
+    async def _placement(self, prompt: list[int], failed: set[str], images: Sequence[PromptImage]) -> Placement:
         """Where to run the request; waits up to placement_wait_s for a worker to (re)appear. Workers
         that failed this request are avoided while another can take it; one that reports healthy
         again (restarted, or back from a role switch) is used rather than none."""
-        hashes = prompt_block_hashes(prompt, self.block_size)
+        hashes = self._hashes(prompt, images)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.placement_wait_s
 
@@ -188,7 +241,7 @@ class Pipeline:
         return placement
 
     async def _hand_off(self, endpoint: str, prompt: list[int], sampling: Sampling, trace: Trace, ticket,  # type: ignore[no-untyped-def]
-                        first: Delta) -> AsyncGenerator[Delta, None]:
+                        first: Delta, images: Sequence[PromptImage]) -> AsyncGenerator[Delta, None]:
         yield first  # the prefill worker's first token goes out before the KV moves
         if first.finish_reason is not None:
             await self.client.release(ticket)
@@ -200,7 +253,7 @@ class Pipeline:
             with contextlib.ExitStack() as counted:
                 while True:
                     try:
-                        stream = self.client.decode(endpoint, trace.request_id, prompt, sampling, ticket)
+                        stream = self.client.decode(endpoint, trace.request_id, prompt, sampling, ticket, images)
                         async with contextlib.aclosing(stream) as deltas:
                             async for delta in deltas:
                                 if not adopted:  # the decode worker repeats the first token: already sent
@@ -219,7 +272,7 @@ class Pipeline:
                         # is still pinned on the prefill worker, so another decode worker takes the same
                         # ticket. Resuming instead would prefill the whole prompt again on a decode worker.
                         if adopted or len(tried) > self.max_retries or \
-                                (other := self._another_decode(prompt, tried)) is None:
+                                (other := self._another_decode(prompt, tried, images)) is None:
                             raise
                         self.registry.mark_unhealthy(endpoint)
                         logger.warning("%s: decode worker %s refused the hand-off (%s); handing off to %s",
@@ -232,6 +285,6 @@ class Pipeline:
             if not adopted:  # failed or cancelled before the hand-off completed: unpin now
                 await self.client.release(ticket)
 
-    def _another_decode(self, prompt: list[int], tried: set[str]) -> WorkerView | None:
-        placement = select(prompt_block_hashes(prompt, self.block_size), self.registry.snapshot(), frozenset(tried))
+    def _another_decode(self, prompt: list[int], tried: set[str], images: Sequence[PromptImage]) -> WorkerView | None:
+        placement = select(self._hashes(prompt, images), self.registry.snapshot(), frozenset(tried))
         return placement.decode if placement is not None and placement.decode.worker_id not in tried else None

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
+from triphase.common.block_hash import ImageSpan
 from triphase.common.roles import HANDED_OVER_METADATA, Role
 from triphase.router.errors import BadRequest
 from triphase.router.policy.pairing import WorkerView
@@ -55,6 +56,29 @@ class Sampling:
         if self.seed is not None:
             p.seed = self.seed
         return p
+
+
+@dataclasses.dataclass
+class PromptImage:
+    """One image of a prompt: its placeholder run, digest and bytes, and (once an encode worker has
+    encoded it) that worker's endpoint, where the prefill worker reads the embeddings."""
+
+    offset: int
+    length: int
+    digest: bytes
+    data: bytes
+    source: str = ""
+
+    @property
+    def span(self) -> ImageSpan:
+        return ImageSpan(self.offset, self.length, self.digest)
+
+    def to_pb(self, *, with_data: bool = True) -> pb.PromptImage:
+        """With the bytes (the worker may have to encode it) or the span and digest only (a Decode)."""
+        if not with_data:
+            return pb.PromptImage(offset=self.offset, length=self.length, digest=self.digest)
+        return pb.PromptImage(offset=self.offset, length=self.length, digest=self.digest, data=self.data,
+                              source_endpoint=self.source)
 
 
 @dataclasses.dataclass
@@ -123,19 +147,21 @@ class WorkerClient:
             await channel.close()
 
     async def generate(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
-                       resumed_output_tokens: int = 0) -> AsyncGenerator[Delta, None]:
+                       resumed_output_tokens: int = 0, images: Sequence[PromptImage] = (),
+                       ) -> AsyncGenerator[Delta, None]:
         call = self._stub(endpoint).Generate(
             pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb(),
-                               resumed_output_tokens=resumed_output_tokens),
+                               resumed_output_tokens=resumed_output_tokens, images=[i.to_pb() for i in images]),
             timeout=self.timeout_s)
         async for delta in _deltas(call):
             yield delta
 
     async def prefill(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
-                      ) -> tuple[KvTicket, Delta]:
+                      images: Sequence[PromptImage] = ()) -> tuple[KvTicket, Delta]:
         try:
             response = await self._stub(endpoint).Prefill(
-                pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb()),
+                pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb(),
+                                  images=[i.to_pb() for i in images]),
                 timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise _failure(exc) from None
@@ -144,12 +170,21 @@ class WorkerClient:
         return ticket, _delta(response.first)
 
     async def decode(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
-                     ticket: KvTicket) -> AsyncGenerator[Delta, None]:
+                     ticket: KvTicket, images: Sequence[PromptImage] = ()) -> AsyncGenerator[Delta, None]:
         call = self._stub(endpoint).Decode(
             pb.DecodeRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb(),
-                             kv=ticket.params), timeout=self.timeout_s)
+                             kv=ticket.params, images=[i.to_pb(with_data=False) for i in images]),
+            timeout=self.timeout_s)
         async for delta in _deltas(call):
             yield delta
+
+    async def encode(self, endpoint: str, data: bytes) -> bytes:
+        """Have an encode worker encode (and keep) one image; returns its digest."""
+        try:
+            response = await self._stub(endpoint).Encode(pb.EncodeRequest(data=data), timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _failure(exc) from None
+        return bytes(response.digest)
 
     async def release(self, ticket: KvTicket) -> None:
         # On failure the source still frees pinned KV after its timeout.

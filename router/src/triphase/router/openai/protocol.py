@@ -44,15 +44,42 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageUrl(_Strict):
+    url: str = pydantic.Field(min_length=1)  # its length is bounded by the image limits, in images.py
+    detail: Literal["auto", "low", "high"] = "auto"  # one resolution per model here: accepted, no effect
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+def _part_type(part: Any) -> str | None:
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return {"text": "Text", "image_url": "Image"}.get(kind) if isinstance(kind, str) else None
+
+
+# Tagged by capitalized names, which `parse` leaves out of the field path it reports.
+Part = Annotated[Annotated[TextPart, pydantic.Tag("Text")] | Annotated[ImagePart, pydantic.Tag("Image")],
+                 pydantic.Discriminator(_part_type, custom_error_type="invalid_part",
+                                        custom_error_message="a content part's type must be text or image_url")]
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | Annotated[list[TextPart], pydantic.Field(max_length=MAX_MESSAGES)] | None = None
+    content: str | Annotated[list[Part], pydantic.Field(max_length=MAX_MESSAGES)] | None = None
     name: str | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    @property
+    def images(self) -> list[ImageUrl]:
+        if self.content is None or isinstance(self.content, str):
+            return []
+        return [part.image_url for part in self.content if isinstance(part, ImagePart)]
 
 
 Stop = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]

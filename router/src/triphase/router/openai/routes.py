@@ -19,20 +19,24 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from triphase.common.tokenizer import Tokenizer
+from triphase.common.images import ImageLimits
+from triphase.common.tokenizer import ImageSlot, Tokenizer
+from triphase.common.vision import VisionConfig
 from triphase.router.admission import Admission
 from triphase.router.errors import BadRequest, Overloaded, PayloadTooLarge, RequestTimeout, RouterError, Unavailable
 from triphase.router.metrics import RouterMetrics
 from triphase.router.openai import protocol as p
+from triphase.router.openai.images import ImageSources, LoadedImage
+from triphase.router.openai.images import load as load_image
 from triphase.router.openai.openapi import document
 from triphase.router.pipeline import Pipeline, Trace
-from triphase.router.worker_client import Delta, Sampling
+from triphase.router.worker_client import Delta, PromptImage, Sampling
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,8 +65,11 @@ def _json_reason(reason: str | None) -> bytes:
 class Api:
     def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, metrics: RouterMetrics, *, model: str,
                  max_model_len: int, admission: Admission | None = None, max_body_bytes: int = 2 << 20,
-                 body_timeout_s: float = 30.0) -> None:
+                 body_timeout_s: float = 30.0, vision: VisionConfig | None = None,
+                 image_sources: ImageSources | None = None) -> None:
         self.pipeline = pipeline
+        self.vision = vision  # the model's image settings; None: it takes no images
+        self.image_sources = image_sources or ImageSources(ImageLimits())
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.model = model
@@ -140,15 +147,41 @@ class Api:
             raise BadRequest(f"the prompt ({text_bytes} bytes) cannot fit this model's context length "
                              f"{self.max_model_len}", param=param, code="context_length_exceeded")
 
-    def _chat_prompt(self, body: bytes) -> tuple[p.ChatCompletionRequest, list[int]]:
-        req = p.parse(p.ChatCompletionRequest, self._parse_json(body))
+    def _parse_chat(self, body: bytes) -> p.ChatCompletionRequest:
+        req: p.ChatCompletionRequest = p.parse(p.ChatCompletionRequest, self._parse_json(body))
         self._check_model(req)  # before the costly part
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        self._check_text_size(sum(len(m["content"].encode()) for m in messages), "messages")
+        self._check_text_size(sum(len(m.text().encode()) for m in req.messages), "messages")
+        count = sum(len(m.images) for m in req.messages)
+        if count and self.vision is None:
+            raise BadRequest(f"the model `{self.model}` does not take images", param="messages",
+                             code="invalid_image")
+        if count > self.image_sources.limits.max_images:
+            raise BadRequest(f"{count} images; at most {self.image_sources.limits.max_images} per request",
+                             param="messages", code="invalid_image")
+        return req
+
+    async def _load_images(self, req: p.ChatCompletionRequest) -> list[LoadedImage]:
+        """The request's images in order, fetched and checked at once (a 400 names the first bad one)."""
+        places = [(f"messages.{i}.content.{j}.image_url", part.image_url.url)
+                  for i, m in enumerate(req.messages) if isinstance(m.content, list)
+                  for j, part in enumerate(m.content) if isinstance(part, p.ImagePart)]
+        return list(await asyncio.gather(*(load_image(url, self.image_sources, param) for param, url in places)))
+
+    def _chat_tokens(self, req: p.ChatCompletionRequest, loaded: list[LoadedImage],
+                     ) -> tuple[list[int], list[PromptImage]]:
         try:
-            return req, self.tokenizer.encode_chat(messages)
+            if not loaded:
+                return self.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages]), []
+            assert self.vision is not None  # _parse_chat refused images otherwise
+            slot = ImageSlot(self.vision.image_token_id, self.vision.tokens_per_image)
+            messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) or m.content is None
+                         else [part.text if isinstance(part, p.TextPart) else slot for part in m.content]}
+                        for m in req.messages]
+            ids, offsets = self.tokenizer.encode_chat_with_images(messages)
         except ValueError as exc:
             raise BadRequest(str(exc), param="messages") from None
+        return ids, [PromptImage(at, slot.count, image.digest, image.data)
+                     for at, image in zip(offsets, loaded, strict=True)]
 
     def _completion_prompt(self, body: bytes) -> tuple[p.CompletionRequest, list[int]]:
         req = p.parse(p.CompletionRequest, self._parse_json(body))
@@ -185,7 +218,8 @@ class Api:
         return Sampling(max_tokens=limit, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                         seed=req.seed, stop=tuple(req.stop_list), ignore_eos=req.ignore_eos)
 
-    async def _timed(self, prompt: list[int], sampling: Sampling, trace: Trace) -> AsyncGenerator[Delta, None]:
+    async def _timed(self, prompt: list[int], sampling: Sampling, trace: Trace,
+                     images: Sequence[PromptImage] = ()) -> AsyncGenerator[Delta, None]:
         """Run the pipeline, recording TTFT / TPOT / end-to-end latency and token counts."""
         start = time.monotonic()
         first_at: float | None = None
@@ -195,7 +229,7 @@ class Api:
         if len(self.traces) > 1000:
             self.traces.pop(next(iter(self.traces)))
         try:
-            async with contextlib.aclosing(self.pipeline.run(prompt, sampling, trace)) as deltas:
+            async with contextlib.aclosing(self.pipeline.run(prompt, sampling, trace, images)) as deltas:
                 async for delta in deltas:
                     if first_at is None and delta.token_ids:
                         first_at = time.monotonic()
@@ -248,14 +282,16 @@ class Api:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         async with self.admission.slot():
-            req, prompt = await self._off_loop(len(body), lambda: self._chat_prompt(body))
+            req = await self._off_loop(len(body), lambda: self._parse_chat(body))
+            loaded = await self._load_images(req)
+            prompt, images = await self._off_loop(len(body), lambda: self._chat_tokens(req, loaded))
             sampling = self._sampling(req, len(prompt), None)
-            return await self._chat(request, req, prompt, sampling)
+            return await self._chat(request, req, prompt, sampling, images)
 
     async def _chat(self, request: web.Request, req: p.ChatCompletionRequest, prompt: list[int],
-                    sampling: Sampling) -> web.StreamResponse:
+                    sampling: Sampling, images: list[PromptImage]) -> web.StreamResponse:
         rid, created = p.new_id("chatcmpl"), p.created()
-        async with contextlib.aclosing(self._timed(prompt, sampling, Trace(rid))) as deltas:
+        async with contextlib.aclosing(self._timed(prompt, sampling, Trace(rid), images)) as deltas:
             if req.stream:
                 chunks = self._chat_chunks(deltas, rid, created, len(prompt), req.include_usage)
                 return await self._sse(request, chunks)
