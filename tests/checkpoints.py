@@ -12,15 +12,22 @@ LLAVA_VOCAB = 100
 IMAGE_TOKEN = 99  # the tiny LLaVA's image placeholder token id
 
 
+# w3 opens a turn, w4 closes it, w5 starts the assistant's answer
+CHAT_TEMPLATE = ("{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
+                 "{% if add_generation_prompt %}w5{% endif %}")
+
+
 def write_word_tokenizer(folder: pathlib.Path, vocab: int) -> None:
-    """A word-level tokenizer over "w0".."w{vocab-1}" (w1 is BOS, w2 EOS; no BOS added)."""
+    """A word-level tokenizer over "w0".."w{vocab-1}" (w1 is BOS, w2 EOS; no BOS added) with a chat
+    template (CHAT_TEMPLATE)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(vocab)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "w1", "eos_token": "w2",
-                                                              "add_bos_token": False}))
+                                                              "add_bos_token": False,
+                                                              "chat_template": CHAT_TEMPLATE}))
 
 
 def build_llava(kind: str, folder: pathlib.Path) -> tuple[Any, Any]:
@@ -63,5 +70,5 @@ def png(seed: int, width: int, height: int, mode: str = "RGB") -> bytes:
 
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, len(mode)), dtype=np.uint8)
     out = io.BytesIO()
-    Image.fromarray(pixels.squeeze(), mode).save(out, format="PNG")
+    Image.fromarray(pixels if len(mode) > 1 else pixels[..., 0], mode).save(out, format="PNG")
     return out.getvalue()

@@ -1,4 +1,5 @@
-"""`triphase up`: the whole local stack (router + prefill + decode workers) on 127.0.0.1.
+"""`triphase up`: the whole local stack (router + prefill + decode workers, and encode workers with
+`--encode`) on 127.0.0.1.
 
 With `--role-switching` the role balancer (`triphase balancer`) runs beside the router and moves
 workers between prefill and decode as the load shifts, against `--ttft-slo` / `--tpot-slo`.
@@ -26,9 +27,11 @@ from pydantic import ValidationError
 
 from triphase.common import labels
 from triphase.common.errors import UserError
+from triphase.common.model_files import resolve
 from triphase.common.net import check_port, free_port
 from triphase.common.profile import Profile
 from triphase.common.roles import Role
+from triphase.common.vision import vision_config_of
 from triphase.control import main as balancer
 from triphase.control import planner, signals
 from triphase.control.metrics import PlannerMetrics
@@ -44,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")), help="router port")
     parser.add_argument("--prefill", type=int, default=1, help="prefill workers (default 1)")
     parser.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
+    parser.add_argument("--encode", type=int, default=0,
+                        help="encode workers, which turn images into embeddings for the prefill workers (default 0: "
+                             "prefill workers encode); needs a model that takes images")
     parser.add_argument("--model", help="GGUF file or Hugging Face directory (default: bundled SmolLM2-135M)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--engine", default="torch", choices=["torch", "sim"],
@@ -117,10 +123,17 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("at least one worker is needed")
         if args.decode == 0:
             names = [(n, "both") if r == "prefill" else (n, r) for n, r in names]
+        if args.encode < 0 or (args.encode and args.engine == "sim"):
+            raise UserError("--encode must be 0 or more, and encode workers need the torch engine")
+        if args.encode and vision_config_of(resolve(args.model)) is None:
+            raise UserError("--encode needs a model that takes images (a LLaVA-style Hugging Face directory)")
+        encoders = [(f"encode-{i}", "encode") for i in range(args.encode)]
         tools = prometheus.ensure() if args.prometheus else None  # before the workers: a build wants both cores
         # Fixed metrics ports, so that a restarted worker is scraped where it was.
         scraped = [free_port() for _ in names] if args.prometheus else []
-        _say(f"starting {len(names)} workers ({args.prefill} prefill, {args.decode} decode); loading the model ...")
+        encoder_metrics = [free_port() for _ in encoders] if args.prometheus else []
+        _say(f"starting {len(names) + len(encoders)} workers ({args.prefill} prefill, {args.decode} decode"
+             f"{f', {args.encode} encode' if encoders else ''}); loading the model ...")
         pools: autoscale.LocalPools | None = None
         if args.autoscale:
             pools = autoscale.LocalPools(
@@ -135,14 +148,20 @@ def run(args: argparse.Namespace) -> int:
             workers = [stack.spawn(name, ["worker", "--role", role, "--port", "0", *common,
                                           *(["--metrics-port", str(scraped[i])] if scraped else [])])
                        for i, (name, role) in enumerate(names)]
+        encode_children = [stack.spawn(name, ["worker", "--role", role, "--port", "0", *common,
+                                              *(["--metrics-port", str(encoder_metrics[i])] if encoder_metrics
+                                                else [])])
+                           for i, (name, role) in enumerate(encoders)]
         endpoints = []
-        for child in workers:
+        for child in [*workers, *encode_children]:
             port = stack.wait_ready(child, deadline)
             endpoints.append(f"127.0.0.1:{port}")
             _say(f"{child.name} ready on 127.0.0.1:{port}")
         if pools is not None:
-            for child, endpoint in zip(workers, endpoints, strict=True):
+            for child, endpoint in zip(workers, endpoints, strict=False):
                 pools.workers[child.name].endpoint = endpoint
+            pools.fixed_endpoints = endpoints[len(workers):]
+            pools.fixed_targets = [f"127.0.0.1:{p}" for p in encoder_metrics]
             pools.publish()
             discovery = ["--discovery", "file", "--workers-file", str(pools.workers_file)]
         else:
@@ -162,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         model = _wait_ready(url, deadline)
         planner_metrics: PlannerMetrics | None = None
         if args.prometheus:
-            jobs = {"router": [f"127.0.0.1:{port}"], "worker": [f"127.0.0.1:{p}" for p in scraped],
+            jobs = {"router": [f"127.0.0.1:{port}"], "worker": [f"127.0.0.1:{p}" for p in scraped + encoder_metrics],
                     "balancer": [f"127.0.0.1:{metrics}"] if metrics else []}
             files = {}
             if pools is not None:  # workers come and go: Prometheus follows the planner's target file

@@ -70,6 +70,8 @@ class LocalPools:
         self.lock = threading.Lock()  # workers: read by the planner's thread, changed by the supervisor's
         self.reader: PrometheusSignals | None = None  # for the split by current role
         self.numbers = {role: itertools.count() for role in bounds}
+        self.fixed_endpoints: list[str] = []  # workers outside the planned pools (encode), always listed
+        self.fixed_targets: list[str] = []  # and their metrics
 
     # ---- the supervisor's thread
     def add(self, role: Role) -> LocalWorker:
@@ -85,8 +87,10 @@ class LocalPools:
     def publish(self) -> None:
         with self.lock:
             ready = [w for w in self.workers.values() if w.endpoint]
-        endpoints_file.write_endpoints(self.workers_file, [w.endpoint for w in ready if w.endpoint])
-        prometheus.write_targets(self.targets_file, [f"127.0.0.1:{w.metrics_port}" for w in self.workers.values()],
+        endpoints_file.write_endpoints(self.workers_file,
+                                       [*self.fixed_endpoints, *(w.endpoint for w in ready if w.endpoint)])
+        prometheus.write_targets(self.targets_file, [*self.fixed_targets, *(f"127.0.0.1:{w.metrics_port}"
+                                                                             for w in self.workers.values())],
                                  prometheus.LOCAL_LABELS)
 
     def apply(self) -> None:
