@@ -74,6 +74,8 @@ def test_the_sample_is_valid_for_the_models_and_the_api_server(crds):
         s.update(autoscaling={"enabled": True, "prometheusUrl": "http://p:9090"}),
         s["pools"]["prefill"].update(maxReplicas=4),
         s["pools"]["decode"].update(minReplicas=0, maxReplicas=4)), "spec", "pools.decode.minReplicas must be >= 1"),
+    ("encode-bundled", lambda s: s["pools"].update(encode={"replicas": 1}), "spec",
+     "an encode pool needs a model that takes images"),
 ])
 def test_invalid_specs_are_rejected_with_the_field_path(crds, name, edit, path, words):
     result = _apply(crds, _variant(name, edit))

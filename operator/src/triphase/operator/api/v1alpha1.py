@@ -216,6 +216,9 @@ class ServingDeploymentSpec(_Model):
         {"rule": "!has(self.autoscaling) || !self.autoscaling.enabled || !has(self.pools.decode) || "
                  "!has(self.pools.decode.minReplicas) || self.pools.decode.minReplicas >= 1",
          "message": "autoscaling keeps at least one decode worker: pools.decode.minReplicas must be >= 1"},
+        {"rule": "!has(self.pools.encode) || self.model.source != 'bundled'",
+         "message": "an encode pool needs a model that takes images (a LLaVA-style directory); the bundled "
+                    "SmolLM2 takes none"},
     ]})
 
     model: ModelSource = Field(description="The model to serve.")
