@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from triphase.common import logs
     from triphase.common.errors import UserError
+    from triphase.common.lifetime import follow_parent
 
+    follow_parent()
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.configure(args.log_level)

@@ -3,14 +3,13 @@ supervisor, the tests and the benchmarks.
 
 A triphase server started with `--ready-file PATH` writes its bound port there once it serves, so
 `--port 0` works everywhere and nothing has to guess a free port. Each child writes its output to
-`<dir>/<name>.log`; what a failure says includes that log's tail. Children get PR_SET_PDEATHSIG: a
-launcher that dies (even of SIGKILL) takes its children with it.
+`<dir>/<name>.log`; what a failure says includes that log's tail. Children are told this process's
+pid (triphase.common.lifetime): a launcher that dies (even of SIGKILL) takes its children with it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import pathlib
 import queue
@@ -22,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 
+from triphase.common.lifetime import PARENT_ENV
 from triphase.common.net import http_ok, wait_until
 
 __all__ = ["TRIPHASE", "http_ok", "log_tail", "ready_port", "spawn", "start_triphase", "stop", "stop_all",
@@ -31,9 +31,8 @@ TRIPHASE = [sys.executable, "-m", "triphase.cli"]
 wait_for = wait_until  # the name the tests use
 
 
-def _die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}
 
 
 def spawn(argv: list[str], log: pathlib.Path, env: dict[str, str] | None = None,
@@ -41,8 +40,7 @@ def spawn(argv: list[str], log: pathlib.Path, env: dict[str, str] | None = None,
     """Start `argv` with stdout and stderr to `log` (appended to with `append`, as a restart does) and
     `env` added to this process's environment."""
     with open(log, "ab" if append else "wb") as out:  # the child keeps its own descriptor
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                preexec_fn=_die_with_parent)
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_child_env(env))
 
 
 def ready_port(ready: pathlib.Path) -> int | None:
@@ -120,7 +118,7 @@ def triphase_up(args: list[str], timeout: float = 240) -> Iterator[tuple[subproc
     (it drains and stops its children) when the block ends. The process carries `said`: its stderr lines
     with when they came (time.monotonic()), for benchmarks."""
     proc = subprocess.Popen([*TRIPHASE, "up", "--port", "0", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+                            stderr=subprocess.PIPE, text=True, env=_child_env())
     lines: queue.Queue[str] = queue.Queue()
     said: list[tuple[float, str]] = []  # drained as it comes: a full pipe would block the supervisor
     proc.said = said  # type: ignore[attr-defined]
