@@ -35,7 +35,7 @@ from triphase.common.vision import vision_config_of
 from triphase.control import main as balancer
 from triphase.control import planner, signals
 from triphase.control.metrics import PlannerMetrics
-from triphase.local import autoscale, prometheus
+from triphase.local import autoscale, demo_vision, prometheus
 from triphase.local.supervisor import Supervisor
 from triphase.operator import slo_rules
 from triphase.operator.api.v1alpha1 import Slo
@@ -50,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encode", type=int, default=0,
                         help="encode workers, which turn images into embeddings for the prefill workers (default 0: "
                              "prefill workers encode); needs a model that takes images")
-    parser.add_argument("--model", help="GGUF file or Hugging Face directory (default: bundled SmolLM2-135M)")
+    parser.add_argument("--model", help="GGUF file or Hugging Face directory (default: bundled SmolLM2-135M); "
+                                        "demo-vision: SmolLM2 with an image backbone, to try --encode offline "
+                                        "(plumbing only: not a trained vision-language model)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--engine", default="torch", choices=["torch", "sim"],
                         help="sim: workers with a timing model instead of the model (no weights loaded)")
@@ -97,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
+        served = None
+        if args.model == demo_vision.NAME:
+            args.model, served = str(demo_vision.ensure()), demo_vision.NAME
         deadline = time.monotonic() + args.timeout
         common = ["--dtype", args.dtype, "--kv-cache-mib", str(args.kv_cache_mib), "--engine", args.engine,
                   "--drain-timeout", str(args.drain_timeout)]
@@ -169,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
         router_args = ["router", *discovery, "--port", str(args.port), "--drain-timeout", str(args.drain_timeout)]
         if args.model:
             router_args += ["--model", args.model]
+        if served:
+            router_args += ["--served-model-name", served]
         port = stack.wait_ready(stack.spawn("router", router_args), deadline)
         metrics = None
         if args.role_switching:

@@ -64,6 +64,10 @@ def load_tokenizer(path: str | None) -> tuple[tok.Tokenizer, str]:
     path = resolve(path)
     if os.path.isdir(path):
         folder = pathlib.Path(path)
+        text_model = _read_json(folder / "config.json").get("triphase_text_model")
+        if isinstance(text_model, str):  # a vision model around another file's language model
+            tokenizer, _ = load_tokenizer(None if text_model == "bundled" else str(folder / text_model))
+            return tokenizer, folder.name
         if not (folder / "tokenizer.json").exists():
             raise UserError(f"{path} has no tokenizer.json")
         config = _read_json(folder / "tokenizer_config.json")

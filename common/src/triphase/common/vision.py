@@ -16,7 +16,7 @@ ACTIVATION_NAMES = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "relu", "silu")
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    kind: str  # "clip" or "siglip"
+    kind: str  # "clip", "siglip" or "mobilenet_v2" (the offline demo's backbone)
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -50,10 +50,15 @@ class VisionConfig:
 def vision_config_from_hf(raw: dict[str, Any]) -> VisionConfig:
     """The vision settings of a LLaVA config.json (KeyError/ValueError/TypeError when malformed)."""
     vision = raw["vision_config"]
-    kind = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}.get(vision.get("model_type", ""))
+    kind = {"clip_vision_model": "clip", "siglip_vision_model": "siglip",
+            "mobilenet_v2": "mobilenet_v2"}.get(vision.get("model_type", ""))
     if kind is None:
         raise ValueError(f"vision model {vision.get('model_type')!r} (supported: clip_vision_model, "
-                         "siglip_vision_model)")
+                         "siglip_vision_model, mobilenet_v2)")
+    if kind == "mobilenet_v2":  # a convolutional backbone: its 32x downsampled grid is the image's tokens
+        vision = {"hidden_size": 1280, "intermediate_size": 0, "num_hidden_layers": 0, "num_attention_heads": 1,
+                  "patch_size": 32, "hidden_act": "relu", **vision}
+        raw = {**raw, "vision_feature_layer": 0, "vision_feature_select_strategy": "full"}
     layers = raw.get("vision_feature_layer", -2)
     strategy = raw.get("vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):

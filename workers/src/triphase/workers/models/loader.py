@@ -205,6 +205,8 @@ def _load_hf_dir(path: str, dtype: torch.dtype, progress: Progress[Any]) -> Load
         raise UserError(f"{path} has no config.json") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}/config.json is not valid JSON ({exc})") from None
+    if raw.get("model_type") == "llava" and "triphase_text_model" in raw:
+        return _load_with_text_model(folder, raw, dtype, progress)
     vision = None
     if raw.get("model_type") == "llava":
         try:
@@ -246,6 +248,34 @@ def _load_hf_dir(path: str, dtype: torch.dtype, progress: Progress[Any]) -> Load
         raise UserError(f"{path}: missing tensor {missing[0]}")
     return LoadedModel(config, weights, tokenizer, path, vision=vision,
                        image_processor=ImageProcessor.from_dir(folder, vision.image_size, vision.kind))
+
+
+def _load_with_text_model(folder: pathlib.Path, raw: dict[str, Any], dtype: torch.dtype,
+                          progress: Progress[Any]) -> LoadedModel:
+    """A LLaVA-style directory whose language model is another file (`triphase_text_model`: a path, or
+    "bundled"): the vision tower and projector come from the directory's safetensors."""
+    from safetensors import safe_open
+
+    text = raw["triphase_text_model"]
+    loaded = load_model(None if text == "bundled" else str(folder / text), dtype=dtype, progress=progress)
+    try:
+        vision = vision_config_from_hf(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{folder}/config.json: unsupported or invalid vision settings ({exc})") from None
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    loaded.weights[_hf_name(key)] = handle.get_tensor(key).to(dtype)
+        except Exception as exc:  # safetensors raises its own SafetensorError family
+            raise UserError(f"{file} is a corrupted safetensors file ({exc})") from None
+    if "projector.linear_1.weight" not in loaded.weights:
+        raise UserError(f"{folder}: missing tensor projector.linear_1.weight")
+    loaded.vision = vision
+    loaded.image_processor = ImageProcessor.from_dir(folder, vision.image_size, vision.kind)
+    loaded.path = str(folder)
+    loaded.config = dataclasses.replace(loaded.config, name=folder.name)
+    return loaded
 
 
 # Where LLaVA checkpoints keep their parts, by transformers version, and the names model code reads.

@@ -1,5 +1,6 @@
-"""The vision side of a LLaVA-style model in plain torch: a CLIP or SigLIP vision transformer and the
-MLP projector that maps its features into the language model's embedding width.
+"""The vision side of a LLaVA-style model in plain torch: a CLIP or SigLIP vision transformer (or, for
+the offline demo, a MobileNetV2 backbone: mobilenet.py) and the MLP projector that maps its features
+into the language model's embedding width.
 
 `VisionEncoder(pixels)` takes preprocessed images [N, 3, H, W] (see image_processing.py) and returns
 [N, tokens_per_image, text_hidden]: the rows the prefill splices in at the image's placeholder
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from triphase.common.vision import ACTIVATION_NAMES, VisionConfig
+from triphase.workers.models.mobilenet import MobileNetV2
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
@@ -29,6 +31,10 @@ assert set(ACTIVATIONS) == set(ACTIVATION_NAMES), "the config's accepted names a
 
 
 Affine = tuple[torch.Tensor, torch.Tensor]  # (weight, bias)
+
+
+def _optional(weights: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor | None:
+    return weights[name].to(dtype) if name in weights else None
 
 
 class _Layer:
@@ -52,12 +58,20 @@ class VisionEncoder:
     def __init__(self, config: VisionConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         self.config = config
         self.dtype = dtype
+        self.proj1 = (weights["projector.linear_1.weight"].to(dtype), _optional(weights, "projector.linear_1.bias",
+                                                                                  dtype))
+        self.proj2 = (weights["projector.linear_2.weight"].to(dtype), _optional(weights, "projector.linear_2.bias",
+                                                                                  dtype))
+        self.projector_act = ACTIVATIONS[config.projector_act]
+        self.backbone = MobileNetV2(weights, dtype) if config.kind == "mobilenet_v2" else None
+        if self.backbone is not None:
+            return
 
         def w(name: str) -> torch.Tensor:
             return weights[name].to(dtype)
 
         def opt(name: str) -> torch.Tensor | None:
-            return weights[name].to(dtype) if name in weights else None
+            return _optional(weights, name, dtype)
 
         self.patch = w("vision.embeddings.patch_embedding.weight")
         self.patch_bias = opt("vision.embeddings.patch_embedding.bias")
@@ -66,10 +80,7 @@ class VisionEncoder:
         self.pre_norm = (w("vision.pre_layrnorm.weight"), w("vision.pre_layrnorm.bias")) \
             if "vision.pre_layrnorm.weight" in weights else None
         self.layers = [_Layer(w, f"vision.encoder.layers.{i}.") for i in range(config.layers_needed)]
-        self.proj1 = (w("projector.linear_1.weight"), opt("projector.linear_1.bias"))
-        self.proj2 = (w("projector.linear_2.weight"), opt("projector.linear_2.bias"))
         self.act = ACTIVATIONS[config.hidden_act]
-        self.projector_act = ACTIVATIONS[config.projector_act]
 
     @property
     def output_size(self) -> int:
@@ -77,6 +88,10 @@ class VisionEncoder:
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(pixels) if self.backbone is not None else self._transformer(pixels)
+        return F.linear(self.projector_act(F.linear(features, *self.proj1)), *self.proj2)
+
+    def _transformer(self, pixels: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         n = pixels.shape[0]
         x = F.conv2d(pixels.to(self.dtype), self.patch, self.patch_bias, stride=cfg.patch_size)
@@ -100,5 +115,4 @@ class VisionEncoder:
         picked = [states[i % (cfg.num_hidden_layers + 1)] for i in cfg.feature_layers]
         if cfg.feature_strategy == "default":
             picked = [s[:, 1:] for s in picked]
-        features = torch.cat(picked, dim=-1)
-        return F.linear(self.projector_act(F.linear(features, *self.proj1)), *self.proj2)
+        return torch.cat(picked, dim=-1)
