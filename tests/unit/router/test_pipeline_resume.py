@@ -14,9 +14,9 @@ from collections.abc import AsyncGenerator, Iterator, Sequence
 
 from triphase.common.roles import Role
 from triphase.router.metrics import RouterMetrics
-from triphase.router.pipeline import Pipeline
+from triphase.router.pipeline import Attempt, Pipeline, Trace
 from triphase.router.policy.pairing import WorkerView
-from triphase.router.worker_client import Delta, HandedOver, PromptImage, Sampling, WorkerFailed
+from triphase.router.worker_client import Delta, HandedOver, HandOffFailed, PromptImage, Sampling, WorkerFailed
 
 IM_END = 2
 
@@ -60,12 +60,12 @@ class Client:
             raise WorkerFailed("UNAVAILABLE: Stream removed (Socket closed)")
 
 
-def run(client: Client, prompt: list[int]) -> list[Delta]:
+def run(client: Client, prompt: list[int], trace: Trace | None = None) -> list[Delta]:
     views = [WorkerView("a", "a:1", Role.DECODE), WorkerView("b", "b:1", Role.DECODE)]
     pipeline = Pipeline(Registry(views), client, RouterMetrics("m"), placement_wait_s=1)  # type: ignore[arg-type]
 
     async def collect() -> list[Delta]:
-        return [d async for d in pipeline.run(prompt, Sampling(max_tokens=8, temperature=0))]
+        return [d async for d in pipeline.run(prompt, Sampling(max_tokens=8, temperature=0), trace)]
 
     return asyncio.run(collect())
 
@@ -80,10 +80,12 @@ def test_a_worker_failing_after_its_final_delta_does_not_resume_the_request() ->
 
 def test_a_worker_failing_mid_stream_resumes_with_the_tokens_sent() -> None:
     client = Client({"a:1": ([Delta([5], "x")], True), "b:1": ([Delta([6], "y"), Delta([IM_END], "", "stop")], False)})
-    deltas = run(client, [1, 9])
+    trace = Trace("r")
+    deltas = run(client, [1, 9], trace)
     assert [t for d in deltas for t in d.token_ids] == [5, 6, IM_END]
     (_, _, _), (endpoint, prompt, resumed) = client.calls
     assert (endpoint, prompt, resumed) == ("b:1", [1, 9, 5], 1)
+    assert trace.attempts == [Attempt.FRESH, Attempt.MIGRATE]
 
 
 @dataclasses.dataclass
@@ -122,7 +124,7 @@ class PrefillClient(Client):
         self.released += 1
 
 
-def prefill_run(client: PrefillClient, second_decoder: bool = False) -> list[int]:
+def prefill_run(client: PrefillClient, second_decoder: bool = False, trace: Trace | None = None) -> list[int]:
     views = [WorkerView("p1", "p1:1", Role.PREFILL, queued_prefill_tokens=0),
              WorkerView("p2", "p2:1", Role.PREFILL, queued_prefill_tokens=100),
              WorkerView("d", "d:1", Role.DECODE, free_blocks=100)]
@@ -131,7 +133,8 @@ def prefill_run(client: PrefillClient, second_decoder: bool = False) -> list[int
     pipeline = Pipeline(Registry(views), client, RouterMetrics("m"), placement_wait_s=1)  # type: ignore[arg-type]
 
     async def collect() -> list[int]:
-        return [t async for d in pipeline.run([1, 9], Sampling(max_tokens=8, temperature=0)) for t in d.token_ids]
+        return [t async for d in pipeline.run([1, 9], Sampling(max_tokens=8, temperature=0), trace)
+                for t in d.token_ids]
 
     return asyncio.run(collect())
 
@@ -144,7 +147,9 @@ def test_a_failed_prefill_goes_to_another_prefill_worker() -> None:
 
 def test_the_decode_worker_prefills_only_when_no_prefill_worker_is_left() -> None:
     client = PrefillClient(refusing={"p1:1", "p2:1"})
-    assert prefill_run(client) == [7, IM_END]
+    trace = Trace("r")
+    assert prefill_run(client, trace=trace) == [7, IM_END]
+    assert trace.attempts == [Attempt.FRESH] and trace.local_prefill  # within the fresh attempt
     assert client.prefills == ["p1:1", "p2:1"] and [c[0] for c in client.calls] == ["d:1"]
 
 
@@ -182,11 +187,32 @@ def test_hand_overs_are_not_failures() -> None:
     views = [WorkerView("a", "a:1", Role.DECODE), WorkerView("b", "b:1", Role.DECODE)]
     registry = Registry(views)
     pipeline = Pipeline(registry, client, RouterMetrics("m"), placement_wait_s=1)  # type: ignore[arg-type]
+    trace = Trace("r")
 
     async def collect() -> list[int]:
-        return [t async for d in pipeline.run([1, 9], Sampling(max_tokens=8, temperature=0)) for t in d.token_ids]
+        return [t async for d in pipeline.run([1, 9], Sampling(max_tokens=8, temperature=0), trace)
+                for t in d.token_ids]
 
     assert asyncio.run(collect()) == [5, 5, 5, IM_END]
+    assert trace.attempts == [Attempt.FRESH] + [Attempt.MIGRATE] * 3
     endpoints = [c[0] for c in client.calls]
     assert all(x != y for x, y in itertools.pairwise(endpoints)) and registry.unhealthy == []
     assert [c[2] for c in client.calls] == [0, 1, 2, 3]
+
+
+class LostKv(PrefillClient):
+    """The decode worker cannot obtain the prefilled KV (the prefill worker is gone)."""
+
+    async def decode(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
+                     ticket: Ticket, images: Sequence[PromptImage] = ()) -> AsyncGenerator[Delta, None]:
+        self.decodes.append(endpoint)
+        raise HandOffFailed("ABORTED: the source did not hold the KV")
+        yield Delta([], "")  # pragma: no cover (a generator)
+
+
+def test_a_failed_hand_off_is_a_local_prefill_on_the_same_decode_worker() -> None:
+    client = LostKv(refusing=set())
+    trace = Trace("r")
+    assert prefill_run(client, trace=trace) == [5, 7, IM_END]  # the prefill's first token was sent already
+    assert trace.attempts == [Attempt.FRESH, Attempt.LOCAL_PREFILL] and trace.local_prefill
+    assert client.calls == [("d:1", [1, 9, 5], 1)]  # prompt + the token sent, prefilled where it decodes

@@ -10,7 +10,9 @@ the pure pairing policy; this module does the waiting and the fallbacks: no pref
 failed prefill or KV hand-off, means the decode worker prefills locally. A decode worker that fails
 mid-stream (or hands the request over while switching roles) is replaced: the request resumes
 elsewhere with the tokens already sent appended to its prompt. When no worker can take a request
-(all restarting, say), it waits up to `placement_wait_s` for one before answering 503.
+(all restarting, say), it waits up to `placement_wait_s` for one before answering 503. Each try is an
+`Attempt` (FRESH, then LOCAL_PREFILL after a failed KV hand-off, MIGRATE after a failed or handed-over
+stream), recorded in the request's `Trace`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import logging
 import time
 import uuid
@@ -44,6 +47,15 @@ logger = logging.getLogger(__name__)
 MAX_HAND_OVERS = 8  # a stream given back more often than this (workers switching back and forth) fails
 
 
+class Attempt(enum.Enum):
+    """How the pipeline tries to run a request, in order: FRESH first; LOCAL_PREFILL after a failed KV
+    hand-off; MIGRATE after the decode worker failed or handed the stream over."""
+
+    FRESH = "fresh"  # encode -> place a pair -> prefill -> hand the KV off -> decode
+    LOCAL_PREFILL = "local-prefill"  # the same decode worker prefills the prompt (+ tokens sent) itself
+    MIGRATE = "migrate"  # another decode worker prefills the prompt + the tokens sent, and decodes on
+
+
 @dataclasses.dataclass
 class Trace:
     """What happened to one request (for metrics and tests)."""
@@ -56,6 +68,7 @@ class Trace:
     local_prefill: bool = False
     migrations: int = 0
     encoded_on: list[str] = dataclasses.field(default_factory=list)  # encode worker of each image ("": none)
+    attempts: list[Attempt] = dataclasses.field(default_factory=list)  # in order
 
 
 class Pipeline:
@@ -116,11 +129,14 @@ class Pipeline:
         sent: list[int] = []
         failed: set[str] = set()
         handed: list[str] = []  # workers that gave the stream back (a switch, balancing): not failures
-        resume = stay = False  # resume: re-prefill prompt + sent tokens; stay: on the same decode worker
+        attempt = Attempt.FRESH
         while True:
-            avoid = failed | set(handed[-1:])  # not straight back to the worker that handed it over
-            stream = self._resume(prompt, sampling, trace, sent, avoid, stay, images) if resume else \
-                self._place_and_run(prompt, sampling, trace, failed, images)
+            trace.attempts.append(attempt)
+            if attempt is Attempt.FRESH:
+                stream = self._place_and_run(prompt, sampling, trace, failed, images)
+            else:
+                avoid = failed | set(handed[-1:])  # not straight back to the worker that handed it over
+                stream = self._resume(prompt, sampling, trace, sent, avoid, attempt is Attempt.LOCAL_PREFILL, images)
             try:
                 async with contextlib.aclosing(stream) as deltas:
                     async for delta in deltas:
@@ -134,15 +150,16 @@ class Pipeline:
                 return
             except HandOffFailed as exc:
                 # The prefill worker's KV could not be had: the decode worker prefills prompt + first token.
-                if resume:
+                if attempt is not Attempt.FRESH:
                     raise Unavailable(f"the request failed after a failed KV hand-off: {exc}") from None
                 logger.warning("%s: KV hand-off to %s failed (%s); prefilling there", trace.request_id,
                                trace.decode_worker, exc)
-                trace.local_prefill = resume = stay = True
+                trace.local_prefill = True
                 trace.kv_backend = None
+                attempt = Attempt.LOCAL_PREFILL
                 continue
             except HandedOver as exc:
-                resume, stay = True, False
+                attempt = Attempt.MIGRATE
                 handed.append(trace.decode_worker or "")
                 if len(handed) > MAX_HAND_OVERS:
                     raise Unavailable(f"the request was handed over {len(handed)} times: {exc}") from None
@@ -150,7 +167,7 @@ class Pipeline:
                 logger.info("%s: decode worker %s handed the stream over after %d tokens (%s); resuming elsewhere",
                             trace.request_id, trace.decode_worker, len(sent), exc)
             except WorkerFailed as exc:
-                resume, stay = True, False
+                attempt = Attempt.MIGRATE
                 if trace.decode_endpoint:
                     self.registry.mark_unhealthy(trace.decode_endpoint)
                 failed.add(trace.decode_worker or "")
@@ -199,8 +216,9 @@ class Pipeline:
 
     async def _resume(self, prompt: list[int], sampling: Sampling, trace: Trace, sent: list[int],
                       failed: set[str], stay: bool, images: Sequence[PromptImage]) -> AsyncGenerator[Delta, None]:
-        """Continue on a decode-capable worker, which re-prefills prompt + sent tokens: the same one
-        (`stay`, after a failed hand-off) or a healthy one not in `failed` (after a failed worker)."""
+        """LOCAL_PREFILL and MIGRATE: continue on a decode-capable worker, which re-prefills prompt +
+        sent tokens: the same one (`stay`, after a failed hand-off) or a healthy one not in `failed`
+        (after a failed worker or a hand-over)."""
         remaining = sampling.max_tokens - len(sent)
         if remaining <= 0:
             return
