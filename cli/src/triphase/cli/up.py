@@ -25,7 +25,7 @@ import urllib.request
 from prometheus_client import CollectorRegistry, start_http_server
 from pydantic import ValidationError
 
-from triphase.common import labels
+from triphase.common import images, labels
 from triphase.common.errors import UserError
 from triphase.common.model_files import resolve
 from triphase.common.net import check_port, free_port
@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", default="torch", choices=["torch", "sim"],
                         help="sim: workers with a timing model instead of the model (no weights loaded)")
     parser.add_argument("--kv-cache-mib", type=int, default=256, help="per worker")
+    images.add_arguments(parser)  # passed to the router and the workers
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for the stack to be ready")
     parser.add_argument("--drain-timeout", type=float, default=10.0,
                         help="on Ctrl-C / SIGTERM: seconds each process may take to finish its requests")
@@ -103,8 +104,11 @@ def run(args: argparse.Namespace) -> int:
         if args.model == demo_vision.NAME:
             args.model, served = str(demo_vision.ensure()), demo_vision.NAME
         deadline = time.monotonic() + args.timeout
+        limits = images.limits_from_args(args)
+        image_args = ["--image-max-bytes", str(limits.max_bytes), "--image-max-pixels", str(limits.max_pixels),
+                      "--image-max-count", str(limits.max_images)]
         common = ["--dtype", args.dtype, "--kv-cache-mib", str(args.kv_cache_mib), "--engine", args.engine,
-                  "--drain-timeout", str(args.drain_timeout)]
+                  "--drain-timeout", str(args.drain_timeout), *image_args]
         if args.model:
             common += ["--model", args.model]
         for name in SIM_TIMING:
@@ -171,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
             discovery = ["--discovery", "file", "--workers-file", str(pools.workers_file)]
         else:
             discovery = ["--workers", ",".join(endpoints)]
-        router_args = ["router", *discovery, "--port", str(args.port), "--drain-timeout", str(args.drain_timeout)]
+        router_args = ["router", *discovery, "--port", str(args.port), "--drain-timeout", str(args.drain_timeout),
+                       *image_args]
         if args.model:
             router_args += ["--model", args.model]
         if served:
