@@ -5,6 +5,7 @@ the tokens the in-process engine gives; a worker that encodes locally gives them
 from __future__ import annotations
 
 import contextlib
+import urllib.request
 
 import grpc
 import pytest
@@ -32,14 +33,26 @@ def stack(tmp_path_factory):
     model = tmp / "llava"
     model.mkdir()
     build_llava("clip", model)
-    common = ["worker", "--model", str(model), "--dtype", "float32", "--kv-cache-mib", "16", "--port", "0"]
+    common = ["worker", "--model", str(model), "--dtype", "float32", "--kv-cache-mib", "16", "--port", "0",
+              "--metrics-port", "0"]
     with contextlib.ExitStack() as stack:
         endpoints = {}
         for role in ("encode", "prefill", "decode", "both"):
             _, port = stack.enter_context(triphase_process(tmp, role, [*common, "--role", role]))
             endpoints[role] = f"127.0.0.1:{port}"
-        channels = {role: stack.enter_context(grpc.insecure_channel(ep)) for role, ep in endpoints.items()}
+            endpoints[f"{role}-metrics"] = f"127.0.0.1:{(tmp / f'{role}.port.metrics').read_text()}"
+        channels = {role: stack.enter_context(grpc.insecure_channel(endpoints[role]))
+                    for role in ("encode", "prefill", "decode", "both")}
         yield model, endpoints, {role: worker_pb2_grpc.WorkerServiceStub(ch) for role, ch in channels.items()}
+
+
+def embedding_bytes(metrics_endpoint, backend):
+    text = urllib.request.urlopen(f"http://{metrics_endpoint}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith("triphase_embedding_bytes_total{") and 'direction="received"' in line \
+                and f'backend="{backend}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def prompt(images, where):
@@ -70,10 +83,14 @@ def test_encode_prefill_decode_matches_one_process(stack):
     assert all(r.tokens == TOKENS and not r.cached and r.encode_seconds > 0 for r in first)
     assert stubs["encode"].Encode(pb.EncodeRequest(data=images[0]), timeout=60).cached  # a repeat is a hit
 
-    refs = [pb.PromptImage(offset=at, length=TOKENS, digest=digest(data), source_endpoint=endpoints["encode"])
-            for at, data in spans]
+    refs = [pb.PromptImage(offset=at, length=TOKENS, digest=digest(data), source_endpoint=endpoints["encode"],
+                           slot=reply.slot) for (at, data), reply in zip(spans, first, strict=True)]
     prefilled = stubs["prefill"].Prefill(pb.PrefillRequest(request_id="mm-1", prompt_token_ids=tokens,
                                                            sampling=GREEDY, images=refs), timeout=60)
+    # The prefill worker READ both images' embeddings out of the encode worker's cache with NIXL.
+    assert all(r.HasField("slot") for r in first)
+    assert embedding_bytes(endpoints["prefill-metrics"], "nixl") >= 2 * TOKENS * 64 * 4
+    assert embedding_bytes(endpoints["prefill-metrics"], "grpc") == 0
     only_spans = [pb.PromptImage(offset=r.offset, length=r.length, digest=r.digest) for r in refs]
     decoded = list(stubs["decode"].Decode(pb.DecodeRequest(request_id="mm-1", prompt_token_ids=tokens,
                                                            sampling=GREEDY, kv=prefilled.kv, images=only_spans),

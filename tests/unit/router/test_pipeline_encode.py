@@ -27,12 +27,12 @@ class Client:
     prefilled: list[list[PromptImage]] = dataclasses.field(default_factory=list)
     decoded: list[list[PromptImage]] = dataclasses.field(default_factory=list)
 
-    async def encode(self, endpoint: str, data: bytes) -> bytes:
+    async def encode(self, endpoint: str, data: bytes) -> tuple[bytes, object]:
         self.encoded.append((endpoint, data))
         await asyncio.sleep(0)  # the images of a request are encoded concurrently
         if endpoint in self.failing:
             raise WorkerFailed("UNAVAILABLE: gone")
-        return digest(data)
+        return digest(data), f"slot on {endpoint}"
 
     async def prefill(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
                       images: Sequence[PromptImage] = ()) -> tuple[Ticket, Delta]:
@@ -69,8 +69,8 @@ def test_images_are_spread_over_the_encode_workers():
     assert [endpoint for endpoint, _ in client.encoded] == ["e0:1", "e1:1", "e0:1"]
     assert trace.encoded_on == ["e0:1", "e1:1", "e0:1"]
     sent = client.prefilled[0]
-    assert [(i.offset, i.digest, i.data, i.source) for i in sent] == \
-        [(i.offset, i.digest, i.data, e) for i, e in zip(IMAGES, trace.encoded_on, strict=True)]
+    assert [(i.offset, i.digest, i.data, i.source, i.slot) for i in sent] == \
+        [(i.offset, i.digest, i.data, e, f"slot on {e}") for i, e in zip(IMAGES, trace.encoded_on, strict=True)]
     assert [i.span for i in client.decoded[0]] == [i.span for i in IMAGES]
 
 

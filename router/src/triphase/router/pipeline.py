@@ -104,8 +104,9 @@ class Pipeline:
             for attempt in range(min(len(encoders), self.max_retries + 1)):
                 worker = encoders[(turn + index + attempt) % len(encoders)]
                 try:
-                    if await self.client.encode(worker.endpoint, image.data) == image.digest:
-                        return dataclasses.replace(image, source=worker.endpoint)
+                    key, slot = await self.client.encode(worker.endpoint, image.data)
+                    if key == image.digest:
+                        return dataclasses.replace(image, source=worker.endpoint, slot=slot)
                 except WorkerFailed as exc:
                     self.registry.mark_unhealthy(worker.endpoint)
                     logger.warning("%s: encode worker %s failed (%s)", trace.request_id, worker.worker_id, exc)

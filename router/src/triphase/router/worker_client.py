@@ -68,6 +68,7 @@ class PromptImage:
     digest: bytes
     data: bytes
     source: str = ""
+    slot: Any = None  # pb.EmbeddingsSlot on the source, for a NIXL READ; opaque above this module
 
     @property
     def span(self) -> ImageSpan:
@@ -78,7 +79,7 @@ class PromptImage:
         if not with_data:
             return pb.PromptImage(offset=self.offset, length=self.length, digest=self.digest)
         return pb.PromptImage(offset=self.offset, length=self.length, digest=self.digest, data=self.data,
-                              source_endpoint=self.source)
+                              source_endpoint=self.source, slot=self.slot)
 
 
 @dataclasses.dataclass
@@ -178,13 +179,14 @@ class WorkerClient:
         async for delta in _deltas(call):
             yield delta
 
-    async def encode(self, endpoint: str, data: bytes) -> bytes:
-        """Have an encode worker encode (and keep) one image; returns its digest."""
+    async def encode(self, endpoint: str, data: bytes) -> tuple[bytes, Any]:
+        """Have an encode worker encode (and keep) one image; returns its digest and where the worker
+        keeps the embeddings (opaque: passed on to the prefill worker; None without NIXL)."""
         try:
             response = await self._stub(endpoint).Encode(pb.EncodeRequest(data=data), timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise _failure(exc) from None
-        return bytes(response.digest)
+        return bytes(response.digest), response.slot if response.HasField("slot") else None
 
     async def release(self, ticket: KvTicket) -> None:
         # On failure the source still frees pinned KV after its timeout.

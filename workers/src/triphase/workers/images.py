@@ -2,7 +2,8 @@
 
 `ImageService.inputs` turns a request's `PromptImage`s into the engine's `ImageInput`s: the cached
 embeddings for the digest if this worker has them; else read from the encode worker the router
-named (ReadEmbeddings, a stream of chunks); else the image is decoded and encoded here. `encode`
+named (a NIXL READ of its cache slot, or the ReadEmbeddings gRPC stream); else the image is decoded
+and encoded here. `encode`
 serves the Encode RPC. Decoding runs in a small thread pool (bounded concurrency: at most
 `decode_threads` decoded images, each within `ImageLimits`, exist at once) and never on the event
 loop; the vision encoder runs on the engine thread, between steps. A client's bytes are checked
@@ -12,9 +13,9 @@ against the digest the router computed, so a cached embedding is always that ima
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import dataclasses
+import logging
 import time
 from collections.abc import Iterator, Sequence
 
@@ -23,43 +24,16 @@ import torch
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.common.block_hash import ImageSpan
 from triphase.common.images import ImageLimits, decode, digest
+from triphase.workers.embedding_cache import EmbeddingCache
 from triphase.workers.engine.async_engine import AsyncEngine
 from triphase.workers.engine.model_runner import TORCH_DTYPES
 from triphase.workers.engine.multimodal import ImageInput
 from triphase.workers.kv.grpc_stream import DEFAULT_CHUNK_BYTES, ChannelPool
+from triphase.workers.kv.nixl import NixlConnector, NixlUnavailable
+
+logger = logging.getLogger(__name__)
 
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
-
-
-class EmbeddingCache:
-    """Embeddings by image digest, least recently used evicted past `max_bytes`."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self._entries: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
-
-    def get(self, key: bytes) -> torch.Tensor | None:
-        found = self._entries.get(key)
-        if found is not None:
-            self._entries.move_to_end(key)
-        return found
-
-    def put(self, key: bytes, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
-        if size > self.max_bytes:
-            return
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.nbytes -= old.numel() * old.element_size()
-        self._entries[key] = value
-        self.nbytes += size
-        while self.nbytes > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.nbytes -= evicted.numel() * evicted.element_size()
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 @dataclasses.dataclass
@@ -68,17 +42,28 @@ class ImageCounters:
     encode_seconds: float = 0.0
     cache_hits: int = 0  # images whose embeddings were already here
     cache_misses: int = 0
-    received_bytes: int = 0  # embedding bytes read from encode workers
-    sent_bytes: int = 0  # embedding bytes served to other workers
+    received_bytes: dict[str, int] = dataclasses.field(default_factory=lambda: {"nixl": 0, "grpc": 0})
+    sent_bytes: int = 0  # embedding bytes served to other workers over gRPC (a NIXL READ is the reader's)
 
 
 class ImageService:
     def __init__(self, engine: AsyncEngine, channels: ChannelPool, *, limits: ImageLimits,
-                 cache_bytes: int = 256 << 20, decode_threads: int = 2, read_timeout_s: float = 30.0) -> None:
+                 cache_bytes: int = 256 << 20, decode_threads: int = 2, read_timeout_s: float = 30.0,
+                 nixl: NixlConnector | None = None) -> None:
         self.engine = engine
         self.channels = channels
         self.limits = limits
-        self.cache = EmbeddingCache(cache_bytes)
+        model = engine.engine
+        rows = model.vision_config.tokens_per_image if model.vision_config is not None else 0
+        self.cache = EmbeddingCache(cache_bytes if rows else 0, rows, model.model_config.hidden_size,
+                                    TORCH_DTYPES[model.config.dtype])
+        self.nixl = nixl if self.cache.num_slots else None
+        if self.nixl is not None:
+            try:
+                self.nixl.register(self.cache.buffer)
+            except NixlUnavailable as exc:
+                logger.warning("Image embeddings move over gRPC only: %s", exc)
+                self.nixl = None
         self.counters = ImageCounters()
         self.read_timeout_s = read_timeout_s
         self._decoder = concurrent.futures.ThreadPoolExecutor(decode_threads, thread_name_prefix="triphase-decode")
@@ -102,13 +87,21 @@ class ImageService:
         if not self.enabled:
             raise ValueError("this worker's model takes no images")
         key = digest(data)
-        if self.cache.get(key) is not None:
+        if self.cache.slot_of(key) is not None:
             self.counters.cache_hits += 1
             return key, True, 0.0
         self.counters.cache_misses += 1
         started = time.monotonic()
         await self._encode(key, data)
         return key, False, time.monotonic() - started
+
+    def slot(self, key: bytes) -> pb.EmbeddingsSlot | None:
+        """Where a cached image's embeddings are, for a peer's NIXL READ (None without NIXL)."""
+        slot = self.cache.slot_of(key)
+        if self.nixl is None or slot is None:
+            return None
+        return pb.EmbeddingsSlot(nixl_agent_metadata=self.nixl.metadata, address=self.cache.address(slot),
+                                 nbytes=self.cache.slot_bytes)
 
     async def _encode(self, key: bytes, data: bytes) -> torch.Tensor:
         running = self._encoding.get(key)
@@ -169,8 +162,29 @@ class ImageService:
         values = torch.frombuffer(buffer, dtype=TORCH_DTYPES[dtype])
         if values.numel() != expected:
             raise ValueError(f"received {values.numel()} of {expected} embedding values from {endpoint}")
-        self.counters.received_bytes += len(buffer)
+        self.counters.received_bytes["grpc"] += len(buffer)
         return values.view(rows, cols).to(TORCH_DTYPES[self.engine.engine.config.dtype])
+
+    async def _read_slot(self, key: bytes, remote: pb.EmbeddingsSlot) -> torch.Tensor | None:
+        """READ an encode worker's cache slot into one of ours with NIXL; None if it cannot be had
+        (no NIXL, a different slot layout, the slot reused meanwhile: the caller falls back)."""
+        nixl = self.nixl
+        if nixl is None or remote.nbytes != self.cache.slot_bytes or not remote.nixl_agent_metadata:
+            return None
+        local = self.cache.reserve()
+        if local is None:
+            return None
+        try:
+            moved = await asyncio.to_thread(nixl.read_ranges, remote.nixl_agent_metadata,
+                                            [(remote.address, self.cache.address(local), remote.nbytes)])
+        except NixlUnavailable as exc:
+            self.cache.release(local)
+            logger.warning("NIXL read of image %s failed (%s); reading it over gRPC", key.hex()[:16], exc)
+            return None
+        rows = self.cache.accept(key, local)
+        if rows is not None:
+            self.counters.received_bytes["nixl"] += moved
+        return rows
 
     # ------------------------------------------------------------------ requests
     def spans(self, images: Sequence[pb.PromptImage]) -> list[ImageInput]:
@@ -201,6 +215,10 @@ class ImageService:
             return cached
         self.counters.cache_misses += 1
         cols = self.engine.engine.model_config.hidden_size
+        if image.HasField("slot"):
+            rows = await self._read_slot(key, image.slot)
+            if rows is not None:
+                return rows
         if image.source_endpoint:
             try:
                 rows = await self._read(image.source_endpoint, key, image.length, cols)

@@ -67,9 +67,10 @@ class WorkerCollector(Collector):
         yield counter("triphase_encode_cache_misses", "Images whose embeddings had to be encoded or read",
                       images.cache_misses)
         moved = CounterMetricFamily("triphase_embedding_bytes", "Image embedding bytes moved between workers",
-                                    labels=[*labels, "direction"])
-        moved.add_metric([*values, "received"], images.received_bytes)
-        moved.add_metric([*values, "sent"], images.sent_bytes)
+                                    labels=[*labels, "direction", "backend"])
+        for backend, count in images.received_bytes.items():
+            moved.add_metric([*values, "received", backend], count)
+        moved.add_metric([*values, "sent", "grpc"], images.sent_bytes)
         yield moved
 
 

@@ -99,7 +99,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.channels = grpc_stream.ChannelPool()
         self.handoff = KvHandOff(engine, self.channels, nixl)
         self.images = ImageService(engine, self.channels, limits=image_limits or ImageLimits(),
-                                   cache_bytes=embedding_cache_bytes)
+                                   cache_bytes=embedding_cache_bytes, nixl=nixl)
         self.nixl = nixl
         self.health: Health | None = None
 
@@ -233,7 +233,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._admit("encode", needs_encode=True)
             key, cached, seconds = await self.images.encode(request.data)
             return pb.EncodeResponse(digest=key, tokens=self.images.tokens_per_image, cached=cached,
-                                     encode_seconds=seconds)
+                                     encode_seconds=seconds, slot=self.images.slot(key))
         raise AssertionError("unreachable: _errors aborts")  # pragma: no cover
 
     async def ReadEmbeddings(self, request: pb.ReadEmbeddingsRequest, context: grpc.aio.ServicerContext,

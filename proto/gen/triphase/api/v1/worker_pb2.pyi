@@ -128,18 +128,30 @@ class TokenDelta(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., stop_reason: _Optional[str] = ..., kv_backend: _Optional[str] = ...) -> None: ...
 
 class PromptImage(_message.Message):
-    __slots__ = ("offset", "length", "digest", "data", "source_endpoint")
+    __slots__ = ("offset", "length", "digest", "data", "source_endpoint", "slot")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
     offset: int
     length: int
     digest: bytes
     data: bytes
     source_endpoint: str
-    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., digest: _Optional[bytes] = ..., data: _Optional[bytes] = ..., source_endpoint: _Optional[str] = ...) -> None: ...
+    slot: EmbeddingsSlot
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., digest: _Optional[bytes] = ..., data: _Optional[bytes] = ..., source_endpoint: _Optional[str] = ..., slot: _Optional[_Union[EmbeddingsSlot, _Mapping]] = ...) -> None: ...
+
+class EmbeddingsSlot(_message.Message):
+    __slots__ = ("nixl_agent_metadata", "address", "nbytes")
+    NIXL_AGENT_METADATA_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    nixl_agent_metadata: bytes
+    address: int
+    nbytes: int
+    def __init__(self, nixl_agent_metadata: _Optional[bytes] = ..., address: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "images")
@@ -312,16 +324,18 @@ class EncodeRequest(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("digest", "tokens", "cached", "encode_seconds")
+    __slots__ = ("digest", "tokens", "cached", "encode_seconds", "slot")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
     ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
     digest: bytes
     tokens: int
     cached: bool
     encode_seconds: float
-    def __init__(self, digest: _Optional[bytes] = ..., tokens: _Optional[int] = ..., cached: _Optional[bool] = ..., encode_seconds: _Optional[float] = ...) -> None: ...
+    slot: EmbeddingsSlot
+    def __init__(self, digest: _Optional[bytes] = ..., tokens: _Optional[int] = ..., cached: _Optional[bool] = ..., encode_seconds: _Optional[float] = ..., slot: _Optional[_Union[EmbeddingsSlot, _Mapping]] = ...) -> None: ...
 
 class ReadEmbeddingsRequest(_message.Message):
     __slots__ = ("digest", "max_chunk_bytes")

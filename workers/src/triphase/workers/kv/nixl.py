@@ -79,10 +79,27 @@ class NixlConnector:
         self.metadata: bytes = self.agent.get_agent_metadata()
         self._peers: dict[bytes, str] = {}
 
+    def register(self, tensor: torch.Tensor) -> None:
+        """Make another local buffer readable by peers and writable by reads (an embedding cache).
+        Before the worker serves: the agent metadata peers get (`metadata`) then names it too."""
+        try:
+            self.agent.register_memory(tensor)
+            self.metadata = self.agent.get_agent_metadata()
+        except Exception as exc:  # NIXL raises plain RuntimeErrors from its bindings
+            raise NixlUnavailable(f"NIXL registration failed: {exc}") from None
+
     def read(self, remote_metadata: bytes, remote_base: int, remote_blocks: Sequence[int],
              local_blocks: Sequence[int], timeout_s: float = 30.0) -> int:
         """Copy remote blocks into local ones (blocking; run it off the event loop). Returns bytes."""
         bb = self.layout.block_bytes
+        plan = transfer_plan(remote_blocks, local_blocks)
+        return self.read_ranges(remote_metadata, [(remote_base + s * bb, self.base_address + d * bb, n * bb)
+                                                  for s, d, n in plan], timeout_s)
+
+    def read_ranges(self, remote_metadata: bytes, ranges: Sequence[tuple[int, int, int]],
+                    timeout_s: float = 30.0) -> int:
+        """READ each (remote address, local address, bytes) range of registered memory, as one transfer
+        (blocking; run it off the event loop). Returns the bytes moved."""
         try:
             peer = self._peers.get(remote_metadata)
             if peer is None:
@@ -90,9 +107,8 @@ class NixlConnector:
                 if isinstance(peer, bytes):
                     peer = peer.decode()
                 self._peers[remote_metadata] = peer
-            plan = transfer_plan(remote_blocks, local_blocks)
-            local = self.agent.get_xfer_descs([(self.base_address + d * bb, n * bb, 0) for _, d, n in plan], "DRAM")
-            remote = self.agent.get_xfer_descs([(remote_base + s * bb, n * bb, 0) for s, _, n in plan], "DRAM")
+            local = self.agent.get_xfer_descs([(dst, n, 0) for _, dst, n in ranges], "DRAM")
+            remote = self.agent.get_xfer_descs([(src, n, 0) for src, _, n in ranges], "DRAM")
             handle = self.agent.initialize_xfer("READ", local, remote, peer)
         except Exception as exc:
             raise NixlUnavailable(f"NIXL transfer set-up failed: {exc}") from None
@@ -105,4 +121,4 @@ class NixlConnector:
                 raise NixlUnavailable(f"NIXL READ ended in state {state}")
         finally:
             handle.release()
-        return sum(n for _, _, n in plan) * bb
+        return sum(n for _, _, n in ranges)
