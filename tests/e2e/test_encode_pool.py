@@ -20,7 +20,11 @@ from triphase.api.v1 import worker_pb2_grpc
 from triphase.common.block_hash import ImageSpan
 from triphase.common.images import ImageLimits, decode, digest
 from triphase.common.model_files import load_tokenizer
+from triphase.common.net import free_port
 from triphase.common.tokenizer import ImageSlot
+from triphase.control.balancer import Slo
+from triphase.control.planner import Planner
+from triphase.control.signals import MetricsUnavailable, PrometheusSignals, http_query
 from triphase.local.processes import triphase_up, wait_for
 from triphase.workers.engine.core import Engine, EngineConfig
 from triphase.workers.engine.multimodal import ImageInput
@@ -40,12 +44,14 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stack(model):
+    prometheus_port = free_port()
     with triphase_up(["--model", str(model), "--dtype", "float32", "--kv-cache-mib", "16", "--encode", "1",
-                      "--prefill", "1", "--decode", "1"], timeout=300) as (proc, url):
+                      "--prefill", "1", "--decode", "1", "--prometheus", "--prometheus-port", str(prometheus_port)],
+                     timeout=300) as (proc, url):
         said = "".join(line for _, line in proc.said)
         encoder = re.search(r"encode-0 ready on (127\.0\.0\.1:\d+)", said).group(1)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-        yield client, url, encoder, client.models.list().data[0].id
+        yield client, url, encoder, client.models.list().data[0].id, f"http://127.0.0.1:{prometheus_port}"
 
 
 def data_url(data, kind="png"):
@@ -53,7 +59,7 @@ def data_url(data, kind="png"):
 
 
 def ask(stack, parts):
-    client, _, _, name = stack
+    client, _, _, name, _ = stack
     content = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image_url", "image_url": p}
                for p in parts]
     return client.chat.completions.create(model=name, messages=[{"role": "user", "content": content}],
@@ -128,7 +134,7 @@ def test_too_many_or_too_large_images(stack):
 
 
 def test_a_killed_encode_worker_costs_no_request(stack, model):
-    _, url, encoder, _ = stack
+    _, url, encoder, _, _ = stack
     on_prefill = metric(url, "triphase_images_total", {"where": "prefill_worker"})
     port = int(encoder.rsplit(":", 1)[1])
     pid = next(c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
@@ -139,6 +145,26 @@ def test_a_killed_encode_worker_costs_no_request(stack, model):
     assert answer.choices[0].message.content == expected_text(model, parts)
     assert metric(url, "triphase_images_total", {"where": "prefill_worker"}) == on_prefill + 1  # encoded there
     wait_for(lambda: _encodes(encoder), 120, "the encode worker to be restarted on its port")
+
+
+def test_the_planner_reads_what_the_encode_pool_needs_from_prometheus(stack):
+    """The encode pool's signals, by the planner's PromQL on the real Prometheus scraping this stack:
+    images arriving, seconds an encode worker spends on one, and its queue."""
+    reader = PrometheusSignals(http_query(stack[4]), "", Slo(2.0, 0.5), 90, 60)
+    seeds = iter(range(100, 1000))
+
+    def measured():  # a fresh image each time: the counters must rise while Prometheus scrapes them
+        ask(stack, ["w50", {"url": data_url(png(next(seeds), 40, 40))}])
+        try:
+            signals = reader.read()
+        except MetricsUnavailable:  # not scraped yet
+            return None
+        return signals if signals.image_rate and signals.encode_s else None
+
+    signals = wait_for(measured, 90, "Prometheus to have scraped the images and their encode time")
+    assert 0 < signals.encode_s < 30 and signals.queued_images == 0
+    demand = Planner(Slo(2.0, 0.5)).encode_demand(signals)
+    assert demand == pytest.approx(signals.image_rate * signals.encode_s)
 
 
 def _encodes(endpoint):

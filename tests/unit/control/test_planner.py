@@ -3,6 +3,7 @@ minimum, pending pods, bounds and agreement with a role switch the balancer hold
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -237,3 +238,36 @@ def test_just_after_a_shift_the_stream_count_bounds_the_decode_demand() -> None:
 
     p.decode_demand(shifted(4), now=0.0)
     assert p.decode_demand(shifted(20), now=5.0) == pytest.approx(20 / 8)
+
+
+E = Role.ENCODE
+
+
+def with_encode(observed: Signals, image_rate: float, encode_s: float | None, queued: float = 0.0) -> Signals:
+    return dataclasses.replace(observed, image_rate=image_rate, encode_s=encode_s, queued_images=queued)
+
+
+def pools_with_encode(e: int, lo: int = 1, hi: int = 8) -> dict[Role, PoolView]:
+    return {**pools(2, 2), E: PoolView(E, e, e, lo, hi)}
+
+
+@pytest.mark.parametrize(("image_rate", "encode_s", "queued", "expected"), [
+    (10.0, 0.25, 0.0, 3),  # 2.5 workers of encoding / 0.85 utilization
+    (0.0, 0.2, 20.0, 2),  # a queue of 20 images worked off within the 4 s TTFT target: 1 worker / 0.85
+    (1.0, 0.1, 0.0, 1),  # 0.1 of a worker: the minimum
+])
+def test_the_encode_pool_is_sized_by_images_arriving_and_queued(image_rate, encode_s, queued, expected) -> None:
+    observed = with_encode(signals(1.6, (10.0,)), image_rate, encode_s, queued)
+    demand = (image_rate + queued / SLO.ttft_s) * encode_s
+    plan = planner(stabilization_s=0.0).plan(0.0, observed, pools_with_encode(1))
+    assert plan.demand[E] == pytest.approx(demand)
+    assert plan.replicas[E] == max(1, math.ceil(demand / 0.85))
+    assert plan.replicas[E] == expected
+
+
+def test_the_encode_pool_stays_out_of_the_balancers_split_and_unknown_cost_changes_nothing() -> None:
+    observed = with_encode(signals(2.4, (5.0,)), 10.0, 0.25)
+    plan = planner(role_switching=True, stabilization_s=0.0).plan(0.0, observed, pools_with_encode(1), {P: 3, D: 1})
+    assert plan.replicas == {P: 2, D: 2, E: 3}  # the prefill/decode split is the balancer's, as before
+    unknown = with_encode(signals(1.6, (10.0,)), 10.0, None)  # images arrive, none encoded yet
+    assert planner(stabilization_s=0.0).plan(0.0, unknown, pools_with_encode(2)).replicas[E] == 2

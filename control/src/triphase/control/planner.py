@@ -55,7 +55,8 @@ from triphase.common.profile import Profile
 from triphase.common.roles import Role
 from triphase.control.balancer import Slo  # the same targets drive both loops
 
-ROLES = (Role.PREFILL, Role.DECODE)
+ROLES = (Role.PREFILL, Role.DECODE, Role.ENCODE)
+SWITCHED = (Role.PREFILL, Role.DECODE)  # the roles the balancer moves workers between
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +105,9 @@ class Signals:
     generation_tokens_rate: float | None = None  # tokens streamed to clients per second
     attainment: float | None = None  # share of requests that met the SLO over the window
     model: str = ""  # the served model's name, for labelling
+    image_rate: float | None = None  # images arriving in requests per second
+    encode_s: float | None = None  # seconds an encode worker spends on one image (mean over the window)
+    queued_images: float | None = None  # images waiting on (or being encoded by) the encode workers now
 
     @property
     def streams(self) -> float:
@@ -224,6 +228,14 @@ class Planner:
             return 0.0 if arriving == 0 else None
         return arriving / (rate * self.settings.prefill_utilization)
 
+    def encode_demand(self, signals: Signals) -> float | None:
+        """Encode workers' worth of work: images arriving times the time one takes, plus the queue
+        worked off within the TTFT target (an image waits before its prefill can start)."""
+        arriving, queued = signals.image_rate or 0.0, signals.queued_images or 0.0
+        if not signals.encode_s:  # nothing encoded yet: no images is no demand, otherwise unknown
+            return 0.0 if arriving == 0 and queued == 0 else None
+        return (arriving + queued / self.slo.ttft_s) * signals.encode_s
+
     def decode_demand(self, signals: Signals, now: float = 0.0) -> float | None:
         streams = signals.streams
         previous, self.last_streams = self.last_streams, (now, streams)
@@ -255,8 +267,9 @@ class Planner:
     # ---- the plan
     def plan(self, now: float, signals: Signals | None, pools: Mapping[Role, PoolView],
              by_role: Mapping[Role, int] | None = None) -> Plan:
-        """`pools`: the prefill and decode pools there are; `by_role`: ready workers by the role they
-        serve now (the balancer's split; defaults to each pool's ready count)."""
+        """`pools`: the pools there are (prefill, decode, and encode if the deployment has one); `by_role`:
+        ready workers by the role they serve now (the balancer's split; defaults to each pool's ready
+        count). An encode pool is sized by its throughput (`encode_demand`) and never joins the split."""
         s = self.settings
         current = {role: pool.replicas for role, pool in pools.items()}
         if signals is None:
@@ -264,7 +277,8 @@ class Planner:
         for sample in signals.decode:
             if sample.streams > 0 and sample.step_s > 0:
                 self.samples.append((sample.streams, sample.step_s))
-        demand = {Role.PREFILL: self.prefill_demand(signals), Role.DECODE: self.decode_demand(signals, now)}
+        demand = {Role.PREFILL: self.prefill_demand(signals), Role.DECODE: self.decode_demand(signals, now),
+                  Role.ENCODE: self.encode_demand(signals)}
         for role, value in demand.items():
             if value is not None and math.isfinite(value):
                 self.demands[role].append(value)
@@ -287,7 +301,7 @@ class Planner:
                     want, why = math.ceil(predicted[role] / s.target_utilization - 1e-9), "throughput"
                 else:
                     want, why = n + 1, "throughput"
-            if s.load_mode:
+            if s.load_mode and role in SWITCHED:  # an encode pool is sized by its throughput only
                 percentile, target, name = ((signals.ttft_s, self.slo.ttft_s, "ttft-slo") if role is Role.PREFILL
                                             else (signals.tpot_s, self.slo.tpot_s, "tpot-slo"))
                 if percentile is not None and percentile > target:
@@ -302,7 +316,10 @@ class Planner:
                         want, why = n, "steady"
             wanted[role], reasons[role] = want, why
 
-        targets = self._by_pools(wanted, serving, pools) if s.role_switching else dict(wanted)
+        targets = dict(wanted)
+        if s.role_switching:
+            switched = {role: n for role, n in wanted.items() if role in SWITCHED}
+            targets.update(self._by_pools(switched, serving, {r: p for r, p in pools.items() if r in SWITCHED}))
         targets = {role: min(max(v, pools[role].min_replicas), pools[role].max_replicas)
                    for role, v in targets.items()}
         self.recommended.append((now, targets))

@@ -13,7 +13,9 @@ Series are selected by a label matcher: on Kubernetes `namespace="ns",triphase_d
   (interpolated linearly inside the bucket the target falls in, as `histogram_quantile` does). The two
   histograms are separate, so the share meeting both is not known exactly: the lower bound
   1 - (missed TTFT share) - (missed TPOT share) is reported, never an optimistic figure;
-- backlog, prefill rate, decode workers: the workers' gauges, by the role each reports now.
+- backlog, prefill rate, decode workers: the workers' gauges, by the role each reports now;
+- images: the router's count of images arriving, the encode workers' seconds per image (the rate of
+  their encode seconds over the rate of images they encoded) and the images queued on them.
 
 `MetricsUnavailable` when Prometheus cannot be reached, answers an error, or has no worker series for
 the selector (it does not scrape the deployment): the planner then changes nothing.
@@ -110,8 +112,8 @@ class PrometheusSignals:
     def _sel(self, *extra: str) -> str:
         return "{" + ",".join(m for m in (self.selector, *extra) if m) + "}"
 
-    def _rate(self, metric: str) -> float:
-        return _scalar(self.query(f"sum(rate({metric}{self._sel()}[{self.window}]))")) or 0.0
+    def _rate(self, metric: str, *matchers: str) -> float:
+        return _scalar(self.query(f"sum(rate({metric}{self._sel(*matchers)}[{self.window}]))")) or 0.0
 
     def _quantile(self, metric: str) -> float | None:
         q = self.percentile / 100
@@ -142,6 +144,9 @@ class PrometheusSignals:
         kv = self._by_worker("triphase_kv_cache_usage_ratio", decode)
         ttft_share = self._share("triphase_request_ttft_seconds", self.slo.ttft_s)
         tpot_share = self._share("triphase_request_tpot_seconds", self.slo.tpot_s)
+        encode_images = self._rate('triphase_encode_images_total', 'role="encode"')
+        encode_s = self._rate('triphase_encode_seconds_total', 'role="encode"') / encode_images \
+            if encode_images else None
         attainment = None
         if ttft_share is not None:
             attainment = max(0.0, ttft_share - (1 - tpot_share if tpot_share is not None else 0.0))
@@ -156,4 +161,7 @@ class PrometheusSignals:
             decode=tuple(DecodeSample(running[w], steps.get(w, 0.0), kv.get(w, 0.0)) for w in sorted(running)),
             attainment=attainment,
             model=str(workers[0]["metric"].get("model", "")),
+            image_rate=self._rate("triphase_images_total"),
+            encode_s=encode_s,
+            queued_images=sum(self._by_worker("triphase_encode_queued_images", 'role="encode"').values()),
         )

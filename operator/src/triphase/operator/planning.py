@@ -14,7 +14,8 @@ PodMonitor puts on them) and its pools from the API server, and this module appl
   MetricsAvailable` when they return).
 
 The spec is re-read every interval, so a change of SLO, bounds or Prometheus URL applies at the next one.
-Only the prefill and decode pools are planned; an encode pool keeps its replicas.
+An encode pool is planned too, by its image throughput (images arriving and queued times the seconds
+one takes), within its bounds: without `maxReplicas` it keeps its replicas.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from triphase.operator.kube import Kube
 from triphase.operator.reconcile import CURRENT_ROLE, InvalidSpec
 
 logger = logging.getLogger(__name__)
-PLANNED = (Role.PREFILL, Role.DECODE)
+PLANNED = (Role.PREFILL, Role.DECODE, Role.ENCODE)
 SLO_MET = "SLOMet"
 
 def settings(spec: ServingDeploymentSpec) -> tuple[Slo, Settings]:

@@ -42,6 +42,7 @@ class ImageCounters:
     encode_seconds: float = 0.0
     cache_hits: int = 0  # images whose embeddings were already here
     cache_misses: int = 0
+    queued: int = 0  # images being decoded or encoded here, or waiting to be
     received_bytes: dict[str, int] = dataclasses.field(default_factory=lambda: {"nixl": 0, "grpc": 0})
     sent_bytes: int = 0  # embedding bytes served to other workers over gRPC (a NIXL READ is the reader's)
 
@@ -109,6 +110,7 @@ class ImageService:
             return await asyncio.shield(running)
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         self._encoding[key] = future
+        self.counters.queued += 1
         try:
             started = time.monotonic()
             image = await asyncio.get_running_loop().run_in_executor(self._decoder, decode, data, self.limits)
@@ -125,6 +127,7 @@ class ImageService:
             raise
         finally:
             self._encoding.pop(key, None)
+            self.counters.queued -= 1
 
     # ------------------------------------------------------------------ ReadEmbeddings
     def chunks(self, key: bytes, max_chunk_bytes: int) -> Iterator[pb.EmbeddingsChunk]:

@@ -60,6 +60,8 @@ class WorkerCollector(Collector):
         yield counter("triphase_kv_nixl_fallbacks", "NIXL transfers that fell back to the gRPC stream",
                       sv.handoff.nixl_fallbacks)
         images = sv.images.counters
+        yield gauge("triphase_encode_queued_images", "Images being decoded or encoded here, or waiting to be",
+                    images.queued)
         yield counter("triphase_encode_images", "Images this worker encoded into embeddings", images.encoded)
         yield counter("triphase_encode_seconds", "Seconds spent decoding and encoding images", images.encode_seconds)
         yield counter("triphase_encode_cache_hits", "Images whose embeddings were already cached here",

@@ -151,7 +151,8 @@ class Pools(_Model):
         {"rule": "has(self.decode)", "message": "at least one pool must decode: add pools.decode"},
     ]})
 
-    encode: PoolSpec | None = Field(default=None, description="Workers that turn images into embeddings.")
+    encode: PoolSpec | None = Field(default=None, description="Workers that turn images into embeddings (with "
+                                    "autoscaling: sized by image throughput up to maxReplicas; without it fixed).")
     prefill: PoolSpec | None = Field(default=None, description="Workers that prefill prompts (compute-bound; "
                                                                "sized for TTFT).")
     decode: PoolSpec | None = Field(default=None, description="Workers that generate tokens (memory-bound; sized "
