@@ -61,7 +61,7 @@ def load_model(path: str | None = None, *, dtype: torch.dtype = torch.float32,
     matrices of a GGUF file are also returned unpacked (see quant.py) beside their dense copies."""
     path = resolve(path)
     if os.path.isdir(path):
-        return _load_hf_dir(path, dtype, progress)
+        return _load_hf_dir(path, dtype, progress, keep_quantized)
     if not is_gguf(path):
         raise UserError(f"{path} is neither a GGUF file nor a Hugging Face model directory")
     return _load_gguf(path, dtype, progress, keep_quantized)
@@ -195,7 +195,7 @@ def _gguf_config(meta: dict[str, Any], arch: str, path: str) -> ModelConfig:
 
 
 # ----------------------------------------------------------------------------------- HF folder
-def _load_hf_dir(path: str, dtype: torch.dtype, progress: Progress[Any]) -> LoadedModel:
+def _load_hf_dir(path: str, dtype: torch.dtype, progress: Progress[Any], keep_quantized: bool = False) -> LoadedModel:
     from safetensors import safe_open
 
     folder = pathlib.Path(path)
@@ -206,7 +206,7 @@ def _load_hf_dir(path: str, dtype: torch.dtype, progress: Progress[Any]) -> Load
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}/config.json is not valid JSON ({exc})") from None
     if raw.get("model_type") == "llava" and "triphase_text_model" in raw:
-        return _load_with_text_model(folder, raw, dtype, progress)
+        return _load_with_text_model(folder, raw, dtype, progress, keep_quantized)
     vision = None
     if raw.get("model_type") == "llava":
         try:
@@ -251,13 +251,15 @@ def _load_hf_dir(path: str, dtype: torch.dtype, progress: Progress[Any]) -> Load
 
 
 def _load_with_text_model(folder: pathlib.Path, raw: dict[str, Any], dtype: torch.dtype,
-                          progress: Progress[Any]) -> LoadedModel:
+                          progress: Progress[Any], keep_quantized: bool) -> LoadedModel:
     """A LLaVA-style directory whose language model is another file (`triphase_text_model`: a path, or
-    "bundled"): the vision tower and projector come from the directory's safetensors."""
+    "bundled"; loaded as that file would be, int4 blocks kept when asked): the vision tower and
+    projector come from the directory's safetensors."""
     from safetensors import safe_open
 
     text = raw["triphase_text_model"]
-    loaded = load_model(None if text == "bundled" else str(folder / text), dtype=dtype, progress=progress)
+    loaded = load_model(None if text == "bundled" else str(folder / text), dtype=dtype, progress=progress,
+                        keep_quantized=keep_quantized)
     try:
         vision = vision_config_from_hf(raw)
     except (KeyError, TypeError, ValueError) as exc:
