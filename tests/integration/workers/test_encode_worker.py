@@ -160,3 +160,20 @@ def test_roles_and_unknown_embeddings(stack):
     with pytest.raises(grpc.RpcError) as error:
         list(stubs["encode"].ReadEmbeddings(pb.ReadEmbeddingsRequest(digest=digest(b"unknown")), timeout=30))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_image_counts_and_spans_are_checked_before_any_work(stack):
+    _, _, stubs = stack
+    data = png(6, 20, 20)
+    many = [pb.PromptImage(offset=i * TOKENS, length=TOKENS, digest=digest(data)) for i in range(5)]
+    kv = pb.KvTransferParams(request_id="x", source_endpoint="127.0.0.1:1")  # never read: refused first
+    with pytest.raises(grpc.RpcError) as error:
+        list(stubs["decode"].Decode(pb.DecodeRequest(request_id="many", prompt_token_ids=[IMAGE_TOKEN] * 80,
+                                                     sampling=GREEDY, kv=kv, images=many), timeout=30))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 4" in error.value.details()
+    wrong = pb.PromptImage(offset=0, length=TOKENS - 1, digest=digest(data), data=data)
+    with pytest.raises(grpc.RpcError) as error:
+        stubs["prefill"].Prefill(pb.PrefillRequest(request_id="wrong", prompt_token_ids=[IMAGE_TOKEN] * TOKENS,
+                                                   sampling=GREEDY, images=[wrong]), timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tokens with this model" in \
+        error.value.details()

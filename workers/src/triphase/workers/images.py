@@ -191,17 +191,20 @@ class ImageService:
 
     # ------------------------------------------------------------------ requests
     def spans(self, images: Sequence[pb.PromptImage]) -> list[ImageInput]:
-        """Spans and digests only (a Decode: the KV holds the images)."""
-        return [ImageInput(self._span(image)) for image in images]
-
-    async def inputs(self, images: Sequence[pb.PromptImage]) -> list[ImageInput]:
-        """Every image's embeddings, gathered at once; ValueError for an image that cannot be had."""
+        """Spans and digests only (a Decode: the KV holds the images); ValueError before any work for
+        too many images, a model without vision, or a span or digest that cannot be this model's."""
         if images and not self.enabled:
             raise ValueError("this worker's model takes no images")
         if len(images) > self.limits.max_images:
             raise ValueError(f"{len(images)} images; at most {self.limits.max_images} per request")
+        return [ImageInput(self._span(image)) for image in images]
+
+    async def inputs(self, images: Sequence[pb.PromptImage]) -> list[ImageInput]:
+        """Every image's embeddings, gathered at once, after `spans` checked them; ValueError for an image
+        that cannot be had."""
+        spans = self.spans(images)
         embeds = await asyncio.gather(*(self._embeddings(image) for image in images))
-        return [ImageInput(self._span(image), rows) for image, rows in zip(images, embeds, strict=True)]
+        return [dataclasses.replace(span, embeds=rows) for span, rows in zip(spans, embeds, strict=True)]
 
     def _span(self, image: pb.PromptImage) -> ImageSpan:
         if len(image.digest) != 32:

@@ -206,13 +206,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                      ) -> AsyncIterator[pb.TokenDelta]:
         async with self._errors(context):
             self._admit(request.request_id, needs_decode=True)
+            images = self.images.spans(request.images)  # bounded and checked before the KV is looked at
             with self.state.tracked(request.request_id, len(request.prompt_token_ids), request.sampling.max_tokens):
                 kv = request.kv
                 export = KvExport(kv.request_id, layout_from_pb(kv.layout, len(kv.block_ids)), list(kv.block_ids),
                                   kv.num_tokens, kv.first_token_id)
                 outputs, first, backend = await self.handoff.adopt(
                     request.request_id, self._prompt(request), sampling_from_pb(request.sampling), export, kv,
-                    self.images.spans(request.images))
+                    images)
                 async with contextlib.aclosing(outputs) as deltas:
                     delta = delta_to_pb(first)
                     delta.kv_backend = backend
