@@ -75,6 +75,7 @@ def _source(conn, num_blocks: int) -> None:  # type: ignore[no-untyped-def]
 def measure(repeats: int) -> dict:  # type: ignore[type-arg]
     import torch
 
+    from triphase.api.v1 import worker_pb2 as pb
     from triphase.workers.engine.kv_layout import transfer_plan
     from triphase.workers.engine.model_runner import allocate_kv
     from triphase.workers.kv import grpc_stream
@@ -113,7 +114,8 @@ def measure(repeats: int) -> dict:  # type: ignore[type-arg]
                 nixl.read(metadata, base, src_blocks, dst_blocks)
 
             def grpc_read(n=n, plan=plan) -> None:
-                data, _ = loop.run_until_complete(grpc_stream.pull(pool, f"127.0.0.1:{port}", str(n), layout, n))
+                kv = pb.KvTransferParams(request_id=str(n))
+                data, _ = loop.run_until_complete(grpc_stream.pull(pool, f"127.0.0.1:{port}", kv, layout, n))
                 for s, d, count in plan:  # into the cache, as ModelRunner.write_blocks does
                     cache[d : d + count].copy_(data[s : s + count])
 

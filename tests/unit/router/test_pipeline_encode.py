@@ -27,12 +27,12 @@ class Client:
     prefilled: list[list[PromptImage]] = dataclasses.field(default_factory=list)
     decoded: list[list[PromptImage]] = dataclasses.field(default_factory=list)
 
-    async def encode(self, endpoint: str, data: bytes) -> tuple[bytes, object]:
+    async def encode(self, endpoint: str, data: bytes) -> tuple[bytes, object, object]:
         self.encoded.append((endpoint, data))
         await asyncio.sleep(0)  # the images of a request are encoded concurrently
         if endpoint in self.failing:
             raise WorkerFailed("UNAVAILABLE: gone")
-        return digest(data), f"slot on {endpoint}"
+        return digest(data), f"slot on {endpoint}", f"ticket of {endpoint}"
 
     async def prefill(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
                       images: Sequence[PromptImage] = ()) -> tuple[Ticket, Delta]:

@@ -11,7 +11,8 @@ import pathlib
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from triphase.common import endpoints_file
+from triphase.common import endpoints_file, mtls
+from triphase.common.pki import Identity
 from triphase.common.signals import wait_for_stop_signal
 from triphase.control.balancer import Balancer, Settings, Slo
 from triphase.control.loop import BalancerLoop, SetRoleActuator
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="metrics address")
     parser.add_argument("--port", type=int, default=0, help="metrics port (0: any free port)")
     parser.add_argument("--ready-file", help="write the bound metrics port here once running (for supervisors)")
+    mtls.add_argument(parser)
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -76,12 +78,13 @@ def run(args: argparse.Namespace) -> int:
                 workers_file or f"{len(endpoints)} workers", slo.ttft_s, slo.tpot_s, args.host, port)
     if args.ready_file:
         pathlib.Path(args.ready_file).write_text(str(port))
-    return asyncio.run(_balance(endpoints, workers_file, slo, settings, args.switch_grace, metrics))
+    bundle = mtls.from_args(args, Identity.CONTROL)
+    return asyncio.run(_balance(endpoints, workers_file, slo, settings, args.switch_grace, metrics, bundle))
 
 
 async def _balance(endpoints: list[str], workers_file: pathlib.Path | None, slo: Slo, settings: Settings,
-                   grace_s: float, metrics: BalancerMetrics) -> int:
-    channels = Channels()
+                   grace_s: float, metrics: BalancerMetrics, bundle: mtls.Bundle | None = None) -> int:
+    channels = Channels(bundle)
     watcher = StatsWatcher(channels)
     watcher.set_endpoints(endpoints)
     loop = BalancerLoop(watcher, SetRoleActuator(channels, grace_s), Balancer(slo, settings), metrics=metrics)

@@ -17,6 +17,7 @@ import grpc
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
+from triphase.common import mtls
 from triphase.common.roles import Role
 from triphase.common.signals import cancel_and_wait
 from triphase.control.balancer import WorkerView
@@ -40,25 +41,20 @@ def view_of(stats: pb.WorkerStats, seen_at: float) -> WorkerView:
 
 
 class Channels:
-    """One gRPC channel per endpoint, shared by the watcher and the actuator."""
+    """One gRPC channel per endpoint, shared by the watcher and the actuator; over mTLS with a bundle
+    whose certificate says `control` (common/mtls.py), which is what may switch roles."""
 
-    def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+    def __init__(self, bundle: mtls.Bundle | None = None) -> None:
+        self._channels = mtls.ChannelCache(bundle)
 
     def stub(self, endpoint: str) -> worker_pb2_grpc.WorkerServiceStub:
-        channel = self._channels.get(endpoint)
-        if channel is None:
-            channel = self._channels[endpoint] = grpc.aio.insecure_channel(endpoint)
-        return worker_pb2_grpc.WorkerServiceStub(channel)
+        return worker_pb2_grpc.WorkerServiceStub(self._channels.get(endpoint))
 
     async def forget(self, endpoint: str) -> None:
-        channel = self._channels.pop(endpoint, None)
-        if channel is not None:
-            await channel.close()
+        await self._channels.drop(endpoint)
 
     async def close(self) -> None:
-        for endpoint in list(self._channels):
-            await self.forget(endpoint)
+        await self._channels.close()
 
 
 class StatsWatcher:

@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 
-from triphase.common.block_hash import ImageSpan, prompt_block_hashes
+from triphase.common.block_hash import ImageSpan, prompt_block_hashes, salted_root
 from triphase.common.roles import Role
 from triphase.router.errors import Unavailable
 from triphase.router.metrics import RouterMetrics
@@ -61,6 +61,7 @@ class Trace:
     """What happened to one request (for metrics and tests)."""
 
     request_id: str
+    api_key: str = ""  # the name of the client's key (api_keys.py), "" without keys
     prefill_worker: str | None = None
     decode_worker: str | None = None
     decode_endpoint: str | None = None
@@ -73,7 +74,9 @@ class Trace:
 
 class Pipeline:
     def __init__(self, registry: Registry, client: WorkerClient, metrics: RouterMetrics, *,
-                 block_size: int = 16, max_retries: int = 2, placement_wait_s: float = 30.0) -> None:
+                 block_size: int = 16, max_retries: int = 2, placement_wait_s: float = 30.0,
+                 prefix_salt: bytes = b"") -> None:
+        self.hash_root = salted_root(prefix_salt)  # the workers' salt: the same hashes as their caches
         self.max_retries = max_retries
         self.placement_wait_s = placement_wait_s
         self.registry = registry
@@ -84,7 +87,7 @@ class Pipeline:
 
     def _hashes(self, prompt: list[int], images: Sequence[PromptImage]) -> list[int]:
         spans: list[ImageSpan] = [image.span for image in images]
-        return prompt_block_hashes(prompt, self.block_size, spans)
+        return prompt_block_hashes(prompt, self.block_size, spans, self.hash_root)
 
     async def encode(self, images: Sequence[PromptImage], trace: Trace) -> list[PromptImage]:
         """The encode stage: each image encoded on an encode worker (a request's images spread over
@@ -104,9 +107,9 @@ class Pipeline:
             for attempt in range(min(len(encoders), self.max_retries + 1)):
                 worker = encoders[(turn + index + attempt) % len(encoders)]
                 try:
-                    key, slot = await self.client.encode(worker.endpoint, image.data)
+                    key, slot, ticket = await self.client.encode(worker.endpoint, image.data)
                     if key == image.digest:
-                        return dataclasses.replace(image, source=worker.endpoint, slot=slot)
+                        return dataclasses.replace(image, source=worker.endpoint, slot=slot, ticket=ticket)
                 except WorkerFailed as exc:
                     self.registry.mark_unhealthy(worker.endpoint)
                     logger.warning("%s: encode worker %s failed (%s)", trace.request_id, worker.worker_id, exc)

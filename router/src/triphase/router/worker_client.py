@@ -15,6 +15,7 @@ import grpc
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
+from triphase.common import mtls
 from triphase.common.block_hash import ImageSpan
 from triphase.common.roles import HANDED_OVER_METADATA, Role
 from triphase.router.errors import BadRequest
@@ -69,6 +70,7 @@ class PromptImage:
     data: bytes
     source: str = ""
     slot: Any = None  # pb.EmbeddingsSlot on the source, for a NIXL READ; opaque above this module
+    ticket: Any = None  # pb.Ticket: the source's signature over source and slot; opaque likewise
 
     @property
     def span(self) -> ImageSpan:
@@ -79,7 +81,7 @@ class PromptImage:
         if not with_data:
             return pb.PromptImage(offset=self.offset, length=self.length, digest=self.digest)
         return pb.PromptImage(offset=self.offset, length=self.length, digest=self.digest, data=self.data,
-                              source_endpoint=self.source, slot=self.slot)
+                              source_endpoint=self.source, slot=self.slot, ticket=self.ticket)
 
 
 @dataclasses.dataclass
@@ -131,21 +133,25 @@ async def _deltas(call: Any) -> AsyncGenerator[Delta, None]:
 
 
 class WorkerClient:
-    def __init__(self, *, timeout_s: float = 600.0) -> None:
+    """`bundle`: the router's mTLS certificate and the deployment's CA (common/mtls.py); None: plaintext."""
+
+    def __init__(self, *, timeout_s: float = 600.0, bundle: mtls.Bundle | None = None) -> None:
         self.timeout_s = timeout_s
+        self._channels = mtls.ChannelCache(bundle, OPTIONS)
         self._stubs: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerServiceStub]] = {}
 
     def _stub(self, endpoint: str) -> worker_pb2_grpc.WorkerServiceStub:
-        """One channel and stub per worker, built on first use (a stub builds its method objects)."""
+        """One channel and stub per worker, built on first use (a stub builds its method objects) and
+        again after a certificate rotation."""
+        channel = self._channels.get(endpoint)
         entry = self._stubs.get(endpoint)
-        if entry is None:
-            channel = grpc.aio.insecure_channel(endpoint, options=OPTIONS)
+        if entry is None or entry[0] is not channel:
             entry = self._stubs[endpoint] = (channel, worker_pb2_grpc.WorkerServiceStub(channel))
         return entry[1]
 
     async def close(self) -> None:
-        for channel, _ in self._stubs.values():
-            await channel.close()
+        self._stubs.clear()
+        await self._channels.close()
 
     async def generate(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
                        resumed_output_tokens: int = 0, images: Sequence[PromptImage] = (),
@@ -179,20 +185,22 @@ class WorkerClient:
         async for delta in _deltas(call):
             yield delta
 
-    async def encode(self, endpoint: str, data: bytes) -> tuple[bytes, Any]:
-        """Have an encode worker encode (and keep) one image; returns its digest and where the worker
-        keeps the embeddings (opaque: passed on to the prefill worker; None without NIXL)."""
+    async def encode(self, endpoint: str, data: bytes) -> tuple[bytes, Any, Any]:
+        """Have an encode worker encode (and keep) one image; returns its digest, where the worker keeps
+        the embeddings (None without NIXL) and its ticket for them (None without one); both opaque,
+        passed on to the prefill worker."""
         try:
             response = await self._stub(endpoint).Encode(pb.EncodeRequest(data=data), timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise _failure(exc) from None
-        return bytes(response.digest), response.slot if response.HasField("slot") else None
+        return (bytes(response.digest), response.slot if response.HasField("slot") else None,
+                response.ticket if response.HasField("ticket") else None)
 
     async def release(self, ticket: KvTicket) -> None:
         # On failure the source still frees pinned KV after its timeout.
         with contextlib.suppress(grpc.aio.AioRpcError):
-            await self._stub(ticket.source).ReleaseKv(pb.ReleaseKvRequest(request_id=ticket.params.request_id),
-                                                      timeout=10)
+            await self._stub(ticket.source).ReleaseKv(
+                pb.ReleaseKvRequest(request_id=ticket.params.request_id, kv=ticket.params), timeout=10)
 
     async def hand_over(self, endpoint: str, streams: int, max_context_tokens: int, min_new_tokens: int) -> int:
         """Ask a decode worker to end up to `streams` streams for the router to resume elsewhere."""

@@ -30,6 +30,7 @@ from triphase.workers.engine.model_runner import TORCH_DTYPES
 from triphase.workers.engine.multimodal import ImageInput
 from triphase.workers.kv.grpc_stream import DEFAULT_CHUNK_BYTES, ChannelPool
 from triphase.workers.kv.nixl import NixlConnector, NixlUnavailable
+from triphase.workers.signing import Signer, TicketRefused
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,9 @@ class ImageCounters:
 class ImageService:
     def __init__(self, engine: AsyncEngine, channels: ChannelPool, *, limits: ImageLimits,
                  cache_bytes: int = 256 << 20, decode_threads: int = 2, read_timeout_s: float = 30.0,
-                 nixl: NixlConnector | None = None) -> None:
+                 nixl: NixlConnector | None = None, signer: Signer | None = None) -> None:
         self.engine = engine
+        self.signer = signer or Signer(None)  # checks where the router says an image's embeddings are
         self.channels = channels
         self.limits = limits
         model = engine.engine
@@ -221,6 +223,14 @@ class ImageService:
             return cached
         self.counters.cache_misses += 1
         cols = self.engine.engine.model_config.hidden_size
+        if image.source_endpoint or image.HasField("slot"):
+            try:
+                self.signer.check_image(image)  # before connecting anywhere or reading any memory
+            except TicketRefused as exc:
+                if not image.data:
+                    raise
+                logger.warning("Encoding image %s here: %s", key.hex()[:16], exc)
+                image = pb.PromptImage(offset=image.offset, length=image.length, digest=key, data=image.data)
         if image.HasField("slot"):
             rows = await self._read_slot(key, image.slot)
             if rows is not None:

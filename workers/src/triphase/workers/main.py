@@ -16,8 +16,9 @@ import socket
 import sys
 from typing import Any
 
-from triphase.common import images
+from triphase.common import images, mtls
 from triphase.common.images import ImageLimits
+from triphase.common.pki import Identity
 from triphase.common.roles import Role
 from triphase.common.signals import wait_for_stop_signal
 
@@ -30,6 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "that takes images")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    parser.add_argument("--advertise-host", default=os.environ.get("POD_IP"),
+                        help="the address peers reach this worker by, which its KV tickets name (default: $POD_IP, "
+                             "else --host, else this host's name when --host is a wildcard)")
+    parser.add_argument("--health-port", type=int,
+                        help="also serve gRPC health checking alone, in plaintext, on this port (for probes, "
+                             "which present no certificate, when --mtls-dir is set; 0 picks a free port, written "
+                             "to READY_FILE.health)")
+    mtls.add_argument(parser)
     parser.add_argument("--worker-id", help="default: HOSTNAME:PORT")
     add_engine_arguments(parser)
     parser.add_argument("--kv-pin-timeout", type=float, default=30.0,
@@ -70,13 +79,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batched-tokens", type=int, default=512, help="per-step token budget")
 
 
-def engine_from_args(args: argparse.Namespace) -> Any:
+def engine_from_args(args: argparse.Namespace, prefix_salt: bytes = b"") -> Any:
     """The engine `add_engine_arguments` describes (loading the model, with progress, unless sim)."""
     from triphase.workers.engine.core import Engine, EngineConfig
     from triphase.workers.generate import progress_bar
 
     config = EngineConfig(dtype=args.dtype, weights=args.weights, kv_cache_bytes=args.kv_cache_mib << 20,
-                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens)
+                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
+                          prefix_salt=prefix_salt)
     if args.sim_profile and args.engine != "sim":
         raise ValueError("--sim-profile needs --engine sim")
     if args.engine == "sim":
@@ -99,13 +109,22 @@ def run(args: argparse.Namespace) -> int:
     limits = images.limits_from_args(args)
     if args.embedding_cache_mib < 0:
         raise ValueError("--embedding-cache-mib must be 0 or more")
-    engine = engine_from_args(args)
+    bundle = mtls.from_args(args, Identity.WORKER)
+    engine = engine_from_args(args, bundle.prefix_salt if bundle is not None else b"")
     if args.role == Role.ENCODE and engine.vision is None:
         raise ValueError("--role encode needs a model that takes images (a LLaVA-style Hugging Face directory)")
-    return asyncio.run(_serve(args, engine, limits))
+    return asyncio.run(_serve(args, engine, limits, bundle))
 
 
-async def _serve(args: argparse.Namespace, engine: Any, limits: ImageLimits) -> int:
+def advertised_host(args: argparse.Namespace) -> str:
+    if args.advertise_host:
+        return str(args.advertise_host)
+    if args.host not in ("0.0.0.0", "::", ""):
+        return str(args.host)
+    return socket.gethostbyname(socket.gethostname())
+
+
+async def _serve(args: argparse.Namespace, engine: Any, limits: ImageLimits, bundle: mtls.Bundle | None) -> int:
     from triphase.workers.engine.async_engine import AsyncEngine
     from triphase.workers.kv.nixl import NixlConnector, NixlUnavailable
     from triphase.workers.lifecycle import monitor, shutdown
@@ -123,13 +142,14 @@ async def _serve(args: argparse.Namespace, engine: Any, limits: ImageLimits) -> 
             logger.warning("KV transfer falls back to the gRPC stream: %s", exc)
     servicer = WorkerServicer(runner, worker_id=worker_id, endpoint="", role=Role(args.role),
                               model=engine.model_config.name, nixl=nixl, image_limits=limits,
-                              embedding_cache_bytes=args.embedding_cache_mib << 20)
-    server, port = await serve(servicer, args.host, args.port)
-    servicer.endpoint = f"{args.host}:{port}"
+                              embedding_cache_bytes=args.embedding_cache_mib << 20, bundle=bundle)
+    server, port = await serve(servicer, args.host, args.port, health_port=args.health_port)
+    servicer.endpoint = f"{advertised_host(args)}:{port}"
     if not args.worker_id:
         servicer.worker_id = f"{socket.gethostname()}:{port}"
-    logger.info("Worker %s serving on %s as %s (%d KV blocks)", servicer.worker_id, servicer.endpoint,
-                servicer.role, engine.layout.num_blocks)
+    logger.info("Worker %s serving on %s as %s (%d KV blocks; %s)", servicer.worker_id, servicer.endpoint,
+                servicer.role, engine.layout.num_blocks,
+                f"mTLS as {bundle.identity}" if bundle is not None else "plaintext")
     if args.metrics_port >= 0:
         from triphase.workers.metrics import serve_metrics
 
@@ -137,6 +157,8 @@ async def _serve(args: argparse.Namespace, engine: Any, limits: ImageLimits) -> 
         logger.info("Worker metrics on http://%s:%d/metrics", args.host, metrics_port)
         if args.ready_file:
             pathlib.Path(args.ready_file + ".metrics").write_text(str(metrics_port))
+    if args.ready_file and servicer.health_server is not None:
+        pathlib.Path(args.ready_file + ".health").write_text(str(servicer.health_port))
     if args.ready_file:
         pathlib.Path(args.ready_file).write_text(str(port))
     watchdog = asyncio.create_task(monitor(servicer))
@@ -153,6 +175,8 @@ async def _serve(args: argparse.Namespace, engine: Any, limits: ImageLimits) -> 
                     args.shutdown_delay + args.drain_timeout)
     await shutdown(servicer, server, delay_s=0 if code else args.shutdown_delay,
                    grace_s=0 if code else args.drain_timeout)
+    if servicer.health_server is not None:
+        await servicer.health_server.stop(grace=None)
     await servicer.channels.close()
     servicer.images.close()
     await runner.stop()

@@ -7,7 +7,8 @@ RESOURCE_EXHAUSTED when the KV cache has no room, FAILED_PRECONDITION when the r
 state refuses the call, UNAVAILABLE while the role is switching or the engine is not healthy (and
 for streams handed over by a switch or a shutdown), ABORTED when a Decode could not obtain its KV
 (the router then prefills elsewhere), INTERNAL when the engine failed computing the request (the
-message never carries internal exception text). Numbers a caller controls are bounded here or in
+message never carries internal exception text), PERMISSION_DENIED when the caller's certificate does not
+allow the method (authz.py) or a ticket does not hold (signing.py). Numbers a caller controls are bounded here or in
 SamplingParams before any work is done on them.
 """
 
@@ -26,8 +27,10 @@ from grpc_health.v1 import health_pb2_grpc
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
+from triphase.common import mtls
 from triphase.common.images import ImageLimits
 from triphase.common.roles import HANDED_OVER_METADATA, Role
+from triphase.workers.authz import refusal
 from triphase.workers.engine.async_engine import AsyncEngine, EngineFailed
 from triphase.workers.engine.core import KvExport, RequestOutput
 from triphase.workers.engine.kv_layout import KvLayout
@@ -38,6 +41,7 @@ from triphase.workers.kv.handoff import HandOffFailed, KvHandOff
 from triphase.workers.kv.nixl import NixlConnector
 from triphase.workers.lifecycle import Health
 from triphase.workers.roles import HandedOver, Refused, RoleState
+from triphase.workers.signing import Signer, TicketRefused
 
 logger = logging.getLogger(__name__)
 
@@ -90,18 +94,22 @@ def delta_to_pb(out: RequestOutput, *, prompt_tokens: int = 0) -> pb.TokenDelta:
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, engine: AsyncEngine, *, worker_id: str, endpoint: str, role: Role, model: str,
                  nixl: NixlConnector | None = None, image_limits: ImageLimits | None = None,
-                 embedding_cache_bytes: int = 256 << 20) -> None:
+                 embedding_cache_bytes: int = 256 << 20, bundle: mtls.Bundle | None = None) -> None:
         self.engine = engine
-        self.endpoint = endpoint
+        self.endpoint = endpoint  # how peers reach this worker: what its tickets name
         self.model = model
+        self.bundle = bundle  # mTLS: who may call what (authz.py), the ticket key
+        self.signer = Signer(bundle.ticket_key if bundle is not None else None)
         self.state = RoleState(worker_id, role, on_change=engine.stats_changed.set)
         self.in_flight = 0
-        self.channels = grpc_stream.ChannelPool()
+        self.channels = grpc_stream.ChannelPool(bundle)
         self.handoff = KvHandOff(engine, self.channels, nixl)
         self.images = ImageService(engine, self.channels, limits=image_limits or ImageLimits(),
-                                   cache_bytes=embedding_cache_bytes, nixl=nixl)
+                                   cache_bytes=embedding_cache_bytes, nixl=nixl, signer=self.signer)
         self.nixl = nixl
         self.health: Health | None = None
+        self.health_server: grpc.aio.Server | None = None  # plaintext, health only (--health-port)
+        self.health_port = 0
 
     @property
     def worker_id(self) -> str:
@@ -150,6 +158,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             await context.abort(code, str(exc))
         except HandOffFailed as exc:
             await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        except TicketRefused as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except KeyError as exc:
@@ -199,6 +209,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 kv.nixl_agent_metadata = self.nixl.metadata
                 kv.nixl_agent_name = self.nixl.name
                 kv.kv_base_address = self.nixl.base_address
+            self.signer.sign_kv(kv, self.engine.pin_timeout_s)
             return pb.PrefillResponse(kv=kv, first=delta_to_pb(first, prompt_tokens=len(prompt)))
         raise AssertionError("unreachable: _errors aborts")  # pragma: no cover
 
@@ -206,6 +217,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                      ) -> AsyncIterator[pb.TokenDelta]:
         async with self._errors(context):
             self._admit(request.request_id, needs_decode=True)
+            self.signer.check_kv(request.kv)  # before any connection to the endpoint it names
             images = self.images.spans(request.images)  # bounded and checked before the KV is looked at
             with self.state.tracked(request.request_id, len(request.prompt_token_ids), request.sampling.max_tokens):
                 kv = request.kv
@@ -224,7 +236,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def ReadKv(self, request: pb.ReadKvRequest, context: grpc.aio.ServicerContext,
                      ) -> AsyncIterator[pb.KvChunk]:
         async with self._errors(context):
-            _, data = await self.engine.read_pinned(request.request_id)
+            self.signer.check_kv(request.kv, request_id=request.request_id, source_endpoint=self.endpoint)
+            block_ids, data = await self.engine.read_pinned(request.request_id)
+            if self.signer.enabled and block_ids != list(request.kv.block_ids):
+                raise TicketRefused(f"the KV ticket names other blocks than {request.request_id} holds")
             block_bytes = self.engine.engine.layout.block_bytes
             for offset, count, payload in grpc_stream.chunks(data, block_bytes, request.max_chunk_bytes):
                 yield pb.KvChunk(block_offset=offset, num_blocks=count, data=payload)
@@ -233,8 +248,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         async with self._errors(context):
             self._admit("encode", needs_encode=True)
             key, cached, seconds = await self.images.encode(request.data)
-            return pb.EncodeResponse(digest=key, tokens=self.images.tokens_per_image, cached=cached,
-                                     encode_seconds=seconds, slot=self.images.slot(key))
+            response = pb.EncodeResponse(digest=key, tokens=self.images.tokens_per_image, cached=cached,
+                                         encode_seconds=seconds, slot=self.images.slot(key), endpoint=self.endpoint)
+            self.signer.sign_image(response, self.images.cache.lease_s)
+            return response
         raise AssertionError("unreachable: _errors aborts")  # pragma: no cover
 
     async def ReadEmbeddings(self, request: pb.ReadEmbeddingsRequest, context: grpc.aio.ServicerContext,
@@ -245,7 +262,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     async def ReleaseKv(self, request: pb.ReleaseKvRequest, context: grpc.aio.ServicerContext,
                         ) -> pb.ReleaseKvResponse:
-        return pb.ReleaseKvResponse(released=await self.engine.release(request.request_id))
+        async with self._errors(context):
+            self.signer.check_kv(request.kv, request_id=request.request_id, source_endpoint=self.endpoint)
+            return pb.ReleaseKvResponse(released=await self.engine.release(request.request_id))
+        raise AssertionError("unreachable: _errors aborts")  # pragma: no cover
 
     async def SetRole(self, request: pb.SetRoleRequest, context: grpc.aio.ServicerContext) -> pb.SetRoleResponse:
         if request.role not in ROLE_FROM_PB:
@@ -329,19 +349,27 @@ def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def _guard_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+async def _admissible(method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
+    """Abort a call the caller's certificate does not allow (authz.py), then one that does not parse.
+    A plaintext connection has no identity: only a worker without mTLS accepts one."""
+    identity = mtls.peer_identity(context)
+    if identity is not None and (reason := refusal(method, identity)) is not None:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+    if isinstance(request, _Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
+
+
+def _guard_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, _Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
+        await _admissible(method, request, context)
         return await behavior(request, context)
 
     return guarded
 
 
-def _guard_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def _guard_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        if isinstance(request, _Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
+        await _admissible(method, request, context)
         async for item in behavior(request, context):
             yield item
 
@@ -349,8 +377,9 @@ def _guard_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., 
 
 
 def _handlers(servicer: WorkerServicer) -> grpc.GenericRpcHandler:
-    """WorkerService's method handlers, as the generated `add_..._to_server` builds them, except that a
-    request that does not parse is INVALID_ARGUMENT (the generated ones answer INTERNAL)."""
+    """WorkerService's method handlers, as the generated `add_..._to_server` builds them, except that the
+    caller's identity is checked first (PERMISSION_DENIED) and a request that does not parse is
+    INVALID_ARGUMENT (the generated ones answer INTERNAL)."""
     service = pb.DESCRIPTOR.services_by_name["WorkerService"]
     handlers = {}
     for method in service.methods:
@@ -358,22 +387,34 @@ def _handlers(servicer: WorkerServicer) -> grpc.GenericRpcHandler:
         behavior = getattr(servicer, method.name)
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _guard_stream(behavior), request_deserializer=_lenient(request.FromString),
+                _guard_stream(method.name, behavior), request_deserializer=_lenient(request.FromString),
                 response_serializer=response.SerializeToString)
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _guard_unary(behavior), request_deserializer=_lenient(request.FromString),
+                _guard_unary(method.name, behavior), request_deserializer=_lenient(request.FromString),
                 response_serializer=response.SerializeToString)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
-async def serve(servicer: WorkerServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Start the gRPC server (WorkerService + standard health checking); returns it and the bound port."""
+async def serve(servicer: WorkerServicer, host: str, port: int, *,
+                health_port: int | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC server (WorkerService + standard health checking; over mTLS when the servicer has
+    a bundle); returns it and the bound port. `health_port`: also serve health checking alone, in
+    plaintext, there (probes present no certificate); its server is `servicer.health_server`."""
     server = grpc.aio.server(options=grpc_stream.CHANNEL_OPTIONS)
     server.add_generic_rpc_handlers((_handlers(servicer),))
     health = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if servicer.bundle is not None:
+        bound = server.add_secure_port(address, servicer.bundle.server_credentials())
+    else:
+        bound = server.add_insecure_port(address)
+    if health_port is not None:
+        servicer.health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health.servicer, servicer.health_server)
+        servicer.health_port = servicer.health_server.add_insecure_port(f"{host}:{health_port}")
+        await servicer.health_server.start()
     await server.start()
     await health.set(servicer.engine.health() == "ok" and not servicer.draining)
     servicer.health = health

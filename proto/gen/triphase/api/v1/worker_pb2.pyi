@@ -70,7 +70,7 @@ class KvLayout(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., block_bytes: _Optional[int] = ...) -> None: ...
 
 class KvTransferParams(_message.Message):
-    __slots__ = ("request_id", "source_worker", "source_endpoint", "nixl_agent_metadata", "nixl_agent_name", "kv_base_address", "block_ids", "layout", "num_tokens", "first_token_id")
+    __slots__ = ("request_id", "source_worker", "source_endpoint", "nixl_agent_metadata", "nixl_agent_name", "kv_base_address", "block_ids", "layout", "num_tokens", "first_token_id", "ticket")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_WORKER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class KvTransferParams(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     source_worker: str
     source_endpoint: str
@@ -91,7 +92,16 @@ class KvTransferParams(_message.Message):
     layout: KvLayout
     num_tokens: int
     first_token_id: int
-    def __init__(self, request_id: _Optional[str] = ..., source_worker: _Optional[str] = ..., source_endpoint: _Optional[str] = ..., nixl_agent_metadata: _Optional[bytes] = ..., nixl_agent_name: _Optional[str] = ..., kv_base_address: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., first_token_id: _Optional[int] = ...) -> None: ...
+    ticket: Ticket
+    def __init__(self, request_id: _Optional[str] = ..., source_worker: _Optional[str] = ..., source_endpoint: _Optional[str] = ..., nixl_agent_metadata: _Optional[bytes] = ..., nixl_agent_name: _Optional[str] = ..., kv_base_address: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., first_token_id: _Optional[int] = ..., ticket: _Optional[_Union[Ticket, _Mapping]] = ...) -> None: ...
+
+class Ticket(_message.Message):
+    __slots__ = ("expires_unix_ms", "mac")
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    expires_unix_ms: int
+    mac: bytes
+    def __init__(self, expires_unix_ms: _Optional[int] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -128,20 +138,22 @@ class TokenDelta(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., stop_reason: _Optional[str] = ..., kv_backend: _Optional[str] = ...) -> None: ...
 
 class PromptImage(_message.Message):
-    __slots__ = ("offset", "length", "digest", "data", "source_endpoint", "slot")
+    __slots__ = ("offset", "length", "digest", "data", "source_endpoint", "slot", "ticket")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     offset: int
     length: int
     digest: bytes
     data: bytes
     source_endpoint: str
     slot: EmbeddingsSlot
-    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., digest: _Optional[bytes] = ..., data: _Optional[bytes] = ..., source_endpoint: _Optional[str] = ..., slot: _Optional[_Union[EmbeddingsSlot, _Mapping]] = ...) -> None: ...
+    ticket: Ticket
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ..., digest: _Optional[bytes] = ..., data: _Optional[bytes] = ..., source_endpoint: _Optional[str] = ..., slot: _Optional[_Union[EmbeddingsSlot, _Mapping]] = ..., ticket: _Optional[_Union[Ticket, _Mapping]] = ...) -> None: ...
 
 class EmbeddingsSlot(_message.Message):
     __slots__ = ("nixl_agent_metadata", "address", "nbytes")
@@ -272,10 +284,12 @@ class DrainResponse(_message.Message):
     def __init__(self, in_flight: _Optional[int] = ...) -> None: ...
 
 class ReleaseKvRequest(_message.Message):
-    __slots__ = ("request_id",)
+    __slots__ = ("request_id", "kv")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+    kv: KvTransferParams
+    def __init__(self, request_id: _Optional[str] = ..., kv: _Optional[_Union[KvTransferParams, _Mapping]] = ...) -> None: ...
 
 class ReleaseKvResponse(_message.Message):
     __slots__ = ("released",)
@@ -284,12 +298,14 @@ class ReleaseKvResponse(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class ReadKvRequest(_message.Message):
-    __slots__ = ("request_id", "max_chunk_bytes")
+    __slots__ = ("request_id", "max_chunk_bytes", "kv")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     max_chunk_bytes: int
-    def __init__(self, request_id: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    kv: KvTransferParams
+    def __init__(self, request_id: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., kv: _Optional[_Union[KvTransferParams, _Mapping]] = ...) -> None: ...
 
 class KvChunk(_message.Message):
     __slots__ = ("block_offset", "num_blocks", "data")
@@ -324,18 +340,22 @@ class EncodeRequest(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("digest", "tokens", "cached", "encode_seconds", "slot")
+    __slots__ = ("digest", "tokens", "cached", "encode_seconds", "slot", "endpoint", "ticket")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
     ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     digest: bytes
     tokens: int
     cached: bool
     encode_seconds: float
     slot: EmbeddingsSlot
-    def __init__(self, digest: _Optional[bytes] = ..., tokens: _Optional[int] = ..., cached: _Optional[bool] = ..., encode_seconds: _Optional[float] = ..., slot: _Optional[_Union[EmbeddingsSlot, _Mapping]] = ...) -> None: ...
+    endpoint: str
+    ticket: Ticket
+    def __init__(self, digest: _Optional[bytes] = ..., tokens: _Optional[int] = ..., cached: _Optional[bool] = ..., encode_seconds: _Optional[float] = ..., slot: _Optional[_Union[EmbeddingsSlot, _Mapping]] = ..., endpoint: _Optional[str] = ..., ticket: _Optional[_Union[Ticket, _Mapping]] = ...) -> None: ...
 
 class ReadEmbeddingsRequest(_message.Message):
     __slots__ = ("digest", "max_chunk_bytes")

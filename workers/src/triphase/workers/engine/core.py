@@ -47,6 +47,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     dtype: str = "float32"
     enable_prefix_caching: bool = True
+    prefix_salt: bytes = b""  # the deployment's: salts the prefix-cache block hashes (block_hash.salted_root)
     # "dense": every matrix in `dtype`. "int4": also keep a GGUF file's Q4_0/Q4_1 matrices packed and
     # use them for steps of at most int4_max_tokens tokens (needs dtype bfloat16). "auto": int4 when
     # dtype is bfloat16 and the file has such matrices, else dense.
@@ -155,7 +156,7 @@ class Engine:
         self.model = runner.model
         self.layout = runner.layout
         self.kv = KVCacheManager(self.layout.num_blocks, config.block_size,
-                                 enable_prefix_caching=config.enable_prefix_caching)
+                                 enable_prefix_caching=config.enable_prefix_caching, prefix_salt=config.prefix_salt)
         max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_len),
                                    self.kv)

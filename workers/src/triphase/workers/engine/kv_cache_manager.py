@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from triphase.common.block_hash import span_digests
+from triphase.common.block_hash import salted_root, span_digests
 from triphase.workers.engine.block_pool import Block, BlockPool, hash_block_tokens
 from triphase.workers.engine.request import Request
 
@@ -19,8 +19,10 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True,
+                 prefix_salt: bytes = b"") -> None:
         self.block_size = block_size
+        self.root = salted_root(prefix_salt)  # the chains' first parent (block_hash.py)
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self.enable_prefix_caching = enable_prefix_caching
         self._blocks: dict[str, list[Block]] = {}
@@ -50,7 +52,7 @@ class KVCacheManager:
         full = request.num_tokens // bs
         while len(hashes) < full:
             start, end = len(hashes) * bs, (len(hashes) + 1) * bs
-            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, request.token_ids[start:end],
+            hashes.append(hash_block_tokens(hashes[-1] if hashes else self.root, request.token_ids[start:end],
                                             span_digests(request.images, start, end)))
         return hashes
 

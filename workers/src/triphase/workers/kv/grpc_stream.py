@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import grpc
 import torch
 
 from triphase.api.v1 import worker_pb2, worker_pb2_grpc
+from triphase.common import mtls
 from triphase.workers.engine.kv_layout import KvLayout
 from triphase.workers.engine.model_runner import TORCH_DTYPES
 
@@ -31,31 +31,27 @@ def chunks(data: torch.Tensor, block_bytes: int, max_chunk_bytes: int) -> Iterat
 
 
 class ChannelPool:
-    """One insecure loopback/cluster channel per peer endpoint, reused."""
+    """One channel per peer endpoint, reused; over mTLS with the worker's bundle (common/mtls.py)."""
 
-    def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+    def __init__(self, bundle: mtls.Bundle | None = None) -> None:
+        self._channels = mtls.ChannelCache(bundle, CHANNEL_OPTIONS)
 
     def stub(self, endpoint: str) -> worker_pb2_grpc.WorkerServiceStub:
-        channel = self._channels.get(endpoint)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
-            self._channels[endpoint] = channel
-        return worker_pb2_grpc.WorkerServiceStub(channel)
+        return worker_pb2_grpc.WorkerServiceStub(self._channels.get(endpoint))
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        await self._channels.close()
 
 
-async def pull(pool: ChannelPool, endpoint: str, request_id: str, layout: KvLayout, num_blocks: int,
-               timeout_s: float = 30.0) -> tuple[torch.Tensor, int]:
-    """Read a pinned request's blocks from `endpoint`; returns (tensor, bytes received)."""
+async def pull(pool: ChannelPool, endpoint: str, kv: worker_pb2.KvTransferParams, layout: KvLayout,
+               num_blocks: int, timeout_s: float = 30.0) -> tuple[torch.Tensor, int]:
+    """Read a pinned request's blocks from `endpoint` (`kv`: its transfer parameters, with the ticket);
+    returns (tensor, bytes received)."""
+    request_id = kv.request_id
     block_shape = layout.shape[1:]
     buffer = bytearray(num_blocks * layout.block_bytes)
     received = 0
-    stream = pool.stub(endpoint).ReadKv(worker_pb2.ReadKvRequest(request_id=request_id), timeout=timeout_s)
+    stream = pool.stub(endpoint).ReadKv(worker_pb2.ReadKvRequest(request_id=request_id, kv=kv), timeout=timeout_s)
     async for chunk in stream:
         start = chunk.block_offset * layout.block_bytes
         if start + len(chunk.data) > len(buffer) or len(chunk.data) != chunk.num_blocks * layout.block_bytes:

@@ -75,7 +75,7 @@ class KvHandOff:
                                exc)
                 self.nixl_fallbacks += 1
         try:
-            data, received = await grpc_stream.pull(self.channels, kv.source_endpoint, kv.request_id, export.layout,
+            data, received = await grpc_stream.pull(self.channels, kv.source_endpoint, kv, export.layout,
                                                     len(kv.block_ids))
         except grpc.aio.AioRpcError as exc:
             raise HandOffFailed(f"{source} failed: {exc.code().name}: {exc.details()}") from None
@@ -90,7 +90,7 @@ class KvHandOff:
         """ReleaseKv on the prefill worker: whether it still held the pin (False if unreachable)."""
         try:
             return bool((await self.channels.stub(kv.source_endpoint).ReleaseKv(
-                pb.ReleaseKvRequest(request_id=kv.request_id), timeout=10)).released)
+                pb.ReleaseKvRequest(request_id=kv.request_id, kv=kv), timeout=10)).released)
         except grpc.aio.AioRpcError as exc:
             logger.warning("Could not release %s on %s: %s", kv.request_id, kv.source_endpoint, exc.code().name)
             return False
