@@ -182,4 +182,5 @@ class GuardedSite(web.SockSite):
         assert server is not None
         limits = self._limits
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: GuardedProtocol(server(), limits), sock=self._sock, backlog=self._backlog)
+            lambda: GuardedProtocol(server(), limits), sock=self._sock, backlog=self._backlog,
+            ssl=self._ssl_context)

@@ -40,3 +40,11 @@ class RequestTimeout(RouterError):
 class PayloadTooLarge(RouterError):
     status = 413
     type = "invalid_request_error"
+
+
+class Unauthorized(RouterError):
+    status = 401
+    type = "invalid_request_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="invalid_api_key")

@@ -14,7 +14,7 @@ import pathlib
 import re
 import socket
 
-from triphase.common import images
+from triphase.common import images, mtls
 from triphase.common.errors import UserError
 from triphase.common.signals import wait_for_stop_signal
 
@@ -61,6 +61,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="move running streams off a decode worker that has this many more than another "
                              "(it hands them over; they resume on the less loaded one); 0: never")
     parser.add_argument("--ready-file", help="write the bound port here once serving")
+    parser.add_argument("--api-key-file", type=pathlib.Path,
+                        help="clients must send one of the keys in this file (`KEY` or `NAME KEY` per line) as "
+                             "`Authorization: Bearer KEY`; re-read when it changes (default: no keys)")
+    parser.add_argument("--tls-cert", type=pathlib.Path, help="serve the API over HTTPS with this certificate "
+                                                                "(PEM chain; reloaded when it changes)")
+    parser.add_argument("--tls-key", type=pathlib.Path, help="the certificate's private key (PEM)")
+    parser.add_argument("--internal-port", type=int,
+                        help="serve /readyz (which lists the workers) and /metrics here instead of on --port "
+                             "(0 picks a free port; written to READY_FILE.internal)")
+    parser.add_argument("--internal-host", default="127.0.0.1", help="the address of --internal-port")
+    mtls.add_argument(parser)
     images.add_arguments(parser)
     parser.add_argument("--image-dir", type=pathlib.Path,
                         help="image_url may name files under this directory (default: no local files)")
@@ -96,14 +107,17 @@ async def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from triphase.common.model_files import load_tokenizer, resolve
+    from triphase.common.pki import Identity
     from triphase.common.vision import vision_config_of
     from triphase.router.admission import Admission
+    from triphase.router.api_keys import ApiKeys
     from triphase.router.connections import ConnectionLimits, GuardedSite
     from triphase.router.metrics import RouterMetrics
     from triphase.router.openai.images import ImageSources
     from triphase.router.openai.routes import Api
     from triphase.router.pipeline import Pipeline
     from triphase.router.registry import Registry
+    from triphase.router.tls import ServerTls
     from triphase.router.worker_client import WorkerClient
 
     if args.discovery == "static" and not args.workers:
@@ -124,10 +138,15 @@ async def _serve(args: argparse.Namespace) -> int:
         raise UserError("--max-body-bytes must be at least 1024 and --max-connections at least 1")
     if args.rebalance_gap < 0 or args.rebalance_gap == 1:
         raise UserError("--rebalance-gap must be 0 (off) or at least 2")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UserError("--tls-cert and --tls-key go together")
+    api_keys = ApiKeys(args.api_key_file) if args.api_key_file else None
+    tls = ServerTls(args.tls_cert, args.tls_key) if args.tls_cert else None
+    bundle = mtls.from_args(args, Identity.ROUTER)
     tokenizer, _ = load_tokenizer(path)
     model = args.served_model_name or served_name(path)
     endpoints = [e.strip() for e in (args.workers or "").split(",") if e.strip()]
-    client = WorkerClient()
+    client = WorkerClient(bundle=bundle)
     registry = Registry(client, endpoints)
     registry.start()
     discovery: asyncio.Task[None] | None = None
@@ -146,7 +165,8 @@ async def _serve(args: argparse.Namespace) -> int:
         discovery = asyncio.create_task(watcher.run())
         logger.info("Discovering workers: pods %s in namespace %s", args.selector, namespace)
     metrics = RouterMetrics(model)
-    pipeline = Pipeline(registry, client, metrics, placement_wait_s=args.placement_wait)
+    pipeline = Pipeline(registry, client, metrics, placement_wait_s=args.placement_wait,
+                        prefix_salt=bundle.prefix_salt if bundle is not None else b"")
     balancing: asyncio.Task[None] | None = None
     if args.rebalance_gap:
         from triphase.router.stream_balance import StreamBalancer
@@ -155,15 +175,30 @@ async def _serve(args: argparse.Namespace) -> int:
     api = Api(pipeline, tokenizer, metrics, model=model, max_model_len=args.max_model_len,
               admission=Admission(args.max_in_flight, args.max_queued, args.max_queue_wait),
               max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout, vision=vision,
-              image_sources=ImageSources(image_limits, args.image_dir, args.image_fetch, args.image_fetch_timeout))
-    runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None,
+              image_sources=ImageSources(image_limits, args.image_dir, args.image_fetch, args.image_fetch_timeout),
+              api_keys=api_keys)
+    separate = args.internal_port is not None
+    runner = web.AppRunner(api.app(internal=not separate), handler_cancellation=True, access_log=None,
                            shutdown_timeout=args.drain_timeout, keepalive_timeout=75)
     await runner.setup()
     sock = listening_socket(args.host, args.port)
     limits = ConnectionLimits(args.max_connections, args.header_timeout, args.body_timeout)
-    await GuardedSite(runner, sock, limits).start()
+    await GuardedSite(runner, sock, limits, ssl_context=tls.context if tls else None).start()
     port = sock.getsockname()[1]
-    logger.info("Router serving %s on http://%s:%d", model, args.host, port)
+    internal: web.AppRunner | None = None
+    if separate:
+        internal = web.AppRunner(api.internal_app(), access_log=None)
+        await internal.setup()
+        internal_sock = listening_socket(args.internal_host, args.internal_port)
+        await web.SockSite(internal, internal_sock).start()
+        internal_port = internal_sock.getsockname()[1]
+        logger.info("Router /readyz and /metrics on http://%s:%d", args.internal_host, internal_port)
+        if args.ready_file:
+            pathlib.Path(args.ready_file + ".internal").write_text(str(internal_port))
+    following = asyncio.create_task(tls.follow()) if tls else None
+    logger.info("Router serving %s on %s://%s:%d (%s; workers over %s)", model, "https" if tls else "http", args.host,
+                port, f"{len(api_keys)} API keys" if api_keys else "no API keys",
+                "mTLS" if bundle is not None else "plaintext")
     if args.ready_file:
         pathlib.Path(args.ready_file).write_text(str(port))
     await wait_for_stop_signal()
@@ -173,6 +208,10 @@ async def _serve(args: argparse.Namespace) -> int:
     if args.shutdown_delay > 0:
         await asyncio.sleep(args.shutdown_delay)  # endpoint propagation: load balancers stop sending here
     await runner.cleanup()  # stops accepting, waits up to drain_timeout for in-flight handlers
+    if internal is not None:
+        await internal.cleanup()
+    if following is not None:
+        following.cancel()
     if discovery is not None:
         discovery.cancel()
     if balancing is not None:

@@ -29,11 +29,12 @@ class RouterMetrics:
                               ["model"], buckets=TPOT_BUCKETS, registry=r)
         self.e2e = Histogram("triphase_request_e2e_seconds", "Request latency, arrival to last token", ["model"],
                              buckets=E2E_BUCKETS, registry=r)
-        self.requests = Counter("triphase_requests_total", "Finished requests by outcome", ["model", "status"],
+        # `key`: the name of the client's API key (never the key), "" when the API has no keys
+        self.requests = Counter("triphase_requests_total", "Finished requests by outcome", ["model", "status", "key"],
                                 registry=r)
-        self.prompt_tokens = Counter("triphase_prompt_tokens_total", "Prompt tokens processed", ["model"],
+        self.prompt_tokens = Counter("triphase_prompt_tokens_total", "Prompt tokens processed", ["model", "key"],
                                      registry=r)
-        self.generation_tokens = Counter("triphase_generation_tokens_total", "Tokens generated", ["model"],
+        self.generation_tokens = Counter("triphase_generation_tokens_total", "Tokens generated", ["model", "key"],
                                          registry=r)
         self.kv_transfer_seconds = Histogram("triphase_kv_transfer_seconds",
                                              "Prefill end to first decode token (KV hand-off)", ["model", "backend"],
@@ -54,10 +55,11 @@ class RouterMetrics:
                                   "handed over to be resumed on a less loaded one", ["model"], registry=r)
         # Every series that needs no more than the model exists from the start, at 0: a rate over it
         # is 0 rather than no data, so alerts and dashboards tell "none happened" from "not scraped".
-        for family in (self.ttft, self.tpot, self.e2e, self.prompt_tokens, self.generation_tokens, self.migrations,
-                       self.rebalanced):
+        for family in (self.ttft, self.tpot, self.e2e, self.migrations, self.rebalanced):
             family.labels(model)
-        self.requests.labels(model, "ok")
+        for family in (self.prompt_tokens, self.generation_tokens):
+            family.labels(model, "")
+        self.requests.labels(model, "ok", "")
         for where in ("encode_pool", "prefill_worker"):
             self.images.labels(model, where)
 
@@ -66,19 +68,20 @@ class RouterMetrics:
         self.ttft.labels(self.model).observe(seconds)
 
     def finished(self, status: str, prompt_tokens: int, generated: int, seconds: float,
-                 after_first_s: float | None) -> None:
+                 after_first_s: float | None, key: str = "") -> None:
         """A request the router ran ended: `status` ok, 400, 503...; `after_first_s` is the time from its
-        first token to its last (None without a first token): its TPOT when it streamed more than one."""
-        self.requests.labels(self.model, status).inc()
-        self.prompt_tokens.labels(self.model).inc(prompt_tokens)
-        self.generation_tokens.labels(self.model).inc(generated)
+        first token to its last (None without a first token): its TPOT when it streamed more than one.
+        `key`: the name of the client's API key."""
+        self.requests.labels(self.model, status, key).inc()
+        self.prompt_tokens.labels(self.model, key).inc(prompt_tokens)
+        self.generation_tokens.labels(self.model, key).inc(generated)
         self.e2e.labels(self.model).observe(seconds)
         if after_first_s is not None and generated > 1:
             self.tpot.labels(self.model).observe(after_first_s / (generated - 1))
 
-    def refused(self, status: int) -> None:
+    def refused(self, status: int, key: str = "") -> None:
         """A request answered with an error before or instead of running (4xx, 429, 500...)."""
-        self.requests.labels(self.model, str(status)).inc()
+        self.requests.labels(self.model, str(status), key).inc()
 
     def images_encoded(self, seconds: float | None, on_pool: int, on_prefill: int) -> None:
         """A request's images: how many the encode pool encoded (in `seconds`, when it did) and how many

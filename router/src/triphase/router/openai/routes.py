@@ -29,7 +29,16 @@ from triphase.common.images import ImageLimits
 from triphase.common.tokenizer import ImageSlot, Tokenizer
 from triphase.common.vision import VisionConfig
 from triphase.router.admission import Admission
-from triphase.router.errors import BadRequest, Overloaded, PayloadTooLarge, RequestTimeout, RouterError, Unavailable
+from triphase.router.api_keys import ApiKeys
+from triphase.router.errors import (
+    BadRequest,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    RouterError,
+    Unauthorized,
+    Unavailable,
+)
 from triphase.router.metrics import RouterMetrics
 from triphase.router.openai import protocol as p
 from triphase.router.openai.images import ImageSources, LoadedImage
@@ -66,8 +75,9 @@ class Api:
     def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, metrics: RouterMetrics, *, model: str,
                  max_model_len: int, admission: Admission | None = None, max_body_bytes: int = 2 << 20,
                  body_timeout_s: float = 30.0, vision: VisionConfig | None = None,
-                 image_sources: ImageSources | None = None) -> None:
+                 image_sources: ImageSources | None = None, api_keys: ApiKeys | None = None) -> None:
         self.pipeline = pipeline
+        self.api_keys = api_keys  # None: the API is open
         self.vision = vision  # the model's image settings; None: it takes no images
         self.image_sources = image_sources or ImageSources(ImageLimits())
         self.tokenizer = tokenizer
@@ -82,24 +92,45 @@ class Api:
         self.draining = False  # shutting down: /readyz answers 503 so that no new traffic comes
         self.traces: dict[str, Trace] = {}  # recent request traces, for /debug and tests
 
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=self.max_body_bytes)
+    def app(self, *, internal: bool = True) -> web.Application:
+        """The API. `internal`: with /readyz (which lists the workers) and /metrics; without them when
+        `internal_app` serves them on a port of their own."""
+        app = web.Application(middlewares=[self._errors, self._authenticate], client_max_size=self.max_body_bytes)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/openapi.json", self.openapi)
+        if internal:
+            self._add_internal(app)
+        return app
+
+    def internal_app(self) -> web.Application:
+        """Probes and Prometheus: /healthz, /readyz, /metrics (no key asked; keep the port inside)."""
+        app = web.Application(middlewares=[self._errors])
+        app.router.add_get("/healthz", self.healthz)
+        self._add_internal(app)
+        return app
+
+    def _add_internal(self, app: web.Application) -> None:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_page)
-        app.router.add_get("/openapi.json", self.openapi)
-        return app
+
+    @web.middleware
+    async def _authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """/v1/ needs a key when there are keys; its name labels the request's metrics."""
+        if self.api_keys is not None and request.path.startswith("/v1/"):
+            request["api_key"] = self.api_keys.check(request.headers.get("Authorization"))
+        return await handler(request)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         try:
             return await handler(request)
         except RouterError as exc:
-            self.metrics.refused(exc.status)
-            headers = {"Retry-After": "1"} if isinstance(exc, Overloaded) else None
+            self.metrics.refused(exc.status, request.get("api_key", ""))
+            headers = {"Retry-After": "1"} if isinstance(exc, Overloaded) else \
+                {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
             return web.json_response(exc.body(), status=exc.status, headers=headers)
         except web.HTTPException as exc:
             if exc.status >= 400:
@@ -110,7 +141,7 @@ class Api:
             raise
         except Exception:  # a bug: logged with its traceback, answered without it
             logger.exception("Unhandled error serving %s %s", request.method, request.path)
-            self.metrics.refused(500)
+            self.metrics.refused(500, request.get("api_key", ""))
             return web.json_response(RouterError("internal error").body(), status=500)
 
     # ------------------------------------------------------------------ helpers
@@ -243,7 +274,7 @@ class Api:
         finally:
             end = time.monotonic()
             self.metrics.finished(status if status != "error" else "503", len(prompt), generated, end - start,
-                                  None if first_at is None else end - first_at)
+                                  None if first_at is None else end - first_at, key=trace.api_key)
 
     async def _collect(self, deltas: AsyncIterator[Delta]) -> tuple[str, list[int], str, int]:
         text, tokens, reason, cached = [], [], "stop", 0
@@ -291,7 +322,8 @@ class Api:
     async def _chat(self, request: web.Request, req: p.ChatCompletionRequest, prompt: list[int],
                     sampling: Sampling, images: list[PromptImage]) -> web.StreamResponse:
         rid, created = p.new_id("chatcmpl"), p.created()
-        async with contextlib.aclosing(self._timed(prompt, sampling, Trace(rid), images)) as deltas:
+        trace = Trace(rid, api_key=request.get("api_key", ""))
+        async with contextlib.aclosing(self._timed(prompt, sampling, trace, images)) as deltas:
             if req.stream:
                 chunks = self._chat_chunks(deltas, rid, created, len(prompt), req.include_usage)
                 return await self._sse(request, chunks)
@@ -329,7 +361,8 @@ class Api:
                            sampling: Sampling) -> web.StreamResponse:
         rid, created = p.new_id("cmpl"), p.created()
         echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
-        async with contextlib.aclosing(self._timed(prompt, sampling, Trace(rid))) as deltas:
+        trace = Trace(rid, api_key=request.get("api_key", ""))
+        async with contextlib.aclosing(self._timed(prompt, sampling, trace)) as deltas:
             if req.stream:
                 chunks = self._completion_chunks(deltas, rid, created, echo, len(prompt), req.include_usage)
                 return await self._sse(request, chunks)
@@ -369,7 +402,7 @@ class Api:
     async def readyz(self, request: web.Request) -> web.Response:
         workers = self.pipeline.registry.snapshot()
         ready = not self.draining and any(w.available and w.role.can_decode for w in workers)
-        body = {"ready": ready, "draining": self.draining,
+        body = {"ready": ready, "draining": self.draining, "model": self.model,
                 "workers": [{"id": w.worker_id, "endpoint": w.endpoint, "role": str(w.role), "healthy": w.healthy}
                             for w in workers]}
         return web.json_response(body, status=200 if ready else 503)
