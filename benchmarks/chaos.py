@@ -23,7 +23,8 @@ from report import ROOT, log, update_section
 
 sys.path.insert(0, str(ROOT))
 from tests.chaos import PROMPTS, Killer, all_idle, children, load, rss_mib
-from triphase.local.processes import http_ok, triphase_up, wait_for
+from triphase.common import mtls
+from triphase.local.processes import http_ok, triphase_up, up_bundle, wait_for
 
 MAX_TOKENS = 24
 
@@ -59,7 +60,7 @@ def main() -> None:
                 "its resumes and failed hand-offs are in the router log under that id")
         for error, count in collections.Counter(o.error for o in failed).most_common():
             log(f"failed {count}x: {error}")
-        idle = _settled(url)
+        idle = _settled(url, up_bundle(proc))
         rss_after = rss_mib(router)
 
         log("router SIGKILLed under load")
@@ -74,7 +75,7 @@ def main() -> None:
         wait_for(lambda: http_ok(f"{url}/readyz"), 60, "the router back")
         after = asyncio.run(load(url, 16, args.concurrency, MAX_TOKENS))
         router_errors = sorted({o.error.split(":")[0] for o in during if o.text is None})
-        router_idle = _settled(url)
+        router_idle = _settled(url, up_bundle(proc))
 
     rows = [
         ("Workers SIGKILLed under load", f"{args.requests} chat completions, {args.concurrency} concurrent, half "
@@ -100,9 +101,9 @@ def main() -> None:
         raise SystemExit(1)
 
 
-def _settled(url: str) -> bool:
+def _settled(url: str, bundle: mtls.Bundle | None) -> bool:
     try:
-        wait_for(lambda: all_idle(url), 90, "every worker idle with all KV free")
+        wait_for(lambda: all_idle(url, bundle), 90, "every worker idle with all KV free")
     except TimeoutError:
         return False
     return True

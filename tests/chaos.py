@@ -19,6 +19,7 @@ import psutil
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
+from triphase.common import mtls
 
 PROMPTS = ["What is the capital of France?", "Name three colors.", "Why do cats purr?", "What is 2 + 2?",
            "Give me a name for a turtle.", "What is rain made of?", "Say hello in Spanish.", "Why is ice cold?"]
@@ -114,11 +115,12 @@ def worker_endpoints(url: str) -> list[str]:
         return [w["endpoint"] for w in json.load(response)["workers"]]
 
 
-def all_idle(url: str) -> bool:
-    """Every worker is reachable, holds no KV blocks, pins nothing and runs nothing."""
+def all_idle(url: str, bundle: mtls.Bundle | None) -> bool:
+    """Every worker is reachable, holds no KV blocks, pins nothing and runs nothing (asked with `bundle`,
+    the stack's control identity: `up_bundle`)."""
     for endpoint in worker_endpoints(url):
         try:
-            with grpc.insecure_channel(endpoint) as channel:
+            with mtls.sync_channel(endpoint, bundle) as channel:
                 stub = worker_pb2_grpc.WorkerServiceStub(channel)
                 s = next(iter(stub.WatchStats(pb.WatchStatsRequest(), timeout=5)))
         except grpc.RpcError:

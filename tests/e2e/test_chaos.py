@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from tests.chaos import PROMPTS, Killer, all_idle, children, load, rss_mib
-from triphase.local.processes import http_ok, triphase_up, wait_for
+from triphase.local.processes import http_ok, triphase_up, up_bundle, wait_for
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 24
@@ -42,7 +42,7 @@ def test_workers_killed_in_turn_under_load_lose_no_request(stack):
     assert len(killer.kills) >= 3, killer.kills
     assert [o for o in outcomes if o.text is None] == []
     assert [o.index for o in outcomes if o.text != stack["expected"][o.index]] == []
-    wait_for(lambda: all_idle(url), 60, "every worker back, holding no KV")
+    wait_for(lambda: all_idle(url, up_bundle(proc)), 60, "every worker back, holding no KV")
     assert rss_mib(router) < baseline * 1.25 + 20  # the router survived it all, without growing
 
 
@@ -96,4 +96,5 @@ def test_the_router_killed_under_load_comes_back_and_leaks_nothing(stack):
     wait_for(lambda: http_ok(f"{url}/readyz"), 60, "the router back on its port")
     again = asyncio.run(load(url, 8, 4, MAX_TOKENS))
     assert all(o.text == stack["expected"][o.index] for o in again), again
-    wait_for(lambda: all_idle(url), 60, "no worker holding KV (pins of the dead router's requests expire)")
+    wait_for(lambda: all_idle(url, up_bundle(proc)), 60,
+             "no worker holding KV (pins of the dead router's requests expire)")

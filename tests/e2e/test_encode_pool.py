@@ -17,6 +17,7 @@ import pytest
 from tests.checkpoints import build_llava, png
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
+from triphase.common import mtls
 from triphase.common.block_hash import ImageSpan
 from triphase.common.images import ImageLimits, decode, digest
 from triphase.common.model_files import load_tokenizer
@@ -25,7 +26,7 @@ from triphase.common.tokenizer import ImageSlot
 from triphase.control.balancer import Slo
 from triphase.control.planner import Planner
 from triphase.control.signals import MetricsUnavailable, PrometheusSignals, http_query
-from triphase.local.processes import triphase_up, wait_for
+from triphase.local.processes import triphase_up, up_bundle, wait_for
 from triphase.workers.engine.core import Engine, EngineConfig
 from triphase.workers.engine.multimodal import ImageInput
 from triphase.workers.engine.sampling import SamplingParams
@@ -51,7 +52,8 @@ def stack(model):
         said = "".join(line for _, line in proc.said)
         encoder = re.search(r"encode-0 ready on (127\.0\.0\.1:\d+)", said).group(1)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-        yield client, url, encoder, client.models.list().data[0].id, f"http://127.0.0.1:{prometheus_port}"
+        yield client, url, encoder, client.models.list().data[0].id, f"http://127.0.0.1:{prometheus_port}", \
+            up_bundle(proc, "router")  # Encode is the router's method
 
 
 def data_url(data, kind="png"):
@@ -59,7 +61,7 @@ def data_url(data, kind="png"):
 
 
 def ask(stack, parts):
-    client, _, _, name, _ = stack
+    client, _, _, name, _, _ = stack
     content = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image_url", "image_url": p}
                for p in parts]
     return client.chat.completions.create(model=name, messages=[{"role": "user", "content": content}],
@@ -103,7 +105,7 @@ def test_a_repeated_image_is_not_encoded_again(stack):
     first = ask(stack, ["w20", {"url": data_url(image)}])
     again = ask(stack, ["w20", {"url": data_url(image)}])
     assert again.choices[0].message.content == first.choices[0].message.content
-    with grpc.insecure_channel(stack[2]) as channel:  # the encode worker has it cached
+    with mtls.sync_channel(stack[2], stack[5]) as channel:  # the encode worker has it cached
         reply = worker_pb2_grpc.WorkerServiceStub(channel).Encode(pb.EncodeRequest(data=image), timeout=30)
     assert reply.cached and reply.digest == digest(image)
     assert again.usage.prompt_tokens_details.cached_tokens >= 16  # and the prefill worker's prefix cache
@@ -134,7 +136,7 @@ def test_too_many_or_too_large_images(stack):
 
 
 def test_a_killed_encode_worker_costs_no_request(stack, model):
-    _, url, encoder, _, _ = stack
+    _, url, encoder, _, _, bundle = stack
     on_prefill = metric(url, "triphase_images_total", {"where": "prefill_worker"})
     port = int(encoder.rsplit(":", 1)[1])
     pid = next(c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
@@ -144,7 +146,7 @@ def test_a_killed_encode_worker_costs_no_request(stack, model):
     answer = ask(stack, [{"url": data_url(p)} if isinstance(p, bytes) else p for p in parts])
     assert answer.choices[0].message.content == expected_text(model, parts)
     assert metric(url, "triphase_images_total", {"where": "prefill_worker"}) == on_prefill + 1  # encoded there
-    wait_for(lambda: _encodes(encoder), 120, "the encode worker to be restarted on its port")
+    wait_for(lambda: _encodes(encoder, bundle), 120, "the encode worker to be restarted on its port")
 
 
 def test_the_planner_reads_what_the_encode_pool_needs_from_prometheus(stack):
@@ -167,9 +169,9 @@ def test_the_planner_reads_what_the_encode_pool_needs_from_prometheus(stack):
     assert demand == pytest.approx(signals.image_rate * signals.encode_s)
 
 
-def _encodes(endpoint):
+def _encodes(endpoint, bundle):
     try:
-        with grpc.insecure_channel(endpoint) as channel:
+        with mtls.sync_channel(endpoint, bundle) as channel:
             return worker_pb2_grpc.WorkerServiceStub(channel).Encode(pb.EncodeRequest(data=png(19, 9, 9)),
                                                                       timeout=5).tokens == 16
     except grpc.RpcError:

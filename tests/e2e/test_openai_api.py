@@ -10,14 +10,14 @@ import signal
 import urllib.error
 import urllib.request
 
-import grpc
 import openai
 import psutil
 import pytest
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
-from triphase.local.processes import triphase_up, wait_for
+from triphase.common import mtls
+from triphase.local.processes import triphase_up, up_bundle, wait_for
 from triphase.workers.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -160,7 +160,7 @@ def test_cancelled_streams_free_every_block(stack, model):
         endpoints = [w["endpoint"] for w in json.load(response)["workers"]]
 
     def idle(endpoint):
-        with grpc.insecure_channel(endpoint) as channel:
+        with mtls.sync_channel(endpoint, up_bundle(stack["proc"])) as channel:
             s = next(iter(worker_pb2_grpc.WorkerServiceStub(channel).WatchStats(pb.WatchStatsRequest(), timeout=5)))
         return s.free_kv_blocks == s.total_kv_blocks and s.running_requests == s.waiting_requests == 0 \
             and s.pinned_requests == 0

@@ -14,13 +14,13 @@ import json
 import re
 import urllib.request
 
-import grpc
 import openai
 import pytest
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
-from triphase.local.processes import triphase_up
+from triphase.common import mtls
+from triphase.local.processes import triphase_up, up_bundle
 
 pytestmark = pytest.mark.slow
 SIM = ["--engine", "sim", "--prefill", "1", "--decode", "2", "--sim-decode-ms", "20", "--sim-decode-per-seq-ms", "10"]
@@ -43,20 +43,24 @@ async def completions(url: str) -> list[str]:
         await client.close()
 
 
-def set_role(endpoint: str, role: int) -> None:
-    with grpc.insecure_channel(endpoint) as channel:
+def set_role(endpoint: str, role: int, bundle: mtls.Bundle | None) -> None:
+    with mtls.sync_channel(endpoint, bundle) as channel:
         worker_pb2_grpc.WorkerServiceStub(channel).SetRole(pb.SetRoleRequest(role=role, grace_seconds=0), timeout=30)
 
 
-async def running_on(endpoint: str, at_least: int, timeout_s: float) -> None:
+async def running_on(endpoint: str, at_least: int, timeout_s: float, bundle: mtls.Bundle | None) -> None:
     """Until the worker reports `at_least` running requests (its stats stream; bounded)."""
-    async with grpc.aio.insecure_channel(endpoint) as channel:
-        stats = worker_pb2_grpc.WorkerServiceStub(channel).WatchStats(pb.WatchStatsRequest(interval_seconds=0.1))
+    channels = mtls.ChannelCache(bundle)
+    try:
+        stats = worker_pb2_grpc.WorkerServiceStub(channels.get(endpoint)).WatchStats(
+            pb.WatchStatsRequest(interval_seconds=0.1))
         async with asyncio.timeout(timeout_s):
             async for s in stats:
                 if s.running_requests >= at_least:
                     stats.cancel()
                     return
+    finally:
+        await channels.close()
 
 
 def rebalanced(url: str) -> float:
@@ -67,14 +71,15 @@ def rebalanced(url: str) -> float:
 
 
 async def test_a_crowded_decode_worker_hands_streams_to_an_idle_one() -> None:
-    with triphase_up(SIM, timeout=120) as (_, url):
+    with triphase_up(SIM, timeout=120) as (proc, url):
+        bundle = up_bundle(proc)  # the control identity: it may switch roles
         expected = await completions(url)  # spread over both decode workers from the start
         with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
             decode = sorted(w["endpoint"] for w in json.load(response)["workers"] if w["role"] == "decode")
         before = rebalanced(url)
-        await asyncio.to_thread(set_role, decode[1], pb.ROLE_PREFILL)
+        await asyncio.to_thread(set_role, decode[1], pb.ROLE_PREFILL, bundle)
         crowded = asyncio.create_task(completions(url))
-        await running_on(decode[0], STREAMS, 30)  # all twelve on decode-0
-        await asyncio.to_thread(set_role, decode[1], pb.ROLE_DECODE)
+        await running_on(decode[0], STREAMS, 30, bundle)  # all twelve on decode-0
+        await asyncio.to_thread(set_role, decode[1], pb.ROLE_DECODE, bundle)
         assert await asyncio.wait_for(crowded, 120) == expected
         assert rebalanced(url) - before >= 3  # 12/0 -> at least 9/3

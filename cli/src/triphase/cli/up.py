@@ -7,6 +7,11 @@ workers between prefill and decode as the load shifts, against `--ttft-slo` / `-
 Starts each worker and the router as supervised child processes (triphase.local.supervisor: a child
 that exits is restarted on the port it had), shows progress while the model loads, prints the URL and
 a curl example, and stops every child on Ctrl-C or SIGTERM.
+
+Security (docs/security.md): the components talk mTLS with certificates of a CA made for this stack
+(under LOGS/mtls/, one directory per identity; `--no-mtls` for plaintext), KV and embedding reads need
+the prefill or encode worker's ticket, and prefix-cache hashes are salted. `--api-key` (or
+`--api-key-file`, re-read when it changes) makes the API ask clients for a key.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ import urllib.request
 from prometheus_client import CollectorRegistry, start_http_server
 from pydantic import ValidationError
 
-from triphase.common import images, labels
+from triphase.common import images, labels, mtls
 from triphase.common.errors import UserError
 from triphase.common.model_files import resolve
 from triphase.common.net import check_port, free_port
+from triphase.common.pki import Identity
 from triphase.common.profile import Profile
 from triphase.common.roles import Role
 from triphase.common.vision import vision_config_of
@@ -39,6 +45,7 @@ from triphase.local import autoscale, demo_vision, prometheus
 from triphase.local.supervisor import Supervisor
 from triphase.operator import slo_rules
 from triphase.operator.api.v1alpha1 import Slo
+from triphase.router import api_keys
 
 SIM_TIMING = ("sim_prefill_ms", "sim_prefill_per_token_ms", "sim_decode_ms", "sim_decode_per_seq_ms")
 
@@ -67,6 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run a Prometheus (built from the Go module proxy on first use) that scrapes "
                              "the router, the workers and the balancer every second")
     parser.add_argument("--prometheus-port", type=int, default=9090)
+    security = parser.add_argument_group("security")
+    security.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                          help="clients must send this key (`Authorization: Bearer KEY`); repeat for several")
+    security.add_argument("--api-key-file", type=pathlib.Path,
+                          help="or the keys in this file (`KEY` or `NAME KEY` per line), re-read when it changes")
+    security.add_argument("--no-mtls", dest="mtls", action="store_false",
+                          help="plaintext between the components (default: mTLS with certificates made at start)")
     scaling = parser.add_argument_group("autoscaling (the planner; implies --prometheus)")
     scaling.add_argument("--autoscale", action="store_true",
                          help="run the planner: it starts and stops workers from what Prometheus measures")
@@ -104,11 +118,14 @@ def run(args: argparse.Namespace) -> int:
         if args.model == demo_vision.NAME:
             args.model, served = str(demo_vision.ensure()), demo_vision.NAME
         deadline = time.monotonic() + args.timeout
+        key_file = _api_key_file(args, stack.tmp)
+        bundles = mtls.write_deployment(stack.tmp / "mtls", labels.LOCAL_NAME) if args.mtls else {}
+        secured = {identity: ["--mtls-dir", str(path)] for identity, path in bundles.items()}
         limits = images.limits_from_args(args)
         image_args = ["--image-max-bytes", str(limits.max_bytes), "--image-max-pixels", str(limits.max_pixels),
                       "--image-max-count", str(limits.max_images)]
         common = ["--dtype", args.dtype, "--kv-cache-mib", str(args.kv_cache_mib), "--engine", args.engine,
-                  "--drain-timeout", str(args.drain_timeout), *image_args]
+                  "--drain-timeout", str(args.drain_timeout), *image_args, *secured.get(Identity.WORKER, [])]
         if args.model:
             common += ["--model", args.model]
         for name in SIM_TIMING:
@@ -176,7 +193,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             discovery = ["--workers", ",".join(endpoints)]
         router_args = ["router", *discovery, "--port", str(args.port), "--drain-timeout", str(args.drain_timeout),
-                       *image_args]
+                       *image_args, *secured.get(Identity.ROUTER, [])]
+        if key_file is not None:
+            router_args += ["--api-key-file", str(key_file)]
         if args.model:
             router_args += ["--model", args.model]
         if served:
@@ -186,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
         if args.role_switching:
             following = ["--workers-file", discovery[-1]] if pools is not None else discovery
             metrics = stack.wait_ready(stack.spawn("balancer", ["balancer", *following, "--port", "0",
-                                                                *balancer.policy_argv(args)]), deadline)
+                                                                *balancer.policy_argv(args),
+                                                                *secured.get(Identity.CONTROL, [])]), deadline)
             _say(f"role balancer running (TTFT {args.ttft_slo:g} s, TPOT {args.tpot_slo:g} s; metrics on "
                  f"127.0.0.1:{metrics})")
         url = f"http://127.0.0.1:{port}"
@@ -216,9 +236,10 @@ def run(args: argparse.Namespace) -> int:
             _say(f"prometheus on {server.url} (scraping the router, {len(scraped)} workers"
                  f"{' and the balancer' if metrics else ''} every second; SLO rules of deployment "
                  f"{labels.LOCAL_DEPLOYMENT})")
+        auth = "    -H \"Authorization: Bearer $TRIPHASE_API_KEY\" \\\n" if key_file else ""
         sys.stdout.write(
             f"\ntriphase is serving {model} at {url}/v1  (logs: {stack.tmp})\n\n"
-            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n{auth}"
             f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
             "Ctrl-C stops everything.\n")
         sys.stdout.flush()
@@ -268,13 +289,29 @@ def _check_autoscaling(args: argparse.Namespace) -> None:
         Profile.load(pathlib.Path(args.planner_profile))  # a bad file is a one-line error before anything starts
 
 
+def _api_key_file(args: argparse.Namespace, tmp: pathlib.Path) -> pathlib.Path | None:
+    """The router's key file: --api-key-file, or the --api-key keys written to one only its owner reads."""
+    if args.api_key and args.api_key_file:
+        raise UserError("--api-key and --api-key-file: choose one")
+    if args.api_key_file:
+        api_keys.ApiKeys(args.api_key_file)  # a bad file is a one-line error before anything starts
+        return pathlib.Path(args.api_key_file)
+    if not args.api_key:
+        return None
+    path = tmp / "api-keys"
+    path.touch(mode=0o600)
+    path.write_text("".join(f"{key}\n" for key in args.api_key))
+    api_keys.ApiKeys(path)
+    return path
+
+
 def _wait_ready(url: str, deadline: float) -> str:
+    """The served model's name, once the router is ready."""
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
                 if response.status == 200:
-                    with urllib.request.urlopen(f"{url}/v1/models", timeout=2) as models:
-                        return str(json.load(models)["data"][0]["id"])
+                    return str(json.load(response)["model"])
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.2)  # polling the router's readiness, bounded by the deadline

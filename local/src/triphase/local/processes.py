@@ -21,11 +21,12 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 
+from triphase.common import mtls
 from triphase.common.lifetime import PARENT_ENV
 from triphase.common.net import http_ok, wait_until
 
 __all__ = ["TRIPHASE", "http_ok", "log_tail", "ready_port", "spawn", "start_triphase", "stop", "stop_all",
-           "triphase_process", "triphase_up", "wait_for", "wait_until"]
+           "triphase_process", "triphase_up", "up_bundle", "wait_for", "wait_until"]
 
 TRIPHASE = [sys.executable, "-m", "triphase.cli"]
 wait_for = wait_until  # the name the tests use
@@ -92,6 +93,13 @@ def triphase_process(tmp: pathlib.Path, name: str, args: list[str], timeout: flo
         stop(proc, grace=30)
 
 
+def up_bundle(proc: subprocess.Popen[str], identity: str = "control") -> mtls.Bundle | None:
+    """The mTLS bundle of `identity` in a `triphase_up` stack (None when it runs without mTLS): what a
+    test or a tool talks to the stack's workers with."""
+    directory = proc.logs / "mtls" / identity  # type: ignore[attr-defined]
+    return mtls.Bundle(directory) if directory.is_dir() else None
+
+
 def stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace: float) -> None:
     """SIGTERM (a triphase server drains), then SIGKILL if it has not exited after `grace` seconds."""
     stop_all([proc], grace)
@@ -116,7 +124,8 @@ def stop_all(procs: Iterable[subprocess.Popen[bytes] | subprocess.Popen[str]], g
 def triphase_up(args: list[str], timeout: float = 240) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """Run `triphase up ARGS --port 0`; yields (process, base URL) once it prints its URL, and SIGTERMs it
     (it drains and stops its children) when the block ends. The process carries `said`: its stderr lines
-    with when they came (time.monotonic()), for benchmarks."""
+    with when they came (time.monotonic()), for benchmarks, and `logs`: the stack's directory (its mTLS
+    bundles are under logs/mtls/<identity>, see `up_bundle`)."""
     proc = subprocess.Popen([*TRIPHASE, "up", "--port", "0", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=_child_env())
     lines: queue.Queue[str] = queue.Queue()
@@ -144,8 +153,10 @@ def triphase_up(args: list[str], timeout: float = 240) -> Iterator[tuple[subproc
                     continue
                 stop(proc, grace=10)
                 raise AssertionError(f"triphase up did not start: {''.join(text for _, text in said)}") from None
-            found = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
-            url = found.group(1) if found else None
+            found = re.search(r"at (http://127\.0\.0\.1:\d+)/v1 +\(logs: (.+)\)", line)
+            if found:
+                url = found.group(1)
+                proc.logs = pathlib.Path(found.group(2))  # type: ignore[attr-defined]
         yield proc, url
     finally:
         stop(proc, grace=60)
