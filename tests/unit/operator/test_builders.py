@@ -24,7 +24,8 @@ def test_children_of_the_sample():
         ("ConfigMap", "llm-config"), ("ServiceAccount", "llm-router"),
         ("RoleBinding", "llm-router"), ("Deployment", "llm-prefill"), ("PodDisruptionBudget", "llm-prefill"),
         ("Deployment", "llm-decode"), ("PodDisruptionBudget", "llm-decode"), ("Deployment", "llm-router"),
-        ("Service", "llm"), ("PodDisruptionBudget", "llm-router")])
+        ("Service", "llm"), ("PodDisruptionBudget", "llm-router"), ("NetworkPolicy", "llm-workers"),
+        ("NetworkPolicy", "llm-router")])
     decode = objects[("Deployment", "llm-decode")]
     assert decode["spec"]["replicas"] == 3  # from the ServingPool, not the spec's initial count
     assert objects[("Deployment", "llm-prefill")]["spec"]["replicas"] == 1
@@ -109,3 +110,66 @@ def test_every_pod_follows_the_restricted_profile():
         allowed = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
                    "secret", "image"}
         assert all(set(v) - {"name"} <= allowed for v in pod["volumes"]), pod["volumes"]
+
+
+def _container(objects, name):
+    pod = objects[("Deployment", name)]["spec"]["template"]["spec"]
+    return pod, pod["containers"][0]
+
+
+def _arg(container, flag):
+    return container["args"][container["args"].index(flag) + 1]
+
+
+def test_workers_and_router_mount_their_mtls_bundles_and_probe_without_certificates():
+    objects = _by_name(builders.children("llm", "ns", SPEC, {}, monitoring=()))
+    for name, secret in (("llm-decode", "llm-mtls-worker"), ("llm-prefill", "llm-mtls-worker"),
+                         ("llm-router", "llm-mtls-router")):
+        pod, container = _container(objects, name)
+        assert _arg(container, "--mtls-dir") == builders.MTLS_MOUNT
+        volume = next(v for v in pod["volumes"] if v["name"] == "mtls")
+        assert volume["secret"]["secretName"] == secret
+        assert {"name": "mtls", "mountPath": builders.MTLS_MOUNT, "readOnly": True} in container["volumeMounts"]
+    _, worker = _container(objects, "llm-decode")
+    assert worker["readinessProbe"] == {"grpc": {"port": builders.HEALTH_PORT}, "periodSeconds": 5}
+    assert _arg(worker, "--health-port") == str(builders.HEALTH_PORT)
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in worker["env"]
+    _, router = _container(objects, "llm-router")
+    assert _arg(router, "--internal-port") == str(builders.METRICS_PORT)
+    assert router["readinessProbe"]["httpGet"]["port"] == router["livenessProbe"]["httpGet"]["port"] == "metrics"
+    assert "--api-key-file" not in router["args"] and "--tls-cert" not in router["args"]
+
+
+def test_api_keys_and_tls_come_from_the_named_secrets():
+    spec = ServingDeploymentSpec.model_validate({**SPEC.model_dump(by_alias=True), "router": {
+        "apiKeySecretRef": {"name": "client-keys", "key": "keys.txt"}, "tls": {"secretName": "api-cert"}}})
+    pod, router = _container(_by_name(builders.children("llm", "ns", spec, {}, monitoring=())), "llm-router")
+    volumes = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    assert volumes["api-keys"]["secretName"] == "client-keys"
+    assert volumes["api-keys"]["items"] == [{"key": "keys.txt", "path": "keys"}]  # no subPath: updates reach it
+    assert volumes["tls"]["secretName"] == "api-cert"
+    assert _arg(router, "--api-key-file") == f"{builders.API_KEYS_MOUNT}/keys"
+    assert _arg(router, "--tls-cert") == f"{builders.TLS_MOUNT}/tls.crt"
+    assert _arg(router, "--tls-key") == f"{builders.TLS_MOUNT}/tls.key"
+
+
+def test_network_policies_admit_only_the_deployment_s_own_components():
+    objects = _by_name(builders.children("llm", "ns", SPEC, {}, monitoring=(), operator_namespace="ops"))
+    workers = objects[("NetworkPolicy", "llm-workers")]["spec"]
+    assert workers["podSelector"] == {"matchLabels": {"triphase.dev/deployment": "llm",
+                                                      "triphase.dev/component": "worker"}}
+    peers, operator, anywhere = workers["ingress"]
+    assert [p["podSelector"]["matchLabels"]["triphase.dev/component"] for p in peers["from"]] == ["router", "worker"]
+    assert all(p["podSelector"]["matchLabels"]["triphase.dev/deployment"] == "llm" for p in peers["from"])
+    assert "namespaceSelector" not in peers["from"][0]  # this namespace only
+    assert operator["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "ops"}
+    assert operator["ports"] == [{"port": builders.GRPC_PORT, "protocol": "TCP"}]
+    assert {p["port"] for p in anywhere["ports"]} == {builders.METRICS_PORT, builders.HEALTH_PORT}
+    router = objects[("NetworkPolicy", "llm-router")]["spec"]
+    api, internal = router["ingress"]
+    assert api["from"] == [{"namespaceSelector": {}}] and internal["ports"][0]["port"] == builders.METRICS_PORT
+    exposed = ServingDeploymentSpec.model_validate({**SPEC.model_dump(by_alias=True),
+                                                    "router": {"service": {"type": "LoadBalancer"}}})
+    api = _by_name(builders.children("llm", "ns", exposed, {}, monitoring=()))[("NetworkPolicy", "llm-router")][
+        "spec"]["ingress"][0]
+    assert "from" not in api and api["ports"] == [{"port": builders.HTTP_PORT, "protocol": "TCP"}]

@@ -40,28 +40,39 @@ TARGET_NAME_OPTION = ("grpc.ssl_target_name_override", pki.server_name(pki.Ident
 
 
 class Bundle:
-    def __init__(self, directory: pathlib.Path, *, reload_s: float = RELOAD_S) -> None:
-        self.directory = directory
+    def __init__(self, directory: pathlib.Path | None, *, reload_s: float = RELOAD_S,
+                 files: dict[str, bytes] | None = None) -> None:
+        self.directory = directory  # None: held in memory (`from_files`), never re-read
         self.reload_s = reload_s
         self.generation = 0
         self._lock = threading.Lock()
-        self._files = self._read()
+        self._files = self._read() if files is None else self._checked_files(files, "the bundle")
         self._checked = time.monotonic()
 
-    def _read(self) -> dict[str, bytes]:
-        missing = [name for name in REQUIRED if not (self.directory / name).is_file()]
+    @classmethod
+    def from_files(cls, files: dict[str, bytes]) -> Bundle:
+        """A bundle held in memory (the operator's own identity, issued from the deployment's CA)."""
+        return cls(None, files=files)
+
+    @staticmethod
+    def _checked_files(files: dict[str, bytes], where: str) -> dict[str, bytes]:
+        missing = [name for name in REQUIRED if name not in files]
         if missing:
-            raise UserError(f"mTLS directory {self.directory} lacks {', '.join(missing)}")
+            raise UserError(f"{where} lacks {', '.join(missing)}")
+        if not pki.identity_of(files[CERT]):
+            raise UserError(f"{where}: {CERT} names no identity (common name)")
+        return files
+
+    def _read(self) -> dict[str, bytes]:
+        assert self.directory is not None
         files = {name: (self.directory / name).read_bytes() for name in (*REQUIRED, TICKET_KEY, PREFIX_SALT)
                  if (self.directory / name).is_file()}
-        if not pki.identity_of(files[CERT]):
-            raise UserError(f"{self.directory / CERT} names no identity (common name)")
-        return files
+        return self._checked_files(files, f"mTLS directory {self.directory}")
 
     def refresh(self) -> bool:
         """Read the files again if `reload_s` has passed; whether they changed. A half-written set (a
         rotation in progress) is ignored until it is whole."""
-        if time.monotonic() - self._checked < self.reload_s:
+        if self.directory is None or time.monotonic() - self._checked < self.reload_s:
             return False
         with self._lock:
             self._checked = time.monotonic()
@@ -77,6 +88,12 @@ class Bundle:
         logger.info("mTLS files in %s changed: new connections use them", self.directory)
         return True
 
+    def replace(self, files: dict[str, bytes]) -> None:
+        """New contents for a bundle held in memory (a renewed certificate): new channels use them."""
+        with self._lock:
+            self._files = self._checked_files(files, "the bundle")
+            self.generation += 1
+
     @property
     def identity(self) -> str:
         return pki.identity_of(self._files[CERT])
@@ -88,6 +105,10 @@ class Bundle:
     @property
     def prefix_salt(self) -> bytes:
         return self._files.get(PREFIX_SALT, b"").strip()
+
+    @property
+    def files(self) -> dict[str, bytes]:
+        return dict(self._files)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self._files[CERT]).hexdigest()[:12]

@@ -19,12 +19,13 @@ import logging
 import time
 from typing import Any
 
-from triphase.common import labels
+from triphase.common import labels, mtls, pki
 from triphase.common.pods import pod_endpoint
 from triphase.control.balancer import Balancer, Settings, Slo, Switch
 from triphase.control.loop import BalancerLoop, SetRoleActuator
 from triphase.control.metrics import BalancerMetrics
 from triphase.control.stats import Channels, StatsWatcher
+from triphase.operator import security
 from triphase.operator.api.v1alpha1 import API_VERSION, ServingDeploymentSpec
 from triphase.operator.daemon import DeploymentDaemon, PostEvent
 from triphase.operator.kube import ApiError, Kube
@@ -73,10 +74,27 @@ class DeploymentBalancer(DeploymentDaemon):
         self.labelled: dict[str, str] = {}  # pod name -> its current-role label
         self.switched_at: dict[str, float] = {}  # pod name -> when a switch of it completed
 
+    async def control_bundle(self) -> mtls.Bundle:
+        """The operator's `control` certificate for this deployment's workers, from its CA Secret (which
+        the reconcile makes: waited for)."""
+        while True:
+            secret = await self.kube.get("v1", "Secret", self.namespace, security.ca_secret_name(self.name))
+            if secret is not None:
+                return security.control_bundle(security.Authority.from_secret(secret))
+            logger.info("%s: waiting for the deployment's CA Secret", self.deployment)
+            await asyncio.sleep(DISCOVERY_S)  # the reconcile makes it; nothing announces it to this daemon
+
+    async def renew(self, bundle: mtls.Bundle) -> None:
+        if pki.renewal_due(bundle.files[mtls.CERT]):
+            fresh = await self.control_bundle()
+            bundle.replace(fresh.files)
+            logger.info("%s: renewed the balancer's certificate", self.deployment)
+
     async def run(self) -> None:
         spec = self.live_spec()
         slo, settings = policy(spec)
-        channels = Channels()
+        bundle = await self.control_bundle()
+        channels = Channels(bundle)
         watcher = StatsWatcher(channels)
         balancer = Balancer(slo, settings)
         loop = BalancerLoop(watcher, _Actuator(self, channels), balancer, deployment=self.deployment,
@@ -88,6 +106,7 @@ class DeploymentBalancer(DeploymentDaemon):
                 with contextlib.suppress(InvalidSpec):
                     balancer.slo, balancer.settings = policy(self.live_spec())
                 try:
+                    await self.renew(bundle)
                     await self.discover(watcher)
                     await self.correct_labels(watcher)
                 except ApiError as exc:

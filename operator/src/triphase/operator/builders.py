@@ -12,8 +12,16 @@ Children of ServingDeployment `<name>`:
                                    so a change rolls the pods)
   PodDisruptionBudget <name>-<role>, <name>-router
   ServiceAccount/Role/RoleBinding  <name>-router (get/list/watch pods: worker discovery)
+  NetworkPolicy <name>-workers, <name>-router   who may reach the pods (`network_policies`)
+  Secret        <name>-mtls-ca, <name>-mtls-worker, <name>-mtls-router   security.py (applied by the
+                                   reconciler, which checks their certificates; the pods mount the bundles)
   PodMonitor    <name>             when the monitoring.coreos.com API exists
   PrometheusRule <name>-slo        likewise: SLO recording rules and burn-rate alerts (slo_rules.py)
+
+Security (docs/security.md): workers and router talk mTLS with the bundles security.py keeps in Secrets
+(MTLS_MOUNT); gRPC probes, which carry no certificate, go to the workers' plaintext health port, and the
+router's probes and metrics to its internal port (`metrics`), so the API port serves only the API (with
+the keys of router.apiKeySecretRef, over HTTPS with router.tls).
 
 Shutdown: every pod waits PRESTOP_S in a preStop sleep (endpoints and routers stop sending it work),
 then gets SIGTERM and drains for at most DRAIN_S (workers finish or hand over their streams; the
@@ -34,9 +42,14 @@ from triphase.operator.api.v1alpha1 import API_VERSION, PoolSpec, ServingDeploym
 
 GRPC_PORT = labels.DEFAULT_GRPC_PORT
 ROUTER_ROLE = "triphase-router"  # ClusterRole shipped with the operator (the chart's: --router-cluster-role)
-METRICS_PORT = 9100
+METRICS_PORT = 9100  # workers' /metrics; the router's /metrics and /readyz (its --internal-port)
+HEALTH_PORT = 9101  # workers' plaintext gRPC health checking (probes)
 HTTP_PORT = 8000
 MODEL_MOUNT = "/models"
+MTLS_MOUNT = "/etc/triphase/mtls"
+API_KEYS_MOUNT = "/etc/triphase/api-keys"
+TLS_MOUNT = "/etc/triphase/tls"
+OPERATOR_COMPONENT = "operator"  # the operator's pods carry triphase.dev/component=operator (the chart)
 PRESTOP_S = 5
 DRAIN_S = 60
 GRACE_S = PRESTOP_S + DRAIN_S + 10
@@ -143,19 +156,24 @@ def worker_deployment(name: str, namespace: str, role: str, pool: PoolSpec, spec
     model_args, volumes, mounts = _model_args_and_volumes(spec)
     engine = pool.engine
     args = ["worker", "--role", role, "--host", "0.0.0.0", "--port", str(GRPC_PORT),
-            "--metrics-port", str(METRICS_PORT), "--kv-transfer", spec.kv_transfer.backend,
+            "--metrics-port", str(METRICS_PORT), "--health-port", str(HEALTH_PORT), "--mtls-dir", MTLS_MOUNT,
+            "--kv-transfer", spec.kv_transfer.backend,
             "--max-batched-tokens", str(engine.max_batched_tokens), "--max-num-seqs", str(engine.max_num_seqs),
             "--kv-cache-mib", str(engine.kv_cache_mib), "--dtype", engine.dtype, *model_args]
     resources = pool.resources.model_dump(exclude_none=True)
     container: dict[str, Any] = {
         "name": "worker", "image": spec.image, "args": args,
         "ports": [{"name": labels.GRPC_PORT_NAME, "containerPort": GRPC_PORT, "protocol": "TCP"},
-                  {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
-        "readinessProbe": {"grpc": {"port": GRPC_PORT}, "periodSeconds": 5},
+                  {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+                  {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"grpc": {"port": HEALTH_PORT}, "periodSeconds": 5},
         "resources": {k: {q: str(v) for q, v in quantities.items()} for k, quantities in resources.items()},
-        "env": [e.model_dump() for e in pool.env or []],
-        "volumeMounts": mounts,
+        # the address peers reach it by, which its KV tickets name (`--advertise-host`)
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                *(e.model_dump() for e in pool.env or [])],
+        "volumeMounts": [*mounts, {"name": "mtls", "mountPath": MTLS_MOUNT, "readOnly": True}],
     }
+    volumes = [*volumes, _secret_volume("mtls", f"{name}-mtls-worker")]
     pod_spec = _restricted({"containers": [_graceful(container)], "volumes": volumes,
                             "terminationGracePeriodSeconds": GRACE_S}, shared_memory=True)
     if pool.node_selector:
@@ -183,14 +201,27 @@ def router_deployment(name: str, namespace: str, spec: ServingDeploymentSpec, co
     selector = {labels.DEPLOYMENT: name, labels.COMPONENT: "router"}
     workers = f"{labels.DEPLOYMENT}={name},{labels.COMPONENT}=worker"
     args = ["router", "--discovery", "kubernetes", "--selector", workers, "--host", "0.0.0.0", "--port",
-            str(HTTP_PORT), *model_args]
+            str(HTTP_PORT), "--internal-host", "0.0.0.0", "--internal-port", str(METRICS_PORT),
+            "--mtls-dir", MTLS_MOUNT, *model_args]
     if spec.model.served_name:
         args += ["--served-model-name", spec.model.served_name]
+    mounts = [*mounts, {"name": "mtls", "mountPath": MTLS_MOUNT, "readOnly": True}]
+    volumes = [*volumes, _secret_volume("mtls", f"{name}-mtls-router")]
+    keys = spec.router.api_key_secret_ref
+    if keys is not None:  # a directory mount (no subPath): the kubelet updates it, the router re-reads it
+        volumes.append(_secret_volume("api-keys", keys.name, items=[{"key": keys.key, "path": "keys"}]))
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
+        args += ["--api-key-file", f"{API_KEYS_MOUNT}/keys"]
+    if spec.router.tls is not None:
+        volumes.append(_secret_volume("tls", spec.router.tls.secret_name))
+        mounts.append({"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True})
+        args += ["--tls-cert", f"{TLS_MOUNT}/tls.crt", "--tls-key", f"{TLS_MOUNT}/tls.key"]
     container = {
         "name": "router", "image": spec.image, "args": args,
-        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
-        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+                  {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10},
         "volumeMounts": mounts,
     }
     return {
@@ -205,6 +236,13 @@ def router_deployment(name: str, namespace: str, spec: ServingDeploymentSpec, co
                                               "terminationGracePeriodSeconds": GRACE_S}, shared_memory=False)},
         },
     }
+
+
+def _secret_volume(volume: str, secret: str, items: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    source: dict[str, Any] = {"secretName": secret, "defaultMode": 0o440}  # readable by the pod's group (fsGroup)
+    if items:
+        source["items"] = items
+    return {"name": volume, "secret": source}
 
 
 def router_service(name: str, namespace: str, spec: ServingDeploymentSpec) -> dict[str, Any]:
@@ -243,8 +281,42 @@ def pod_monitor(name: str, namespace: str, extra_labels: dict[str, str] | None =
             "metadata": _meta(name, namespace, name, extra_labels),
             "spec": {"selector": {"matchLabels": {labels.DEPLOYMENT: name}},
                      "podTargetLabels": [labels.DEPLOYMENT],  # the planner's selector
-                     "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics"},
-                                             {"port": "http", "path": "/metrics"}]}}
+                     "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics"}]}}  # workers' and router's
+
+
+def network_policies(name: str, namespace: str, spec: ServingDeploymentSpec,
+                     operator_namespace: str) -> list[dict[str, Any]]:
+    """Ingress of the deployment's pods. Workers: every port from the router and from each other (gRPC,
+    and the ports UCX opens for NIXL reads), gRPC from the operator (the role balancer), metrics and
+    health from anywhere in the cluster (Prometheus, probes). Router: the API port from where
+    router.service exposes it (inside the cluster for a ClusterIP Service, anywhere otherwise), its
+    internal port from inside the cluster. Egress is not restricted."""
+    def pods(component: str) -> dict[str, Any]:
+        return {"podSelector": {"matchLabels": {labels.DEPLOYMENT: name, labels.COMPONENT: component}}}
+
+    cluster: list[dict[str, Any]] = [{"namespaceSelector": {}}]
+    operator = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": operator_namespace}},
+                "podSelector": {"matchLabels": {labels.COMPONENT: OPERATOR_COMPONENT}}}
+    workers = {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _meta(f"{name}-workers", namespace,
+                                                                                       name),
+        "spec": {"podSelector": pods("worker")["podSelector"], "policyTypes": ["Ingress"], "ingress": [
+            {"from": [pods("router"), pods("worker")]},
+            {"from": [operator], "ports": [{"port": GRPC_PORT, "protocol": "TCP"}]},
+            {"from": cluster, "ports": [{"port": METRICS_PORT, "protocol": "TCP"},
+                                        {"port": HEALTH_PORT, "protocol": "TCP"}]},
+        ]},
+    }
+    api: dict[str, Any] = {"ports": [{"port": HTTP_PORT, "protocol": "TCP"}]}
+    if spec.router.service.type == "ClusterIP":
+        api["from"] = cluster
+    router = {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _meta(f"{name}-router", namespace,
+                                                                                       name),
+        "spec": {"podSelector": pods("router")["podSelector"], "policyTypes": ["Ingress"], "ingress": [
+            api, {"from": cluster, "ports": [{"port": METRICS_PORT, "protocol": "TCP"}]}]},
+    }
+    return [workers, router]
 
 
 def slo_rule(name: str, namespace: str, spec: ServingDeploymentSpec,
@@ -257,7 +329,7 @@ def slo_rule(name: str, namespace: str, spec: ServingDeploymentSpec,
 
 def children(name: str, namespace: str, spec: ServingDeploymentSpec, replicas: dict[str, int], *,
              monitoring: Collection[str] = (), monitoring_labels: dict[str, str] | None = None,
-             router_role: str = ROUTER_ROLE) -> list[dict[str, Any]]:
+             router_role: str = ROUTER_ROLE, operator_namespace: str = "triphase-system") -> list[dict[str, Any]]:
     """Every child except the ServingPools, in apply order. `replicas[role]` comes from the pools;
     `monitoring`: the Prometheus operator's kinds the API server serves (PodMonitor, PrometheusRule), whose
     objects get `monitoring_labels` (what the Prometheus selects them by)."""
@@ -269,7 +341,8 @@ def children(name: str, namespace: str, spec: ServingDeploymentSpec, replicas: d
                                          digest))
         objects.append(disruption_budget(name, namespace, role, worker_selector(name, role)))
     objects += [router_deployment(name, namespace, spec, digest), router_service(name, namespace, spec),
-                disruption_budget(name, namespace, "router", {labels.DEPLOYMENT: name, labels.COMPONENT: "router"})]
+                disruption_budget(name, namespace, "router", {labels.DEPLOYMENT: name, labels.COMPONENT: "router"}),
+                *network_policies(name, namespace, spec, operator_namespace)]
     if "PodMonitor" in monitoring:
         objects.append(pod_monitor(name, namespace, monitoring_labels))
     if "PrometheusRule" in monitoring:

@@ -25,7 +25,8 @@ RESOURCES = {
     "ConfigMap": ("configmaps", True), "Service": ("services", True), "ServiceAccount": ("serviceaccounts", True),
     "Pod": ("pods", True), "Deployment": ("deployments", True), "PodDisruptionBudget": ("poddisruptionbudgets", True),
     "Role": ("roles", True), "RoleBinding": ("rolebindings", True), "PodMonitor": ("podmonitors", True),
-    "PrometheusRule": ("prometheusrules", True),
+    "PrometheusRule": ("prometheusrules", True), "Secret": ("secrets", True),
+    "NetworkPolicy": ("networkpolicies", True),
     "ServingDeployment": ("servingdeployments", True), "ServingPool": ("servingpools", True),
     "Event": ("events", True),
 }
@@ -106,10 +107,13 @@ class Kube:
         body = await self.request("GET", path(api_version, kind, namespace), params={"labelSelector": selector})
         return list(body.get("items") or [])
 
-    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str, uid: str | None = None) -> bool:
+        """Delete (in the background); `uid`: only that very object (409 if the name now holds another)."""
+        options: dict[str, Any] = {"propagationPolicy": "Background"}
+        if uid is not None:
+            options["preconditions"] = {"uid": uid}
         try:
-            await self.request("DELETE", path(api_version, kind, namespace, name),
-                               {"propagationPolicy": "Background"})
+            await self.request("DELETE", path(api_version, kind, namespace, name), options)
         except ApiError as exc:
             if exc.status == 404:
                 return False

@@ -5,6 +5,12 @@ reference -> observe the children -> status. Running it twice changes nothing; r
 crash half-way finishes the job; objects are named deterministically, so nothing is ever duplicated.
 Deleting the ServingDeployment leaves cleanup to the garbage collector (owner references).
 
+Only what it owns: before it applies over or deletes an object, the operator checks that the object
+carries this ServingDeployment's owner reference, and pins the write to that object's uid, so an object
+someone else made under a child's name is never taken over or removed (`NotOwned`: the deployment is
+Degraded until the object is renamed or deleted). The mTLS Secrets (security.py) are made and renewed here
+too.
+
 Pools are counted by the role each worker pod reports (`triphase.dev/current-role`, written by the
 role balancer, balancing.py, from what the worker itself reports), falling back to the role it was
 created with; the reconcile never relabels pods, so it never fights a runtime role switch.
@@ -21,10 +27,10 @@ from pydantic import ValidationError
 
 from triphase.common import labels
 from triphase.common.pods import pod_ready
-from triphase.operator import builders, settings
+from triphase.operator import builders, security, settings
 from triphase.operator.api.v1alpha1 import API_VERSION, PoolSpec, ServingDeploymentSpec
 from triphase.operator.conditions import set_condition
-from triphase.operator.kube import RESOURCES, Kube
+from triphase.operator.kube import FIELD_MANAGER, RESOURCES, ApiError, Kube
 
 logger = logging.getLogger(__name__)
 CURRENT_ROLE = f"{labels.DOMAIN}/current-role"
@@ -35,9 +41,72 @@ class InvalidSpec(Exception):
     """The spec passed the CRD schema but cannot be served; the message names the field. `status`
     (Degraded and not Ready, with the reason) is what the caller should write back."""
 
+    reason = "InvalidSpec"
+
     def __init__(self, message: str, status: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status or {}
+
+
+class NotOwned(InvalidSpec):
+    """A child's name is taken by an object this ServingDeployment does not own."""
+
+    reason = "NotOwned"
+
+
+def _owns(obj: dict[str, Any], owner: dict[str, Any]) -> bool:
+    return any(ref.get("uid") == owner["uid"] for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+async def _apply_owned(kube: Kube, obj: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
+    """Server-side apply a child, unless its name holds an object owned by someone else (NotOwned); an
+    update is pinned to the uid that was checked."""
+    meta = obj["metadata"]
+    existing = await kube.get(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+    if existing is not None:
+        if not _owns(existing, owner):
+            raise NotOwned(f"{obj['kind']} {meta['name']} exists and is not owned by ServingDeployment "
+                           f"{owner['name']}: rename or delete it")
+        meta["uid"] = existing["metadata"]["uid"]
+    return await kube.apply(_owned(obj, owner))
+
+
+async def _delete_owned(kube: Kube, api_version: str, kind: str, namespace: str, name: str,
+                        owner: dict[str, Any]) -> bool:
+    existing = await kube.get(api_version, kind, namespace, name)
+    if existing is None:
+        return False
+    if not _owns(existing, owner):
+        logger.warning("Not deleting %s %s/%s: it is not owned by %s", kind, namespace, name, owner["name"])
+        return False
+    return await kube.delete(api_version, kind, namespace, name, uid=existing["metadata"]["uid"])
+
+
+async def ensure_mtls(kube: Kube, name: str, namespace: str, owner: dict[str, Any]) -> security.Authority:
+    """The deployment's CA (made once), and component Secrets with good certificates (renewed here)."""
+    ca_name = security.ca_secret_name(name)
+    found = await kube.get("v1", "Secret", namespace, ca_name)
+    if found is None:
+        created = await kube.create(_owned(security.ca_secret(name, namespace, security.Authority.new(name)), owner),
+                                    FIELD_MANAGER)
+        found = created or await kube.get("v1", "Secret", namespace, ca_name)  # None: another replica won
+        if found is None:
+            raise ApiError(409, f"Secret {ca_name} could not be created or read")
+        logger.info("%s/%s: made the deployment's CA", namespace, name)
+    if not _owns(found, owner):
+        raise NotOwned(f"Secret {ca_name} exists and is not owned by ServingDeployment {name}: rename or delete it")
+    authority = security.Authority.from_secret(found)
+    for identity in security.SECRETS:
+        bundle_name = security.bundle_secret_name(name, identity)
+        existing = await kube.get("v1", "Secret", namespace, bundle_name)
+        if existing is not None and not _owns(existing, owner):
+            raise NotOwned(f"Secret {bundle_name} exists and is not owned by ServingDeployment {name}: rename or "
+                           f"delete it")
+        reason = security.reissue_reason(existing, authority)
+        if reason is not None:
+            await _apply_owned(kube, security.bundle_secret(name, namespace, identity, authority), owner)
+            logger.info("%s/%s: issued the %s certificate (%s)", namespace, name, identity.value, reason)
+    return authority
 
 
 @dataclasses.dataclass
@@ -77,52 +146,61 @@ async def _pool(kube: Kube, name: str, namespace: str, role: str, pool: PoolSpec
                                            owner), INITIAL_REPLICAS_MANAGER)
         if created is not None:
             return created
-    return await kube.apply(_owned(builders.serving_pool(name, namespace, role, pool, with_replicas=False), owner))
+    return await _apply_owned(kube, builders.serving_pool(name, namespace, role, pool, with_replicas=False), owner)
 
 
-async def _remove_pool(kube: Kube, namespace: str, pool: str) -> None:
+async def _remove_pool(kube: Kube, namespace: str, pool: str, owner: dict[str, Any]) -> None:
     """A pool removed from the spec: its Deployment and budget first, the ServingPool (which is how the
     next reconcile knows there is something to remove) last."""
     for api_version, kind in (("apps/v1", "Deployment"), ("policy/v1", "PodDisruptionBudget"),
                               (API_VERSION, "ServingPool")):
-        if await kube.delete(api_version, kind, namespace, pool):
+        if await _delete_owned(kube, api_version, kind, namespace, pool, owner):
             logger.info("Deleted %s %s (pool removed)", kind, pool)
 
 
 async def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
+    generation = body["metadata"].get("generation")
+    conditions = list((body.get("status") or {}).get("conditions") or [])
+    try:
+        return await _reconcile(kube, body)
+    except InvalidSpec as exc:
+        conditions = set_condition(conditions, "Degraded", True, exc.reason, str(exc), generation)
+        conditions = set_condition(conditions, "Ready", False, exc.reason, str(exc), generation)
+        raise type(exc)(str(exc), {"observedGeneration": generation, "conditions": conditions}) from None
+
+
+async def _reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     meta = body["metadata"]
     name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation")
     conditions = list((body.get("status") or {}).get("conditions") or [])
-    try:
-        spec = parse(body.get("spec") or {})
-    except InvalidSpec as exc:
-        conditions = set_condition(conditions, "Degraded", True, "InvalidSpec", str(exc), generation)
-        conditions = set_condition(conditions, "Ready", False, "InvalidSpec", str(exc), generation)
-        raise InvalidSpec(str(exc), {"observedGeneration": generation, "conditions": conditions}) from None
-
+    spec = parse(body.get("spec") or {})
     owner = owner_reference(body)
     wanted = builders.pools(spec)
     existing = {p["metadata"]["labels"].get(labels.ROLE): p
-                for p in await kube.list(API_VERSION, "ServingPool", namespace, f"{labels.DEPLOYMENT}={name}")}
+                for p in await kube.list(API_VERSION, "ServingPool", namespace, f"{labels.DEPLOYMENT}={name}")
+                if _owns(p, owner)}
     # A pool's Deployment counts too: one left behind without its ServingPool (an interrupted removal)
-    # would otherwise never be removed, its owner being alive.
+    # would otherwise never be removed, its owner being alive. Only ours: a label is no claim.
     deployed = {d["metadata"]["labels"].get(labels.ROLE)
                 for d in await kube.list("apps/v1", "Deployment", namespace,
-                                         f"{labels.DEPLOYMENT}={name},{labels.COMPONENT}=worker")}
+                                         f"{labels.DEPLOYMENT}={name},{labels.COMPONENT}=worker")
+                if _owns(d, owner)}
     removed = (set(existing) | deployed) - set(wanted)
     applied_pools, _ = await asyncio.gather(  # wanted pools applied while removed ones go, all at once
         asyncio.gather(*(_pool(kube, name, namespace, role, pool, owner, existing.get(role))
                          for role, pool in wanted.items())),
-        asyncio.gather(*(_remove_pool(kube, namespace, f"{name}-{role}") for role in sorted(removed) if role)))
+        asyncio.gather(*(_remove_pool(kube, namespace, f"{name}-{role}", owner) for role in sorted(removed) if role)))
     pools = dict(zip(wanted, applied_pools, strict=True))
     replicas = {role: int(pool["spec"].get("replicas", wanted[role].replicas)) for role, pool in pools.items()}
 
     served = await kube.api_resources("monitoring.coreos.com/v1")
     monitoring = {kind for kind, (plural, _) in RESOURCES.items() if plural in served}
-    objects = [_owned(obj, owner) for obj in builders.children(name, namespace, spec, replicas, monitoring=monitoring,
-                                                               monitoring_labels=settings.monitoring_labels(),
-                                                               router_role=settings.SETTINGS.router_cluster_role)]
-    results = await asyncio.gather(*(kube.apply(obj) for obj in objects))  # independent: one wave
+    await ensure_mtls(kube, name, namespace, owner)  # before the pods that mount it
+    objects = builders.children(name, namespace, spec, replicas, monitoring=monitoring,
+                                monitoring_labels=settings.monitoring_labels(),
+                                router_role=settings.SETTINGS.router_cluster_role,
+                                operator_namespace=settings.SETTINGS.operator_namespace)
+    results = await asyncio.gather(*(_apply_owned(kube, obj, owner) for obj in objects))  # independent: one wave
     router = next(result for obj, result in zip(objects, results, strict=True)
                   if obj["kind"] == "Deployment" and obj["metadata"]["name"] == f"{name}-router")
     applied = [f"ServingPool/{name}-{role}" for role in pools] + [f"{o['kind']}/{o['metadata']['name']}"

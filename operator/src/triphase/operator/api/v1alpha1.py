@@ -66,6 +66,13 @@ class SecretKeyRef(_Model):
     key: str = Field(default="api-key", description="Key within the Secret.", min_length=1, max_length=253)
 
 
+class RouterTls(_Model):
+    secret_name: str = Field(description="A kubernetes.io/tls Secret (tls.crt, tls.key) in the deployment's "
+                                         "namespace, e.g. written by a cert-manager Certificate: the API is "
+                                         "served over HTTPS with it, reloaded when it is renewed.",
+                             min_length=1, max_length=253)
+
+
 class RouterService(_Model):
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(default="ClusterIP",
                                                                    description="Kubernetes Service type.")
@@ -78,8 +85,12 @@ class RouterSpec(_Model):
     routing_policy: Literal["kv-aware", "least-loaded", "round-robin"] = Field(
         default="kv-aware", description="How requests are placed: prefix-cache overlap against load, least "
                                         "loaded, or round robin.")
-    api_key_secret_ref: SecretKeyRef | None = Field(default=None, description="Clients must send this key as "
-                                                                              "a bearer token.")
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Clients must send one of the keys in this Secret's key as a bearer token "
+                                  "(one key per line, optionally `NAME KEY`: request metrics are labelled with "
+                                  "the name); edits to the Secret take effect without a restart.")
+    tls: RouterTls | None = Field(default=None, description="Serve the API over HTTPS (default: plain HTTP, for "
+                                                            "a TLS-terminating ingress or mesh in front).")
 
 
 # ------------------------------------------------------------------------------ pools
