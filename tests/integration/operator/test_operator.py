@@ -5,6 +5,7 @@ a killed operator converges again, and two replicas elect one leader."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -19,7 +20,7 @@ from tests.integration.operator.helpers import SAMPLE, operator
 from tests.integration.operator.helpers import apply as _apply
 from tests.integration.operator.helpers import kubectl_json as _json
 from tests.load import load_in_background
-from triphase.common import labels
+from triphase.common import labels, mtls, pki
 from triphase.local.cluster import controlplane
 from triphase.local.processes import http_ok, triphase_process, wait_for
 from triphase.operator.reconcile import CURRENT_ROLE
@@ -28,8 +29,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_operator_is_forbidden_what_it_does_not_need(kube, operator_account):
-    result = kube.kubectl("get", "secrets", "-A", check=False, kubeconfig=operator_account)
-    assert result.returncode != 0 and "forbidden" in result.stderr.lower()
+    """It gets the Secrets it makes by name; listing or watching Secrets, anywhere, is not allowed."""
+    for scope in (["-A"], ["-n", kube.namespace], ["-n", kube.namespace, "--watch", "--request-timeout=5s"]):
+        result = kube.kubectl("get", "secrets", *scope, check=False, kubeconfig=operator_account)
+        assert result.returncode != 0 and "forbidden" in result.stderr.lower(), scope
 
 
 def test_a_missing_peering_object_is_explained(operator_account, tmp_path):
@@ -44,7 +47,8 @@ def test_a_missing_peering_object_is_explained(operator_account, tmp_path):
 def _children(kube, name):
     selector = f"{labels.DEPLOYMENT}={name}"
     found = {}
-    for kind in ("deployments", "services", "configmaps", "poddisruptionbudgets", "servingpools", "rolebindings"):
+    for kind in ("deployments", "services", "configmaps", "poddisruptionbudgets", "servingpools", "rolebindings",
+                 "networkpolicies", "secrets"):
         for item in _json(kube, "get", kind, "-l", selector)["items"]:
             found.setdefault(kind, []).append(item["metadata"]["name"])
     return {kind: sorted(names) for kind, names in found.items()}
@@ -55,6 +59,8 @@ EXPECTED = {
     "configmaps": ["smollm2-config"], "rolebindings": ["smollm2-router"],
     "poddisruptionbudgets": ["smollm2-decode", "smollm2-prefill", "smollm2-router"],
     "servingpools": ["smollm2-decode", "smollm2-prefill"],
+    "networkpolicies": ["smollm2-router", "smollm2-workers"],
+    "secrets": ["smollm2-mtls-ca", "smollm2-mtls-router", "smollm2-mtls-worker"],
 }
 
 
@@ -82,7 +88,8 @@ def test_sample_becomes_a_running_deployment(kube, operator_account, tmp_path):
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
         owner = decode["metadata"]["ownerReferences"][0]
         assert (owner["kind"], owner["name"], owner["controller"]) == ("ServingDeployment", "smollm2", True)
-        assert _json(kube, "get", "tsd", "smollm2")["metadata"]["finalizers"] == ["triphase.dev/operator"]
+        # no finalizer: deleting it (or its namespace) never waits for the operator
+        assert not _json(kube, "get", "tsd", "smollm2")["metadata"].get("finalizers")
         wait_for(lambda: _ready(kube), 90, "the ServingDeployment to be Ready")
         pods = _json(kube, "get", "pods", "-l", f"{labels.DEPLOYMENT}=smollm2")["items"]
         assert len(pods) == 4 and all(p["status"]["phase"] == "Running" for p in pods)
@@ -195,9 +202,12 @@ def test_a_pool_removed_from_the_spec_is_deleted(kube, operator_account, tmp_pat
         wait_for(lambda: _children(kube, "shrinking") == without, 60, "the prefill pool to go")
         # A removal interrupted after its ServingPool went leaves a worker Deployment behind (its owner
         # lives on, so the garbage collector keeps it): the next resync removes it too.
+        uid = _json(kube, "get", "tsd", "shrinking")["metadata"]["uid"]
         leftover = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {
             "name": "shrinking-prefill", "namespace": kube.namespace,
-            "labels": {labels.DEPLOYMENT: "shrinking", labels.COMPONENT: "worker", labels.ROLE: "prefill"}},
+            "labels": {labels.DEPLOYMENT: "shrinking", labels.COMPONENT: "worker", labels.ROLE: "prefill"},
+            "ownerReferences": [{"apiVersion": "triphase.dev/v1alpha1", "kind": "ServingDeployment",
+                                 "name": "shrinking", "uid": uid, "controller": True}]},
             "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "leftover"}}, "template": {
                 "metadata": {"labels": {"app": "leftover"}},
                 "spec": {"containers": [{"name": "worker", "image": "triphase:left"}]}}}}
@@ -207,6 +217,83 @@ def test_a_pool_removed_from_the_spec_is_deleted(kube, operator_account, tmp_pat
 
 
 SIM = ["--engine", "sim", "--sim-prefill-per-token-ms", "1", "--sim-decode-per-seq-ms", "5"]
+
+
+def _bundle_dir(kube, tmp_path, name, identity):
+    """The files of the deployment's `identity` bundle Secret, as its pods would mount them."""
+    secret = wait_for(lambda: _secret(kube, f"{name}-mtls-{identity}"), 60, f"Secret {name}-mtls-{identity}")
+    return mtls.write_bundle(tmp_path / f"{name}-{identity}", secret)
+
+
+def _secret(kube, name):
+    found = kube.kubectl("get", "secret", name, "-o", "json", check=False)
+    if found.returncode != 0:
+        return None
+    return {key: base64.b64decode(value) for key, value in json.loads(found.stdout)["data"].items()}
+
+
+def test_the_operator_issues_mtls_bundles_and_renews_a_bad_one(kube, operator_account, tmp_path):
+    secured = copy.deepcopy(SAMPLE)
+    secured["metadata"]["name"] = "secured"
+    with operator(tmp_path, operator_account):
+        _apply(kube, secured)
+        ca = wait_for(lambda: _secret(kube, "secured-mtls-ca"), 60, "the deployment's CA")
+        worker = wait_for(lambda: _secret(kube, "secured-mtls-worker"), 60, "the workers' bundle")
+        router = wait_for(lambda: _secret(kube, "secured-mtls-router"), 60, "the router's bundle")
+        assert set(worker) == {"ca.crt", "tls.crt", "tls.key", "kv-ticket.key", "prefix-salt"}
+        assert set(router) == {"ca.crt", "tls.crt", "tls.key", "prefix-salt"}  # no ticket key: it signs nothing
+        assert pki.identity_of(worker["tls.crt"]) == "worker" and pki.identity_of(router["tls.crt"]) == "router"
+        assert pki.signed_by(worker["tls.crt"], ca["ca.crt"]) and worker["ca.crt"] == ca["ca.crt"]
+        assert worker["kv-ticket.key"] == ca["kv-ticket.key"] and router["prefix-salt"] == ca["prefix-salt"]
+        owners = _json(kube, "get", "secret", "secured-mtls-ca")["metadata"]["ownerReferences"]
+        assert owners[0]["name"] == "secured"
+        # a certificate from elsewhere in the worker bundle: the next reconcile replaces it
+        foreign = pki.issue(pki.new_ca("elsewhere"), pki.Identity.WORKER)
+        kube.kubectl("patch", "secret", "secured-mtls-worker", "--type", "merge", "-p", json.dumps(
+            {"data": {"tls.crt": base64.b64encode(foreign.cert_pem).decode()}}))
+        wait_for(lambda: pki.signed_by(_secret(kube, "secured-mtls-worker")["tls.crt"], ca["ca.crt"]), 30,
+                 "the operator to issue a good certificate again")
+        assert _secret(kube, "secured-mtls-ca") == ca  # the CA itself stays
+    kube.kubectl("delete", "tsd", "secured", "--wait=false")
+
+
+def test_the_operator_takes_over_and_deletes_nothing_it_does_not_own(kube, operator_account, tmp_path):
+    foreign = copy.deepcopy(SAMPLE)
+    foreign["metadata"]["name"] = "foreign"
+    kube.kubectl("create", "configmap", "foreign-config", "--from-literal=mine=yes")
+    stray = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {
+        "name": "foreign-encode", "namespace": kube.namespace,  # looks like a pool the spec does not have
+        "labels": {labels.DEPLOYMENT: "foreign", labels.COMPONENT: "worker", labels.ROLE: "encode"}},
+        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "stray"}}, "template": {
+            "metadata": {"labels": {"app": "stray"}},
+            "spec": {"containers": [{"name": "worker", "image": "someone:else"}]}}}}
+    kube.api("POST", f"/apis/apps/v1/namespaces/{kube.namespace}/deployments", stray)
+    with operator(tmp_path, operator_account) as (proc, _):
+        _apply(kube, foreign)
+
+        def degraded():
+            conditions = (_json(kube, "get", "tsd", "foreign").get("status") or {}).get("conditions") or []
+            return next((c for c in conditions if c["type"] == "Degraded" and c["status"] == "True"), None)
+
+        condition = wait_for(degraded, 60, "the deployment to report the name clash")
+        assert condition["reason"] == "NotOwned" and "ConfigMap foreign-config" in condition["message"]
+        config = _json(kube, "get", "configmap", "foreign-config")
+        assert config["data"] == {"mine": "yes"} and not config["metadata"].get("ownerReferences")
+        wait_for(lambda: any("ConfigMap foreign-config" in m for m in _events(kube, "NotOwned")), 30, "a Warning")
+        kube.kubectl("delete", "configmap", "foreign-config")
+
+        def owned_config():
+            found = kube.kubectl("get", "configmap", "foreign-config", "-o", "json", check=False)
+            return found.returncode == 0 and json.loads(found.stdout)["metadata"].get("ownerReferences")
+
+        wait_for(owned_config, 60, "the operator to make its own ConfigMap once the name is free")
+        assert _json(kube, "get", "deployment", "foreign-encode")["spec"]["template"]["spec"]["containers"][0][
+            "image"] == "someone:else"  # not its pool: never deleted
+        # no finalizer: with the operator gone, the deployment is deleted at once
+        proc.kill()
+        proc.wait()
+    kube.kubectl("delete", "tsd", "foreign", "--timeout=30s")
+    kube.kubectl("delete", "deployment", "foreign-encode")
 
 
 def _events(kube, reason):
@@ -225,13 +312,16 @@ def test_the_operator_balances_roles(kube, operator_account, tmp_path):
     balanced["spec"]["slo"] = {"ttftSeconds": 2.0, "tpotSeconds": 0.05}
     balanced["spec"]["roleSwitching"] = {"enabled": True, "maxSwitchesPerMinute": 6, "minPerRole": 1}
     with contextlib.ExitStack() as stack:
-        endpoints = {}
-        for name, role in [("p0", "prefill"), ("p1", "prefill"), ("d0", "decode"), ("d1", "decode")]:
-            _, port = stack.enter_context(triphase_process(tmp_path, name, ["worker", "--role", role, "--port", "0",
-                                                                             *SIM]))
-            endpoints.setdefault(role, []).append(f"127.0.0.1:{port}")
         stack.enter_context(operator(tmp_path, operator_account))
         _apply(kube, balanced)
+        # the workers and the router run here with the bundles their pods would mount: the operator's
+        # balancer reaches them with its own `control` certificate
+        bundles = {identity: _bundle_dir(kube, tmp_path, "balanced", identity) for identity in ("worker", "router")}
+        endpoints = {}
+        for name, role in [("p0", "prefill"), ("p1", "prefill"), ("d0", "decode"), ("d1", "decode")]:
+            _, port = stack.enter_context(triphase_process(tmp_path, name, [
+                "worker", "--role", role, "--port", "0", "--mtls-dir", str(bundles["worker"]), *SIM]))
+            endpoints.setdefault(role, []).append(f"127.0.0.1:{port}")
 
         def pods(role):
             return _json(kube, "get", "pods", "-l", f"{labels.DEPLOYMENT}=balanced,{labels.ROLE}={role}")["items"]
@@ -250,8 +340,8 @@ def test_the_operator_balances_roles(kube, operator_account, tmp_path):
         wait_for(lambda: current_roles() == [("decode", "decode")] * 2 + [("prefill", "prefill")] * 2, 30,
                  "the pods to be labelled with their workers' roles")
         every = ",".join(endpoints["prefill"] + endpoints["decode"])
-        _, router_port = stack.enter_context(triphase_process(tmp_path, "router", ["router", "--workers", every,
-                                                                                   "--port", "0"]))
+        _, router_port = stack.enter_context(triphase_process(tmp_path, "router", [
+            "router", "--workers", every, "--port", "0", "--mtls-dir", str(bundles["router"])]))
         with load_in_background(f"http://127.0.0.1:{router_port}", "hello " * 3000, max_tokens=4, lanes=16) as load:
             wait_for(lambda: ("decode", "prefill") in current_roles(), 60, "a decode worker to switch to prefill")
         assert not load.failed, load.failed[:3]
@@ -314,7 +404,7 @@ def test_monitoring_objects_when_prometheus_operator_is_installed(kube, operator
                  60, "the PodMonitor and the PrometheusRule")
     monitor = _json(kube, "get", "podmonitors.monitoring.coreos.com", "monitored")
     assert monitor["spec"]["selector"]["matchLabels"] == {labels.DEPLOYMENT: "monitored"}
-    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics", "http"}
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics"}  # workers' and router's
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     rule = _json(kube, "get", "prometheusrules.monitoring.coreos.com", "monitored-slo")
     assert rule["metadata"]["labels"]["release"] == "prometheus"

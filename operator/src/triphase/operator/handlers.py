@@ -2,15 +2,17 @@
 a periodic timer) and a change of a ServingPool's replicas runs the same reconcile; two daemons run the
 control loops a spec asks for (the role balancer, the planner).
 
-A spec that cannot be served becomes a Degraded condition and a Warning event, and the handler stops
-retrying (kopf.PermanentError) until the spec changes: never a crash loop. A failed API call is
-retried with backoff (kopf.TemporaryError).
+A spec that cannot be served (or a child's name taken by an object it does not own) becomes a Degraded
+condition and a Warning event, and the handler stops retrying (kopf.PermanentError) until the spec
+changes or the resync finds it fixed: never a crash loop. A failed API call is retried with backoff
+(kopf.TemporaryError). No finalizer is put on a ServingDeployment (`_spawned_without_finalizers`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -118,7 +120,7 @@ async def _run(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: Any,
             c.get("type") == "Degraded" and c.get("status") == "True" for c in status.get("conditions") or [])
         patch.status.update(exc.status)
         if not already:  # one Warning per bad generation, not one per resync
-            kopf.warn(body, reason="InvalidSpec", message=str(exc))
+            kopf.warn(body, reason=exc.reason, message=str(exc))
         raise kopf.PermanentError(str(exc)) from None
     patch.status.update(outcome.status)
     generation = body["metadata"].get("generation")
@@ -135,10 +137,11 @@ async def serving_deployment(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo
     await _run(body, patch, memo, logger)
 
 
-@kopf.on.delete(GROUP, VERSION, "servingdeployments")
+@kopf.on.delete(GROUP, VERSION, "servingdeployments", optional=True)
 async def deleted(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
-    """Held by the operator's finalizer so the deletion is recorded; the children carry owner references
-    and the garbage collector removes them."""
+    """Optional: no finalizer holds a ServingDeployment, so deleting one (or its namespace) never waits
+    for the operator; the children carry owner references and the garbage collector removes them. This
+    only forgets the deployment's lock when the operator happens to see the deletion."""
     memo.locks.pop((body["metadata"]["namespace"], body["metadata"]["name"]), None)
     logger.info("Deleting %s: its pools, router and objects are garbage-collected", body["metadata"]["name"])
 
@@ -216,3 +219,17 @@ async def planner(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
                                                                             meta["name"])).run()
     except InvalidSpec as exc:  # reported by the reconcile; try again once the spec is fixed
         raise kopf.TemporaryError(f"not planning: {exc}", delay=30) from None
+
+
+def _spawned_without_finalizers() -> None:
+    """kopf puts a finalizer on every object that has a daemon or a timer, so that it can stop them before
+    the object goes. Ours need no such wait (kopf cancels them when it sees the deletion, and they hold
+    nothing the garbage collector does not remove), and a finalizer would hold a ServingDeployment, and the
+    deletion of its namespace, for as long as the operator is down. kopf has no option for it: the resync
+    timer and the daemons are registered again without it (and kopf then removes the finalizer from
+    objects that carry it)."""
+    spawning = kopf.get_default_registry()._spawning
+    spawning._handlers[:] = [dataclasses.replace(h, requires_finalizer=False) for h in spawning._handlers]
+
+
+_spawned_without_finalizers()
