@@ -133,8 +133,8 @@ def main() -> int:
     lines = [
         "## Encode pool: TTFT of image chats (issue 13)", "",
         f"`python benchmarks/encode.py --requests {args.requests}` — one run: `triphase up --model demo-vision "
-        f"--dtype {DTYPE}` (SmolLM2-135M + MobileNetV2, 49 tokens per image; float32 because bfloat16 pays "
-        "seconds of warm-up on each new prefill length on this CPU) with one prefill and one decode worker, and 0, 1 "
+        f"--dtype {DTYPE}` (SmolLM2-135M + MobileNetV2, 49 tokens per image; float32, the engine's exact mode) "
+        "with one prefill and one decode worker, and 0, 1 "
         "or 2 encode workers; chats with fresh 640x480 PNGs sent one at a time, median client-side TTFT. "
         "\"Cached\": the same images again behind different text, on the 2-worker stack (no prefix reuse; "
         "the embeddings are not computed again). Every process and the client share 2 cores, so encode "

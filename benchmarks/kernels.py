@@ -42,7 +42,8 @@ def main() -> None:
         for name, dtype, layout in [
             ("float32 F.linear, W [out, in]", torch.float32, "linear"),
             ("float32 x @ W, W [in, out] (triphase)", torch.float32, "t"),
-            ("bfloat16 x @ W (triphase)", torch.bfloat16, "t"),
+            ("bfloat16 x @ W, W [in, out]", torch.bfloat16, "t"),
+            ("bfloat16 F.linear, W [out, in] (triphase)", torch.bfloat16, "linear"),
             ("float16 F.linear", torch.float16, "linear"),
         ]:
             ws = [w.to(dtype) if layout == "linear" else w.t().contiguous().to(dtype) for w in dense]
@@ -74,7 +75,8 @@ def main() -> None:
     lines = ["## Kernels: how fast each matmul streams weights (batch-1 decode ceiling)", "",
              f"`python benchmarks/kernels.py` ({time.strftime('%Y-%m-%d')}, {torch.get_num_threads()} threads): one "
              "decode step's 120 matrices, best of 5. A batch-1 step can go no faster than its kernel streams "
-             "weights, so the kernel's share of memcpy bandwidth caps the engine's share of the bound.", "",
+             "weights, so the kernel's share of memcpy bandwidth caps the engine's share of the bound. "
+             f"torch {torch.__version__}.", "",
              "| kernel | rows | GB/s of weights | vs memcpy |", "| --- | ---: | ---: | ---: |"]
     for name, batch, rate in rows:
         lines.append(f"| {name} | {batch or '-'} | {rate / 1e9:.1f} | {100 * rate / memcpy:.0f} % |")

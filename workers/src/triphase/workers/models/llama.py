@@ -3,9 +3,7 @@
 RMSNorm, rotary embeddings (plain, linear- or Llama-3-scaled), grouped-query attention over the
 paged KV cache, SwiGLU MLP, tied or untied embeddings. Weights arrive with Hugging Face names
 (see loader.py); q/k/v and gate/up are fused into single matrices at construction so a decode
-step issues few, large matmuls. Matrices are stored transposed ([in, out], contiguous) and applied
-as `x @ w`: on CPU that runs a batch-1 float32 step about twice as fast as `F.linear` on the
-[out, in] layout (measured: 17.7 vs 9.1 GB/s of weights; see BENCHMARKS.md).
+step issues few, large matmuls. The layout of each matrix depends on its dtype (see `Linear`).
 """
 
 from __future__ import annotations
@@ -47,17 +45,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dty
 
 
 class Linear:
-    """y = x W^T (+ b). Dense weights are stored transposed ([in, out], contiguous) and applied as
-    `x @ w`. Small steps are bandwidth-bound, so they may use a kernel that reads fewer bytes or
-    reads them faster: the packed int4 kernel when 4-bit GGUF blocks are available (steps of at
-    most `int4_max_tokens` rows), or, for one row, a float16 copy (`single_row_f16`: torch's f16
-    GEMV streams ~2x faster than its bf16 one on this class of CPU, but is slow for more rows)."""
+    """y = x W^T (+ b). Dense float32 weights are stored transposed ([in, out], contiguous) and applied
+    as `x @ w` (measured faster for a batch-1 float32 step on older torch builds, never slower); 16-bit
+    ones keep the [out, in] layout and go through `F.linear`: torch's CPU kernels for a transposed
+    bfloat16 operand run about 10x slower at every row count (torch 2.15, AVX2: 33 rows 44 ms against
+    4 ms for one SmolLM2 MLP matrix), which made every bfloat16 prefill take seconds. Small steps are
+    bandwidth-bound, so they may use a kernel that reads fewer bytes or reads them faster: the packed
+    int4 kernel when 4-bit GGUF blocks are available (steps of at most `int4_max_tokens` rows), or,
+    for one row, a float16 copy (`single_row_f16`: torch's f16 GEMV streams ~2x faster than its bf16
+    one on this class of CPU, but is slow for more rows)."""
 
-    __slots__ = ("bias", "int4", "int4_max_tokens", "weight_f16", "weight_t")
+    __slots__ = ("bias", "int4", "int4_max_tokens", "transposed", "weight", "weight_f16")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  q4: Q4Blocks | None = None, int4_max_tokens: int = 0, single_row_f16: bool = False) -> None:
-        self.weight_t = weight.t().contiguous()
+        self.transposed = weight.dtype == torch.float32
+        self.weight = weight.t().contiguous() if self.transposed else weight.contiguous()
         self.bias = bias
         self.int4 = Int4Linear(q4) if q4 is not None and int4_max_tokens > 0 else None
         self.int4_max_tokens = int4_max_tokens
@@ -69,8 +72,10 @@ class Linear:
             out = self.int4(x)
         elif self.weight_f16 is not None and rows == 1:
             out = F.linear(x.to(torch.float16), self.weight_f16).to(x.dtype)
+        elif self.transposed:
+            out = x @ self.weight
         else:
-            out = x @ self.weight_t
+            out = F.linear(x, self.weight)
         return out if self.bias is None else out + self.bias
 
     @property
@@ -78,7 +83,7 @@ class Linear:
         """Bytes of weights a one-row step reads."""
         if self.int4 is not None:
             return self.int4.nbytes
-        weight = self.weight_f16 if self.weight_f16 is not None else self.weight_t
+        weight = self.weight_f16 if self.weight_f16 is not None else self.weight
         return weight.numel() * weight.element_size()
 
 
