@@ -308,3 +308,21 @@ def test_arrivals_count_handed_over_work_once_and_skip_a_restarted_worker() -> N
     after = [w("p0", P, prefill_tokens_total=10_100), w("p1", P, prefill_tokens_total=20_500),
              w("d0", D, prefill_tokens_total=5)]
     assert balancer.arrivals(after, 1.0) == 100.0
+
+
+def test_growing_streams_move_a_worker_before_step_times_cross_the_threshold() -> None:
+    """Two decode workers run 4 streams each at 60 % of the TPOT target, and streams queue up on each at 4
+    a second: in the next 2 s the pool takes 16 more at 15 ms each, 2.4 workers' worth. Without the
+    growth term (growth_window_s 0) the same snapshots move nothing: step times have not moved yet."""
+    def first_switch(balancer: Balancer) -> Switch | None:
+        for tick in range(6):
+            t = tick * 0.5
+            decode = {"running": 4, "decode_step_s": 0.06, "waiting": 2 * tick, "seen_at": t}
+            workers = [w("p0", P, seen_at=t), w("p1", P, seen_at=t), w("d0", D, **decode), w("d1", D, **decode)]
+            decision = balancer.decide(workers, t)
+            if decision.switch:
+                return decision.switch
+        return None
+
+    assert first_switch(Balancer(SLO)) == Switch("p0", P, D, "decode-pressure")
+    assert first_switch(Balancer(SLO, Settings(growth_window_s=0))) is None

@@ -10,6 +10,9 @@ demand over the role's ready workers (1.0 = the pool is exactly full):
   built up anyway. A backlog that the pool is clearing fast enough adds nothing.
 - decode demand = the sum over decode workers of max(measured step time ÷ the TPOT target,
   KV usage ÷ `kv_high`); an idle decode worker adds 0 (streams go to it as soon as it exists).
+  Step times lag a rise in load (a stream slows every step only once it runs), so while the
+  streams on the decode pool grow, the streams expected over the next `decode_lead_s` at the rate
+  of the last `growth_window_s` are added, each at the pool's current step time per stream.
 
 A worker moves from the cool role to the hot one when:
 - the hot role's load has stayed at or above its `enter` threshold for `sustain_s`, and
@@ -37,6 +40,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Sequence
+from typing import TypeVar
 
 from triphase.common.roles import Role
 
@@ -84,6 +88,8 @@ class Settings:
     backlog_ok: float = 0.5  # share of the TTFT target a prefill backlog may take before it adds demand
     drain: float = 1.0  # a backlog beyond that is to be cleared within this many TTFT targets
     rate_window_s: float = 10.0  # arrivals of prompt tokens are measured over this long
+    decode_lead_s: float = 2.0  # decode demand counts the streams expected this far ahead ...
+    growth_window_s: float = 2.0  # ... at their growth rate over this long (0: off)
     kv_high: float = 0.9  # KV usage that counts as decode pressure 1.0
     sustain_s: float = 1.0  # a load must hold this long before it moves a worker
     cooldown_s: float = 30.0  # a switched worker stays in its new role at least this long
@@ -154,6 +160,19 @@ def demands(workers: Sequence[WorkerView], arrivals: float, slo: Slo, settings: 
     return prefill_demand, decode_demand, backlog
 
 
+T = TypeVar("T")
+
+
+def _window_start(history: collections.deque[tuple[float, T]], now: float, current: T,
+                  window_s: float) -> tuple[float, T]:
+    """Record `current` at `now` and return the snapshot the window starts from: the newest that is at
+    least `window_s` old (or the oldest kept, while the history is shorter)."""
+    history.append((now, current))
+    while len(history) > 2 and now - history[1][0] >= window_s:
+        history.popleft()
+    return history[0]
+
+
 class Balancer:
     """Decides switches from successive snapshots. It remembers only what the policy needs: the
     recent prompt-token counters (for the arrival rate), the recent demands (for the donor's
@@ -166,6 +185,7 @@ class Balancer:
         self.counters: collections.deque[tuple[float, dict[str, tuple[int, int]]]] = collections.deque(maxlen=1024)
         self.recent: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=1024)  # (t, p, d)
         self.switches: collections.deque[tuple[float, Switch]] = collections.deque(maxlen=1024)
+        self.streams: collections.deque[tuple[float, dict[str, int]]] = collections.deque(maxlen=1024)
 
     def record(self, switch: Switch, at: float) -> None:
         """A switch ended at `at` (the loop calls this once the worker serves in its new role, or the
@@ -178,22 +198,38 @@ class Balancer:
         leaves one and reaches the other, so it cancels out; a restarted worker is left out)."""
         current = {w.worker_id: (w.queued_prefill_tokens, w.prefill_tokens_total)
                    for w in workers if w.role in SWITCHABLE and w.healthy}
-        history = self.counters
-        history.append((now, current))
-        while len(history) > 2 and now - history[1][0] >= self.settings.rate_window_s:
-            history.popleft()
-        then, before = history[0]
+        then, before = _window_start(self.counters, now, current, self.settings.rate_window_s)
         if now - then <= 0:
             return 0.0
         grown = sum(sum(current[k]) - sum(before[k]) for k in current.keys() & before.keys()
                     if current[k][1] >= before[k][1])
         return max(0.0, grown / (now - then))
 
+    def stream_growth(self, decode: Sequence[WorkerView], now: float) -> float:
+        """Streams per second by which the decode workers' running + waiting grew over the last
+        `growth_window_s` (workers present at both ends; 0 when they shrank)."""
+        current = {w.worker_id: w.running + w.waiting for w in decode}
+        then, before = _window_start(self.streams, now, current, self.settings.growth_window_s)
+        if now - then <= 0:
+            return 0.0
+        grown = sum(current[k] - before[k] for k in current.keys() & before.keys())
+        return max(0.0, grown / (now - then))
+
+    def expected_decode(self, decode: Sequence[WorkerView], now: float) -> float:
+        """Decode demand (in workers) of the streams expected over the next `decode_lead_s`."""
+        growth = self.stream_growth(decode, now)
+        busy = [w for w in decode if w.running and w.decode_step_s > 0]
+        if not growth or not busy or not self.settings.growth_window_s:
+            return 0.0
+        per_stream = sum(w.decode_step_s / w.running for w in busy) / len(busy)
+        return growth * self.settings.decode_lead_s * per_stream / self.slo.tpot_s
+
     def decide(self, workers: Sequence[WorkerView], now: float) -> Decision:
         s = self.settings
         arrivals = self.arrivals(workers, now)
         fresh = [w for w in workers if ready(w, now, s)]
         need_p, need_d, backlog = demands(fresh, arrivals, self.slo, s)
+        need_d += self.expected_decode([w for w in fresh if w.role is Role.DECODE], now)
         by_role = {role: [w for w in fresh if w.role is role] for role in SWITCHABLE}
         n = {role: len(by_role[role]) for role in SWITCHABLE}
         need = {Role.PREFILL: need_p, Role.DECODE: need_d}
