@@ -25,7 +25,18 @@ def test_every_method_names_who_may_call_it():
 ])
 def test_each_identity_may_call_only_its_methods(identity, allowed):
     assert {m for m in METHODS if refusal(m, identity) is None} == allowed
-    assert "is for" in (refusal("SetRole", identity) or "is for")
+    for method in sorted(set(METHODS) - allowed):
+        reason = refusal(method, identity)
+        assert reason is not None
+        assert reason.startswith(f"{method} is for ")
+        assert reason.endswith(f"the caller's certificate says {identity!r}")
+
+
+def test_a_refusal_names_who_may_call():
+    assert refusal("SetRole", "router") == "SetRole is for control; the caller's certificate says 'router'"
+    assert refusal("ReleaseKv", "control") == (
+        "ReleaseKv is for router, worker; the caller's certificate says 'control'")
+    assert refusal("Unknown", "router") == "Unknown is for nobody; the caller's certificate says 'router'"
 
 
 def test_a_salted_prefix_hash_is_another_chain():
