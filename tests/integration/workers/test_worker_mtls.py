@@ -123,11 +123,27 @@ def test_kv_is_read_only_with_its_ticket(stack):
     key = worker.ticket_key
     late.ticket.expires_unix_ms = tickets.now_ms() - 1  # a ticket that expired, signed with the real key
     late.ticket.mac = tickets.sign(key, KV, kv_fields(late), late.ticket.expires_unix_ms)
-    for bad, why in [(forged, "does not match"), (late, "expired"), (pb.KvTransferParams(), "missing")]:
+    unsigned = pb.KvTransferParams()
+    unsigned.CopyFrom(kv)
+    unsigned.ClearField("ticket")
+    for bad, why in [(forged, "does not match"), (late, "expired"), (unsigned, "missing")]:
         for method, request in [("ReadKv", pb.ReadKvRequest(request_id="ticketed", kv=bad)),
                                 ("ReleaseKv", pb.ReleaseKvRequest(request_id="ticketed", kv=bad))]:
             answer = call(endpoint, worker, method, request)
             assert answer.code() == grpc.StatusCode.PERMISSION_DENIED and why in answer.details(), (method, why)
+    other = pb.KvTransferParams()  # a valid ticket over blocks the request does not hold
+    other.CopyFrom(kv)
+    other.block_ids[0] += 1
+    other.ticket.mac = tickets.sign(key, KV, kv_fields(other), other.ticket.expires_unix_ms)
+    answer = call(endpoint, worker, "ReadKv", pb.ReadKvRequest(request_id="ticketed", kv=other))
+    assert answer.code() == grpc.StatusCode.PERMISSION_DENIED and "other blocks" in answer.details()
+    huge = pb.KvTransferParams()  # counts are checked before the ticket's HMAC runs over them
+    huge.CopyFrom(kv)
+    huge.block_ids.extend(range(1_000_000))
+    for method, request in [("ReadKv", pb.ReadKvRequest(request_id="ticketed", kv=huge)),
+                            ("ReleaseKv", pb.ReleaseKvRequest(request_id="ticketed", kv=huge))]:
+        answer = call(endpoint, worker, method, request)
+        assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot hold" in answer.details(), method
     # the pin survived every refused call: the real ticket still releases it
     released = call(endpoint, worker, "ReleaseKv", pb.ReleaseKvRequest(request_id="ticketed", kv=kv))
     assert released.released
@@ -156,6 +172,12 @@ def test_a_decode_worker_moves_kv_for_a_ticket_and_refuses_a_stranger_without_co
             answer = call(decode, router, "Decode", pb.DecodeRequest(request_id="redirected", prompt_token_ids=PROMPT,
                                                                      sampling=SAMPLING, kv=bad))
             assert answer.code() == grpc.StatusCode.PERMISSION_DENIED, answer
+        oversized = pb.KvTransferParams()
+        oversized.CopyFrom(redirected)
+        oversized.num_tokens = 10**9
+        answer = call(decode, router, "Decode", pb.DecodeRequest(request_id="redirected", prompt_token_ids=PROMPT,
+                                                                 sampling=SAMPLING, kv=oversized))
+        assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT and "tokens" in answer.details(), answer
         with pytest.raises(BlockingIOError):
             listener.accept()  # nobody came
     finally:

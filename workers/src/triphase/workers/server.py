@@ -33,6 +33,7 @@ from triphase.common.roles import HANDED_OVER_METADATA, Role
 from triphase.workers.authz import refusal
 from triphase.workers.engine.async_engine import AsyncEngine, EngineFailed
 from triphase.workers.engine.core import KvExport, RequestOutput
+from triphase.workers.engine.kv_cache_manager import cdiv
 from triphase.workers.engine.kv_layout import KvLayout
 from triphase.workers.engine.sampling import SamplingParams
 from triphase.workers.images import ImageService
@@ -145,6 +146,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise ValueError(f"prompt has {len(request.prompt_token_ids)} tokens; at most {limit - 1} fit")
         return list(request.prompt_token_ids)
 
+    def _check_ticket(self, kv: pb.KvTransferParams, **expect: str) -> None:
+        """TicketRefused unless `kv` carries a valid ticket (signing.Signer.check_kv); first its token and
+        block counts must fit this engine (ValueError), before an HMAC runs over block ids a message may
+        carry by the million. Without a ticket key there is nothing to check: the engine's import checks
+        the counts."""
+        if not self.signer.enabled:
+            return
+        engine = self.engine.engine
+        if not 0 < kv.num_tokens < engine.max_model_len:
+            raise ValueError(f"KV of {kv.num_tokens} tokens; 1 to {engine.max_model_len - 1} fit")
+        if len(kv.block_ids) != cdiv(kv.num_tokens, engine.layout.block_size):
+            raise ValueError(f"{len(kv.block_ids)} KV blocks cannot hold exactly {kv.num_tokens} tokens "
+                             f"of {engine.layout.block_size} per block")
+        self.signer.check_kv(kv, **expect)
+
     @contextlib.asynccontextmanager
     async def _errors(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """Map engine exceptions to status codes; count in-flight work."""
@@ -217,7 +233,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                      ) -> AsyncIterator[pb.TokenDelta]:
         async with self._errors(context):
             self._admit(request.request_id, needs_decode=True)
-            self.signer.check_kv(request.kv)  # before any connection to the endpoint it names
+            self._check_ticket(request.kv)  # before any connection to the endpoint it names
             images = self.images.spans(request.images)  # bounded and checked before the KV is looked at
             with self.state.tracked(request.request_id, len(request.prompt_token_ids), request.sampling.max_tokens):
                 kv = request.kv
@@ -236,10 +252,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def ReadKv(self, request: pb.ReadKvRequest, context: grpc.aio.ServicerContext,
                      ) -> AsyncIterator[pb.KvChunk]:
         async with self._errors(context):
-            self.signer.check_kv(request.kv, request_id=request.request_id, source_endpoint=self.endpoint)
-            block_ids, data = await self.engine.read_pinned(request.request_id)
-            if self.signer.enabled and block_ids != list(request.kv.block_ids):
-                raise TicketRefused(f"the KV ticket names other blocks than {request.request_id} holds")
+            kv = request.kv
+            self._check_ticket(kv, request_id=request.request_id, source_endpoint=self.endpoint)
+
+            def same_blocks(held: list[int]) -> None:  # before a byte is copied
+                if self.signer.enabled and held != list(kv.block_ids):
+                    raise TicketRefused(f"the KV ticket names other blocks than {request.request_id} holds")
+
+            data = await self.engine.read_pinned(request.request_id, same_blocks)
             block_bytes = self.engine.engine.layout.block_bytes
             for offset, count, payload in grpc_stream.chunks(data, block_bytes, request.max_chunk_bytes):
                 yield pb.KvChunk(block_offset=offset, num_blocks=count, data=payload)
@@ -263,7 +283,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def ReleaseKv(self, request: pb.ReleaseKvRequest, context: grpc.aio.ServicerContext,
                         ) -> pb.ReleaseKvResponse:
         async with self._errors(context):
-            self.signer.check_kv(request.kv, request_id=request.request_id, source_endpoint=self.endpoint)
+            self._check_ticket(request.kv, request_id=request.request_id, source_endpoint=self.endpoint)
             return pb.ReleaseKvResponse(released=await self.engine.release(request.request_id))
         raise AssertionError("unreachable: _errors aborts")  # pragma: no cover
 

@@ -329,12 +329,16 @@ class AsyncEngine:
             self._commands.put(free)
         return held
 
-    async def read_pinned(self, request_id: str) -> tuple[list[int], torch.Tensor]:
-        """A copy of a pinned request's blocks (for the gRPC stream connector)."""
-        def run() -> tuple[list[int], torch.Tensor]:
+    async def read_pinned(self, request_id: str, check: Callable[[list[int]], None] | None = None,
+                          ) -> torch.Tensor:
+        """A copy of a pinned request's blocks (for the gRPC stream connector); `check(block ids)` runs
+        first and may refuse by raising, before anything is copied."""
+        def run() -> torch.Tensor:
+            if check is not None:
+                check(self.engine.export_kv(request_id).block_ids)
             export = self.engine.export_kv(request_id, with_data=True)
             assert export.data is not None
-            return export.block_ids, export.data
+            return export.data
 
         return await self.call(run)
 
