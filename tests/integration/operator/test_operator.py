@@ -287,6 +287,20 @@ def test_the_operator_takes_over_and_deletes_nothing_it_does_not_own(kube, opera
             return found.returncode == 0 and json.loads(found.stdout)["metadata"].get("ownerReferences")
 
         wait_for(owned_config, 60, "the operator to make its own ConfigMap once the name is free")
+        wait_for(lambda: degraded() is None, 60, "the deployment to be reconciled without a clash")
+        # Now it knows the ConfigMap's uid and applies pinned to it without reading it first: a name
+        # freed is taken again, a name taken by someone else is refused again.
+        kube.kubectl("delete", "configmap", "foreign-config")
+        wait_for(owned_config, 60, "the operator to make its ConfigMap again")
+
+        def taken_by_someone_else():  # before the operator's resync makes its own again
+            kube.kubectl("delete", "configmap", "foreign-config", "--ignore-not-found", check=False)
+            made = kube.kubectl("create", "configmap", "foreign-config", "--from-literal=mine=again", check=False)
+            return made.returncode == 0
+
+        wait_for(taken_by_someone_else, 60, "someone else to take the name")
+        wait_for(degraded, 60, "the clash to be reported again")
+        assert _json(kube, "get", "configmap", "foreign-config")["data"] == {"mine": "again"}
         assert _json(kube, "get", "deployment", "foreign-encode")["spec"]["template"]["spec"]["containers"][0][
             "image"] == "someone:else"  # not its pool: never deleted
         # no finalizer: with the operator gone, the deployment is deleted at once

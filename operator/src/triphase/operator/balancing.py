@@ -29,7 +29,7 @@ from triphase.operator import security
 from triphase.operator.api.v1alpha1 import API_VERSION, ServingDeploymentSpec
 from triphase.operator.daemon import DeploymentDaemon, PostEvent
 from triphase.operator.kube import ApiError, Kube
-from triphase.operator.reconcile import CURRENT_ROLE, InvalidSpec, reconcile
+from triphase.operator.reconcile import CURRENT_ROLE, InvalidSpec, observe
 
 logger = logging.getLogger(__name__)
 DISCOVERY_S = 5.0
@@ -155,5 +155,5 @@ class DeploymentBalancer(DeploymentDaemon):
         if body is None:
             return
         with contextlib.suppress(InvalidSpec):
-            outcome = await reconcile(self.kube, body)
+            outcome = await observe(self.kube, body)
             await self.kube.patch_status(API_VERSION, "ServingDeployment", self.namespace, self.name, outcome.status)

@@ -58,17 +58,66 @@ def _owns(obj: dict[str, Any], owner: dict[str, Any]) -> bool:
     return any(ref.get("uid") == owner["uid"] for ref in obj["metadata"].get("ownerReferences") or [])
 
 
+class VerifiedUids:
+    """The uid of every child a reconcile found owned by its ServingDeployment, so later reconciles
+    apply it pinned to that uid without reading it first (a GET per child doubled the API calls).
+
+    A uid is never reused, so the pin is the check: if the object was deleted and the name now holds
+    another one, the API server refuses the pinned apply (422, the uid being immutable; 409 on a
+    precondition) and the child is looked at again; if it
+    was deleted and nothing took the name, the apply creates ours. Keyed by the owner's uid too: a
+    ServingDeployment deleted and made again under its name starts from nothing."""
+
+    LIMIT = 50_000  # entries; beyond it (deployments long gone) the cache starts over
+
+    def __init__(self) -> None:
+        self._uids: dict[tuple[str, ...], str] = {}
+
+    @staticmethod
+    def key(obj: dict[str, Any], owner: dict[str, Any]) -> tuple[str, ...]:
+        meta = obj["metadata"]
+        return owner["uid"], obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]
+
+    def get(self, key: tuple[str, ...]) -> str | None:
+        return self._uids.get(key)
+
+    def remember(self, key: tuple[str, ...], uid: str) -> None:
+        if len(self._uids) >= self.LIMIT:
+            self._uids.clear()
+        self._uids[key] = uid
+
+    def forget(self, key: tuple[str, ...]) -> None:
+        self._uids.pop(key, None)
+
+
+VERIFIED = VerifiedUids()
+
+
 async def _apply_owned(kube: Kube, obj: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
     """Server-side apply a child, unless its name holds an object owned by someone else (NotOwned); an
-    update is pinned to the uid that was checked."""
+    update is pinned to the uid that was checked (now, or by an earlier reconcile: VerifiedUids)."""
     meta = obj["metadata"]
+    key = VerifiedUids.key(obj, owner)
+    known = VERIFIED.get(key)
+    if known is not None:
+        try:
+            applied = await kube.apply(_owned({**obj, "metadata": {**meta, "uid": known}}, owner))
+        except ApiError as exc:
+            if exc.status not in (409, 422):  # 422 "metadata.uid: field is immutable": the name holds
+                raise                             # another object now; look at it below
+            VERIFIED.forget(key)
+        else:
+            VERIFIED.remember(key, applied["metadata"]["uid"])
+            return applied
     existing = await kube.get(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
     if existing is not None:
         if not _owns(existing, owner):
             raise NotOwned(f"{obj['kind']} {meta['name']} exists and is not owned by ServingDeployment "
                            f"{owner['name']}: rename or delete it")
         meta["uid"] = existing["metadata"]["uid"]
-    return await kube.apply(_owned(obj, owner))
+    applied = await kube.apply(_owned(obj, owner))
+    VERIFIED.remember(key, applied["metadata"]["uid"])
+    return applied
 
 
 async def _delete_owned(kube: Kube, api_version: str, kind: str, namespace: str, name: str,
@@ -171,8 +220,7 @@ async def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
 
 async def _reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     meta = body["metadata"]
-    name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation")
-    conditions = list((body.get("status") or {}).get("conditions") or [])
+    name, namespace = meta["name"], meta["namespace"]
     spec = parse(body.get("spec") or {})
     owner = owner_reference(body)
     wanted = builders.pools(spec)
@@ -205,8 +253,33 @@ async def _reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
                   if obj["kind"] == "Deployment" and obj["metadata"]["name"] == f"{name}-router")
     applied = [f"ServingPool/{name}-{role}" for role in pools] + [f"{o['kind']}/{o['metadata']['name']}"
                                                                    for o in objects]
+    return await _observe(kube, body, spec, pools, replicas, router, applied)
 
-    # ---- observe
+
+async def observe(kube: Kube, body: dict[str, Any]) -> Outcome:
+    """The status from the children as they are, applying nothing (the role balancer's refresh after it
+    relabelled pods: a whole reconcile applied every child again and checked the mTLS Secrets)."""
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    spec = parse(body.get("spec") or {})
+    owner = owner_reference(body)
+    wanted = builders.pools(spec)
+    pools = {p["metadata"]["labels"].get(labels.ROLE): p
+             for p in await kube.list(API_VERSION, "ServingPool", namespace, f"{labels.DEPLOYMENT}={name}")
+             if _owns(p, owner) and p["metadata"]["labels"].get(labels.ROLE) in wanted}
+    replicas = {role: int(pool["spec"].get("replicas", wanted[role].replicas)) for role, pool in pools.items()}
+    router = await kube.get("apps/v1", "Deployment", namespace, f"{name}-router") or {}
+    return await _observe(kube, body, spec, pools, replicas, router, [])
+
+
+async def _observe(kube: Kube, body: dict[str, Any], spec: ServingDeploymentSpec, pools: dict[str, dict[str, Any]],
+                   replicas: dict[str, int], router: dict[str, Any], applied: list[str]) -> Outcome:
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    previous = body.get("status") or {}
+    conditions = list(previous.get("conditions") or [])
+    # an observation speaks for the generation last reconciled, not for a newer one it has not applied
+    generation = meta.get("generation") if applied else previous.get("observedGeneration")
     pods = await kube.list("v1", "Pod", namespace, f"{labels.DEPLOYMENT}={name},{labels.COMPONENT}=worker")
     pool_status: dict[str, Any] = {}
     summary: dict[str, str] = {}
@@ -235,7 +308,8 @@ async def _reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
                                f"ready: {waiting}", generation)
     conditions = set_condition(conditions, "Progressing", not all_ready,
                                "RollingOut" if not all_ready else "Stable", f"ready: {waiting}", generation)
-    conditions = set_condition(conditions, "Degraded", False, "Reconciled", "", generation)
+    if applied:  # an observation leaves what the last reconcile found (a NotOwned clash, say)
+        conditions = set_condition(conditions, "Degraded", False, "Reconciled", "", generation)
     status = {
         "observedGeneration": generation, "conditions": conditions, "pools": pool_status, "readySummary": summary,
         "endpoint": f"http://{name}.{namespace}.svc:{spec.router.service.port}/v1",
