@@ -67,6 +67,8 @@ def test_the_sample_is_valid_for_the_models_and_the_api_server(crds):
      "enabled needs prometheusUrl"),
     ("autoscaling-bad-url", lambda s: s.update(autoscaling={"enabled": True, "prometheusUrl": "prometheus:9090"}),
      "spec.autoscaling.prometheusUrl", "must be an http:// or https:// URL"),
+    ("autoscaling-bad-profile-name", lambda s: s.update(autoscaling={"profileConfigMap": "My Profile"}),
+     "spec.autoscaling.profileConfigMap", "should match"),
     ("autoscaling-unbounded", lambda s: (s.update(autoscaling={"enabled": True, "prometheusUrl": "http://p:9090"}),
                                          s["pools"]["prefill"].pop("maxReplicas")),
      "spec", "autoscaling.enabled needs maxReplicas on the prefill and decode pools"),

@@ -2,7 +2,8 @@
 Prometheus scrapes them with the labels a PodMonitor would add, and the operator (as its ServiceAccount)
 plans the deployment's pools from what Prometheus measured. Raising the load grows the prefill pool on
 the API server; after the load stops the pool returns to its minimum once the stabilization window has
-passed; stopping Prometheus leaves the replicas alone and says so in the SLOMet condition."""
+passed; stopping Prometheus leaves the replicas alone and says so in the SLOMet condition. The decode
+capacity comes from a profile in a ConfigMap once it exists."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from tests.integration.operator.helpers import SAMPLE, apply, kubectl_json, oper
 from tests.load import load_in_background
 from triphase.common import labels
 from triphase.common.net import free_port
+from triphase.common.profile import Profile
 from triphase.local import prometheus
 from triphase.local.processes import triphase_process, wait_for
+from triphase.operator.planning import PROFILE_KEY
 
 pytestmark = pytest.mark.slow
 SIM = ["--engine", "sim", "--sim-prefill-per-token-ms", "1", "--sim-decode-per-seq-ms", "5"]
@@ -62,11 +65,23 @@ def test_the_planner_sizes_pools_from_prometheus(kube, operator_account, tmp_pat
         spec["spec"]["pools"]["decode"].update(replicas=1, minReplicas=1, maxReplicas=3)
         spec["spec"]["slo"] = {"ttftSeconds": 2.0, "tpotSeconds": 0.1, "percentile": 90, "attainmentTarget": 0.9}
         spec["spec"]["autoscaling"] = {"enabled": True, "intervalSeconds": 5, "prometheusUrl": server.url,
-                                       "stabilizationSeconds": 15}
+                                       "stabilizationSeconds": 15, "profileConfigMap": f"{name}-profile"}
         apply(kube, spec)
         wait_for(lambda: (_condition(kube, name, "SLOMet") or {}).get("reason") == "NoTraffic", 60,
                  "the planner's first interval (no requests yet)")
         assert _replicas(kube, f"{name}-prefill") == 1
+
+        # The profile it names does not exist yet: it says so, and fits; once made, it is used.
+        wait_for(lambda: f"ConfigMap {name}-profile not found; decode capacity is fitted to what the workers "
+                         "report" in _events(kube, "ProfileUnusable"), 30, "a Warning that the profile is missing")
+        profile = Profile.fit([(100, 0.1), (200, 0.2)], [(1, 0, 0.007), (2, 0, 0.012), (4, 0, 0.022)],
+                              model="smollm2", engine="sim")
+        made = tmp_path / PROFILE_KEY
+        profile.save(made)
+        kube.kubectl("create", "configmap", f"{name}-profile", f"--from-file={made}")
+        loaded = wait_for(lambda: _events(kube, "ProfileLoaded"), 30, "the planner to load the profile")
+        assert loaded == [f"Decode capacity from ConfigMap {name}-profile (smollm2, engine sim): 19.6 streams per "
+                          f"worker at the 0.1 s TPOT target"]
 
         # 8 lanes of distinct 300-token prompts on one prefill worker at 1 ms per token: a queue of
         # about 2.5 s on top of each prefill, for a 2 s TTFT.

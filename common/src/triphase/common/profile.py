@@ -85,7 +85,17 @@ class Profile:
     def load(cls, path: pathlib.Path) -> Profile:
         """ValueError with the file's name for anything that is not a version-1 profile."""
         try:
-            data = json.loads(path.read_text())
+            text = path.read_text()
+        except OSError as exc:
+            raise ValueError(f"profile {path}: {exc.strerror}") from None
+        return cls.parse(text, f"profile {path}")
+
+    @classmethod
+    def parse(cls, text: str, source: str = "profile") -> Profile:
+        """The profile in `text` (a file's content, a ConfigMap's value); ValueError naming `source` for
+        anything that is not a version-1 profile."""
+        try:
+            data = json.loads(text)
             if data.get("version") != VERSION:
                 raise ValueError(f"version {data.get('version')!r}, expected {VERSION}")
             fit = data["fit"]
@@ -97,7 +107,5 @@ class Profile:
                        engine=str(data.get("engine", "")),
                        prefill_points=tuple((float(n), float(s)) for n, s in data.get("prefill", [])),
                        decode_points=tuple((float(b), float(c), float(s)) for b, c, s in data.get("decode", [])))
-        except OSError as exc:
-            raise ValueError(f"profile {path}: {exc.strerror}") from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"profile {path} is not a triphase profile: {exc}") from None
+            raise ValueError(f"{source} is not a triphase profile: {exc}") from None

@@ -102,14 +102,14 @@ class PlannerLoop:
         if outcome.signals is not None and outcome.signals.attainment is not None:
             m.attainment.labels(d, model).set(outcome.signals.attainment)
 
-    async def run(self, before_tick: Callable[[], None] | None = None) -> None:
+    async def run(self, before_tick: Callable[[], Awaitable[None]] | None = None) -> None:
         """Tick every `interval_s`; `before_tick()` first each time (the operator re-reads the spec
         there, and may change the interval)."""
         while True:
             started = time.monotonic()
             try:
                 if before_tick is not None:
-                    before_tick()
+                    await before_tick()
                 await self.tick(started)
             except Exception:  # one bad interval (an API error) must not stop the loop
                 logger.exception("%s: planner interval failed", self.deployment)

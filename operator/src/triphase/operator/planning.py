@@ -13,7 +13,9 @@ PodMonitor puts on them) and its pools from the API server, and this module appl
   without metrics (reason `MetricsUnavailable`, with a Warning Event once per outage and `Normal
   MetricsAvailable` when they return).
 
-The spec is re-read every interval, so a change of SLO, bounds or Prometheus URL applies at the next one.
+The spec is re-read every interval, so a change of SLO, bounds or Prometheus URL applies at the next one;
+so is `autoscaling.profileConfigMap` (decode capacity from a `triphase profile` instead of a fit to what
+the workers report; an Event each time what is in use changes, a Warning while it cannot be used).
 An encode pool is planned too, by its image throughput (images arriving and queued times the seconds
 one takes), within its bounds: without `maxReplicas` it keeps its replicas.
 """
@@ -28,10 +30,11 @@ from typing import Any
 
 from triphase.common import labels
 from triphase.common.pods import pod_ready
+from triphase.common.profile import Profile
 from triphase.common.roles import Role
 from triphase.control.balancer import Slo
 from triphase.control.metrics import PlannerMetrics
-from triphase.control.planner import Plan, Planner, PoolView, Settings
+from triphase.control.planner import Plan, Planner, PoolView, Settings, StepModel
 from triphase.control.planning import Outcome, PlannerLoop
 from triphase.control.signals import PrometheusSignals, http_query
 from triphase.operator.api.v1alpha1 import API_VERSION, PoolSpec, ServingDeploymentSpec
@@ -43,6 +46,7 @@ from triphase.operator.reconcile import CURRENT_ROLE, InvalidSpec
 logger = logging.getLogger(__name__)
 PLANNED = (Role.PREFILL, Role.DECODE, Role.ENCODE)
 SLO_MET = "SLOMet"
+PROFILE_KEY = "profile.json"  # in the ConfigMap autoscaling.profileConfigMap names
 
 def settings(spec: ServingDeploymentSpec) -> tuple[Slo, Settings]:
     return Slo(spec.slo.ttft_seconds, spec.slo.tpot_seconds), Settings(
@@ -86,6 +90,7 @@ class DeploymentPlanner(DeploymentDaemon):
         self.lock = lock or asyncio.Lock()
         self.spec = self.live_spec()
         self.metrics_down = False
+        self.profile_said: str | None = None  # what the last profile Event said (one per change)
 
     def _reader(self, spec: ServingDeploymentSpec) -> PrometheusSignals:
         selector = f'namespace="{self.namespace}",{labels.PROMETHEUS_DEPLOYMENT}="{self.name}"'
@@ -105,7 +110,7 @@ class DeploymentPlanner(DeploymentDaemon):
                            deployment=self.deployment, metrics=self.metrics, report=self.report)
         logger.info("%s: planner started (every %d s, Prometheus %s)", self.deployment,
                     self.spec.autoscaling.interval_seconds, self.spec.autoscaling.prometheus_url)
-        def refresh() -> None:  # the latest spec for this interval
+        async def refresh() -> None:  # the latest spec (and profile) for this interval
             nonlocal reader
             with contextlib.suppress(InvalidSpec):  # the reconcile reports an invalid spec
                 self.spec = self.live_spec()
@@ -114,6 +119,7 @@ class DeploymentPlanner(DeploymentDaemon):
                                                        role_switching=new.role_switching)
                 reader = self._reader(self.spec)
                 loop.interval_s = self.spec.autoscaling.interval_seconds
+            planner.profile = await self.step_model(planner.slo)
 
         try:
             await loop.run(before_tick=refresh)
@@ -121,6 +127,37 @@ class DeploymentPlanner(DeploymentDaemon):
             if self.metrics is not None:
                 self.metrics.forget(self.deployment)
             logger.info("%s: planner stopped", self.deployment)
+
+    # ---- Profile
+    async def step_model(self, slo: Slo) -> StepModel | None:
+        """Decode capacity from the profile `autoscaling.profileConfigMap` names (None: fit it to what the
+        workers report), with an Event whenever what is in use changes."""
+        name = self.spec.autoscaling.profile_config_map
+        if not name:
+            self._say_profile(None)
+            return None
+        found = await self.kube.get("v1", "ConfigMap", self.namespace, name)
+        text = ((found or {}).get("data") or {}).get(PROFILE_KEY)
+        try:
+            if found is None:
+                raise ValueError(f"ConfigMap {name} not found")
+            if text is None:
+                raise ValueError(f"ConfigMap {name} has no key {PROFILE_KEY}")
+            profile = Profile.parse(text, f"ConfigMap {name} key {PROFILE_KEY}")
+        except ValueError as exc:
+            self._say_profile(f"{exc}; decode capacity is fitted to what the workers report", warning=True)
+            return None
+        model = StepModel.from_profile(profile)
+        self._say_profile(f"Decode capacity from ConfigMap {name} ({profile.model or 'a profile'}, engine "
+                          f"{profile.engine or 'unnamed'}): {model.streams_within(slo.tpot_s):.1f} streams per "
+                          f"worker at the {slo.tpot_s:g} s TPOT target")
+        return model
+
+    def _say_profile(self, message: str | None, *, warning: bool = False) -> None:
+        if message is not None and message != self.profile_said:
+            self.post("Warning" if warning else "Normal", "ProfileUnusable" if warning else "ProfileLoaded", message)
+            logger.info("%s: %s", self.deployment, message)
+        self.profile_said = message
 
     # ---- Pools
     async def observe(self) -> tuple[dict[Role, PoolView], dict[Role, int]]:

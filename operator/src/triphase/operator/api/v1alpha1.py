@@ -206,6 +206,13 @@ class Autoscaling(_Model):
     stabilization_seconds: int = Field(default=300, ge=0, le=86400, description="A pool shrinks only when every "
                                                                                 "recommendation over this long "
                                                                                 "agrees (growth is immediate).")
+    profile_config_map: str | None = Field(
+        default=None, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Name of a ConfigMap in the deployment's namespace whose key `profile.json` holds a "
+                    "`triphase profile` of the workers: decode capacity (streams per worker at the TPOT "
+                    "target) comes from it instead of being fitted to what the workers report, so it is "
+                    "known before they have run any load. Re-read every interval; while it is missing or "
+                    "not a profile the planner fits (a Warning Event says why).")
 
 
 class RoleSwitching(_Model):
