@@ -41,6 +41,18 @@ def test_profiling_the_sim_engine_recovers_its_timing_and_a_replay_matches(tmp_p
     assert again.decode_per_seq_s == pytest.approx(profile.decode_per_seq_s, rel=0.1)
 
 
+def test_a_batch_whose_prompts_take_many_prefill_steps_is_timed_decoding(tmp_path: pathlib.Path) -> None:
+    # 8 prompts of 512 tokens take 8 prefill steps of 512 tokens; the first ones decode meanwhile and
+    # once finished before the last one started, so the timed steps ran nothing (0 ms per step).
+    measured = tmp_path / "wide.json"
+    proc = triphase("profile", *SIM, "--prompt-lengths", "64,512", "--batch-sizes", "1,2,8", "--contexts", "512",
+                    "--decode-steps", "4", "--repeats", "1", "-o", str(measured))
+    assert proc.returncode == 0, proc.stderr
+    steps = {int(b): s for b, _, s in Profile.load(measured).decode_points}
+    assert steps[8] == pytest.approx(0.040 + 8 * 0.020, rel=0.15)  # the sim's 40 ms + 20 ms per sequence
+    assert steps[8] > steps[2] > steps[1]
+
+
 def test_plan_reports_every_split_and_the_best_with_a_plot(tmp_path: pathlib.Path) -> None:
     profile = tmp_path / "p.json"
     Profile(0.005, 0.001, 0.04, 0.02).save(profile)

@@ -50,24 +50,37 @@ class Profiler:
             best = min(best, time.perf_counter() - started)
         return best
 
+    def decode_tokens(self, batch: int, context: int, steps: int) -> int:
+        """Output tokens each sequence of a decode measurement may take: the timed steps, and every step
+        in which the batch's other prompts were still being prefilled (the first ones decode meanwhile;
+        with too few they finished before the last one started, and the timed steps ran nothing)."""
+        chunk = self.engine.config.max_num_batched_tokens
+        return steps + 2 + batch * -(-context // chunk)
+
+    def _decoding(self, mine: set[str]) -> int:
+        return sum(1 for r in self.engine.scheduler.running if r.request_id in mine and r.num_output_tokens >= 1)
+
     def decode_step_seconds(self, batch: int, context: int, steps: int) -> float:
         best = float("inf")
         for _ in range(self.repeats):
             rids = [f"d{next(self.ids)}" for _ in range(batch)]
+            sampling = SamplingParams(max_tokens=self.decode_tokens(batch, context, steps), temperature=0.0,
+                                      ignore_eos=True)
             for rid in rids:
-                self.engine.add_request(rid, self._prompt(context),
-                                        SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True))
+                self.engine.add_request(rid, self._prompt(context), sampling)
             mine = set(rids)
-            while self.engine.has_work:  # until every one of them is past its prefill (has a first token)
+            while self.engine.has_work and self._decoding(mine) < batch:  # every one of them past its prefill
                 self.engine.step()
-                running = [r for r in self.engine.scheduler.running if r.request_id in mine]
-                if len(running) == batch and all(r.num_output_tokens >= 1 for r in running):
-                    break
             timings = []
             for _ in range(steps):
+                if (running := self._decoding(mine)) < batch:
+                    raise RuntimeError(f"a decode measurement of {batch} x {context} tokens ran with {running} "
+                                       "sequences (check --max-num-seqs and --kv-cache-mib)")
                 started = time.perf_counter()
                 self.engine.step()
                 timings.append(time.perf_counter() - started)
+            for rid in rids:
+                self.engine.abort(rid)
             self._finish()
             best = min(best, sorted(timings)[len(timings) // 2])
         return best
@@ -126,10 +139,12 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
 
     engine = engine_from_args(args)
-    longest = max(max(lengths), max(contexts) + args.decode_steps + 2)
+    batch, context = max(batches), max(contexts)
+    tokens = context + Profiler(engine, say).decode_tokens(batch, context, args.decode_steps)
+    longest = max(max(lengths), tokens)
     if longest > engine.max_model_len:
         raise ValueError(f"measurements need {longest} tokens of context; the model allows {engine.max_model_len}")
-    blocks_needed = max(batches) * -(-(max(contexts) + args.decode_steps + 2) // engine.layout.block_size)
+    blocks_needed = batch * -(-tokens // engine.layout.block_size)
     if blocks_needed > engine.layout.num_blocks:
         raise ValueError(f"{max(batches)} sequences of {max(contexts)} tokens need {blocks_needed} KV blocks; "
                          f"--kv-cache-mib gives {engine.layout.num_blocks}")
