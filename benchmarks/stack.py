@@ -41,6 +41,7 @@ class Streamed:
     total: float
     chunks: int  # chunks carrying text
     completion_tokens: int | None  # from the usage chunk, when the request asked for one
+    prompt_tokens: int | None = None  # likewise
 
 
 async def stream_completion(session: Any, url: str, body: dict[str, Any]) -> Streamed:
@@ -50,14 +51,15 @@ async def stream_completion(session: Any, url: str, body: dict[str, Any]) -> Str
     first: float | None = None
     chunks = 0
     tokens: int | None = None
+    prompt: int | None = None
     async with session.post(f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.content:
             if not line.startswith(b"data: {"):
                 continue
             if b'"usage"' in line and (usage := json.loads(line[6:]).get("usage")):
-                tokens = usage["completion_tokens"]
+                tokens, prompt = usage["completion_tokens"], usage["prompt_tokens"]
             elif b'"text": ""' not in line and b'"text":""' not in line:
                 chunks += 1
                 first = first if first is not None else time.perf_counter() - start
-    return Streamed(first, time.perf_counter() - start, chunks, tokens)
+    return Streamed(first, time.perf_counter() - start, chunks, tokens, prompt)
