@@ -218,15 +218,20 @@ async def reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
         raise type(exc)(str(exc), {"observedGeneration": generation, "conditions": conditions}) from None
 
 
+async def _owned_pools(kube: Kube, name: str, namespace: str, owner: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The deployment's ServingPools by role (only ours: a label is no claim)."""
+    return {p["metadata"]["labels"].get(labels.ROLE): p
+            for p in await kube.list(API_VERSION, "ServingPool", namespace, f"{labels.DEPLOYMENT}={name}")
+            if _owns(p, owner)}
+
+
 async def _reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     spec = parse(body.get("spec") or {})
     owner = owner_reference(body)
     wanted = builders.pools(spec)
-    existing = {p["metadata"]["labels"].get(labels.ROLE): p
-                for p in await kube.list(API_VERSION, "ServingPool", namespace, f"{labels.DEPLOYMENT}={name}")
-                if _owns(p, owner)}
+    existing = await _owned_pools(kube, name, namespace, owner)
     # A pool's Deployment counts too: one left behind without its ServingPool (an interrupted removal)
     # would otherwise never be removed, its owner being alive. Only ours: a label is no claim.
     deployed = {d["metadata"]["labels"].get(labels.ROLE)
@@ -264,9 +269,7 @@ async def observe(kube: Kube, body: dict[str, Any]) -> Outcome:
     spec = parse(body.get("spec") or {})
     owner = owner_reference(body)
     wanted = builders.pools(spec)
-    pools = {p["metadata"]["labels"].get(labels.ROLE): p
-             for p in await kube.list(API_VERSION, "ServingPool", namespace, f"{labels.DEPLOYMENT}={name}")
-             if _owns(p, owner) and p["metadata"]["labels"].get(labels.ROLE) in wanted}
+    pools = {role: pool for role, pool in (await _owned_pools(kube, name, namespace, owner)).items() if role in wanted}
     replicas = {role: int(pool["spec"].get("replicas", wanted[role].replicas)) for role, pool in pools.items()}
     router = await kube.get("apps/v1", "Deployment", namespace, f"{name}-router") or {}
     return await _observe(kube, body, spec, pools, replicas, router, [])
