@@ -40,7 +40,7 @@ from triphase.control.signals import PrometheusSignals, http_query
 from triphase.operator.api.v1alpha1 import API_VERSION, PoolSpec, ServingDeploymentSpec
 from triphase.operator.conditions import now, set_condition
 from triphase.operator.daemon import DeploymentDaemon, PostEvent
-from triphase.operator.kube import Kube
+from triphase.operator.kube import ApiError, Kube
 from triphase.operator.reconcile import CURRENT_ROLE, InvalidSpec
 
 logger = logging.getLogger(__name__)
@@ -136,11 +136,16 @@ class DeploymentPlanner(DeploymentDaemon):
         if not name:
             self._say_profile(None)
             return None
-        found = await self.kube.get("v1", "ConfigMap", self.namespace, name)
+        try:
+            found = await self.kube.get("v1", "ConfigMap", self.namespace, name)
+        except ApiError as exc:  # forbidden, say: the interval goes on with the fitted model
+            found, read_error = None, f"ConfigMap {name} could not be read ({exc})"
+        else:
+            read_error = f"ConfigMap {name} not found"
         text = ((found or {}).get("data") or {}).get(PROFILE_KEY)
         try:
             if found is None:
-                raise ValueError(f"ConfigMap {name} not found")
+                raise ValueError(read_error)
             if text is None:
                 raise ValueError(f"ConfigMap {name} has no key {PROFILE_KEY}")
             profile = Profile.parse(text, f"ConfigMap {name} key {PROFILE_KEY}")
