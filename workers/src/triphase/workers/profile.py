@@ -16,10 +16,13 @@ import pathlib
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from triphase.common.profile import Profile
-from triphase.workers.engine.core import Engine
 from triphase.workers.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:  # torch: imported by the command that runs, not by every `triphase` command's parser
+    from triphase.workers.engine.core import Engine
 
 Say = Callable[[str], None]
 
