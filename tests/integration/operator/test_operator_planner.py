@@ -72,16 +72,17 @@ def test_the_planner_sizes_pools_from_prometheus(kube, operator_account, tmp_pat
         assert _replicas(kube, f"{name}-prefill") == 1
 
         # The profile it names does not exist yet: it says so, and fits; once made, it is used.
-        wait_for(lambda: f"ConfigMap {name}-profile not found; decode capacity is fitted to what the workers "
-                         "report" in _events(kube, "ProfileUnusable"), 30, "a Warning that the profile is missing")
+        wait_for(lambda: f"ConfigMap {name}-profile not found; capacity comes from what the workers report"
+                 in _events(kube, "ProfileUnusable"), 30, "a Warning that the profile is missing")
         profile = Profile.fit([(100, 0.1), (200, 0.2)], [(1, 0, 0.007), (2, 0, 0.012), (4, 0, 0.022)],
                               model="smollm2", engine="sim")
         made = tmp_path / PROFILE_KEY
         profile.save(made)
         kube.kubectl("create", "configmap", f"{name}-profile", f"--from-file={made}")
         loaded = wait_for(lambda: _events(kube, "ProfileLoaded"), 30, "the planner to load the profile")
-        assert loaded == [f"Decode capacity from ConfigMap {name}-profile (smollm2, engine sim): 19.6 streams per "
-                          f"worker at the 0.1 s TPOT target"]
+        assert loaded == [f"Capacity from ConfigMap {name}-profile (smollm2, engine sim): 19.6 decode streams per "
+                          "worker at the 0.1 s TPOT target; 1000 prompt tokens/s per prefill worker until one is "
+                          "measured"]
 
         # 8 lanes of distinct 300-token prompts on one prefill worker at 1 ms per token: a queue of
         # about 2.5 s on top of each prefill, for a 2 s TTFT.

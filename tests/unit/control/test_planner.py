@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from triphase.common.profile import Profile
 from triphase.common.roles import Role
 from triphase.control.planner import (
     DecodeSample,
@@ -271,3 +272,17 @@ def test_the_encode_pool_stays_out_of_the_balancers_split_and_unknown_cost_chang
     assert plan.replicas == {P: 2, D: 2, E: 3}  # the prefill/decode split is the balancer's, as before
     unknown = with_encode(signals(1.6, (10.0,)), 10.0, None)  # images arrive, none encoded yet
     assert planner(stabilization_s=0.0).plan(0.0, unknown, pools_with_encode(2)).replicas[E] == 2
+
+
+def test_a_profile_gives_prefill_capacity_until_a_rate_is_measured():
+    # Prompts arriving before any prefill ran: without a profile the demand is unknown, with one it is
+    # the arrivals over the profile's rate; once Prometheus measures a rate, that one counts.
+    unmeasured = dataclasses.replace(signals(prefill_workers=3.0), prefill_tokens_per_s=0.0)
+    assert Planner(SLO, Settings(), STEP).prefill_demand(unmeasured) is None
+    profiled = Planner(SLO, Settings())
+    profiled.use_profile(Profile(0.0, 0.002, STEP.fixed_s, STEP.per_stream_s))  # 500 prompt tokens/s
+    assert profiled.prefill_demand(unmeasured) == pytest.approx(3.0 * RATE / 500.0)
+    assert profiled.prefill_demand(signals(prefill_workers=3.0)) == pytest.approx(3.0)  # measured: RATE
+    assert profiled.step_model() == STEP
+    profiled.use_profile(None)
+    assert profiled.prefill_demand(unmeasured) is None and profiled.step_model() is None

@@ -40,13 +40,12 @@ async def test_the_profile_is_used_while_it_can_be_and_each_change_is_said_once(
                    {"data": {PROFILE_KEY: json.dumps(PROFILE.to_json())}},
                    {"data": {PROFILE_KEY: json.dumps(PROFILE.to_json())}}):
         kube.answer = answer
-        steps.append(await planner.step_model(slo))
-    assert steps[:4] == [None] * 4 and steps[4] == steps[5] and steps[4] is not None
-    assert steps[4].streams_within(0.1) == (0.1 - 0.02) / (0.01 + 0.0)
+        steps.append(await planner.profile(slo))
+    assert steps == [None] * 4 + [PROFILE] * 2
     assert [(k, r) for k, r, _ in said] == [("Warning", "ProfileUnusable")] * 4 + [("Normal", "ProfileLoaded")]
-    assert said[0][2] == "ConfigMap prof not found; decode capacity is fitted to what the workers report"
+    assert said[0][2] == "ConfigMap prof not found; capacity comes from what the workers report"
     assert said[1][2].startswith("ConfigMap prof could not be read (403: forbidden)")
     assert said[2][2].startswith("ConfigMap prof has no key profile.json")
     assert "is not a triphase profile" in said[3][2]
-    assert said[4][2] == ("Decode capacity from ConfigMap prof (smollm2, engine torch): 8.0 streams per worker at "
-                          "the 0.1 s TPOT target")
+    assert said[4][2] == ("Capacity from ConfigMap prof (smollm2, engine torch): 8.0 decode streams per worker at "
+                          "the 0.1 s TPOT target; 981 prompt tokens/s per prefill worker until one is measured")

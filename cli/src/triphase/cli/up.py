@@ -90,7 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="a pool shrinks only when every recommendation this long agrees")
     scaling.add_argument("--slo-percentile", type=float, default=90.0, help="percentile the SLO targets apply to")
     scaling.add_argument("--planner-profile", metavar="PATH",
-                         help="decode capacity from this `triphase profile` instead of fitting what workers report")
+                         help="capacity from this `triphase profile`: decode step times instead of fitting what "
+                              "workers report, a prefill rate until one is measured")
     for role in ("prefill", "decode"):
         scaling.add_argument(f"--min-{role}", type=int, default=1, help=f"fewest {role} workers")
         scaling.add_argument(f"--max-{role}", type=int, default=4, help=f"most {role} workers")
@@ -248,10 +249,9 @@ def run(args: argparse.Namespace) -> int:
             settings = planner.Settings(stabilization_s=args.stabilization, role_switching=args.role_switching)
             reader = signals.PrometheusSignals(signals.http_query(server.url), "", slo, args.slo_percentile,
                                                args.planner_interval)
-            step_model = planner.StepModel.from_profile(Profile.load(pathlib.Path(args.planner_profile))) \
-                if args.planner_profile else None
-            autoscale.start_planner(planner.Planner(slo, settings, step_model), reader, pools, args.planner_interval,
-                                    planner_metrics)
+            plans = planner.Planner(slo, settings)
+            plans.use_profile(Profile.load(pathlib.Path(args.planner_profile)) if args.planner_profile else None)
+            autoscale.start_planner(plans, reader, pools, args.planner_interval, planner_metrics)
             _say(f"planner running every {args.planner_interval:g} s (prefill {args.min_prefill}..{args.max_prefill}, "
                  f"decode {args.min_decode}..{args.max_decode} workers)")
         stack.supervise(tick=pools.apply if pools is not None else None)

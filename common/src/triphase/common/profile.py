@@ -56,6 +56,12 @@ class Profile:
     def prefill_s(self, tokens: float) -> float:
         return self.prefill_base_s + self.prefill_per_token_s * tokens
 
+    def prefill_tokens_per_s(self, chunk_tokens: int = 512) -> float:
+        """Prompt tokens per second of a worker kept busy with full chunks (the engine's default
+        `--max-batched-tokens`); 0 for a profile with no prefill cost (unknown, not infinite)."""
+        seconds = self.prefill_s(chunk_tokens)
+        return chunk_tokens / seconds if seconds > 0 else 0.0
+
     def decode_step_s(self, sequences: float, context_tokens: float) -> float:
         return self.decode_base_s + self.decode_per_seq_s * sequences + self.decode_per_context_token_s * context_tokens
 

@@ -5,9 +5,9 @@ the last window (`Signals`) and the pools as they stand (`PoolView`), and answer
 should have (`Plan`). Demand is measured in workers' worth of capacity at the SLO, per role:
 
 - prefill demand = (prompt tokens prefilled per second + the queued prompt tokens to clear within one
-  TTFT target) ÷ (one worker's measured prefill rate * `prefill_utilization`, 1 by default: the
-  queueing headroom that keeps the TTFT percentile, not the mean, under its target is
-  `target_utilization`, the same for both roles).
+  TTFT target) ÷ (one worker's measured prefill rate, or a profile's until one is measured, *
+  `prefill_utilization`, 1 by default: the queueing headroom that keeps the TTFT percentile, not the
+  mean, under its target is `target_utilization`, the same for both roles).
 - decode demand = the output tokens wanted per second ÷ what one worker streams at the TPOT target
   (the streams it carries at that step time ÷ the target). Tokens wanted = tokens streamed per second
   + the growth of running streams per second * tokens per request: under overload every stream
@@ -208,21 +208,29 @@ class Planner:
     """Plans from successive observations. It remembers what the policy needs: recent demands (for the
     forecast), recent recommendations (for stabilization) and recent decode samples (for the step model)."""
 
-    def __init__(self, slo: Slo, settings: Settings | None = None, step_model: StepModel | None = None) -> None:
+    def __init__(self, slo: Slo, settings: Settings | None = None, step_model: StepModel | None = None,
+                 prefill_tokens_per_s: float | None = None) -> None:
         self.slo = slo
         self.settings = settings or Settings()
         self.profile = step_model  # given: used instead of the fitted model
+        self.prefill_rate = prefill_tokens_per_s  # given: used until a prefill rate is measured
         self.demands: dict[Role, collections.deque[float]] = {r: collections.deque(maxlen=64) for r in ROLES}
         self.recommended: collections.deque[tuple[float, dict[Role, int]]] = collections.deque(maxlen=4096)
         self.samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=256)
         self.last_streams: tuple[float, float] | None = None  # (when, decode streams): their growth
+
+    def use_profile(self, profile: Profile | None) -> None:
+        """Capacity from a `triphase profile` (None: from what the workers report): decode step times
+        instead of the fitted model, and a prefill rate until Prometheus has measured one."""
+        self.profile = StepModel.from_profile(profile) if profile is not None else None
+        self.prefill_rate = profile.prefill_tokens_per_s() if profile is not None else None
 
     # ---- demand
     def step_model(self) -> StepModel | None:
         return self.profile or fit_step_model(list(self.samples))
 
     def prefill_demand(self, signals: Signals) -> float | None:
-        rate = signals.prefill_tokens_per_s
+        rate = signals.prefill_tokens_per_s or self.prefill_rate
         arriving = (signals.prefill_tokens_rate or 0.0) + (signals.queued_prefill_tokens or 0.0) / self.slo.ttft_s
         if not rate:  # no prefill measured yet: nothing arriving is no demand, otherwise unknown
             return 0.0 if arriving == 0 else None

@@ -14,8 +14,9 @@ PodMonitor puts on them) and its pools from the API server, and this module appl
   MetricsAvailable` when they return).
 
 The spec is re-read every interval, so a change of SLO, bounds or Prometheus URL applies at the next one;
-so is `autoscaling.profileConfigMap` (decode capacity from a `triphase profile` instead of a fit to what
-the workers report; an Event each time what is in use changes, a Warning while it cannot be used).
+so is `autoscaling.profileConfigMap` (capacity from a `triphase profile`: decode step times instead of a
+fit to what the workers report, a prefill rate until Prometheus has measured one; an Event each time
+what is in use changes, a Warning while it cannot be used).
 An encode pool is planned too, by its image throughput (images arriving and queued times the seconds
 one takes), within its bounds: without `maxReplicas` it keeps its replicas.
 """
@@ -119,7 +120,7 @@ class DeploymentPlanner(DeploymentDaemon):
                                                        role_switching=new.role_switching)
                 reader = self._reader(self.spec)
                 loop.interval_s = self.spec.autoscaling.interval_seconds
-            planner.profile = await self.step_model(planner.slo)
+            planner.use_profile(await self.profile(planner.slo))
 
         try:
             await loop.run(before_tick=refresh)
@@ -129,9 +130,9 @@ class DeploymentPlanner(DeploymentDaemon):
             logger.info("%s: planner stopped", self.deployment)
 
     # ---- Profile
-    async def step_model(self, slo: Slo) -> StepModel | None:
-        """Decode capacity from the profile `autoscaling.profileConfigMap` names (None: fit it to what the
-        workers report), with an Event whenever what is in use changes."""
+    async def profile(self, slo: Slo) -> Profile | None:
+        """The profile `autoscaling.profileConfigMap` names (None: capacity from what the workers report),
+        with an Event whenever what is in use changes."""
         name = self.spec.autoscaling.profile_config_map
         if not name:
             self._say_profile(None)
@@ -150,13 +151,14 @@ class DeploymentPlanner(DeploymentDaemon):
                 raise ValueError(f"ConfigMap {name} has no key {PROFILE_KEY}")
             profile = Profile.parse(text, f"ConfigMap {name} key {PROFILE_KEY}")
         except ValueError as exc:
-            self._say_profile(f"{exc}; decode capacity is fitted to what the workers report", warning=True)
+            self._say_profile(f"{exc}; capacity comes from what the workers report", warning=True)
             return None
-        model = StepModel.from_profile(profile)
-        self._say_profile(f"Decode capacity from ConfigMap {name} ({profile.model or 'a profile'}, engine "
-                          f"{profile.engine or 'unnamed'}): {model.streams_within(slo.tpot_s):.1f} streams per "
-                          f"worker at the {slo.tpot_s:g} s TPOT target")
-        return model
+        streams = StepModel.from_profile(profile).streams_within(slo.tpot_s)
+        self._say_profile(f"Capacity from ConfigMap {name} ({profile.model or 'a profile'}, engine "
+                          f"{profile.engine or 'unnamed'}): {streams:.1f} decode streams per worker at the "
+                          f"{slo.tpot_s:g} s TPOT target; {profile.prefill_tokens_per_s():.0f} prompt tokens/s "
+                          "per prefill worker until one is measured")
+        return profile
 
     def _say_profile(self, message: str | None, *, warning: bool = False) -> None:
         if message is not None and message != self.profile_said:

@@ -210,9 +210,10 @@ class Autoscaling(_Model):
         default=None, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
         description="Name of a ConfigMap in the deployment's namespace whose key `profile.json` holds a "
                     "`triphase profile` of the workers: decode capacity (streams per worker at the TPOT "
-                    "target) comes from it instead of being fitted to what the workers report, so it is "
-                    "known before they have run any load. Re-read every interval; while it is missing or "
-                    "not a profile the planner fits (a Warning Event says why).")
+                    "target) comes from it instead of being fitted to what the workers report, and prefill "
+                    "capacity until Prometheus has measured a rate, so both are known before the workers "
+                    "have run any load. Re-read every interval; while it is missing or not a profile the "
+                    "planner uses what the workers report (a Warning Event says why).")
 
 
 class RoleSwitching(_Model):
