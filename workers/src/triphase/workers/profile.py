@@ -27,6 +27,14 @@ if TYPE_CHECKING:  # torch: imported by the command that runs, not by every `tri
 Say = Callable[[str], None]
 
 
+def decode_tokens(batch: int, context: int, steps: int, chunk_tokens: int) -> int:
+    """Output tokens each sequence of a decode measurement may take: the timed steps, and every step in
+    which the batch's other prompts were still being prefilled in chunks of `chunk_tokens` (the first
+    ones decode meanwhile; with too few they finished before the last one started, and the timed steps
+    ran nothing)."""
+    return steps + 2 + batch * -(-context // chunk_tokens)
+
+
 class Profiler:
     def __init__(self, engine: Engine, say: Say, repeats: int = 2) -> None:
         self.engine = engine
@@ -53,13 +61,6 @@ class Profiler:
             best = min(best, time.perf_counter() - started)
         return best
 
-    def decode_tokens(self, batch: int, context: int, steps: int) -> int:
-        """Output tokens each sequence of a decode measurement may take: the timed steps, and every step
-        in which the batch's other prompts were still being prefilled (the first ones decode meanwhile;
-        with too few they finished before the last one started, and the timed steps ran nothing)."""
-        chunk = self.engine.config.max_num_batched_tokens
-        return steps + 2 + batch * -(-context // chunk)
-
     def _decoding(self, mine: set[str]) -> int:
         return sum(1 for r in self.engine.scheduler.running if r.request_id in mine and r.num_output_tokens >= 1)
 
@@ -67,8 +68,8 @@ class Profiler:
         best = float("inf")
         for _ in range(self.repeats):
             rids = [f"d{next(self.ids)}" for _ in range(batch)]
-            sampling = SamplingParams(max_tokens=self.decode_tokens(batch, context, steps), temperature=0.0,
-                                      ignore_eos=True)
+            tokens = decode_tokens(batch, context, steps, self.engine.config.max_num_batched_tokens)
+            sampling = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
             for rid in rids:
                 self.engine.add_request(rid, self._prompt(context), sampling)
             mine = set(rids)
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
 
     engine = engine_from_args(args)
     batch, context = max(batches), max(contexts)
-    tokens = context + Profiler(engine, say).decode_tokens(batch, context, args.decode_steps)
+    tokens = context + decode_tokens(batch, context, args.decode_steps, engine.config.max_num_batched_tokens)
     longest = max(max(lengths), tokens)
     if longest > engine.max_model_len:
         raise ValueError(f"measurements need {longest} tokens of context; the model allows {engine.max_model_len}")
