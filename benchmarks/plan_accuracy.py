@@ -24,7 +24,6 @@ import os
 import pathlib
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,7 +33,7 @@ import urllib.request
 import aiohttp
 import roles
 from report import ROOT, figure, log, pct, save_figure, update_section
-from stack import router, start_triphase, stop_all, stream_completion
+from stack import profile, router, start_triphase, stop_all, stream_completion
 
 sys.path.insert(0, str(ROOT))
 from triphase.common.net import free_port
@@ -118,11 +117,8 @@ async def drive(url: str, load: list[tuple[float, int, int]]) -> list[Measured]:
 
 
 def measure_profile(setup: Setup, tmp: pathlib.Path) -> Profile:
-    path = tmp / f"{setup.name.split()[0]}-profile.json"
     log(f"{setup.name}: triphase profile")
-    subprocess.run([sys.executable, "-m", "triphase.cli", "profile", *setup.worker_flags, *setup.profile_flags,
-                    "-o", str(path)], check=True, capture_output=True)
-    return Profile.load(path)
+    return profile(tmp / f"{setup.name.split()[0]}-profile.json", [*setup.worker_flags, *setup.profile_flags])
 
 
 class Scraper(threading.Thread):
@@ -156,8 +152,9 @@ class Scraper(threading.Thread):
         """A profile of the workers as they served: decode steps fitted to the (streams, step) reports,
         prefill at the reported rate (the isolated profile's fixed cost per step kept), context folded
         into the per-stream cost."""
-        rate = sorted(self.prefill_rates)[len(self.prefill_rates) // 2]
-        per_token = max(0.0, 1.0 / rate)
+        if not self.prefill_rates or not self.decode:
+            raise SystemExit("the calibration load left no prefill rate or decode report to fit")
+        per_token = 1.0 / sorted(self.prefill_rates)[len(self.prefill_rates) // 2]
         prefill = [(n, isolated.prefill_base_s + per_token * n) for n in (64, 512)]
         return Profile.fit(prefill, [(b, 0.0, t) for b, t in self.decode], model=isolated.model,
                            engine=f"{isolated.engine} (as served)")

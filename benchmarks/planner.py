@@ -27,7 +27,6 @@ import dataclasses
 import itertools
 import json
 import pathlib
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,6 +35,7 @@ import urllib.request
 
 import psutil
 import roles
+import stack
 from report import ROOT, figure, log, save_figure, update_section
 
 sys.path.insert(0, str(ROOT))
@@ -105,11 +105,9 @@ def run_config(name: str, prefill: int, decode: int, extra: list[str], plan, see
 
 
 def measure_profile(tmp: pathlib.Path) -> Profile:
-    path = tmp / "sim-profile.json"
-    subprocess.run([sys.executable, "-m", "triphase.cli", "profile", "--engine", "sim", *roles.TIMING,
-                    "--prompt-lengths", "64,512,1024", "--batch-sizes", "1,4,8,12", "--contexts", "64,256",
-                    "--decode-steps", "6", "--repeats", "2", "-o", str(path)], check=True, capture_output=True)
-    return Profile.load(path)
+    return stack.profile(tmp / "sim-profile.json", [
+        "--engine", "sim", *roles.TIMING, "--prompt-lengths", "64,512,1024", "--batch-sizes", "1,4,8,12",
+        "--contexts", "64,256", "--decode-steps", "6", "--repeats", "2"])
 
 
 def trace(plan, seed: int) -> list[Request]:  # type: ignore[no-untyped-def]

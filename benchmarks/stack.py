@@ -8,13 +8,33 @@ import dataclasses
 import json
 import pathlib
 import subprocess
+import sys
 import time
 from typing import Any
 
+from triphase.common.profile import Profile
 from triphase.local.processes import TRIPHASE, http_ok, spawn, start_triphase, stop_all, wait_until
 
-__all__ = ["TRIPHASE", "Streamed", "http_ok", "router", "spawn", "start_triphase", "stop_all", "stream_completion",
-           "wait_until", "worker"]
+__all__ = [
+    "TRIPHASE",
+    "Streamed",
+    "http_ok",
+    "profile",
+    "router",
+    "spawn",
+    "start_triphase",
+    "stop_all",
+    "stream_completion",
+    "wait_until",
+    "worker",
+]
+
+def profile(path: pathlib.Path, args: list[str]) -> Profile:
+    """Run `triphase profile ARGS -o PATH` (quietly) and load what it wrote."""
+    subprocess.run([sys.executable, "-m", "triphase.cli", "profile", *args, "-o", str(path)], check=True,
+                   capture_output=True)
+    return Profile.load(path)
+
 
 def worker(tmp: pathlib.Path, name: str, args: list[str], env: dict[str, str] | None = None,
            timeout: float = 180) -> tuple[subprocess.Popen[bytes], str]:
