@@ -20,6 +20,13 @@ from triphase.common.errors import UserError
 from triphase.common.tokenizer import Tokenizer
 from triphase.common.vision import VisionConfig
 from triphase.workers.engine.detokenizer import IncrementalDetokenizer
+from triphase.workers.engine.device import (
+    DEFAULT_CPU_KV_MIB,
+    gpu_kv_bytes,
+    parse_device,
+    resolve_device,
+    step_reserve_bytes,
+)
 from triphase.workers.engine.kv_cache_manager import KVCacheManager, cdiv
 from triphase.workers.engine.kv_layout import KvLayout
 from triphase.workers.engine.model_runner import TORCH_DTYPES, ModelRunner
@@ -41,7 +48,8 @@ logger = logging.getLogger(__name__)
 class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: derived from kv_cache_bytes
-    kv_cache_bytes: int = 1 << 30
+    # None: DEFAULT_CPU_KV_MIB on the CPU; on a GPU, gpu_memory_fraction of what the weights leave free
+    kv_cache_bytes: int | None = 1 << 30
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # None: the model's context length
@@ -53,8 +61,15 @@ class EngineConfig:
     # dtype is bfloat16 and the file has such matrices, else dense.
     weights: str = "dense"
     int4_max_tokens: int = 16  # measured crossover with dense bfloat16: ~20 rows (BENCHMARKS.md)
+    device: str = "cpu"  # auto, cpu, cuda, cuda:N (engine/device.py)
+    gpu_memory_fraction: float = 0.9
 
     def __post_init__(self) -> None:
+        parse_device(self.device)
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise UserError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise UserError("the KV cache size must be positive")
         if self.dtype not in TORCH_DTYPES:
             raise UserError(f"unsupported dtype {self.dtype!r} (choose from {', '.join(TORCH_DTYPES)})")
         if self.weights not in ("dense", "int4", "auto"):
@@ -65,11 +80,35 @@ class EngineConfig:
             raise UserError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
 
 
-def kv_layout_for(cfg: ModelConfig, config: EngineConfig) -> KvLayout:
-    """The KV tensor for a model: `num_kv_blocks`, or as many blocks as `kv_cache_bytes` holds."""
+def kv_layout_for(cfg: ModelConfig, config: EngineConfig, kv_bytes: int | None = None) -> KvLayout:
+    """The KV tensor for a model: `num_kv_blocks`, or as many blocks as `kv_bytes` (default: the
+    config's `kv_cache_bytes`, else the CPU default) holds."""
     one = KvLayout(1, cfg.num_hidden_layers, config.block_size, cfg.num_key_value_heads, cfg.head_dim, config.dtype)
-    num_blocks = config.num_kv_blocks or max(1, config.kv_cache_bytes // one.block_bytes)
+    budget = kv_bytes or config.kv_cache_bytes or DEFAULT_CPU_KV_MIB << 20
+    num_blocks = config.num_kv_blocks or max(1, budget // one.block_bytes)
     return dataclasses.replace(one, num_blocks=num_blocks)
+
+
+def _kv_bytes(cfg: ModelConfig, config: EngineConfig, device: torch.device) -> int | None:
+    """The KV budget: the config's, or on a GPU what the fraction of its free memory leaves."""
+    if config.num_kv_blocks is not None or config.kv_cache_bytes is not None or device.type == "cpu":
+        return config.kv_cache_bytes
+    free, _ = torch.cuda.mem_get_info(device)
+    reserve = step_reserve_bytes(max_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+                                 hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                                 vocab_size=cfg.vocab_size, compute_bytes=TORCH_DTYPES[config.dtype].itemsize)
+    return gpu_kv_bytes(free_bytes=free, fraction=config.gpu_memory_fraction, reserve_bytes=reserve)
+
+
+def _int4(config: EngineConfig, device: torch.device) -> bool:
+    """Whether to run GGUF 4-bit matrices packed. The packed kernel is the CPU one: on a GPU the weights
+    are dequantized to the compute dtype at load (auto), and asking for int4 is an error."""
+    if device.type != "cpu":
+        if config.weights == "int4":
+            raise UserError(f"int4 weights run on the CPU only; on {device} use --weights dense or auto "
+                            "(dequantized to the compute dtype at load)")
+        return False
+    return config.weights == "int4" or (config.weights == "auto" and config.dtype == "bfloat16")
 
 
 class StepFailed(Exception):
@@ -130,20 +169,24 @@ class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         config = config or EngineConfig()
         cfg = loaded.config
-        int4 = config.weights == "int4" or (
-            config.weights == "auto" and config.dtype == "bfloat16" and bool(loaded.quantized))
-        if int4 and not loaded.quantized:
+        device = resolve_device(config.device)
+        int4 = _int4(config, device) and bool(loaded.quantized)
+        if config.weights == "int4" and not loaded.quantized:
             raise UserError("int4 weights need a GGUF file with Q4_0/Q4_1 matrices, loaded with keep_quantized")
         model = FAMILIES[cfg.architecture](cfg, loaded.weights, TORCH_DTYPES[config.dtype],
-                                           loaded.quantized if int4 else None, config.int4_max_tokens if int4 else 0)
-        layout = kv_layout_for(cfg, config)
+                                           loaded.quantized if int4 else None, config.int4_max_tokens if int4 else 0,
+                                           device=device)
+        layout = kv_layout_for(cfg, config, _kv_bytes(cfg, config, device))
         self._setup(cfg, loaded.tokenizer, loaded.path, config, ModelRunner(model, layout))
         if loaded.vision is not None and loaded.image_processor is not None:
             self.vision_config = loaded.vision
             # float32 whatever the language model's dtype: the tower is small, and on CPU torch's bfloat16
             # convolutions run ~20x slower than float32 (MobileNetV2: 1.19 s vs 61 ms an image)
-            self.vision = VisionEncoder(loaded.vision, loaded.weights, torch.float32)
+            tower = {k: v.to(device) for k, v in loaded.weights.items() if k.startswith(("vision.", "projector."))}
+            self.vision = VisionEncoder(loaded.vision, tower, torch.float32)
             self.image_processor = loaded.image_processor
+        logger.info("Engine on %s in %s (%s weights): %d KV blocks, %.0f MiB", self.device, config.dtype,
+                    "int4" if int4 else "dense", layout.num_blocks, layout.total_bytes / 2**20)
 
     def _setup(self, cfg: ModelConfig, tokenizer: Tokenizer, path: str, config: EngineConfig,
                runner: ModelRunner) -> None:
@@ -154,6 +197,7 @@ class Engine:
         self.model_path = path
         self.runner = runner
         self.model = runner.model
+        self.device = runner.device
         self.layout = runner.layout
         self.kv = KVCacheManager(self.layout.num_blocks, config.block_size,
                                  enable_prefix_caching=config.enable_prefix_caching, prefix_salt=config.prefix_salt)
@@ -171,7 +215,7 @@ class Engine:
                   progress: Callable[..., Iterable[Any]] | None = None) -> Engine:
         config = config or EngineConfig()
         kwargs = {"progress": progress} if progress is not None else {}
-        keep = config.weights == "int4" or (config.weights == "auto" and config.dtype == "bfloat16")
+        keep = _int4(config, resolve_device(config.device))
         loaded = load_model(path, dtype=TORCH_DTYPES[config.dtype], keep_quantized=keep, **kwargs)
         return cls(loaded, config)
 
@@ -186,12 +230,14 @@ class Engine:
         return self.vision_config.image_token_id if self.vision_config is not None else None
 
     def encode_images(self, images: Sequence[Any]) -> list[torch.Tensor]:
-        """Embeddings [tokens_per_image, hidden] for each decoded RGB image (PIL)."""
+        """Embeddings [tokens_per_image, hidden] for each decoded RGB image (PIL), in host memory (the
+        embedding cache and the wire hold them there); the tower runs on the engine's device."""
         if self.vision is None or self.image_processor is None:
             raise ValueError("this model takes no images")
         if not images:
             return []
-        return list(self.vision(self.image_processor(images)).to(TORCH_DTYPES[self.config.dtype]))
+        pixels = self.image_processor(images).to(self.device)
+        return list(self.vision(pixels).to(TORCH_DTYPES[self.config.dtype]).cpu())
 
     def _check_images(self, token_ids: Sequence[int], images: Sequence[ImageInput], need_embeds: bool) -> None:
         check_images(token_ids, images, self.image_token_id, self.model_config.hidden_size, need_embeds)

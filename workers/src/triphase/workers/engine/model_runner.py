@@ -23,12 +23,16 @@ from triphase.workers.models.attention import AttentionBatch, PrefillSeq
 from triphase.workers.models.llama import LlamaModel
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CPU = torch.device("cpu")
 
 
-def allocate_kv(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed KV tensor on transparent huge pages where the kernel offers them on request (THP
-    `madvise` mode): a NIXL READ between workers on one host is a cross-process copy that pins the
-    source's pages, and 2 MiB pages mean 512 times fewer of them."""
+def allocate_kv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device = _CPU) -> torch.Tensor:
+    """A zeroed KV tensor. On a GPU, one allocation of device memory. On the CPU, on transparent huge
+    pages where the kernel offers them on request (THP `madvise` mode): a NIXL READ between workers on
+    one host is a cross-process copy that pins the source's pages, and 2 MiB pages mean 512 times
+    fewer of them."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     memory = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     with contextlib.suppress(AttributeError, OSError):  # no THP on this platform: normal pages
@@ -37,11 +41,22 @@ def allocate_kv(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 class ModelRunner:
+    """Runs on the model's device. Per step it copies the step's indices to the device once and reads
+    back once (the sampled ids, or the logits when a row samples on the host: see sampler.py)."""
+
     def __init__(self, model: LlamaModel | None, layout: KvLayout) -> None:
         self.model = model
         self.layout = layout
-        self.kv_cache = allocate_kv(layout.shape, TORCH_DTYPES[layout.dtype])
+        self.device = model.device if model is not None else _CPU
+        self.kv_cache = allocate_kv(layout.shape, TORCH_DTYPES[layout.dtype], self.device)
         self.generator = torch.Generator().manual_seed(0)
+
+    def _upload(self, *arrays: list[int]) -> list[torch.Tensor]:
+        """Host lists of ints -> int64 tensors on the device, through one (pinned, asynchronous) copy."""
+        flat = torch.tensor([x for a in arrays for x in a], dtype=torch.long)
+        if self.device.type != "cpu":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        return list(flat.split([len(a) for a in arrays]))
 
     # ------------------------------------------------------------------ a step
     def execute(self, output: SchedulerOutput) -> dict[str, Sample]:
@@ -73,6 +88,7 @@ class ModelRunner:
         decode_ctx: list[int] = []
         decode_tables: list[list[int]] = []
         prefills: list[PrefillSeq] = []
+        tables: list[list[int]] = []  # per prefill chunk: the blocks of its context (empty without one)
         image_rows: list[int] = []
         image_parts: list[torch.Tensor] = []
         for item in scheduled:
@@ -92,44 +108,45 @@ class ModelRunner:
                 decode_ctx.append(start + 1)
                 decode_tables.append(item.block_ids)
             else:
-                table = None
-                if start > 0:
-                    table = torch.tensor(item.block_ids[: -(-(start + n) // bs)], dtype=torch.long)
-                prefills.append(PrefillSeq(offset, offset + n, start, table))
+                prefills.append(PrefillSeq(offset, offset + n, start, None))
+                tables.append(list(item.block_ids[: -(-(start + n) // bs)]) if start > 0 else [])
             if all_logits:
                 logits_rows.extend(range(offset, offset + n))
             elif item.samples:
                 logits_rows.append(len(tokens) - 1)
                 sampled_items.append(item)
 
-        batch = AttentionBatch(
-            write_blocks=torch.tensor(write_blocks, dtype=torch.long),
-            write_slots=torch.tensor(write_slots, dtype=torch.long),
-            num_decode=len(decode_ctx),
-            decode_table=None, decode_len=0, decode_mask=None,
-            prefills=prefills,
-        )
+        # Every index the step needs, in one host-to-device copy: tokens, positions, write slots,
+        # logits rows, image rows, the decode table and context lengths, then each prefill's table.
+        width = -(-max(decode_ctx) // bs) if decode_ctx else 0
+        decode_rows = [x for t in decode_tables for x in t[:width] + [t[0]] * (width - min(width, len(t)))]
+        (tokens_t, positions_t, blocks_t, slots_t, logits_t, image_rows_t, table_t, ctx_t,
+         *prefill_tables) = self._upload(tokens, positions, write_blocks, write_slots, logits_rows, image_rows,
+                                          decode_rows, decode_ctx, *tables)
+        for seq, table in zip(prefills, prefill_tables, strict=True):
+            seq.table = table if seq.context_len else None
+        batch = AttentionBatch(write_blocks=blocks_t, write_slots=slots_t, num_decode=len(decode_ctx),
+                               decode_table=None, decode_len=0, decode_mask=None, prefills=prefills)
         if decode_ctx:
-            width = -(-max(decode_ctx) // bs)
-            rows = [t[:width] + [t[0]] * (width - min(width, len(t))) for t in decode_tables]
-            batch.decode_table = torch.tensor(rows, dtype=torch.long)
+            batch.decode_table = table_t.view(len(decode_ctx), width)
             batch.decode_len = decode_ctx[0]
             if len(decode_ctx) > 1:
-                pos = torch.arange(width * bs)
-                ctx = torch.tensor(decode_ctx)
-                batch.decode_mask = (pos.unsqueeze(0) < ctx.unsqueeze(1))[:, None, None, :]
+                pos = torch.arange(width * bs, device=self.device)
+                batch.decode_mask = (pos.unsqueeze(0) < ctx_t.unsqueeze(1))[:, None, None, :]
         assert self.model is not None, "a simulated runner overrides execute()"
-        logits = self.model.forward(
-            torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long), batch,
-            self.kv_cache, torch.tensor(logits_rows, dtype=torch.long),
-            (torch.tensor(image_rows, dtype=torch.long), torch.cat(image_parts)) if image_rows else None,
-        )
+        written = None
+        if image_rows:
+            written = (image_rows_t, torch.cat(image_parts).to(self.device, non_blocking=True))
+        logits = self.model.forward(tokens_t, positions_t, batch, self.kv_cache, logits_t, written,
+                                    max_position=max(positions))
         return logits, sampled_items
 
     # ------------------------------------------------------------------ KV export / import
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """Copy of the given blocks: [len(block_ids), *block shape]."""
-        out = torch.empty((len(block_ids), *self.layout.shape[1:]), dtype=self.kv_cache.dtype)
+        """Host copy of the given blocks: [len(block_ids), *block shape] (pinned when the KV is on a GPU:
+        the gRPC stream stages through it)."""
+        out = torch.empty((len(block_ids), *self.layout.shape[1:]), dtype=self.kv_cache.dtype,
+                          pin_memory=self.device.type != "cpu")
         for src, dst, n in transfer_plan(block_ids, range(len(block_ids))):  # one memcpy per contiguous run
             out[dst : dst + n].copy_(self.kv_cache[src : src + n])
         return out
@@ -138,7 +155,7 @@ class ModelRunner:
         expected = (len(block_ids), *self.layout.shape[1:])
         if tuple(data.shape) != expected:
             raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
-        data = data.to(self.kv_cache.dtype)
+        data = data.to(self.kv_cache.dtype).to(self.device)
         for src, dst, n in transfer_plan(range(len(block_ids)), block_ids):  # one memcpy per contiguous run
             self.kv_cache[dst : dst + n].copy_(data[src : src + n])
 

@@ -3,6 +3,10 @@
 A seeded request draws token i from a generator seeded with (seed, i), so its samples depend only
 on its own logits: not on the batch, on preemption, or on which engine produced earlier tokens
 (a request prefilled on one engine and decoded on another samples as if one engine did it all).
+
+Logits may live on a GPU. A step reads back from it once: the argmax ids when every row is greedy
+without logprobs, else the logits themselves, and every draw is made on the host with host
+generators, so a seeded request samples the same tokens from the same logits on any device.
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 def sample(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int],
            default_generator: torch.Generator) -> list[Sample]:
     """logits [N, V] float32; `output_index[i]` is how many tokens row i's request already has."""
+    if logits.device.type != "cpu":
+        if all(p.greedy and p.logprobs is None for p in params):
+            return [Sample(int(t)) for t in logits.argmax(dim=-1).tolist()]
+        logits = logits.cpu()
     greedy = logits.argmax(dim=-1).tolist()
     results: list[Sample] = []
     logprob_rows = None

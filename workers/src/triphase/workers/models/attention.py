@@ -6,9 +6,11 @@ model runner hands over `AttentionBatch`: where each new token's K/V goes (block
 sequence, which blocks to read back. Tokens are ordered decodes first (one token per sequence,
 attended as one padded batch), then prefill chunks (one SDPA call each).
 
-Decode attention always runs in float32: torch's CPU SDPA kernel for a single bfloat16 query row
-is 7-12x slower than the float32 one (measured: 1.2 ms vs 0.16 ms per layer at batch 8, 300
-tokens), and the gathered K/V are copied anyway, so the conversion rides along with that copy.
+On the CPU, decode attention runs in float32: torch's CPU SDPA kernel for a single bfloat16 query
+row is 7-12x slower than the float32 one (measured: 1.2 ms vs 0.16 ms per layer at batch 8, 300
+tokens), and the gathered K/V are copied anyway, so the conversion rides along with that copy. On a
+GPU it runs in the compute dtype (the fused kernels want 16-bit inputs, and the gather would double
+its bytes). Every tensor made here is made on the KV tensor's device; nothing is read back.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def gather_blocks(layer_kv: torch.Tensor, table: torch.Tensor, dtype: torch.dtyp
     batch, nb = table.shape
     _, _, size, kv_heads, dim = layer_kv.shape
     blocks = layer_kv.index_select(0, table.reshape(-1)).view(batch, nb, 2, size, kv_heads, dim)
-    ordered = torch.empty((2, batch, kv_heads, nb, size, dim), dtype=dtype)
+    ordered = torch.empty((2, batch, kv_heads, nb, size, dim), dtype=dtype, device=layer_kv.device)
     ordered.copy_(blocks.permute(2, 0, 4, 1, 3, 5))
     return ordered.view(2, batch, kv_heads, nb * size, dim)
 
@@ -60,11 +62,12 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, layer_kv: torch.Tensor, b
     nd = batch.num_decode
     if nd:
         assert batch.decode_table is not None
-        past = gather_blocks(layer_kv, batch.decode_table, torch.float32)
+        attend_dtype = torch.float32 if layer_kv.device.type == "cpu" else q.dtype
+        past = gather_blocks(layer_kv, batch.decode_table, attend_dtype)
         kd, vd = past[0], past[1]
         if batch.decode_mask is None:  # a single sequence: attend to exactly its tokens
             kd, vd = kd[:, :, : batch.decode_len], vd[:, :, : batch.decode_len]
-        qd = q[:nd].unsqueeze(2).float()  # [B, H, 1, D]
+        qd = q[:nd].unsqueeze(2).to(attend_dtype)  # [B, H, 1, D]
         out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, scale=scale, enable_gqa=True)
         outputs.append(out.squeeze(2).to(q.dtype))
     for seq in batch.prefills:
@@ -81,7 +84,7 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, layer_kv: torch.Tensor, b
             past = gather_blocks(layer_kv, seq.table.unsqueeze(0), q.dtype)
             ks, vs = past[0][:, :, :total], past[1][:, :, :total]
             # Query i (absolute position context_len + i) sees keys 0 .. context_len + i.
-            mask = torch.ones(n, total, dtype=torch.bool).tril(diagonal=seq.context_len)
+            mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=seq.context_len)
             out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         outputs.append(out.squeeze(0).transpose(0, 1))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)

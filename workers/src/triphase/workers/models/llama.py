@@ -17,6 +17,7 @@ from triphase.workers.models.attention import AttentionBatch, paged_attention
 from triphase.workers.models.config import ModelConfig
 from triphase.workers.models.quant import Int4Linear, Q4Blocks, concat_rows
 
+_CPU = torch.device("cpu")
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     dim = config.head_dim
@@ -45,9 +46,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dty
 
 
 class Linear:
-    """y = x W^T (+ b). Dense float32 weights are stored transposed ([in, out], contiguous) and applied
-    as `x @ w` (measured faster for a batch-1 float32 step on older torch builds, never slower); 16-bit
-    ones keep the [out, in] layout and go through `F.linear`: torch's CPU kernels for a transposed
+    """y = x W^T (+ b). On the CPU, dense float32 weights are stored transposed ([in, out], contiguous)
+    and applied as `x @ w` (measured faster for a batch-1 float32 step on older torch builds, never
+    slower); 16-bit ones, and every weight on a GPU (cuBLAS's native layout), keep [out, in] and go
+    through `F.linear`: torch's CPU kernels for a transposed
     bfloat16 operand run about 10x slower at every row count (torch 2.15, AVX2: 33 rows 44 ms against
     4 ms for one SmolLM2 MLP matrix), which made every bfloat16 prefill take seconds. Small steps are
     bandwidth-bound, so they may use a kernel that reads fewer bytes or reads them faster: the packed
@@ -58,10 +60,12 @@ class Linear:
     __slots__ = ("bias", "int4", "int4_max_tokens", "transposed", "weight", "weight_f16")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 q4: Q4Blocks | None = None, int4_max_tokens: int = 0, single_row_f16: bool = False) -> None:
-        self.transposed = weight.dtype == torch.float32
+                 q4: Q4Blocks | None = None, int4_max_tokens: int = 0, single_row_f16: bool = False,
+                 device: torch.device = _CPU) -> None:
+        self.transposed = weight.dtype == torch.float32 and device.type == "cpu"
+        weight = weight.to(device)
         self.weight = weight.t().contiguous() if self.transposed else weight.contiguous()
-        self.bias = bias
+        self.bias = None if bias is None else bias.to(device)
         self.int4 = Int4Linear(q4) if q4 is not None and int4_max_tokens > 0 else None
         self.int4_max_tokens = int4_max_tokens
         self.weight_f16 = weight.to(torch.float16).contiguous() if single_row_f16 else None
@@ -91,7 +95,7 @@ class _Layer:
     __slots__ = ("attn_norm", "down", "gate_up", "mlp_norm", "o", "qkv")
 
     def __init__(self, weights: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype,
-                 quantized: dict[str, Q4Blocks], int4_max_tokens: int) -> None:
+                 quantized: dict[str, Q4Blocks], int4_max_tokens: int, device: torch.device) -> None:
         def w(name: str) -> torch.Tensor:
             return weights[prefix + name].to(dtype)
 
@@ -101,10 +105,10 @@ class _Layer:
             b = torch.cat([w(f"{n}.bias") for n in names]) if bias else None
             blocks = [quantized.get(f"{prefix}{n}.weight") for n in names]
             q4 = concat_rows([x for x in blocks if x is not None]) if all(x is not None for x in blocks) else None
-            return Linear(weight, b, q4=q4, int4_max_tokens=int4_max_tokens)
+            return Linear(weight, b, q4=q4, int4_max_tokens=int4_max_tokens, device=device)
 
-        self.attn_norm = weights[prefix + "input_layernorm.weight"].float()
-        self.mlp_norm = weights[prefix + "post_attention_layernorm.weight"].float()
+        self.attn_norm = weights[prefix + "input_layernorm.weight"].float().to(device)
+        self.mlp_norm = weights[prefix + "post_attention_layernorm.weight"].float().to(device)
         has_bias = prefix + "self_attn.q_proj.bias" in weights
         self.qkv = fused("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", bias=has_bias)
         self.o = fused("self_attn.o_proj")
@@ -113,19 +117,27 @@ class _Layer:
 
 
 class LlamaModel:
-    """Forward pass over a flat batch of new tokens; see attention.py for the batch layout."""
+    """Forward pass over a flat batch of new tokens; see attention.py for the batch layout.
+
+    Every tensor lives on `device`: the weights are built on the host (fused, laid out) one matrix at a
+    time and moved, so the device never holds an unfused copy. The forward pass never reads a value
+    back from the device; the caller passes what it knows on the host (`max_position`)."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 quantized: dict[str, Q4Blocks] | None = None, int4_max_tokens: int = 0) -> None:
+                 quantized: dict[str, Q4Blocks] | None = None, int4_max_tokens: int = 0,
+                 device: torch.device = _CPU) -> None:
+        if device.type != "cpu" and int4_max_tokens:
+            raise ValueError("the packed int4 kernel is the CPU one: dequantize the weights on a GPU")
         self.config = config
         self.dtype = dtype
-        self.embed = weights["model.embed_tokens.weight"].to(dtype).contiguous()
-        self.norm = weights["model.norm.weight"].float()
+        self.device = device
+        self.embed = weights["model.embed_tokens.weight"].to(dtype).to(device).contiguous()
+        self.norm = weights["model.norm.weight"].float().to(device)
         lm_head = weights.get("lm_head.weight")
         head = self.embed if lm_head is None or config.tie_word_embeddings else lm_head.to(dtype)
         # In the int4 (speed) mode the one-row LM head also takes the faster float16 GEMV.
-        self.lm_head = Linear(head, single_row_f16=int4_max_tokens > 0)
-        self.layers = [_Layer(weights, f"model.layers.{i}.", dtype, quantized or {}, int4_max_tokens)
+        self.lm_head = Linear(head, single_row_f16=int4_max_tokens > 0, device=device)
+        self.layers = [_Layer(weights, f"model.layers.{i}.", dtype, quantized or {}, int4_max_tokens, device)
                        for i in range(config.num_hidden_layers)]
         self.q_size = config.num_attention_heads * config.head_dim
         self.kv_size = config.num_key_value_heads * config.head_dim
@@ -136,23 +148,26 @@ class LlamaModel:
         self._ensure_rope(config.max_position_embeddings)
 
     def _ensure_rope(self, length: int) -> None:
-        """cos and sign-folded sin tables: rotate_half(x) * sin == x.roll(D/2) * [-sin, sin]."""
+        """cos and sign-folded sin tables: rotate_half(x) * sin == x.roll(D/2) * [-sin, sin].
+        Computed on the host in float32 (the same numbers on every device), then moved."""
         if self._cos.shape[0] >= length:
             return
         t = torch.arange(length, dtype=torch.int64).float()
         freqs = torch.outer(t, self._inv_freq)
-        self._cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1).to(self.dtype)
-        self._sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(self.dtype)
+        self._cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1).to(self.dtype).to(self.device)
+        self._sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(self.dtype).to(self.device)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
                 kv_cache: torch.Tensor, logits_indices: torch.Tensor,
-                embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                embeds: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+                max_position: int | None = None) -> torch.Tensor:
         """Returns float32 logits [len(logits_indices), vocab] for the selected token rows. `embeds`:
-        (rows, values) written over those rows' token embeddings (an image's placeholders)."""
+        (rows, values) written over those rows' token embeddings (an image's placeholders).
+        `max_position`: the largest of `positions`, when the caller knows it (saves a device read)."""
         cfg = self.config
         n = input_ids.shape[0]
-        self._ensure_rope(int(positions.max()) + 1)
+        self._ensure_rope((int(positions.max()) if max_position is None else max_position) + 1)
         cos = self._cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self._sin[positions].unsqueeze(1)
         # The residual stream stays float32 whatever the compute dtype: summing 60 sublayer outputs
