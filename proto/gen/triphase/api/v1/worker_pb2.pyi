@@ -70,7 +70,7 @@ class KvLayout(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., block_bytes: _Optional[int] = ...) -> None: ...
 
 class KvTransferParams(_message.Message):
-    __slots__ = ("request_id", "source_worker", "source_endpoint", "nixl_agent_metadata", "nixl_agent_name", "kv_base_address", "block_ids", "layout", "num_tokens", "first_token_id", "ticket")
+    __slots__ = ("request_id", "source_worker", "source_endpoint", "nixl_agent_metadata", "nixl_agent_name", "kv_base_address", "block_ids", "layout", "num_tokens", "first_token_id", "ticket", "kv_memory", "kv_device_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_WORKER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,8 @@ class KvTransferParams(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
+    KV_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    KV_DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     source_worker: str
     source_endpoint: str
@@ -93,7 +95,9 @@ class KvTransferParams(_message.Message):
     num_tokens: int
     first_token_id: int
     ticket: Ticket
-    def __init__(self, request_id: _Optional[str] = ..., source_worker: _Optional[str] = ..., source_endpoint: _Optional[str] = ..., nixl_agent_metadata: _Optional[bytes] = ..., nixl_agent_name: _Optional[str] = ..., kv_base_address: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., first_token_id: _Optional[int] = ..., ticket: _Optional[_Union[Ticket, _Mapping]] = ...) -> None: ...
+    kv_memory: str
+    kv_device_id: int
+    def __init__(self, request_id: _Optional[str] = ..., source_worker: _Optional[str] = ..., source_endpoint: _Optional[str] = ..., nixl_agent_metadata: _Optional[bytes] = ..., nixl_agent_name: _Optional[str] = ..., kv_base_address: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., first_token_id: _Optional[int] = ..., ticket: _Optional[_Union[Ticket, _Mapping]] = ..., kv_memory: _Optional[str] = ..., kv_device_id: _Optional[int] = ...) -> None: ...
 
 class Ticket(_message.Message):
     __slots__ = ("expires_unix_ms", "mac")
@@ -220,7 +224,7 @@ class WatchStatsRequest(_message.Message):
     def __init__(self, interval_seconds: _Optional[float] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "role", "draining", "running_requests", "waiting_requests", "free_kv_blocks", "total_kv_blocks", "queued_prefill_tokens", "pinned_requests", "block_size", "cached_block_hashes", "model", "switching", "prefill_tokens_per_second", "decode_step_seconds", "prefill_tokens_total")
+    __slots__ = ("worker_id", "role", "draining", "running_requests", "waiting_requests", "free_kv_blocks", "total_kv_blocks", "queued_prefill_tokens", "pinned_requests", "block_size", "cached_block_hashes", "model", "switching", "prefill_tokens_per_second", "decode_step_seconds", "prefill_tokens_total", "device", "dtype")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +241,8 @@ class WorkerStats(_message.Message):
     PREFILL_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: Role
     draining: bool
@@ -253,7 +259,9 @@ class WorkerStats(_message.Message):
     prefill_tokens_per_second: float
     decode_step_seconds: float
     prefill_tokens_total: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., draining: _Optional[bool] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., pinned_requests: _Optional[int] = ..., block_size: _Optional[int] = ..., cached_block_hashes: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., switching: _Optional[bool] = ..., prefill_tokens_per_second: _Optional[float] = ..., decode_step_seconds: _Optional[float] = ..., prefill_tokens_total: _Optional[int] = ...) -> None: ...
+    device: str
+    dtype: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., draining: _Optional[bool] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., pinned_requests: _Optional[int] = ..., block_size: _Optional[int] = ..., cached_block_hashes: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., switching: _Optional[bool] = ..., prefill_tokens_per_second: _Optional[float] = ..., decode_step_seconds: _Optional[float] = ..., prefill_tokens_total: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class SetRoleRequest(_message.Message):
     __slots__ = ("role", "grace_seconds")
