@@ -96,6 +96,26 @@ def test_prefill_here_decode_there_equals_one_worker(workers, prompt, expected, 
     assert metric(metrics, "triphase_kv_cache_usage_ratio") == 0
 
 
+def test_kv_in_other_memory_moves_over_the_grpc_stream_never_a_wrong_nixl_read(workers, prompt, expected):
+    """A prefill worker on a GPU advertises its KV in VRAM: a decode worker with host KV must not post
+    a NIXL READ with descriptors of the wrong kind; it pulls the gRPC stream (staged through host
+    memory) and decodes the same tokens."""
+    prefill, _ = workers["prefill"]
+    decode, metrics_endpoint = workers["decode"]
+    before = metric(scrape(metrics_endpoint), "triphase_kv_received_bytes_total", "grpc")
+    response = prefill.Prefill(pb.PrefillRequest(request_id="mixed", prompt_token_ids=prompt, sampling=GREEDY))
+    assert response.kv.kv_memory == "DRAM" and response.kv.kv_device_id == 0
+    response.kv.kv_memory, response.kv.kv_device_id = "VRAM", 0  # as a GPU prefill worker's would say
+    deltas = list(decode.Decode(pb.DecodeRequest(request_id="mixed", prompt_token_ids=prompt, sampling=GREEDY,
+                                                 kv=response.kv)))
+    assert deltas[0].kv_backend == "grpc"
+    assert [t for d in deltas for t in d.token_ids] == expected.token_ids
+    metrics = scrape(metrics_endpoint)
+    assert metric(metrics, "triphase_kv_received_bytes_total", "grpc") > before
+    assert metric(metrics, "triphase_kv_nixl_fallbacks_total") == 0  # not a failed READ: none was tried
+    wait_for(lambda: all_free(prefill), 10, "the prefill worker to free the pinned blocks")
+
+
 def scrape(metrics_endpoint):
     with urllib.request.urlopen(f"http://{metrics_endpoint}/metrics", timeout=5) as response:
         return response.read().decode()

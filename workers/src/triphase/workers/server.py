@@ -225,6 +225,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 kv.nixl_agent_metadata = self.nixl.metadata
                 kv.nixl_agent_name = self.nixl.name
                 kv.kv_base_address = self.nixl.base_address
+                kv.kv_memory, kv.kv_device_id = self.nixl.memory, self.nixl.device_id
             self.signer.sign_kv(kv, self.engine.pin_timeout_s)
             return pb.PrefillResponse(kv=kv, first=delta_to_pb(first, prompt_tokens=len(prompt)))
         raise AssertionError("unreachable: _errors aborts")  # pragma: no cover

@@ -21,7 +21,8 @@ __all__ = ["Signer", "TicketRefused"]
 def kv_fields(kv: pb.KvTransferParams) -> list[tickets.Field]:
     return [kv.request_id, kv.source_worker, kv.source_endpoint, tickets.digest(kv.nixl_agent_metadata),
             kv.nixl_agent_name, kv.kv_base_address, list(kv.block_ids),
-            kv.layout.SerializeToString(deterministic=True), kv.num_tokens, kv.first_token_id]
+            kv.layout.SerializeToString(deterministic=True), kv.num_tokens, kv.first_token_id, kv.kv_memory,
+            kv.kv_device_id]
 
 
 def image_fields(digest: bytes, endpoint: str, slot: pb.EmbeddingsSlot | None) -> list[tickets.Field]:

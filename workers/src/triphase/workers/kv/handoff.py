@@ -1,7 +1,8 @@
 """The decode side of a KV hand-off: bring a prefilled request's KV into this worker.
 
-NIXL READ first (when both sides have it), straight out of the prefill worker's registered KV
-tensor into blocks reserved here; the gRPC ReadKv stream as the fallback. Then the prefill worker
+NIXL READ first (when both sides have it and their KV is in the same kind of memory: both on a GPU
+or both on the host), straight out of the prefill worker's registered KV tensor into blocks reserved
+here; the gRPC ReadKv stream otherwise, and as the fallback. Then the prefill worker
 is told to free its copy (ReleaseKv).
 
 Who frees what: the prefill worker keeps the blocks pinned until this ReleaseKv, the router's
@@ -28,7 +29,7 @@ from triphase.workers.engine.core import KvExport, RequestOutput
 from triphase.workers.engine.multimodal import ImageInput
 from triphase.workers.engine.sampling import SamplingParams
 from triphase.workers.kv import grpc_stream
-from triphase.workers.kv.nixl import NixlConnector, NixlUnavailable
+from triphase.workers.kv.nixl import NixlConnector, NixlUnavailable, can_read
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +57,13 @@ class KvHandOff:
             raise HandOffFailed(f"{source} failed: KV layouts differ ({export.layout} vs ours)")
         # Before a block is reserved or a byte pulled: counts, token ids, lengths (ValueError).
         self.engine.engine.check_import(request_id, prompt, sampling, export, images)
-        if self.nixl is not None and kv.nixl_agent_metadata:
+        if self.nixl is not None and kv.nixl_agent_metadata and can_read(self.nixl.memory, kv.kv_memory):
             nixl = self.nixl
 
             async def fill(dst: list[int]) -> None:
                 moved = await asyncio.to_thread(nixl.read, kv.nixl_agent_metadata, kv.kv_base_address,
-                                                list(kv.block_ids), dst)
+                                                list(kv.block_ids), dst, remote_memory=kv.kv_memory,
+                                                remote_device=kv.kv_device_id)
                 self.bytes_received["nixl"] += moved
                 if not await self.release_source(kv):  # whole only if the pin held (module docstring)
                     raise HandOffFailed(f"{source} failed: the source did not hold the KV through the transfer")
