@@ -30,7 +30,7 @@ def test_the_metrics_doc_matches_what_is_exported() -> None:
     # The worker's collector builds its families at scrape time from the engine's stats: its names are
     # the literals in workers/metrics.py (gauges as written, counters with the _total prometheus adds).
     source = (ROOT / "workers" / "src" / "triphase" / "workers" / "metrics.py").read_text()
-    exported |= set(re.findall(r'gauge\("(triphase_[a-z0-9_]+)"', source))
+    exported |= set(re.findall(r'(?:gauge|GaugeMetricFamily)\("(triphase_[a-z0-9_]+)"', source))
     exported |= {f"{n}_total" for n in re.findall(r'counter\("(triphase_[a-z0-9_]+)"', source)}
     exported |= {f"{n}_total" for n in re.findall(r'CounterMetricFamily\("(triphase_[a-z0-9_]+)"', source)}
     assert documented - exported == set(), "documented but not exported"

@@ -116,6 +116,15 @@ def test_kv_in_other_memory_moves_over_the_grpc_stream_never_a_wrong_nixl_read(w
     wait_for(lambda: all_free(prefill), 10, "the prefill worker to free the pinned blocks")
 
 
+def test_workers_report_where_they_compute(workers):
+    stub, metrics_endpoint = workers["decode"]
+    s = stats(stub)
+    assert (s.device, s.dtype) == ("cpu", "float32")
+    info = [line for line in scrape(metrics_endpoint).splitlines() if line.startswith("triphase_worker_info{")]
+    assert len(info) == 1 and 'device="cpu"' in info[0] and 'dtype="float32"' in info[0] and 'nixl="DRAM"' in info[0]
+    assert info[0].endswith(" 1.0")
+
+
 def scrape(metrics_endpoint):
     with urllib.request.urlopen(f"http://{metrics_endpoint}/metrics", timeout=5) as response:
         return response.read().decode()

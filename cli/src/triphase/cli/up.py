@@ -46,6 +46,7 @@ from triphase.local.supervisor import Supervisor
 from triphase.operator import slo_rules
 from triphase.operator.api.v1alpha1 import Slo
 from triphase.router import api_keys
+from triphase.workers.main import add_device_arguments
 
 SIM_TIMING = ("sim_prefill_ms", "sim_prefill_per_token_ms", "sim_decode_ms", "sim_decode_per_seq_ms")
 
@@ -63,7 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--engine", default="torch", choices=["torch", "sim"],
                         help="sim: workers with a timing model instead of the model (no weights loaded)")
-    parser.add_argument("--kv-cache-mib", type=int, default=256, help="per worker")
+    add_device_arguments(parser)
+    parser.add_argument("--kv-cache-mib", type=int,
+                        help="per worker (default: 256 with --device cpu; else each worker's own default: "
+                             "512 on a CPU, on a GPU its share of --gpu-memory-fraction, split evenly between "
+                             "the workers that share the machine)")
     images.add_arguments(parser)  # passed to the router and the workers
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for the stack to be ready")
     parser.add_argument("--drain-timeout", type=float, default=10.0,
@@ -101,6 +106,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     balancer.add_policy_arguments(switching)
 
 
+def _kv_args(args: argparse.Namespace, workers: int) -> list[str]:
+    """Each worker's KV size: the one asked for; 256 MiB on the CPU; on a GPU an even split of the
+    memory fraction (each worker sizes its share of what is free when it has loaded its weights)."""
+    if args.kv_cache_mib is not None:
+        return ["--kv-cache-mib", str(args.kv_cache_mib)]
+    if args.device == "cpu" or args.engine == "sim":
+        return ["--kv-cache-mib", "256"]
+    return ["--gpu-memory-fraction", f"{args.gpu_memory_fraction / max(workers, 1):.4f}"]
+
+
 def _say(message: str) -> None:
     sys.stderr.write(f"triphase up: {message}\n")
     sys.stderr.flush()
@@ -125,8 +140,9 @@ def run(args: argparse.Namespace) -> int:
         limits = images.limits_from_args(args)
         image_args = ["--image-max-bytes", str(limits.max_bytes), "--image-max-pixels", str(limits.max_pixels),
                       "--image-max-count", str(limits.max_images)]
-        common = ["--dtype", args.dtype, "--kv-cache-mib", str(args.kv_cache_mib), "--engine", args.engine,
-                  "--drain-timeout", str(args.drain_timeout), *image_args, *secured.get(Identity.WORKER, [])]
+        common = ["--dtype", args.dtype, "--engine", args.engine, "--device", args.device,
+                  *_kv_args(args, args.prefill + args.decode + args.encode), "--drain-timeout",
+                  str(args.drain_timeout), *image_args, *secured.get(Identity.WORKER, [])]
         if args.model:
             common += ["--model", args.model]
         for name in SIM_TIMING:

@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
+from triphase.workers.main import add_device_arguments
+
 T = TypeVar("T")
 
 
@@ -30,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute and KV dtype (default bfloat16; float32 reproduces transformers exactly)")
     parser.add_argument("--weights", default="auto", choices=["auto", "dense", "int4"],
                         help="auto (default): run a GGUF file's 4-bit matrices packed when the dtype is bfloat16")
+    add_device_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
@@ -52,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
     )
     started = time.monotonic()
-    config = EngineConfig(dtype=args.dtype, weights=args.weights, kv_cache_bytes=256 << 20)
+    config = EngineConfig(dtype=args.dtype, weights=args.weights, kv_cache_bytes=256 << 20, device=args.device,
+                          gpu_memory_fraction=args.gpu_memory_fraction)
     engine = Engine.from_path(args.model, config,
                               progress=progress_bar(quiet=args.json or not sys.stderr.isatty()))
     load_s = time.monotonic() - started
@@ -87,10 +91,12 @@ def run(args: argparse.Namespace) -> int:
         result: dict[str, Any] = {
             "text": text, "token_ids": generated, "prompt_tokens": len(prompt_ids),
             "completion_tokens": len(generated), "finish_reason": reason, "timings": timings,
+            "device": str(engine.device), "dtype": args.dtype,
         }
         sys.stdout.write(json.dumps(result) + "\n")
     else:
         sys.stdout.write("\n")
         sys.stderr.write(f"[{len(generated)} tokens, prompt {len(prompt_ids)} tokens, "
-                         f"first token {ttft * 1000:.0f} ms, {decode_tps:.1f} tokens/s decode, finish: {reason}]\n")
+                         f"first token {ttft * 1000:.0f} ms, {decode_tps:.1f} tokens/s decode on {engine.device}, "
+                         f"finish: {reason}]\n")
     return 0

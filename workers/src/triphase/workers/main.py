@@ -17,10 +17,12 @@ import sys
 from typing import Any
 
 from triphase.common import images, mtls
+from triphase.common.errors import UserError
 from triphase.common.images import ImageLimits
 from triphase.common.pki import Identity
 from triphase.common.roles import Role
 from triphase.common.signals import wait_for_stop_signal
+from triphase.workers.engine.device import DEFAULT_CPU_KV_MIB, DEVICE_CHOICES, parse_device
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +76,29 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sim: replay the timing `triphase profile` measured (instead of the --sim-*-ms)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--weights", default="auto", choices=["auto", "dense", "int4"])
-    parser.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache size (default 512 MiB)")
+    add_device_arguments(parser)
+    parser.add_argument("--kv-cache-mib", type=int,
+                        help=f"KV cache size (default: {DEFAULT_CPU_KV_MIB} MiB on the CPU; on a GPU, "
+                             "--gpu-memory-fraction of what the weights leave free)")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-batched-tokens", type=int, default=512, help="per-step token budget")
+
+
+def _device(value: str) -> str:
+    try:
+        return parse_device(value)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the engine computes (`triphase worker`, `profile`, `generate`, and `up` for its workers)."""
+    parser.add_argument("--device", type=_device, default="auto",
+                        help=f"{DEVICE_CHOICES}; auto (default): the first visible CUDA device, else the CPU")
+    parser.add_argument("--gpu-memory-fraction", type=float, default=0.9,
+                        help="on a GPU without --kv-cache-mib: the share of the memory free after the weights "
+                             "that the worker may use (KV cache and step buffers); lower it for workers "
+                             "sharing a GPU (default 0.9)")
 
 
 def engine_from_args(args: argparse.Namespace, prefix_salt: bytes = b"") -> Any:
@@ -84,9 +106,13 @@ def engine_from_args(args: argparse.Namespace, prefix_salt: bytes = b"") -> Any:
     from triphase.workers.engine.core import Engine, EngineConfig
     from triphase.workers.generate import progress_bar
 
-    config = EngineConfig(dtype=args.dtype, weights=args.weights, kv_cache_bytes=args.kv_cache_mib << 20,
+    if args.kv_cache_mib is not None and args.kv_cache_mib < 1:
+        raise UserError(f"--kv-cache-mib must be at least 1, got {args.kv_cache_mib}")
+    kv_bytes = args.kv_cache_mib << 20 if args.kv_cache_mib is not None else None
+    config = EngineConfig(dtype=args.dtype, weights=args.weights, kv_cache_bytes=kv_bytes,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
-                          prefix_salt=prefix_salt)
+                          prefix_salt=prefix_salt, device=args.device if args.engine == "torch" else "cpu",
+                          gpu_memory_fraction=args.gpu_memory_fraction)
     if args.sim_profile and args.engine != "sim":
         raise ValueError("--sim-profile needs --engine sim")
     if args.engine == "sim":
@@ -147,8 +173,10 @@ async def _serve(args: argparse.Namespace, engine: Any, limits: ImageLimits, bun
     servicer.endpoint = f"{advertised_host(args)}:{port}"
     if not args.worker_id:
         servicer.worker_id = f"{socket.gethostname()}:{port}"
-    logger.info("Worker %s serving on %s as %s (%d KV blocks; %s)", servicer.worker_id, servicer.endpoint,
-                servicer.role, engine.layout.num_blocks,
+    logger.info("Worker %s serving on %s as %s on %s in %s (%d KV blocks, %.0f MiB; KV transfer %s; %s)",
+                servicer.worker_id, servicer.endpoint, servicer.role, engine.device, engine.layout.dtype,
+                engine.layout.num_blocks, engine.layout.total_bytes / 2**20,
+                f"NIXL from {nixl.memory} ({nixl.backend})" if nixl is not None else "gRPC",
                 f"mTLS as {bundle.identity}" if bundle is not None else "plaintext")
     if args.metrics_port >= 0:
         from triphase.workers.metrics import serve_metrics

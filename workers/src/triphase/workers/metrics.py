@@ -35,6 +35,12 @@ class WorkerCollector(Collector):
             family.add_metric(values, value)
             return family
 
+        engine = sv.engine.engine
+        info = GaugeMetricFamily("triphase_worker_info", "Where and how the worker computes (always 1)",
+                                 labels=[*labels, "device", "dtype", "nixl"])
+        info.add_metric([*values, str(engine.device), engine.layout.dtype,
+                         sv.nixl.memory if sv.nixl is not None else "off"], 1)
+        yield info
         yield gauge("triphase_worker_running_requests", "Requests being computed", s.running)
         yield gauge("triphase_worker_waiting_requests", "Requests queued for admission", s.waiting)
         yield gauge("triphase_worker_pinned_requests", "Prefilled requests whose KV awaits a decode worker",

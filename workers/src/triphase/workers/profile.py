@@ -152,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     if blocks_needed > engine.layout.num_blocks:
         raise ValueError(f"{max(batches)} sequences of {max(contexts)} tokens need {blocks_needed} KV blocks; "
                          f"--kv-cache-mib gives {engine.layout.num_blocks}")
-    say(f"measuring {args.engine} engine ({engine.model_config.name}): {len(lengths)} prefill and "
+    say(f"measuring {args.engine} engine ({engine.model_config.name}, {engine.device}, {args.dtype}): "
+        f"{len(lengths)} prefill and "
         f"{len(batches) * len(contexts)} decode measurements, {args.repeats} times each")
     profile = Profiler(engine, say, args.repeats).run(lengths, batches, contexts, args.decode_steps, args.engine)
     output = pathlib.Path(args.output)

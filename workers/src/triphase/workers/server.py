@@ -333,6 +333,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             block_size=self.engine.engine.layout.block_size, cached_block_hashes=s.cached_block_hashes,
             model=self.model, switching=self.state.switching, prefill_tokens_per_second=s.prefill_tokens_per_s,
             decode_step_seconds=s.decode_step_s, prefill_tokens_total=s.prefill_tokens_total,
+            device=str(self.engine.engine.device), dtype=self.engine.engine.layout.dtype,
         )
 
     async def WatchStats(self, request: pb.WatchStatsRequest, context: grpc.aio.ServicerContext,
