@@ -173,3 +173,35 @@ def test_network_policies_admit_only_the_deployment_s_own_components():
     api = _by_name(builders.children("llm", "ns", exposed, {}, monitoring=()))[("NetworkPolicy", "llm-router")][
         "spec"]["ingress"][0]
     assert "from" not in api and api["ports"] == [{"port": builders.HTTP_PORT, "protocol": "TCP"}]
+
+
+def _worker_args(spec, role="decode"):
+    objects = _by_name(builders.children("llm", "ns", spec, {}, monitoring=()))
+    return objects[("Deployment", f"llm-{role}")]["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def _value(args, flag):
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+def test_a_pool_given_gpus_computes_on_one_and_sizes_its_kv_from_it():
+    spec = SPEC.model_copy(deep=True)
+    decode = spec.pools.decode
+    decode.resources.limits = {"nvidia.com/gpu": "1"}
+    decode.engine.kv_cache_mib = None
+    decode.engine.gpu_memory_fraction = 0.8
+    args = _worker_args(spec)
+    assert _value(args, "--device") == "cuda"
+    assert _value(args, "--gpu-memory-fraction") == "0.8" and "--kv-cache-mib" not in args
+    decode.engine.kv_cache_mib = 4096  # the CRD's size wins when it is set
+    args = _worker_args(spec)
+    assert _value(args, "--kv-cache-mib") == "4096" and "--gpu-memory-fraction" not in args
+
+
+def test_a_pool_without_gpus_computes_on_its_cpu_even_on_a_gpu_node():
+    spec = SPEC.model_copy(deep=True)
+    decode = spec.pools.decode
+    decode.resources.limits = {"cpu": "4", "nvidia.com/gpu": 0}
+    decode.engine.kv_cache_mib = None
+    args = _worker_args(spec)
+    assert _value(args, "--device") == "cpu" and _value(args, "--kv-cache-mib") == "1024"

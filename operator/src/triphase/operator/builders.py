@@ -151,6 +151,31 @@ def _model_args_and_volumes(spec: ServingDeploymentSpec) -> tuple[list[str], Obj
     return args, volumes, mounts
 
 
+GPU_RESOURCE = "nvidia.com/gpu"
+CPU_KV_CACHE_MIB = 1024  # a CPU pool's KV cache when the spec sets none
+
+
+def gpus(pool: PoolSpec) -> int:
+    """GPUs each worker of the pool asks for (limits, as the device plugin requires; else requests)."""
+    for quantities in (pool.resources.limits, pool.resources.requests):
+        if quantities and GPU_RESOURCE in quantities:
+            value = str(quantities[GPU_RESOURCE]).strip()
+            return int(value) if value.isdigit() else 1  # not a whole number: the kubelet refuses the pod
+    return 0
+
+
+def _device_args(pool: PoolSpec) -> list[str]:
+    """A pool given GPUs computes on the first (`cuda`: a pod that lands without one fails loudly
+    instead of decoding on its CPU); one without computes on its CPU even where the node has GPUs it
+    was not allocated."""
+    engine = pool.engine
+    if not gpus(pool):
+        return ["--device", "cpu", "--kv-cache-mib", str(engine.kv_cache_mib or CPU_KV_CACHE_MIB)]
+    if engine.kv_cache_mib is not None:
+        return ["--device", "cuda", "--kv-cache-mib", str(engine.kv_cache_mib)]
+    return ["--device", "cuda", "--gpu-memory-fraction", str(engine.gpu_memory_fraction)]
+
+
 def worker_deployment(name: str, namespace: str, role: str, pool: PoolSpec, spec: ServingDeploymentSpec,
                       replicas: int, config_digest: str) -> dict[str, Any]:
     model_args, volumes, mounts = _model_args_and_volumes(spec)
@@ -159,7 +184,7 @@ def worker_deployment(name: str, namespace: str, role: str, pool: PoolSpec, spec
             "--metrics-port", str(METRICS_PORT), "--health-port", str(HEALTH_PORT), "--mtls-dir", MTLS_MOUNT,
             "--kv-transfer", spec.kv_transfer.backend,
             "--max-batched-tokens", str(engine.max_batched_tokens), "--max-num-seqs", str(engine.max_num_seqs),
-            "--kv-cache-mib", str(engine.kv_cache_mib), "--dtype", engine.dtype, *model_args]
+            *_device_args(pool), "--dtype", engine.dtype, *model_args]
     resources = pool.resources.model_dump(exclude_none=True)
     container: dict[str, Any] = {
         "name": "worker", "image": spec.image, "args": args,

@@ -131,7 +131,13 @@ class EngineOptions(_Model):
     max_batched_tokens: int = Field(default=512, ge=16, le=1 << 20, description="Per-step token budget (chunked "
                                                                                 "prefill chunk size).")
     max_num_seqs: int = Field(default=64, ge=1, le=4096, description="Requests running at once per worker.")
-    kv_cache_mib: int = Field(default=1024, ge=16, le=1 << 22, description="KV cache per worker, MiB.")
+    kv_cache_mib: int | None = Field(default=None, ge=16, le=1 << 22,
+                                     description="KV cache per worker, MiB (default: 1024 on the CPU; on a GPU, "
+                                                 "gpuMemoryFraction of the memory the weights leave free).")
+    gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1,
+                                       description="Workers with GPUs (`nvidia.com/gpu` in the pool's limits) "
+                                                   "and no kvCacheMib: the share of the GPU memory free after "
+                                                   "the weights that the KV cache and step buffers may use.")
     dtype: Literal["bfloat16", "float32"] = Field(default="bfloat16", description="Compute dtype.")
 
 
