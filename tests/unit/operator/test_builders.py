@@ -205,3 +205,19 @@ def test_a_pool_without_gpus_computes_on_its_cpu_even_on_a_gpu_node():
     decode.engine.kv_cache_mib = None
     args = _worker_args(spec)
     assert _value(args, "--device") == "cpu" and _value(args, "--kv-cache-mib") == "1024"
+
+
+def test_the_model_format_and_tokenizer_reach_the_workers_and_the_router():
+    spec = SPEC.model_copy(deep=True)
+    assert "--model-format" not in _worker_args(spec) and "--tokenizer" not in _worker_args(spec)
+    spec.model.format = "safetensors"
+    spec.model.source, spec.model.pvc, spec.model.path = "pvc", "weights", "llama"
+    spec.model.tokenizer = "tokenizers/llama-chat"
+    args = _worker_args(spec)
+    assert _value(args, "--model-format") == "safetensors"
+    assert _value(args, "--tokenizer") == "/models/tokenizers/llama-chat"  # inside the model's volume
+    router = _by_name(builders.children("llm", "ns", spec, {}, monitoring=()))[("Deployment", "llm-router")]
+    assert _value(router["spec"]["template"]["spec"]["containers"][0]["args"], "--tokenizer") == \
+        "/models/tokenizers/llama-chat"
+    spec.model.tokenizer = "/opt/tokenizer.json"  # an absolute path is used as it is
+    assert _value(_worker_args(spec), "--tokenizer") == "/opt/tokenizer.json"

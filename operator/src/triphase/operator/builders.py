@@ -147,6 +147,9 @@ def _model_args_and_volumes(spec: ServingDeploymentSpec) -> tuple[list[str], Obj
             else {"image": {"reference": model.image, "pullPolicy": "IfNotPresent"}}
         volumes = [{"name": "model", **source}]
         args = ["--model", f"{MODEL_MOUNT}/{model.path}" if model.path else MODEL_MOUNT]
+    if model.tokenizer:
+        inside = volumes and not model.tokenizer.startswith("/")
+        args += ["--tokenizer", f"{MODEL_MOUNT}/{model.tokenizer}" if inside else model.tokenizer]
     mounts = [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}] if volumes else []
     return args, volumes, mounts
 
@@ -185,6 +188,8 @@ def worker_deployment(name: str, namespace: str, role: str, pool: PoolSpec, spec
             "--kv-transfer", spec.kv_transfer.backend,
             "--max-batched-tokens", str(engine.max_batched_tokens), "--max-num-seqs", str(engine.max_num_seqs),
             *_device_args(pool), "--dtype", engine.dtype, *model_args]
+    if spec.model.format:
+        args += ["--model-format", spec.model.format]
     resources = pool.resources.model_dump(exclude_none=True)
     container: dict[str, Any] = {
         "name": "worker", "image": spec.image, "args": args,

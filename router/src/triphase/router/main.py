@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", help="the model file or directory the workers serve (for the tokenizer)")
+    parser.add_argument("--tokenizer", help="a tokenizer.json, a directory with one, or a GGUF file whose tokenizer "
+                                            "replaces the model's own (give the workers the same)")
     parser.add_argument("--served-model-name", help="the `model` clients send (default: the file's name)")
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--max-in-flight", type=int, default=256, help="requests running at once")
@@ -143,7 +145,7 @@ async def _serve(args: argparse.Namespace) -> int:
     api_keys = ApiKeys(args.api_key_file) if args.api_key_file else None
     tls = ServerTls(args.tls_cert, args.tls_key) if args.tls_cert else None
     bundle = mtls.from_args(args, Identity.ROUTER)
-    tokenizer, _ = load_tokenizer(path)
+    tokenizer, _ = load_tokenizer(path, args.tokenizer)
     model = args.served_model_name or served_name(path)
     endpoints = [e.strip() for e in (args.workers or "").split(",") if e.strip()]
     client = WorkerClient(bundle=bundle)

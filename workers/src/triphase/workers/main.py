@@ -19,6 +19,7 @@ from typing import Any
 from triphase.common import images, mtls
 from triphase.common.errors import UserError
 from triphase.common.images import ImageLimits
+from triphase.common.model_files import FORMATS, check_format
 from triphase.common.pki import Identity
 from triphase.common.roles import Role
 from triphase.common.signals import wait_for_stop_signal
@@ -66,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """The engine's settings (shared by `triphase worker` and `triphase profile`)."""
     parser.add_argument("--model", help="GGUF file or Hugging Face directory (default: bundled SmolLM2-135M)")
+    parser.add_argument("--model-format", choices=FORMATS,
+                        help="fail at start unless the model is a GGUF file (gguf) or a directory of safetensors")
+    parser.add_argument("--tokenizer", help="a tokenizer.json, a directory with one, or a GGUF file whose tokenizer "
+                                            "replaces the model's own (give the router the same)")
     parser.add_argument("--engine", default="torch", choices=["torch", "sim"],
                         help="sim: real scheduling and KV bookkeeping with a timing model instead of the model")
     parser.add_argument("--sim-prefill-ms", type=float, default=10.0, help="sim: fixed cost of a prefill step")
@@ -115,6 +120,7 @@ def engine_from_args(args: argparse.Namespace, prefix_salt: bytes = b"") -> Any:
                           gpu_memory_fraction=args.gpu_memory_fraction)
     if args.sim_profile and args.engine != "sim":
         raise ValueError("--sim-profile needs --engine sim")
+    check_format(args.model, args.model_format)
     if args.engine == "sim":
         from triphase.workers.engine.sim import SimTiming, simulated_engine
 
@@ -127,8 +133,9 @@ def engine_from_args(args: argparse.Namespace, prefix_salt: bytes = b"") -> Any:
         else:
             timing = SimTiming(args.sim_prefill_ms / 1e3, args.sim_prefill_per_token_ms / 1e3,
                                args.sim_decode_ms / 1e3, args.sim_decode_per_seq_ms / 1e3)
-        return simulated_engine(args.model, config, timing)
-    return Engine.from_path(args.model, config, progress=progress_bar(quiet=not sys.stderr.isatty()))
+        return simulated_engine(args.model, config, timing, tokenizer_path=args.tokenizer)
+    return Engine.from_path(args.model, config, progress=progress_bar(quiet=not sys.stderr.isatty()),
+                            tokenizer=args.tokenizer)
 
 
 def run(args: argparse.Namespace) -> int:

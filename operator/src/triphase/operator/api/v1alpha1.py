@@ -53,9 +53,14 @@ class ModelSource(_Model):
                             max_length=253)
     image: str | None = Field(default=None, description="OCI image reference holding the model files.",
                               max_length=1024)
-    format: Literal["gguf", "safetensors"] = Field(default="gguf", description="File format of the weights.")
-    tokenizer: str | None = Field(default=None, description="Tokenizer file or directory, if not the model's own.",
-                                  max_length=4096)
+    format: Literal["gguf", "safetensors"] | None = Field(
+        default=None, description="File format the model must have: a GGUF file (gguf) or a directory of "
+                                  "*.safetensors files; workers refuse to start on anything else. Default: either.")
+    tokenizer: str | None = Field(default=None, description="A tokenizer.json, a directory holding one (with "
+                                                            "tokenizer_config.json), or a GGUF file, used by the "
+                                                            "router and the workers instead of the model's own "
+                                                            "tokenizer. A relative path is inside the model's "
+                                                            "volume (pvc and image sources).", max_length=4096)
     served_name: str | None = Field(default=None, description="The `model` name clients send (default: the file "
                                                               "name).", max_length=256)
 

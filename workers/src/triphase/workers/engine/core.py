@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from triphase.common.errors import UserError
+from triphase.common.model_files import tokenizer_override
 from triphase.common.tokenizer import Tokenizer
 from triphase.common.vision import VisionConfig
 from triphase.workers.engine.detokenizer import IncrementalDetokenizer
@@ -212,11 +213,15 @@ class Engine:
 
     @classmethod
     def from_path(cls, path: str | None = None, config: EngineConfig | None = None,
-                  progress: Callable[..., Iterable[Any]] | None = None) -> Engine:
+                  progress: Callable[..., Iterable[Any]] | None = None, tokenizer: str | None = None) -> Engine:
+        """Load the model at `path` (None: the bundled one); `tokenizer` replaces its own
+        (model_files.tokenizer_override)."""
         config = config or EngineConfig()
         kwargs = {"progress": progress} if progress is not None else {}
         keep = _int4(config, resolve_device(config.device))
         loaded = load_model(path, dtype=TORCH_DTYPES[config.dtype], keep_quantized=keep, **kwargs)
+        if tokenizer is not None:
+            loaded.tokenizer = tokenizer_override(tokenizer, loaded.tokenizer)
         return cls(loaded, config)
 
     @property

@@ -73,9 +73,11 @@ SIM_MODEL = ModelConfig(architecture="sim", vocab_size=0, hidden_size=8, interme
                         rope_theta=1.0, max_position_embeddings=8192, tie_word_embeddings=True, name="sim")
 
 
-def simulated_engine(model_path: str | None, config: EngineConfig, timing: SimTiming) -> Engine:
-    """An engine with the model's tokenizer and a simulated forward pass (never EOS unless asked)."""
-    tokenizer, name = load_tokenizer(model_path)
+def simulated_engine(model_path: str | None, config: EngineConfig, timing: SimTiming,
+                     tokenizer_path: str | None = None) -> Engine:
+    """An engine with the model's tokenizer (or the one at `tokenizer_path`) and a simulated forward
+    pass (never EOS unless asked)."""
+    tokenizer, name = load_tokenizer(model_path, tokenizer_path)
     cfg = dataclasses.replace(SIM_MODEL, vocab_size=tokenizer.vocab_size, name=name,
                               eos_token_ids=tuple(tokenizer.eos_token_ids))
     layout = kv_layout_for(cfg, dataclasses.replace(config, dtype="float32"))
