@@ -8,13 +8,14 @@ PY = $(VENV)/bin/python
 PROMPT ?= Explain in two sentences why splitting prefill and decode across machines helps LLM serving.
 PORT ?= 8000
 
-.PHONY: help up generate test lint unit bench venv k8s-tools prometheus-tools
+.PHONY: help up generate test lint unit bench gpu-check venv k8s-tools prometheus-tools
 
 help:
 	@echo "make up     router + prefill + decode workers on 127.0.0.1:$(PORT) (OpenAI API), bundled model"
 	@echo "make generate  one chat generation on the in-process engine"
 	@echo "make test   lint + type check + architecture contracts + all tests"
 	@echo "make bench  engine benchmark -> BENCHMARKS.md"
+	@echo "make gpu-check  every GPU claim measured on this machine's GPU -> benchmarks/gpu.json, BENCHMARKS.md"
 
 venv:
 	@bash scripts/venv.sh
@@ -48,3 +49,7 @@ unit:
 
 bench:
 	@$(PY) benchmarks/engine.py
+
+# On a machine with a GPU (about 5 minutes on one H100): see benchmarks/gpu.py for what it checks.
+gpu-check:
+	@$(PY) benchmarks/gpu.py $(GPU_CHECK_ARGS)

@@ -85,11 +85,11 @@ def run_triphase(spec: dict, quick: bool) -> dict:
     return result
 
 
-def decode_rate(engine, batch: int, tag: str) -> float:
+def decode_rate(engine, batch: int, tag: str, tokens: int = DECODE_TOKENS) -> float:
     """Aggregate tokens/s of the decode phase: all prompts are prefilled before the clock starts."""
     from triphase.workers.engine.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=DECODE_TOKENS, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     batch_prompts = prompts(engine.tokenizer, batch, 16)
     reqs = [engine.add_request(f"{tag}-{i}", p, params) for i, p in enumerate(batch_prompts)]
     while any(r.num_output_tokens == 0 for r in reqs):
