@@ -82,10 +82,12 @@ SLO_OVERVIEW = [
                  * scalar(min(triphase:slo_attainment:ratio_rate5m{{{RULES}}}))""", "goodput"),),
           kind="stat", width=6),
     Chart("Requests by outcome", "Finished requests per second by status: ok, 400 (bad request), 429 "
-          "(admission queue full), 503 (no worker could serve), ...", "reqps",
+          "(admission queue full), 499 (the client hung up mid-stream), 503 (no worker could serve), ...", "reqps",
           (q(f"sum by (status) (rate(triphase_requests_total{{{SERVING}}}[{RATE}]))", "{{status}}"),)),
-    Chart("Errors by code", "Requests per second that did not end ok, by status code.", "reqps",
-          (q(f'sum by (status) (rate(triphase_requests_total{{{SERVING}, status!="ok"}}[{RATE}]))', "{{status}}"),)),
+    Chart("Errors by code", "Requests per second that did not end ok, by status code; clients that hung up "
+          "(499) are not errors and are left out.", "reqps",
+          (q(f'sum by (status) (rate(triphase_requests_total{{{SERVING}, status!~"ok|499"}}[{RATE}]))',
+             "{{status}}"),)),
     Chart("Tokens", "Prompt tokens the router ran and tokens it streamed, per second.", "short",
           (q(f"sum(rate(triphase_prompt_tokens_total{{{SERVING}}}[{RATE}]))", "prompt tokens/s"),
            q(f"sum(rate(triphase_generation_tokens_total{{{SERVING}}}[{RATE}]))", "generated tokens/s"))),

@@ -11,7 +11,7 @@ import urllib.request
 import openai
 import pytest
 
-from triphase.local.processes import triphase_up
+from triphase.local.processes import triphase_up, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -49,3 +49,50 @@ def test_sim_stack_serves_concurrent_requests_deterministically(url):
         metrics = response.read().decode()
     moved = re.search(r'triphase_kv_transfer_bytes_total\{backend="nixl",model="[^"]+"\} (\S+)', metrics)
     assert moved and float(moved.group(1)) > 0
+
+
+def _requests_by_status(url):
+    with urllib.request.urlopen(f"{url}/metrics") as response:
+        metrics = response.read().decode()
+    counts: dict[str, float] = {}
+    for line in metrics.splitlines():
+        if line.startswith("triphase_requests_total{") and (status := re.search(r'status="([^"]+)"', line)):
+            counts[status.group(1)] = counts.get(status.group(1), 0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_clients_that_hang_up_are_counted_apart_not_as_server_errors(url):
+    """Half of 20 streams are dropped by their clients after a few chunks: they count as 499, never 503."""
+    before = _requests_by_status(url)
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        try:
+            model = (await client.models.list()).data[0].id
+
+            async def one(i):
+                stream = await client.completions.create(model=model, prompt=f"abort {i}", max_tokens=120,
+                                                         temperature=0, stream=True)
+                chunks = 0
+                async for _ in stream:
+                    chunks += 1
+                    if i % 2 and chunks == 3:
+                        await stream.close()  # the client hangs up mid-stream
+                        break
+                return chunks
+
+            return await asyncio.gather(*(one(i) for i in range(20)))
+        finally:
+            await client.close()
+
+    chunks = asyncio.run(main())
+    assert [c for i, c in enumerate(chunks) if i % 2] == [3] * 10
+
+    def delta(status):
+        return _requests_by_status(url).get(status, 0) - before.get(status, 0)
+
+    try:
+        wait_for(lambda: delta("499") + delta("ok") == 20, 30, "the router to count all 20 requests")
+    except TimeoutError:
+        raise AssertionError({s: delta(s) for s in _requests_by_status(url)}) from None
+    assert (delta("499"), delta("ok"), delta("503")) == (10, 10, 0)

@@ -18,6 +18,10 @@ WORKER_STATES = ("ready", "draining", "unhealthy")  # triphase_workers{state}; e
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 
 
+# The status of a request whose client hung up mid-stream (nginx's and Envoy's convention): neither ok
+# nor an error of the serving system, so outside the error budget and the error panels.
+CLIENT_CLOSED = "499"
+
 class RouterMetrics:
     def __init__(self, model: str) -> None:
         self.model = model
@@ -69,13 +73,15 @@ class RouterMetrics:
 
     def finished(self, status: str, prompt_tokens: int, generated: int, seconds: float,
                  after_first_s: float | None, key: str = "") -> None:
-        """A request the router ran ended: `status` ok, 400, 503...; `after_first_s` is the time from its
-        first token to its last (None without a first token): its TPOT when it streamed more than one.
-        `key`: the name of the client's API key."""
+        """A request the router ran ended: `status` ok, 400, 499 (the client hung up), 503...;
+        `after_first_s` is the time from its first token to its last (None without a first token): its
+        TPOT when it streamed more than one (kept for a request whose client hung up: slow tokens are a
+        reason to). `key`: the name of the client's API key."""
         self.requests.labels(self.model, status, key).inc()
         self.prompt_tokens.labels(self.model, key).inc(prompt_tokens)
         self.generation_tokens.labels(self.model, key).inc(generated)
-        self.e2e.labels(self.model).observe(seconds)
+        if status != CLIENT_CLOSED:  # it did not end: the time until its client left is no end-to-end latency
+            self.e2e.labels(self.model).observe(seconds)
         if after_first_s is not None and generated > 1:
             self.tpot.labels(self.model).observe(after_first_s / (generated - 1))
 

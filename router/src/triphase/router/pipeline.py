@@ -70,6 +70,7 @@ class Trace:
     migrations: int = 0
     encoded_on: list[str] = dataclasses.field(default_factory=list)  # encode worker of each image ("": none)
     attempts: list[Attempt] = dataclasses.field(default_factory=list)  # in order
+    client_gone: bool = False  # the client hung up before the end (set by the HTTP layer)
 
 
 class Pipeline:

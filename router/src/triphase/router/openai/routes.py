@@ -39,7 +39,7 @@ from triphase.router.errors import (
     Unauthorized,
     Unavailable,
 )
-from triphase.router.metrics import RouterMetrics
+from triphase.router.metrics import CLIENT_CLOSED, RouterMetrics
 from triphase.router.openai import protocol as p
 from triphase.router.openai.images import ImageSources, LoadedImage
 from triphase.router.openai.images import load as load_image
@@ -249,9 +249,11 @@ class Api:
         return Sampling(max_tokens=limit, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                         seed=req.seed, stop=tuple(req.stop_list), ignore_eos=req.ignore_eos)
 
-    async def _timed(self, prompt: list[int], sampling: Sampling, trace: Trace,
+    async def _timed(self, request: web.Request, prompt: list[int], sampling: Sampling, trace: Trace,
                      images: Sequence[PromptImage] = ()) -> AsyncGenerator[Delta, None]:
-        """Run the pipeline, recording TTFT / TPOT / end-to-end latency and token counts."""
+        """Run the pipeline, recording TTFT / TPOT / end-to-end latency and token counts. A request whose
+        client hung up (its handler cancelled with the connection gone, or a stream write refused) is
+        counted as CLIENT_CLOSED."""
         start = time.monotonic()
         first_at: float | None = None
         generated = 0
@@ -271,9 +273,14 @@ class Api:
         except BadRequest:
             status = "400"
             raise
+        except asyncio.CancelledError:  # aiohttp cancels the handler of a connection that was lost
+            trace.client_gone = trace.client_gone or request.transport is None or request.transport.is_closing()
+            raise
         finally:
             end = time.monotonic()
-            self.metrics.finished(status if status != "error" else "503", len(prompt), generated, end - start,
+            if status == "error":  # a client that hung up is not a server error (nor a finished request)
+                status = CLIENT_CLOSED if trace.client_gone else "503"
+            self.metrics.finished(status, len(prompt), generated, end - start,
                                   None if first_at is None else end - first_at, key=trace.api_key)
 
     async def _collect(self, deltas: AsyncIterator[Delta]) -> tuple[str, list[int], str, int]:
@@ -292,7 +299,7 @@ class Api:
             raise Unavailable("the request failed inside the serving system") from exc
         return "".join(text), tokens, reason, cached
 
-    async def _sse(self, request: web.Request, frames: AsyncIterator[bytes]) -> web.StreamResponse:
+    async def _sse(self, request: web.Request, frames: AsyncIterator[bytes], trace: Trace) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         try:
@@ -301,6 +308,7 @@ class Api:
         except RouterError as exc:
             await response.write(_frame(exc.body()))
         except (ConnectionResetError, BrokenPipeError):
+            trace.client_gone = True  # counted as CLIENT_CLOSED, not as an error of ours
             return response  # the client left: the closed stream cancels the workers' request
         except Exception:
             logger.exception("Stream failed")
@@ -323,10 +331,10 @@ class Api:
                     sampling: Sampling, images: list[PromptImage]) -> web.StreamResponse:
         rid, created = p.new_id("chatcmpl"), p.created()
         trace = Trace(rid, api_key=request.get("api_key", ""))
-        async with contextlib.aclosing(self._timed(prompt, sampling, trace, images)) as deltas:
+        async with contextlib.aclosing(self._timed(request, prompt, sampling, trace, images)) as deltas:
             if req.stream:
                 chunks = self._chat_chunks(deltas, rid, created, len(prompt), req.include_usage)
-                return await self._sse(request, chunks)
+                return await self._sse(request, chunks, trace)
             text, tokens, reason, cached = await self._collect(deltas)
         return web.json_response({
             "id": rid, "object": "chat.completion", "created": created, "model": self.model,
@@ -362,10 +370,10 @@ class Api:
         rid, created = p.new_id("cmpl"), p.created()
         echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
         trace = Trace(rid, api_key=request.get("api_key", ""))
-        async with contextlib.aclosing(self._timed(prompt, sampling, trace)) as deltas:
+        async with contextlib.aclosing(self._timed(request, prompt, sampling, trace)) as deltas:
             if req.stream:
                 chunks = self._completion_chunks(deltas, rid, created, echo, len(prompt), req.include_usage)
-                return await self._sse(request, chunks)
+                return await self._sse(request, chunks, trace)
             text, tokens, reason, cached = await self._collect(deltas)
         return web.json_response({
             "id": rid, "object": "text_completion", "created": created, "model": self.model,
