@@ -179,6 +179,11 @@ def test_set_role_at_runtime(workers, prompt):
         response = stub.Prefill(pb.PrefillRequest(request_id="r1", prompt_token_ids=prompt, sampling=GREEDY))
         assert stub.ReleaseKv(pb.ReleaseKvRequest(request_id="r1")).released
         assert response.kv.source_worker == stats(stub).worker_id
+        # A call the new role does not allow says which role the worker has now, for the router's view.
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(pb.GenerateRequest(request_id="r2", prompt_token_ids=prompt, sampling=GREEDY)))
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert ("triphase-role", "prefill") in refused.value.trailing_metadata()
     finally:
         stub.SetRole(pb.SetRoleRequest(role=pb.ROLE_DECODE))
     assert stats(stub).role == pb.ROLE_DECODE

@@ -16,7 +16,15 @@ from triphase.common.roles import Role
 from triphase.router.metrics import RouterMetrics
 from triphase.router.pipeline import Attempt, Pipeline, Trace
 from triphase.router.policy.pairing import WorkerView
-from triphase.router.worker_client import Delta, HandedOver, HandOffFailed, PromptImage, Sampling, WorkerFailed
+from triphase.router.worker_client import (
+    Delta,
+    HandedOver,
+    HandOffFailed,
+    PromptImage,
+    RoleRefused,
+    Sampling,
+    WorkerFailed,
+)
 
 IM_END = 2
 
@@ -26,6 +34,11 @@ class Registry:
         self.views = views
         self.changed = asyncio.Event()
         self.unhealthy: list[str] = []
+        self.roles: dict[str, Role] = {}  # what set_role was told
+
+    def set_role(self, endpoint: str, role: Role) -> None:
+        self.roles[endpoint] = role
+        self.views = [dataclasses.replace(v, role=role) if v.endpoint == endpoint else v for v in self.views]
 
     def snapshot(self) -> list[WorkerView]:
         return [v for v in self.views if v.endpoint not in self.unhealthy]
@@ -160,6 +173,35 @@ def test_a_decode_worker_refusing_the_hand_off_passes_the_kv_to_another() -> Non
     assert prefill_run(client, second_decoder=True) == [5, IM_END]
     assert client.prefills == ["p1:1"] and client.decodes == ["d:1", "e:1"] and client.calls == []
     assert client.released == 0  # e adopted the KV (and releases the prefill worker's copy itself)
+
+
+class RoleSwitched(PrefillClient):
+    """d became a prefill worker before the router's view of it changed: it refuses Decode for its role."""
+
+    async def decode(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
+                     ticket: Ticket, images: Sequence[PromptImage] = ()) -> AsyncGenerator[Delta, None]:
+        self.decodes.append(endpoint)
+        if endpoint == "d:1":
+            raise RoleRefused("FAILED_PRECONDITION: worker d is prefill, not decode", Role.PREFILL)
+        for delta in (Delta([5], "x"), Delta([IM_END], "", "stop")):
+            yield delta
+
+
+def test_a_role_refusal_updates_the_workers_role_and_is_no_health_failure() -> None:
+    """The worker that refused is seen as what it said it is (so prefill can place on it at once), it
+    stays healthy, and the KV goes to the other decode worker."""
+    client = RoleSwitched(refusing=set())
+    views = [WorkerView("p1", "p1:1", Role.PREFILL), WorkerView("d", "d:1", Role.DECODE, free_blocks=100),
+             WorkerView("e", "e:1", Role.DECODE, free_blocks=10)]
+    registry = Registry(views)
+    pipeline = Pipeline(registry, client, RouterMetrics("m"), placement_wait_s=1)  # type: ignore[arg-type]
+
+    async def collect() -> list[int]:
+        return [t async for d in pipeline.run([1, 9], Sampling(max_tokens=8, temperature=0)) for t in d.token_ids]
+
+    assert asyncio.run(collect()) == [5, IM_END]
+    assert client.decodes == ["d:1", "e:1"]
+    assert registry.unhealthy == [] and registry.roles == {"d:1": Role.PREFILL}
 
 
 class HandingOver(Client):

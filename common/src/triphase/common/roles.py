@@ -9,6 +9,10 @@ ROLE_LABEL = f"{LABEL_PREFIX}/role"
 # Trailing gRPC metadata on the UNAVAILABLE that ends a stream a worker handed over (a role switch,
 # a shutdown, load balancing): the router resumes it elsewhere without counting a failure.
 HANDED_OVER_METADATA = "triphase-handed-over"
+# Trailing gRPC metadata on the FAILED_PRECONDITION of a call the worker's role does not allow: the role it
+# has now, so the router corrects its view of the worker (a role switch it has not seen yet) instead of
+# counting a failure.
+ROLE_METADATA = "triphase-role"
 
 
 class Role(enum.StrEnum):

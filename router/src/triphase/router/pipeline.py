@@ -37,6 +37,7 @@ from triphase.router.worker_client import (
     HandedOver,
     HandOffFailed,
     PromptImage,
+    RoleRefused,
     Sampling,
     WorkerClient,
     WorkerFailed,
@@ -112,7 +113,7 @@ class Pipeline:
                     if key == image.digest:
                         return dataclasses.replace(image, source=worker.endpoint, slot=slot, ticket=ticket)
                 except WorkerFailed as exc:
-                    self.registry.mark_unhealthy(worker.endpoint)
+                    self._worker_failed(worker.endpoint, exc)
                     logger.warning("%s: encode worker %s failed (%s)", trace.request_id, worker.worker_id, exc)
             return image
 
@@ -174,7 +175,7 @@ class Pipeline:
             except WorkerFailed as exc:
                 attempt = Attempt.MIGRATE
                 if trace.decode_endpoint:
-                    self.registry.mark_unhealthy(trace.decode_endpoint)
+                    self._worker_failed(trace.decode_endpoint, exc)
                 failed.add(trace.decode_worker or "")
                 if len(failed) > self.max_retries:
                     raise Unavailable(f"the request failed on {len(failed)} workers; last error: {exc}") from None
@@ -199,7 +200,7 @@ class Pipeline:
                     # Another prefill worker rather than the decode worker if there is one: a local
                     # prefill stalls every stream on the decode worker (what disaggregation avoids);
                     # a prefill worker that switches role hands its whole queue back at once.
-                    self.registry.mark_unhealthy(prefill.endpoint)
+                    self._worker_failed(prefill.endpoint, exc)
                     tried.add(prefill.worker_id)
                     failed_on, prefill = prefill.worker_id, None
                     if len(tried) - len(failed) <= self.max_retries:
@@ -297,7 +298,7 @@ class Pipeline:
                         if adopted or len(tried) > self.max_retries or \
                                 (other := self._another_decode(prompt, tried, images)) is None:
                             raise
-                        self.registry.mark_unhealthy(endpoint)
+                        self._worker_failed(endpoint, exc)
                         logger.warning("%s: decode worker %s refused the hand-off (%s); handing off to %s",
                                        trace.request_id, trace.decode_worker, exc, other.worker_id)
                         tried.add(other.worker_id)
@@ -307,6 +308,15 @@ class Pipeline:
         finally:
             if not adopted:  # failed or cancelled before the hand-off completed: unpin now
                 await self.client.release(ticket)
+
+    def _worker_failed(self, endpoint: str, exc: WorkerFailed) -> None:
+        """A call to a worker failed: one that refused it for its role (it switched since its last stats)
+        is seen in the role it said it has; any other failure takes the worker out until its stats
+        stream answers again."""
+        if isinstance(exc, RoleRefused):
+            self.registry.set_role(endpoint, exc.role)
+        else:
+            self.registry.mark_unhealthy(endpoint)
 
     def _another_decode(self, prompt: list[int], tried: set[str], images: Sequence[PromptImage]) -> WorkerView | None:
         placement = select(self._hashes(prompt, images), self.registry.snapshot(), frozenset(tried))

@@ -94,6 +94,15 @@ class Registry:
         finally:
             mine.streams -= 1
 
+    def set_role(self, endpoint: str, role: Role) -> None:
+        """The worker said it has `role` (refusing a call its role does not allow): see it so until its
+        stats say otherwise. It stays healthy: a switched worker is not a sick one."""
+        view = self._views.get(endpoint)
+        if view is not None and view.role is not role:
+            logger.info("Worker %s is %s now (it refused a call for its old role)", view.worker_id, role)
+            self._views[endpoint] = dataclasses.replace(view, role=role)
+            self.changed.set()
+
     def mark_unhealthy(self, endpoint: str) -> None:
         view = self._views.get(endpoint)
         if view is not None and view.healthy:

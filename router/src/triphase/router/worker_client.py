@@ -17,7 +17,7 @@ from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
 from triphase.common import mtls
 from triphase.common.block_hash import ImageSpan
-from triphase.common.roles import HANDED_OVER_METADATA, Role
+from triphase.common.roles import HANDED_OVER_METADATA, ROLE_METADATA, Role
 from triphase.router.errors import BadRequest
 from triphase.router.policy.pairing import WorkerView
 
@@ -34,6 +34,15 @@ class WorkerFailed(Exception):
 class HandedOver(WorkerFailed):
     """The worker gave a running stream back (a role switch, a shutdown, load balancing): resume it
     elsewhere; the worker has not failed."""
+
+
+class RoleRefused(WorkerFailed):
+    """The worker's role does not allow the call: it switched roles since the router last heard. The
+    worker is healthy; the router should see it as `role` and go elsewhere."""
+
+    def __init__(self, message: str, role: Role) -> None:
+        super().__init__(message)
+        self.role = role
 
 
 class HandOffFailed(WorkerFailed):
@@ -117,6 +126,10 @@ def _failure(exc: grpc.aio.AioRpcError) -> Exception:
     if exc.code() == grpc.StatusCode.UNAVAILABLE and any(
             key == HANDED_OVER_METADATA for key, _ in (exc.trailing_metadata() or ())):
         return HandedOver(exc.details() or "handed over")
+    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+        role = dict(exc.trailing_metadata() or ()).get(ROLE_METADATA)
+        if role in set(Role):
+            return RoleRefused(f"{exc.code().name}: {exc.details()}", Role(role))
     return WorkerFailed(f"{exc.code().name}: {exc.details()}")
 
 

@@ -25,9 +25,10 @@ class Refused(Exception):
     """Work this worker will not take now. `transient`: it may take it again shortly (switching, a
     stalled engine), so the caller should try another worker."""
 
-    def __init__(self, message: str, *, transient: bool) -> None:
+    def __init__(self, message: str, *, transient: bool, role: Role | None = None) -> None:
         super().__init__(message)
         self.transient = transient
+        self.role = role  # set when the worker's role does not allow the call: the role it has
 
 
 class HandedOver(Refused):
@@ -61,11 +62,11 @@ class RoleState:
         if self.switching:
             raise Refused(f"worker {self.worker_id} is switching its role", transient=True)
         if needs_prefill and not self.role.can_prefill:
-            raise Refused(f"worker {self.worker_id} is {self.role}, not prefill", transient=False)
+            raise Refused(f"worker {self.worker_id} is {self.role}, not prefill", transient=False, role=self.role)
         if needs_decode and not self.role.can_decode:
-            raise Refused(f"worker {self.worker_id} is {self.role}, not decode", transient=False)
+            raise Refused(f"worker {self.worker_id} is {self.role}, not decode", transient=False, role=self.role)
         if needs_encode and self.role is not Role.ENCODE:
-            raise Refused(f"worker {self.worker_id} is {self.role}, not encode", transient=False)
+            raise Refused(f"worker {self.worker_id} is {self.role}, not encode", transient=False, role=self.role)
 
     @contextlib.contextmanager
     def tracked(self, request_id: str, prompt_tokens: int = 0, max_tokens: int = 0, movable: bool = True,

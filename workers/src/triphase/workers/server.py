@@ -29,7 +29,7 @@ from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
 from triphase.common import mtls
 from triphase.common.images import ImageLimits
-from triphase.common.roles import HANDED_OVER_METADATA, Role
+from triphase.common.roles import HANDED_OVER_METADATA, ROLE_METADATA, Role
 from triphase.workers.authz import refusal
 from triphase.workers.engine.async_engine import AsyncEngine, EngineFailed
 from triphase.workers.engine.core import KvExport, RequestOutput
@@ -171,7 +171,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc), trailing_metadata=((HANDED_OVER_METADATA, "1"),))
         except Refused as exc:
             code = grpc.StatusCode.UNAVAILABLE if exc.transient else grpc.StatusCode.FAILED_PRECONDITION
-            await context.abort(code, str(exc))
+            await context.abort(code, str(exc),
+                                trailing_metadata=((ROLE_METADATA, str(exc.role)),) if exc.role else ())
         except HandOffFailed as exc:
             await context.abort(grpc.StatusCode.ABORTED, str(exc))
         except TicketRefused as exc:
