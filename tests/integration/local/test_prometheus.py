@@ -60,3 +60,7 @@ def test_triphase_up_prometheus_scrapes_the_router_the_workers_and_the_balancer(
         roles = {s["metric"]["role"] for s in series(prom, "triphase_worker_running_requests")}
         assert roles == {"prefill", "decode"}
         assert series(prom, 'triphase_balancer_workers{role="decode"} == 1')
+        # One served name on every component's series, so dashboards and rules can join on `model`.
+        by_job = series(prom, 'count by (job, model) ({__name__=~"triphase_.+", model!=""})')
+        assert {s["metric"]["job"] for s in by_job} == {"router", "worker", "balancer"}
+        assert {s["metric"]["model"] for s in by_job} == {models["data"][0]["id"]}

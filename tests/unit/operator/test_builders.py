@@ -221,3 +221,11 @@ def test_the_model_format_and_tokenizer_reach_the_workers_and_the_router():
         "/models/tokenizers/llama-chat"
     spec.model.tokenizer = "/opt/tokenizer.json"  # an absolute path is used as it is
     assert _value(_worker_args(spec), "--tokenizer") == "/opt/tokenizer.json"
+
+
+def test_the_served_name_labels_the_workers_series_as_the_routers():
+    spec = SPEC.model_copy(deep=True)
+    spec.model.served_name = "smol"
+    assert _value(_worker_args(spec), "--served-model-name") == "smol"
+    router = _by_name(builders.children("llm", "ns", spec, {}, monitoring=()))[("Deployment", "llm-router")]
+    assert _value(router["spec"]["template"]["spec"]["containers"][0]["args"], "--served-model-name") == "smol"

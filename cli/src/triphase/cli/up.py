@@ -145,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
                   str(args.drain_timeout), *image_args, *secured.get(Identity.WORKER, [])]
         if args.model:
             common += ["--model", args.model]
+        if served:
+            common += ["--served-model-name", served]
         for name in SIM_TIMING:
             if getattr(args, name) is not None:
                 if args.engine != "sim":

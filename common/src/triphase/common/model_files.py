@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 from typing import Any
 
 from triphase.common import tokenizer as tok
@@ -65,6 +66,14 @@ def gguf_metadata(reader: Any, path: str) -> dict[str, Any]:
 
 
 FORMATS = ("gguf", "safetensors")
+
+
+def served_name(path: str) -> str:
+    """The name a model is served under by default: its file or directory name without `.gguf` and a
+    quantization suffix. The router's `model` and every component's `model` label (one name to join on)."""
+    stem = pathlib.Path(path.rstrip("/")).name
+    stem = re.sub(r"\.gguf$", "", stem, flags=re.IGNORECASE)
+    return re.sub(r"[.-](Q\d\w*|F16|F32|BF16)$", "", stem, flags=re.IGNORECASE)
 
 
 def check_format(path: str | None, expected: str | None) -> None:

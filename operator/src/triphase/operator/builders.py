@@ -190,6 +190,8 @@ def worker_deployment(name: str, namespace: str, role: str, pool: PoolSpec, spec
             *_device_args(pool), "--dtype", engine.dtype, *model_args]
     if spec.model.format:
         args += ["--model-format", spec.model.format]
+    if spec.model.served_name:
+        args += ["--served-model-name", spec.model.served_name]
     resources = pool.resources.model_dump(exclude_none=True)
     container: dict[str, Any] = {
         "name": "worker", "image": spec.image, "args": args,

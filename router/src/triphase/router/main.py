@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import logging
 import pathlib
-import re
 import socket
 
 from triphase.common import images, mtls
@@ -37,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="the model file or directory the workers serve (for the tokenizer)")
     parser.add_argument("--tokenizer", help="a tokenizer.json, a directory with one, or a GGUF file whose tokenizer "
                                             "replaces the model's own (give the workers the same)")
-    parser.add_argument("--served-model-name", help="the `model` clients send (default: the file's name)")
+    parser.add_argument("--served-model-name", help="the `model` clients send and every series' `model` label "
+                                                    "(default: the file's name; give the workers the same)")
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--max-in-flight", type=int, default=256, help="requests running at once")
     parser.add_argument("--max-queued", type=int, default=1024,
@@ -83,12 +83,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-fetch-timeout", type=float, default=10.0, metavar="SECONDS")
 
 
-def served_name(path: str) -> str:
-    stem = pathlib.Path(path.rstrip("/")).name
-    stem = re.sub(r"\.gguf$", "", stem, flags=re.IGNORECASE)
-    return re.sub(r"[.-](Q\d\w*|F16|F32|BF16)$", "", stem, flags=re.IGNORECASE)
-
-
 def listening_socket(host: str, port: int) -> socket.socket:
     """A listening socket with TCP_NODELAY, which accepted connections inherit (no Nagle delay on
     streamed tokens)."""
@@ -108,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from triphase.common.model_files import load_tokenizer, resolve
+    from triphase.common.model_files import load_tokenizer, resolve, served_name
     from triphase.common.pki import Identity
     from triphase.common.vision import vision_config_of
     from triphase.router.admission import Admission

@@ -19,7 +19,7 @@ from typing import Any
 from triphase.common import images, mtls
 from triphase.common.errors import UserError
 from triphase.common.images import ImageLimits
-from triphase.common.model_files import FORMATS, check_format
+from triphase.common.model_files import FORMATS, check_format, resolve, served_name
 from triphase.common.pki import Identity
 from triphase.common.roles import Role
 from triphase.common.signals import wait_for_stop_signal
@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "to READY_FILE.health)")
     mtls.add_argument(parser)
     parser.add_argument("--worker-id", help="default: HOSTNAME:PORT")
+    parser.add_argument("--served-model-name",
+                        help="the model's name in stats and every series' `model` label (default: the file's name, "
+                             "as the router derives it; give both the same)")
     add_engine_arguments(parser)
     parser.add_argument("--kv-pin-timeout", type=float, default=30.0,
                         help="seconds before prefilled KV nobody read is freed")
@@ -174,7 +177,8 @@ async def _serve(args: argparse.Namespace, engine: Any, limits: ImageLimits, bun
         except NixlUnavailable as exc:
             logger.warning("KV transfer falls back to the gRPC stream: %s", exc)
     servicer = WorkerServicer(runner, worker_id=worker_id, endpoint="", role=Role(args.role),
-                              model=engine.model_config.name, nixl=nixl, image_limits=limits,
+                              model=args.served_model_name or served_name(resolve(args.model)), nixl=nixl,
+                              image_limits=limits,
                               embedding_cache_bytes=args.embedding_cache_mib << 20, bundle=bundle)
     server, port = await serve(servicer, args.host, args.port, health_port=args.health_port)
     servicer.endpoint = f"{advertised_host(args)}:{port}"
