@@ -71,6 +71,19 @@ async def collect(runner: AsyncEngine, request_id: str, prompt: list[int]) -> li
     return tokens
 
 
+async def test_stats_are_true_from_the_start_and_refreshed_while_idle(engine):
+    runner = AsyncEngine(engine)
+    runner.start()
+    try:
+        first = runner.stats  # before any request: every block free (it said 0 of 0)
+        assert (first.free_blocks, first.total_blocks) == (64, 64) and first.running == 0
+        # idle, yet its stats are read again (the engine thread replaces the snapshot)
+        await asyncio.to_thread(wait_for, lambda: runner.stats is not first, 5, "an idle stats refresh")
+        assert runner.stats.total_blocks == 64
+    finally:
+        await runner.stop()
+
+
 async def test_a_failed_step_fails_only_its_requests(engine):
     faults = Faults(engine.runner)
     runner = AsyncEngine(engine, max_step_failures=3)

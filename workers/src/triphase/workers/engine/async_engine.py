@@ -44,6 +44,9 @@ class EngineFailed(Exception):
     show to a client (no internal exception text)."""
 
 
+IDLE_REFRESH_S = 1.0  # an idle engine re-reads its stats this often (its thread waits this long for work)
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineStats:
     running: int = 0
@@ -93,6 +96,7 @@ class AsyncEngine:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._publish_stats()  # true from the first report: an idle new worker has all its blocks free
         self._thread = threading.Thread(target=self._run, name="triphase-engine", daemon=True)
         self._thread.start()
 
@@ -126,9 +130,9 @@ class AsyncEngine:
         while not self._stopping:
             self._progress_at = time.monotonic()
             ran = 0
+            block = not self.engine.has_work
             try:
-                block = not self.engine.has_work
-                command = self._commands.get(timeout=1.0) if block else self._commands.get_nowait()
+                command = self._commands.get(timeout=IDLE_REFRESH_S) if block else self._commands.get_nowait()
                 command()
                 ran = 1
                 while True:  # everything queued runs before the next step
@@ -153,7 +157,7 @@ class AsyncEngine:
                     consecutive = 0
                 for out in outputs:
                     self._deliver(out.request_id, self._with_export(out))
-            if ran or stepped:
+            if ran or stepped or block:  # idle: refreshed once per IDLE_REFRESH_S at most
                 self._publish_stats()
             self._expire_pins()
 
