@@ -5,6 +5,7 @@ one, rotation without a restart, a `key` label that never shows the key), HTTPS 
 from __future__ import annotations
 
 import datetime
+import http.client
 import ipaddress
 import re
 import ssl
@@ -106,6 +107,22 @@ def test_no_key_or_a_wrong_key_is_401_and_a_right_one_is_served(stack):
         ask(stack, ALICE + "x")
     assert ask(stack, ALICE).usage.completion_tokens == 3  # through mTLS to the worker
     assert ask(stack, BOB).usage.completion_tokens == 3
+
+
+def test_two_authorization_headers_are_refused_whichever_comes_first(stack):
+    """A valid key followed by a bogus one (or the other way round) is refused: checking only the first,
+    while a proxy in front checks or logs the other, lets the two disagree about who is calling."""
+    port = int(stack["url"].rsplit(":", 1)[1])
+    for first, second in ((ALICE, "bogus"), ("bogus", ALICE)):
+        connection = http.client.HTTPSConnection("127.0.0.1", port, context=stack["trust"], timeout=10)
+        connection.putrequest("GET", "/v1/models")
+        connection.putheader("Authorization", f"Bearer {first}")
+        connection.putheader("Authorization", f"Bearer {second}")
+        connection.endheaders()
+        response = connection.getresponse()
+        body = response.read().decode()
+        connection.close()
+        assert response.status == 401 and "send one Authorization header" in body and ALICE not in body
 
 
 def test_keys_rotate_without_a_restart(stack):

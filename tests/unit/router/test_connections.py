@@ -46,4 +46,18 @@ def test_chunked_bodies_and_oversized_heads_are_not_followed():
     assert not f.following and not f.expired(10**6)
     g = framing()
     g.feed(b"GET / HTTP/1.1\r\nX: " + b"a" * (70 << 10), now=1)
-    assert not g.following  # aiohttp answers 431 itself
+    assert not g.following and g.too_large
+
+
+@pytest.mark.parametrize("chunks, too_large", [
+    ([b"GET / HTTP/1.1\r\nAuthorization: Bearer " + b"k" * 8200], True),  # a line still arriving
+    ([b"GET / HTTP/1.1\r\nAuthorization: Bearer " + b"k" * 8200 + b"\r\n\r\n"], True),  # a whole head
+    ([b"GET / HTTP/1.1\r\nA: " + b"k" * 5000, b"k" * 5000 + b"\r\n\r\n"], True),  # split across reads
+    ([b"GET / HTTP/1.1\r\n" + b"A: " + b"k" * 8000 + b"\r\n" + b"B: " + b"k" * 8000 + b"\r\n\r\n"], False),
+    ([b"GET /" + b"p" * 8200 + b" HTTP/1.1\r\n\r\n"], True),  # the request line
+])
+def test_heads_with_a_line_over_the_limit_are_refused(chunks, too_large):
+    f = framing()
+    for data in chunks:
+        f.feed(data, now=1)
+    assert f.too_large is too_large

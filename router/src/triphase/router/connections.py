@@ -8,7 +8,10 @@ HTTP/1.1 request stream (the head, then Content-Length bytes of body, then the n
 must be complete within `head_timeout_s` of its first byte (of the connection, for the first one); a
 body within `body_timeout_s` of its head. A connection that misses a deadline is answered 408 and
 closed. Beyond `max_connections` a new connection is answered 503 and closed at once. Bodies sent
-chunked are not followed (the handler's own read deadline covers them).
+chunked are not followed (the handler's own read deadline covers them). A head with a line longer
+than aiohttp's limit (or longer than MAX_HEAD_BYTES in all) is answered 431 here, with a JSON body
+and one WARNING line, neither of which repeats a byte of it: aiohttp's own answer echoes the start of
+the offending header (an API key's prefix) in its body and logs it with a traceback.
 
 `GuardedSite` is aiohttp's `SockSite` with each connection's protocol wrapped in `GuardedProtocol`.
 """
@@ -28,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,18})[ \t]*\r\n", re.IGNORECASE)
 _CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r\n]*chunked", re.IGNORECASE)
-MAX_HEAD_BYTES = 64 << 10  # aiohttp refuses longer heads anyway (8 KiB lines, 128 headers)
+MAX_HEAD_BYTES = 64 << 10  # a head longer than this is refused (431) whatever its lines
+MAX_LINE_BYTES = 8190  # aiohttp's request-line and header-field limits: a longer line is refused (431) here
 
 
 @dataclasses.dataclass
@@ -41,6 +45,7 @@ class HttpFraming:
     deadline: float | None = None
     body_left: int = 0
     following: bool = True  # False after a chunked body: the framing is no longer known here
+    too_large: bool = False  # a head with a line over MAX_LINE_BYTES, or over MAX_HEAD_BYTES: refuse it
     _head: bytearray = dataclasses.field(default_factory=bytearray)
 
     def opened(self, now: float) -> None:
@@ -63,10 +68,14 @@ class HttpFraming:
             self._head += view
             end = self._head.find(b"\r\n\r\n", start)
             if end < 0:
-                if len(self._head) > MAX_HEAD_BYTES:
-                    self.following = False  # the server answers 431 and closes
+                line = len(self._head) - (self._head.rfind(b"\n") + 1)  # the line still arriving
+                if len(self._head) > MAX_HEAD_BYTES or line > MAX_LINE_BYTES:
+                    self.too_large, self.following = True, False
                 return
             head, rest = bytes(self._head[: end + 4]), bytes(self._head[end + 4 :])
+            if max(map(len, head.split(b"\r\n"))) > MAX_LINE_BYTES:
+                self.too_large, self.following = True, False
+                return
             self._head.clear()
             view = memoryview(rest)
             if _CHUNKED.search(head):
@@ -96,6 +105,9 @@ def _response(status: str, message: str, kind: str) -> bytes:
 
 REFUSED = _response("503 Service Unavailable", "too many open connections; retry shortly", "service_unavailable")
 TIMED_OUT = _response("408 Request Timeout", "the request was not received in time", "invalid_request_error")
+HEAD_TOO_LARGE = _response("431 Request Header Fields Too Large",
+                           f"a request line or header is longer than {MAX_LINE_BYTES} bytes, or all of them longer "
+                           f"than {MAX_HEAD_BYTES}", "invalid_request_error")
 
 
 class GuardedProtocol(asyncio.Protocol):
@@ -144,6 +156,14 @@ class GuardedProtocol(asyncio.Protocol):
         if not self.counted:
             return
         self.framing.feed(data, asyncio.get_running_loop().time())
+        if self.framing.too_large and self.transport is not None:
+            if not self.transport.is_closing():
+                peer = self.transport.get_extra_info("peername")
+                logger.warning("Refused a request from %s: a header line over %d bytes", peer and peer[0],
+                               MAX_LINE_BYTES)
+                self.transport.write(HEAD_TOO_LARGE)
+                self.transport.close()
+            return  # aiohttp never sees it: its answer and its log would repeat the header
         self._arm()
         self.inner.data_received(data)
 

@@ -120,7 +120,10 @@ class Api:
     async def _authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
         """/v1/ needs a key when there are keys; its name labels the request's metrics."""
         if self.api_keys is not None and request.path.startswith("/v1/"):
-            request["api_key"] = self.api_keys.check(request.headers.get("Authorization"))
+            presented = request.headers.getall("Authorization", [])
+            if len(presented) > 1:  # which one a proxy or a library would use is anybody's guess
+                raise Unauthorized("send one Authorization header, not several")
+            request["api_key"] = self.api_keys.check(presented[0] if presented else None)
         return await handler(request)
 
     @web.middleware
