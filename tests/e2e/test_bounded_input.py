@@ -72,6 +72,10 @@ CASES = [
     ("not JSON", b"{", 400, None),
     ("a prompt beyond any context", chat(messages=[{"role": "user", "content": "a " * 700_000}]), 400, "messages"),
 ]
+COMPLETION_CASES = [
+    ("a 300,000-character prompt", json.dumps({"model": "SmolLM2-135M-Instruct", "prompt": "ab " * 100_000}).encode(),
+     400, "prompt"),
+]
 
 
 @pytest.mark.parametrize("name, body, status, param", CASES, ids=[c[0] for c in CASES])
@@ -81,6 +85,12 @@ def test_bad_input_is_a_clean_4xx(router, name, body, status, param):
     assert set(reply["error"]) >= {"message", "type", "param", "code"}
     assert reply["error"]["param"] == param
     assert "Traceback" not in reply["error"]["message"] and "Error(" not in reply["error"]["message"]
+
+
+@pytest.mark.parametrize("name, body, status, param", COMPLETION_CASES, ids=[c[0] for c in COMPLETION_CASES])
+def test_bad_completions_name_their_own_field(router, name, body, status, param):
+    code, reply = post(router["url"], body, "/v1/completions")
+    assert (code, reply["error"]["param"]) == (status, param), reply
 
 
 def test_a_huge_header_is_refused_without_repeating_it(router):
