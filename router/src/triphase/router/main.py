@@ -172,7 +172,7 @@ async def _serve(args: argparse.Namespace) -> int:
               admission=Admission(args.max_in_flight, args.max_queued, args.max_queue_wait),
               max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout, vision=vision,
               image_sources=ImageSources(image_limits, args.image_dir, args.image_fetch, args.image_fetch_timeout),
-              api_keys=api_keys)
+              api_keys=api_keys, drain_timeout_s=args.drain_timeout)
     separate = args.internal_port is not None
     runner = web.AppRunner(api.app(internal=not separate), handler_cancellation=True, access_log=None,
                            shutdown_timeout=args.drain_timeout, keepalive_timeout=75)

@@ -52,6 +52,8 @@ from triphase.router.worker_client import Delta, PromptImage, Sampling
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+END_S = 5.0  # at the drain deadline: how long the requests still running get to write their ending
+SHUTTING_DOWN = Unavailable("the server is shutting down and could not finish this request; retry it")
 OFF_LOOP_BYTES = 64 << 10  # bodies larger than this are parsed and tokenized on the parsing thread
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape: maybe a lone surrogate
 
@@ -93,8 +95,15 @@ class Api:
     def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, metrics: RouterMetrics, *, model: str,
                  max_model_len: int, admission: Admission | None = None, max_body_bytes: int = 2 << 20,
                  body_timeout_s: float = 30.0, vision: VisionConfig | None = None,
-                 image_sources: ImageSources | None = None, api_keys: ApiKeys | None = None) -> None:
+                 image_sources: ImageSources | None = None, api_keys: ApiKeys | None = None,
+                 drain_timeout_s: float = 30.0) -> None:
         self.pipeline = pipeline
+        # Shutdown (`_end_in_flight`): what is in flight gets drain_timeout_s, then ends well-formed.
+        self.drain_timeout_s = drain_timeout_s
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.ending = False  # the drain deadline passed: requests still running are being ended
         self.api_keys = api_keys  # None: the API is open
         # One thread parses and tokenizes every large body, in turn (a flood of large bodies costs one
         # core, not all of them), each followed by a trim of what it freed (`_then_trim`).
@@ -124,7 +133,23 @@ class Api:
         app.router.add_get("/openapi.json", self.openapi)
         if internal:
             self._add_internal(app)
+        app.on_shutdown.append(self._end_in_flight)  # runs once the sites no longer accept connections
         return app
+
+    async def _end_in_flight(self, app: web.Application) -> None:
+        """Shutdown: the requests in flight get drain_timeout_s to finish; then each one left is ended
+        well-formed rather than cut when the process exits: a stream with an error event and
+        `data: [DONE]`, any other request with a 503 body."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), self.drain_timeout_s)
+        if not self._in_flight:
+            return
+        self.ending = True
+        logger.warning("Ending %d requests still in flight at the drain deadline", len(self._in_flight))
+        for task in list(self._in_flight):
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), END_S)
 
     def internal_app(self) -> web.Application:
         """Probes and Prometheus: /healthz, /readyz, /metrics (no key asked; keep the port inside)."""
@@ -149,6 +174,10 @@ class Api:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        self._idle.clear()
         try:
             return await handler(request)
         except RouterError as exc:
@@ -161,12 +190,21 @@ class Api:
                 error = BadRequest(exc.reason) if exc.status < 500 else RouterError(exc.reason)
                 return web.json_response(error.body(), status=exc.status)
             raise
-        except (ConnectionResetError, asyncio.CancelledError):
+        except asyncio.CancelledError:
+            if not self.ending:
+                raise
+            task.uncancel()  # ended by `_end_in_flight`, which cancelled it: answer instead
+            return web.json_response(SHUTTING_DOWN.body(), status=SHUTTING_DOWN.status)
+        except ConnectionResetError:
             raise
         except Exception:  # a bug: logged with its traceback, answered without it
             logger.exception("Unhandled error serving %s %s", request.method, request.path)
             self.metrics.refused(500, request.get("api_key", ""))
             return web.json_response(RouterError("internal error").body(), status=500)
+        finally:
+            self._in_flight.discard(task)
+            if not self._in_flight:
+                self._idle.set()
 
     # ------------------------------------------------------------------ helpers
     async def _body(self, request: web.Request) -> bytes:
@@ -335,6 +373,13 @@ class Api:
                 await response.write(frame)
         except RouterError as exc:
             await response.write(_frame(exc.body()))
+        except asyncio.CancelledError:
+            if not self.ending:
+                raise
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()  # ended by `_end_in_flight`: the client gets an error event, then [DONE]
+            await response.write(_frame(SHUTTING_DOWN.body()))
         except (ConnectionResetError, BrokenPipeError):
             trace.client_gone = True  # counted as CLIENT_CLOSED, not as an error of ours
             return response  # the client left: the closed stream cancels the workers' request
