@@ -90,6 +90,12 @@ def test_sample_becomes_a_running_deployment(kube, operator_account, tmp_path):
         assert (owner["kind"], owner["name"], owner["controller"]) == ("ServingDeployment", "smollm2", True)
         # no finalizer: deleting it (or its namespace) never waits for the operator
         assert not _json(kube, "get", "tsd", "smollm2")["metadata"].get("finalizers")
+        # The KV side-channel (UCX, no authentication) is reachable from the deployment's workers only,
+        # as the API server stores the policy
+        ingress = _json(kube, "get", "networkpolicy", "smollm2-workers")["spec"]["ingress"]
+        unrestricted = [rule["from"] for rule in ingress if "ports" not in rule]
+        assert unrestricted == [[{"podSelector": {"matchLabels": {labels.DEPLOYMENT: "smollm2",
+                                                                  labels.COMPONENT: "worker"}}}]]
         wait_for(lambda: _ready(kube), 90, "the ServingDeployment to be Ready")
         pods = _json(kube, "get", "pods", "-l", f"{labels.DEPLOYMENT}=smollm2")["items"]
         assert len(pods) == 4 and all(p["status"]["phase"] == "Running" for p in pods)

@@ -158,12 +158,16 @@ def test_network_policies_admit_only_the_deployment_s_own_components():
     workers = objects[("NetworkPolicy", "llm-workers")]["spec"]
     assert workers["podSelector"] == {"matchLabels": {"triphase.dev/deployment": "llm",
                                                       "triphase.dev/component": "worker"}}
-    peers, operator, anywhere = workers["ingress"]
-    assert [p["podSelector"]["matchLabels"]["triphase.dev/component"] for p in peers["from"]] == ["router", "worker"]
-    assert all(p["podSelector"]["matchLabels"]["triphase.dev/deployment"] == "llm" for p in peers["from"])
-    assert "namespaceSelector" not in peers["from"][0]  # this namespace only
-    assert operator["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "ops"}
-    assert operator["ports"] == [{"port": builders.GRPC_PORT, "protocol": "TCP"}]
+    peers, grpc, anywhere = workers["ingress"]
+    # every port (UCX's, for NIXL reads) from the deployment's own workers only
+    assert peers["from"] == [{"podSelector": {"matchLabels": {"triphase.dev/deployment": "llm",
+                                                              "triphase.dev/component": "worker"}}}]
+    assert "ports" not in peers
+    router_peer, operator = grpc["from"]
+    assert router_peer["podSelector"]["matchLabels"]["triphase.dev/component"] == "router"
+    assert "namespaceSelector" not in router_peer  # this namespace only
+    assert operator["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "ops"}
+    assert grpc["ports"] == [{"port": builders.GRPC_PORT, "protocol": "TCP"}]  # the router reaches gRPC only
     assert {p["port"] for p in anywhere["ports"]} == {builders.METRICS_PORT, builders.HEALTH_PORT}
     router = objects[("NetworkPolicy", "llm-router")]["spec"]
     api, internal = router["ingress"]

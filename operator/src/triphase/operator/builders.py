@@ -318,9 +318,10 @@ def pod_monitor(name: str, namespace: str, extra_labels: dict[str, str] | None =
 
 def network_policies(name: str, namespace: str, spec: ServingDeploymentSpec,
                      operator_namespace: str) -> list[dict[str, Any]]:
-    """Ingress of the deployment's pods. Workers: every port from the router and from each other (gRPC,
-    and the ports UCX opens for NIXL reads), gRPC from the operator (the role balancer), metrics and
-    health from anywhere in the cluster (Prometheus, probes). Router: the API port from where
+    """Ingress of the deployment's pods. Workers: every port from each other (gRPC, and the ports UCX
+    opens for NIXL reads, which authenticate nobody: docs/security.md), gRPC from the router and from
+    the operator (the role balancer), metrics and health from anywhere in the cluster (Prometheus,
+    probes). Router: the API port from where
     router.service exposes it (inside the cluster for a ClusterIP Service, anywhere otherwise), its
     internal port from inside the cluster. Egress is not restricted."""
     def pods(component: str) -> dict[str, Any]:
@@ -333,8 +334,8 @@ def network_policies(name: str, namespace: str, spec: ServingDeploymentSpec,
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _meta(f"{name}-workers", namespace,
                                                                                        name),
         "spec": {"podSelector": pods("worker")["podSelector"], "policyTypes": ["Ingress"], "ingress": [
-            {"from": [pods("router"), pods("worker")]},
-            {"from": [operator], "ports": [{"port": GRPC_PORT, "protocol": "TCP"}]},
+            {"from": [pods("worker")]},
+            {"from": [pods("router"), operator], "ports": [{"port": GRPC_PORT, "protocol": "TCP"}]},
             {"from": cluster, "ports": [{"port": METRICS_PORT, "protocol": "TCP"},
                                         {"port": HEALTH_PORT, "protocol": "TCP"}]},
         ]},

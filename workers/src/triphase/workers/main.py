@@ -162,7 +162,7 @@ def advertised_host(args: argparse.Namespace) -> str:
 
 async def _serve(args: argparse.Namespace, engine: Any, limits: ImageLimits, bundle: mtls.Bundle | None) -> int:
     from triphase.workers.engine.async_engine import AsyncEngine
-    from triphase.workers.kv.nixl import NixlConnector, NixlUnavailable
+    from triphase.workers.kv.nixl import NixlConnector, NixlUnavailable, bind_ucx
     from triphase.workers.lifecycle import monitor, shutdown
     from triphase.workers.server import WorkerServicer, serve
 
@@ -171,6 +171,7 @@ async def _serve(args: argparse.Namespace, engine: Any, limits: ImageLimits, bun
     worker_id = args.worker_id or f"{socket.gethostname()}:{args.port}"
     nixl = None
     if args.kv_transfer == "nixl":
+        logger.info("NIXL's UCX listens on %s only", bind_ucx(advertised_host(args)) or "every interface")
         try:
             nixl = NixlConnector(f"triphase-{socket.gethostname()}-{os.getpid()}", engine.runner.kv_cache,
                                  engine.layout)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -57,6 +58,30 @@ def _progress_delay(microseconds: int) -> Iterator[None]:
         yield
     finally:
         _api.nixlBind.nixlAgent = make
+
+
+def interface_of(host: str) -> str | None:
+    """The network interface holding `host`'s address (an IP or a name), or None when none here does."""
+    import psutil
+
+    try:
+        wanted = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return None
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] in wanted for a in addresses):
+            return str(name)
+    return None
+
+
+def bind_ucx(host: str) -> str | None:
+    """Keep UCX's listening sockets to the interface peers reach this worker on (`host`, the address its
+    KV tickets name): UCX otherwise listens on every interface (see docs/security.md, "The KV
+    side-channel"). Must run before the first NIXL agent is made; a UCX_NET_DEVICES already set (an
+    RDMA device list, say) is left alone. Returns the devices UCX will use (None: all)."""
+    if "UCX_NET_DEVICES" not in os.environ and (device := interface_of(host)) is not None:
+        os.environ["UCX_NET_DEVICES"] = device
+    return os.environ.get("UCX_NET_DEVICES")
 
 
 class NixlUnavailable(Exception):
