@@ -27,24 +27,25 @@ PROMPTS = ["What is the capital of France?", "Name three colors.", "Why do cats 
 
 @dataclasses.dataclass
 class Outcome:
-    index: int  # into PROMPTS
+    index: int  # into the prompts
     text: str | None  # None: failed
     error: str = ""
     request_id: str = ""  # the response's id: the router logs each resume and hand-off failure under it
 
 
 async def load(url: str, requests: int, concurrency: int, max_tokens: int, *, stream_every: int = 2,
-               timeout_s: float = 120.0, progress: Callable[[int], None] | None = None) -> list[Outcome]:
+               timeout_s: float = 120.0, progress: Callable[[int], None] | None = None,
+               prompts: list[str] = PROMPTS) -> list[Outcome]:
     """`requests` greedy chat completions, `concurrency` at a time (every `stream_every`-th streamed),
-    prompts in rotation. No client retries: a failure is counted, not hidden."""
+    `prompts` in rotation. No client retries: a failure is counted, not hidden."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=timeout_s)
     model = (await client.models.list()).data[0].id
     queue = iter(range(requests))
     outcomes: list[Outcome] = []
 
     async def one(i: int) -> Outcome:
-        index = i % len(PROMPTS)
-        request = dict(model=model, messages=[{"role": "user", "content": PROMPTS[index]}], max_tokens=max_tokens,
+        index = i % len(prompts)
+        request = dict(model=model, messages=[{"role": "user", "content": prompts[index]}], max_tokens=max_tokens,
                        temperature=0)
         try:
             if i % stream_every == 0:
