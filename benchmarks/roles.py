@@ -214,7 +214,9 @@ def run_config(workers: int, switching: bool, plan, seed: int):  # type: ignore[
         sampler.done.set()
         sampler.join()
         switches, durations = switch_counts(metrics)
-    return results, sampler.samples, switches, durations
+        router_log = (proc.logs / "router.log").read_text()  # type: ignore[attr-defined]
+    unhealthy = router_log.count("marked unhealthy")  # a switched worker refusing must not count here
+    return results, sampler.samples, switches, durations, unhealthy
 
 
 def cold_start_vs_switch(tmp: pathlib.Path) -> tuple[float, float]:
@@ -241,19 +243,24 @@ def main() -> None:
     parser.add_argument("--phase", type=float, default=60.0, help="seconds per load phase")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--load", type=float, default=1.0, help="multiplies every phase's request rate")
+    parser.add_argument("--configs", default="static,switching",
+                        help="which splits to run (comma-separated; the section needs both)")
     parser.add_argument("--no-write", action="store_true", help="print, leave BENCHMARKS.md and the PNG alone")
     args = parser.parse_args()
+    configs = [c for c in ("static", "switching") if c in args.configs.split(",")]
+    if args.no_write is False and len(configs) < 2:
+        parser.error("writing BENCHMARKS.md needs both --configs (or use --no-write)")
     plan = phases(args.phase, args.workers / 8 * args.load)
     end = plan[-1][1]
     runs = {}
-    for name, switching in (("static", False), ("switching", True)):
+    for name, switching in ((c, c == "switching") for c in configs):
         log(f"{name}: {args.workers} sim workers, {end:.0f} s of shifting load")
         runs[name] = run_config(args.workers, switching, plan, args.seed)
     cold, switch = cold_start_vs_switch(pathlib.Path(tempfile.mkdtemp(prefix="roles-bench-")))
 
     rows = []
     curves = {}
-    for name, (results, samples, switches, durations) in runs.items():
+    for name, (results, samples, switches, durations, unhealthy) in runs.items():
         met = sum(r.met for r in results)
         curves[name] = rolling(results, end)
         reactions = [reaction(curves[name], start, stop) for start, stop, _ in plan[1:]]
@@ -269,8 +276,11 @@ def main() -> None:
                 f"p90 {pct(ttfts or [0.0], 0.9):.2f} s, TPOT p50 {pct(tpots or [0.0], 0.5) * 1000:.0f} "
                 f"p90 {pct(tpots or [0.0], 0.9) * 1000:.0f} ms")
         rows.append((name, len(results), failed, met / len(results), met / end, shown, switches,
-                     reversals(samples), durations, " / ".join(by_phase)))
-        log(f"{name}: attainment {met / len(results):.1%}, reactions {shown}, switches {switches}")
+                     reversals(samples), durations, " / ".join(by_phase), unhealthy))
+        log(f"{name}: attainment {met / len(results):.1%}, reactions {shown}, switches {switches}, "
+            f"workers marked unhealthy {unhealthy}")
+    if len(rows) < 2:
+        return
 
     lines = [
         f"`python benchmarks/roles.py --workers {args.workers} --phase {args.phase:g}"
@@ -285,12 +295,12 @@ def main() -> None:
         "rolling 10 s attainment of arrivals is >= 95 % for the rest of the phase.",
         "",
         "| split | requests | failed | SLO attainment | by phase (P / D / P) | goodput (req/s) | "
-        "reaction (shift 1, 2) | switches | reversals |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "reaction (shift 1, 2) | switches | reversals | marked unhealthy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, n, failed, attainment, goodput, shown, switches, revs, _, phased in rows:
+    for name, n, failed, attainment, goodput, shown, switches, revs, _, phased, unhealthy in rows:
         lines.append(f"| {name} | {n} | {failed} | {attainment:.1%} | {phased} | {goodput:.2f} | {shown} | "
-                     f"{switches} | {revs} |")
+                     f"{switches} | {revs} | {unhealthy} |")
     static, dynamic = rows[0], rows[1]
     mean_switch = dynamic[8][0] if dynamic[8] else float("nan")
     reactions = [None if x == "never" else float(x.split()[0]) for x in dynamic[5].split(", ")]
@@ -345,10 +355,10 @@ def main() -> None:
     if args.no_write:
         return
     fig, axes = figure(3, (15, 4))
-    for name, (_, samples, _, _) in runs.items():
+    for name, (_, samples, _, _, _) in runs.items():
         axes[0].step([s[0] for s in samples], [s[1] for s in samples], where="post", label=name)
         axes[2].plot([t for t, _ in curves[name]], [a * 100 for _, a in curves[name]], label=name)
-    _, samples, _, _ = runs["switching"]
+    _, samples, _, _, _ = runs["switching"]
     axes[1].plot([s[0] for s in samples], [s[2] for s in samples], label="prefill")
     axes[1].plot([s[0] for s in samples], [s[3] for s in samples], label="decode")
     axes[1].axhline(1.0, color="grey", linewidth=0.8)
