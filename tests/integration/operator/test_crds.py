@@ -49,7 +49,8 @@ def test_the_sample_is_valid_for_the_models_and_the_api_server(crds):
     assert table[0].split() == ["NAME", "READY", "PREFILL", "DECODE", "ENCODE", "ENDPOINT", "AGE"]
     stored = json.loads(crds.kubectl("get", "servingdeployment", "smollm2", "-o", "json").stdout)
     assert stored["spec"]["kvTransfer"]["backend"] == "nixl"
-    assert stored["spec"]["model"]["format"] == "gguf"  # defaulted by the API server from the schema
+    assert "format" not in stored["spec"]["model"]  # no default: a set format is checked against the files
+    assert stored["spec"]["pools"]["decode"]["engine"]["gpuMemoryFraction"] == 0.9  # defaulted from the schema
     explain = crds.kubectl("explain", "servingdeployment.spec.pools.decode.replicas").stdout
     assert "ServingPool's /scale owns" in " ".join(explain.split())
 
@@ -59,6 +60,9 @@ def test_the_sample_is_valid_for_the_models_and_the_api_server(crds):
     ("bad-bounds", lambda s: s["pools"]["decode"].update(minReplicas=5, maxReplicas=2), "spec.pools.decode",
      "minReplicas must be <= maxReplicas"),
     ("no-model", lambda s: s.pop("model"), "spec.model", "Required value"),
+    ("gpu-fraction-above-1", lambda s: s["pools"]["decode"].setdefault("engine", {}).update(gpuMemoryFraction=1.5),
+     "spec.pools.decode.engine.gpuMemoryFraction", "less than or equal to 1"),
+    ("bad-format", lambda s: s["model"].update(format="onnx"), "spec.model.format", "Unsupported value"),
     ("negative-gpu", lambda s: s["pools"]["decode"]["resources"]["limits"].update({"nvidia.com/gpu": -1}),
      "spec.pools.decode.resources.limits", "must not be negative"),
     ("no-decode", lambda s: s["pools"].pop("decode"), "spec.pools", "at least one pool must decode"),
