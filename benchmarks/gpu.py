@@ -66,6 +66,10 @@ BATCHES = (1, 8, 32, 64)
 DECODE_TOKENS = 48
 LONG_PROMPT = 2048
 BLOCK = 16
+SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192, "rope_theta": 100000.0,
+           "rms_norm_eps": 1e-5}
+MODEL: str | None = None  # --model / --random-model: the model every stage runs (None: the bundled GGUF)
 BIG = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
        "num_key_value_heads": 8, "vocab_size": 49152, "max_position_embeddings": 4096}
 
@@ -94,7 +98,7 @@ def timed(fn, device, repeats: int) -> float:  # type: ignore[no-untyped-def]
 def engine(device: str, dtype: str, **kwargs):  # type: ignore[no-untyped-def]
     from triphase.workers.engine.core import Engine, EngineConfig
 
-    path = kwargs.pop("path", None)
+    path = kwargs.pop("path", MODEL)
     config = EngineConfig(dtype=dtype, weights="dense", device=device, enable_prefix_caching=False,
                           kv_cache_bytes=kwargs.pop("kv_cache_bytes", 1 << 30), **kwargs)
     return Engine.from_path(path, config)
@@ -106,6 +110,7 @@ def hf_model(device, dtype: str, path: str | None = None):  # type: ignore[no-un
 
     from triphase.common.model_files import bundled_model_path
 
+    path = path or MODEL
     if path is None:
         gguf = bundled_model_path()
         model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
@@ -159,8 +164,12 @@ def stage_env(args, device) -> dict:  # type: ignore[no-untyped-def]
 
     from triphase.workers.kv.nixl import backend_module
 
-    info = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "nixl": backend_module(), "python": sys.version.split()[0]}
+    try:
+        nixl = backend_module()
+    except ImportError:  # a run of the stages that need no NIXL, where it is not installed
+        nixl = "not installed"
+    info = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda, "nixl": nixl,
+            "python": sys.version.split()[0]}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         free_b, total_b = torch.cuda.mem_get_info(device)
@@ -220,18 +229,11 @@ def stage_big(args, device) -> dict:  # type: ignore[no-untyped-def]
     """Batch-1 decode of a 1B-parameter Llama shape (random weights, the bundled tokenizer)."""
     import shutil
 
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = dict(BIG, num_hidden_layers=2) if args.quick else BIG
     folder = pathlib.Path(tempfile.mkdtemp(prefix="triphase-big-"))
     try:
-        torch.manual_seed(0)
-        config = LlamaConfig(**shape, tie_word_embeddings=True, rope_theta=10000.0, eos_token_id=2, bos_token_id=1)
-        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-        small = engine("cpu", "float32", kv_cache_bytes=16 << 20)
-        small.tokenizer.backend.save(str(folder / "tokenizer.json"))
-        free(small)
+        random_model(folder, shape)
         eng = engine(str(device), "bfloat16", path=str(folder), max_num_seqs=8)
         rate = max(decode_rate(eng, 1, f"big-{r}", 12 if args.quick else DECODE_TOKENS) for r in range(2))
         wbytes = weight_bytes(eng)
@@ -352,7 +354,8 @@ def stage_stack(args, device) -> dict:  # type: ignore[no-untyped-def]
     tokens = 16
     prompts = PROMPTS[:2]
     expected = _single_process(str(device), prompts, tokens)
-    up = ["--prefill", "1", "--decode", "1", "--dtype", "float32", "--device", str(device), "--no-mtls"]
+    up = ["--prefill", "1", "--decode", "1", "--dtype", "float32", "--device", str(device), "--no-mtls",
+          *(["--model", MODEL] if MODEL else [])]
     with triphase_up(up, timeout=300) as (proc, url):
         before = _nixl_bytes(url)
         texts = [_complete(url, p, tokens) for p in prompts]
@@ -368,7 +371,8 @@ def stage_mixed(args, device) -> dict:  # type: ignore[no-untyped-def]
     prompts = PROMPTS[:2]
     expected = _single_process("cpu", prompts, tokens)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="triphase-mixed-"))
-    common = ["--dtype", "float32", "--kv-cache-mib", "64", "--metrics-port", "-1"]
+    common = ["--dtype", "float32", "--kv-cache-mib", "64", "--metrics-port", "-1",
+              *(["--model", MODEL] if MODEL else [])]
     procs = []
     try:
         prefill, p_ep = worker(tmp, "prefill", ["--role", "prefill", "--device", str(device), *common], timeout=300)
@@ -388,6 +392,39 @@ def stage_mixed(args, device) -> dict:  # type: ignore[no-untyped-def]
     return {"identical": texts == expected, "bytes": moved, "texts": texts, "expected": expected}
 
 
+def export_tokenizer(folder: pathlib.Path) -> None:
+    """The bundled model's tokenizer as tokenizer.json + tokenizer_config.json (a few MiB: what a machine
+    that cannot take the 98 MB GGUF needs for --random-model)."""
+    from triphase.common.model_files import load_tokenizer
+
+    tok, _ = load_tokenizer(None)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.backend.save(str(folder / "tokenizer.json"))
+    specials = tok._special_tokens
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": tok.chat_template, "add_bos_token": tok.add_bos_token,
+        "bos_token": specials.get("bos_token") or None, "eos_token": specials.get("eos_token") or None}))
+
+
+def random_model(folder: pathlib.Path, shape: dict, tokenizer: pathlib.Path | None = None) -> None:  # type: ignore[type-arg]
+    """A Llama-family Hugging Face directory of `shape` with random weights (seed 0) and a tokenizer (from
+    `tokenizer`, a folder export_tokenizer wrote, else the bundled model's)."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{"rope_theta": 10000.0, **shape}, tie_word_embeddings=True, eos_token_id=2,
+                         bos_token_id=1)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    if tokenizer is None:
+        export_tokenizer(folder)
+    else:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer / name, folder / name)
+
+
 STAGES = {"env": stage_env, "exact": stage_exact, "decode": stage_decode, "big": stage_big, "ttft": stage_ttft,
           "handoff": stage_handoff, "stack": stage_stack, "mixed": stage_mixed}
 
@@ -395,9 +432,9 @@ STAGES = {"env": stage_env, "exact": stage_exact, "decode": stage_decode, "big":
 # ------------------------------------------------------------------------------ report
 def render(results: dict) -> str:  # type: ignore[type-arg]
     env = results.get("env", {})
-    lines = ["## GPU", "", f"One run of `python benchmarks/gpu.py` ({results['date']}): {env.get('name', 'CPU')} "
-             f"({env.get('device')}), torch {env.get('torch')}, CUDA {env.get('cuda')}, {env.get('nixl')}; "
-             f"{results['seconds']:.0f} s in all.", ""]
+    lines = ["## GPU", "", f"`python benchmarks/gpu.py` ({results['date']}): {env.get('name', 'CPU')} "
+             f"({env.get('device')}), torch {env.get('torch')}, CUDA {env.get('cuda')}, {env.get('nixl')}; model: "
+             f"{results.get('model', 'the bundled SmolLM2-135M-Instruct')}; {results['seconds']:.0f} s in all.", ""]
     for name in STAGES:
         r = results.get(name)
         if isinstance(r, dict) and "error" in r:
@@ -460,6 +497,14 @@ def plot(results: dict, path: pathlib.Path) -> None:  # type: ignore[type-arg]
     fig.savefig(path, dpi=110)
 
 
+def report(results: dict) -> None:  # type: ignore[type-arg]
+    section = render(results)
+    sys.stdout.write(section)
+    if "triphase" in results.get("decode", {}):
+        plot(results, ROOT / "benchmarks" / "gpu.png")
+    update_section("gpu", section)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="where to run (default cuda)")
@@ -467,13 +512,42 @@ def main() -> int:
     parser.add_argument("--output", type=pathlib.Path, default=ROOT / "benchmarks" / "gpu.json")
     parser.add_argument("--only", help="comma-separated stages (default: all)")
     parser.add_argument("--no-report", action="store_true", help="leave BENCHMARKS.md and the PNG alone")
+    parser.add_argument("--model", help="the model every stage runs (default: the bundled GGUF)")
+    parser.add_argument("--random-model", type=pathlib.Path, metavar="TOKENIZER_DIR",
+                        help="run SmolLM2-135M's shape with random weights (made here) and the tokenizer that "
+                             "--export-tokenizer wrote: for a machine that cannot take the 98 MB GGUF")
+    parser.add_argument("--export-tokenizer", type=pathlib.Path, metavar="DIR",
+                        help="write the bundled tokenizer to DIR and exit")
+    parser.add_argument("--render", type=pathlib.Path, nargs="+", metavar="JSON",
+                        help="write BENCHMARKS.md's section and the PNG from results files of earlier runs (the "
+                             "stages of split runs, see scripts/gpu_payload.sh) and exit")
     args = parser.parse_args()
+    if args.export_tokenizer:
+        export_tokenizer(args.export_tokenizer)
+        return 0
+    if args.render:
+        merged: dict = {}  # type: ignore[type-arg]
+        for path in args.render:
+            part = json.loads(path.read_text())
+            merged |= {k: v for k, v in part.items() if k != "seconds"}
+            merged["seconds"] = merged.get("seconds_total", 0) + part.get("seconds", 0)
+            merged["seconds_total"] = merged["seconds"]
+        report(merged)
+        return 0
+    global MODEL
+    MODEL = args.model
+    if args.random_model:
+        folder = pathlib.Path(tempfile.mkdtemp(prefix="triphase-smollm2-random-"))
+        random_model(folder, SMOLLM2, args.random_model)
+        MODEL = str(folder)
 
     from triphase.workers.engine.device import resolve_device
 
     device = resolve_device(args.device)
     chosen = args.only.split(",") if args.only else list(STAGES)
-    results: dict = {"date": time.strftime("%Y-%m-%d"), "args": vars(args) | {"output": str(args.output)}}
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "args": {k: str(v) for k, v in vars(args).items()},
+                     "model": "SmolLM2-135M's shape with random weights, its tokenizer" if args.random_model
+                     else args.model or "the bundled SmolLM2-135M-Instruct (Q4_1 GGUF)"}
     started = time.monotonic()
     for name in chosen:
         log(f"{name} ...")
@@ -488,12 +562,10 @@ def main() -> int:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(results, indent=1, default=str))
         log(f"{name} done in {results[name]['seconds']:.0f} s")
-    section = render(results)
-    sys.stdout.write(section)
-    if not args.no_report:
-        if "triphase" in results.get("decode", {}):
-            plot(results, ROOT / "benchmarks" / "gpu.png")
-        update_section("gpu", section)
+    if args.no_report:
+        sys.stdout.write(render(results))
+    else:
+        report(results)
     failed = [n for n in chosen if "error" in results[n]]
     return 1 if failed else 0
 
