@@ -101,3 +101,13 @@ def test_up_rejects_a_bad_port_before_starting_anything(flags, expected):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+def test_device_flags_are_checked_before_anything_starts():
+    """A fraction outside (0, 1] is refused by `up` itself (it was only refused by each worker, after
+    start), and the sim engine does not accept a GPU it would never use."""
+    proc = triphase("up", "--engine", "sim", "--gpu-memory-fraction", "1.5", timeout=60)
+    assert proc.returncode == 2 and "--gpu-memory-fraction must be in (0, 1], got 1.5" in proc.stderr
+    proc = triphase("worker", "--engine", "sim", "--device", "cuda", "--port", "0", timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "the sim engine computes nothing" in lines[0], proc.stderr

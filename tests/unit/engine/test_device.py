@@ -34,10 +34,13 @@ def test_auto_is_the_first_cuda_device_else_the_cpu():
     assert resolve_device("cpu") == torch.device("cpu")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
-def test_asking_for_cuda_without_one_fails_in_one_line():
-    with pytest.raises(UserError, match=r"--device cuda:1: torch sees no CUDA device here .*use --device cpu"):
-        resolve_device("cuda:1")
+def test_a_cuda_device_that_is_not_there_fails_in_one_line():
+    if torch.cuda.is_available():  # a machine with GPUs: an index past them
+        with pytest.raises(UserError, match=r"--device cuda:999: only \d+ CUDA device\(s\) are visible"):
+            resolve_device("cuda:999")
+    else:
+        with pytest.raises(UserError, match=r"--device cuda:1: torch sees no CUDA device here .*use --device cpu"):
+            resolve_device("cuda:1")
 
 
 def test_kv_budget_is_the_fraction_of_free_memory_less_the_step_reserve():

@@ -48,6 +48,7 @@ def progress_bar(quiet: bool):
 
 def run(args: argparse.Namespace) -> int:
     from triphase.workers.engine.core import Engine, EngineConfig
+    from triphase.workers.engine.device import resolve_device
     from triphase.workers.engine.sampling import SamplingParams
 
     sampling = SamplingParams(
@@ -55,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
     )
     started = time.monotonic()
-    config = EngineConfig(dtype=args.dtype, weights=args.weights, kv_cache_bytes=256 << 20, device=args.device,
+    # KV: 256 MiB on the CPU (one request needs little); on a GPU, --gpu-memory-fraction of what is free
+    kv_bytes = 256 << 20 if resolve_device(args.device).type == "cpu" else None
+    config = EngineConfig(dtype=args.dtype, weights=args.weights, kv_cache_bytes=kv_bytes, device=args.device,
                           gpu_memory_fraction=args.gpu_memory_fraction)
     engine = Engine.from_path(args.model, config,
                               progress=progress_bar(quiet=args.json or not sys.stderr.isatty()))

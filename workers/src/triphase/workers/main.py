@@ -23,7 +23,7 @@ from triphase.common.model_files import FORMATS, check_format, resolve, served_n
 from triphase.common.pki import Identity
 from triphase.common.roles import Role
 from triphase.common.signals import wait_for_stop_signal
-from triphase.workers.engine.device import DEFAULT_CPU_KV_MIB, DEVICE_CHOICES, parse_device
+from triphase.workers.engine.device import DEFAULT_CPU_KV_MIB, DEVICE_CHOICES, check_fraction, parse_device
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +99,18 @@ def _device(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _fraction(value: str) -> float:
+    try:
+        return check_fraction(float(value))
+    except (UserError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """Where the engine computes (`triphase worker`, `profile`, `generate`, and `up` for its workers)."""
     parser.add_argument("--device", type=_device, default="auto",
                         help=f"{DEVICE_CHOICES}; auto (default): the first visible CUDA device, else the CPU")
-    parser.add_argument("--gpu-memory-fraction", type=float, default=0.9,
+    parser.add_argument("--gpu-memory-fraction", type=_fraction, default=0.9,
                         help="on a GPU without --kv-cache-mib: the share of the memory free after the weights "
                              "that the worker may use (KV cache and step buffers); lower it for workers "
                              "sharing a GPU (default 0.9)")
@@ -123,6 +130,8 @@ def engine_from_args(args: argparse.Namespace, prefix_salt: bytes = b"") -> Any:
                           gpu_memory_fraction=args.gpu_memory_fraction)
     if args.sim_profile and args.engine != "sim":
         raise ValueError("--sim-profile needs --engine sim")
+    if args.engine == "sim" and args.device not in ("auto", "cpu"):
+        raise UserError(f"--device {args.device}: the sim engine computes nothing (use --engine torch)")
     check_format(args.model, args.model_format)
     if args.engine == "sim":
         from triphase.workers.engine.sim import SimTiming, simulated_engine

@@ -23,6 +23,7 @@ from triphase.common.vision import VisionConfig
 from triphase.workers.engine.detokenizer import IncrementalDetokenizer
 from triphase.workers.engine.device import (
     DEFAULT_CPU_KV_MIB,
+    check_fraction,
     gpu_kv_bytes,
     parse_device,
     resolve_device,
@@ -67,8 +68,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         parse_device(self.device)
-        if not 0 < self.gpu_memory_fraction <= 1:
-            raise UserError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        check_fraction(self.gpu_memory_fraction)
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise UserError("the KV cache size must be positive")
         if self.dtype not in TORCH_DTYPES:

@@ -65,11 +65,16 @@ def step_reserve_bytes(*, max_batched_tokens: int, max_num_seqs: int, hidden_siz
     return max_batched_tokens * per_token + logits + GPU_RESERVE_BYTES
 
 
-def gpu_kv_bytes(*, free_bytes: int, fraction: float, reserve_bytes: int) -> int:
-    """KV bytes from the memory free after the weights: `fraction` of it, less the step reserve."""
+def check_fraction(fraction: float) -> float:
+    """A --gpu-memory-fraction: in (0, 1] (NaN is not)."""
     if not 0 < fraction <= 1:
         raise UserError(f"--gpu-memory-fraction must be in (0, 1], got {fraction}")
-    budget = int(free_bytes * fraction) - reserve_bytes
+    return fraction
+
+
+def gpu_kv_bytes(*, free_bytes: int, fraction: float, reserve_bytes: int) -> int:
+    """KV bytes from the memory free after the weights: `fraction` of it, less the step reserve."""
+    budget = int(free_bytes * check_fraction(fraction)) - reserve_bytes
     if budget <= 0:
         raise UserError(f"no GPU memory left for the KV cache: {free_bytes / 2**20:.0f} MiB free after the weights, "
                         f"x {fraction} = {free_bytes * fraction / 2**20:.0f} MiB, and a step needs "
