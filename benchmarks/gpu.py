@@ -400,7 +400,7 @@ def export_tokenizer(folder: pathlib.Path) -> None:
     tok, _ = load_tokenizer(None)
     folder.mkdir(parents=True, exist_ok=True)
     tok.backend.save(str(folder / "tokenizer.json"))
-    specials = tok._special_tokens
+    specials = tok.special_tokens
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "chat_template": tok.chat_template, "add_bos_token": tok.add_bos_token,
         "bos_token": specials.get("bos_token") or None, "eos_token": specials.get("eos_token") or None}))

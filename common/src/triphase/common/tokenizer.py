@@ -63,7 +63,7 @@ class Tokenizer:
         self.eos_token_ids = tuple(eos_token_ids)
         self.add_bos_token = add_bos_token
         self.chat_template = chat_template
-        self._special_tokens = special_tokens or {}
+        self.special_tokens = special_tokens or {}  # texts of bos_token, eos_token: the chat template names them
         self._template: jinja2.Template | None = None
 
     @functools.cached_property
@@ -101,7 +101,7 @@ class Tokenizer:
             self._template = env.from_string(self.chat_template)
         rows = [dataclasses.asdict(m) if isinstance(m, ChatMessage) else dict(m) for m in messages]
         return self._template.render(
-            messages=rows, add_generation_prompt=add_generation_prompt, **self._special_tokens
+            messages=rows, add_generation_prompt=add_generation_prompt, **self.special_tokens
         )
 
     def encode_chat(self, messages: Sequence[ChatMessage | dict[str, Any]]) -> list[int]:
