@@ -16,6 +16,16 @@ from triphase.local.processes import triphase_up, wait_for
 pytestmark = pytest.mark.slow
 
 
+async def concurrently(url, one, count):
+    """`one(client, model, i)` for i in range(count), all at once, with the official client."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    try:
+        model = (await client.models.list()).data[0].id
+        return await asyncio.gather(*(one(client, model, i) for i in range(count)))
+    finally:
+        await client.close()
+
+
 @pytest.fixture(scope="module")
 def url():
     with triphase_up(["--engine", "sim", "--prefill", "2", "--decode", "3"], timeout=120) as (_, base):
@@ -27,21 +37,11 @@ def test_sim_stack_serves_concurrent_requests_deterministically(url):
         workers = json.load(response)["workers"]
     assert sorted(w["role"] for w in workers) == ["decode", "decode", "decode", "prefill", "prefill"]
 
-    async def main():
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        try:
-            model = (await client.models.list()).data[0].id
+    async def one(client, model, i):
+        reply = await client.completions.create(model=model, prompt=f"request {i % 4}", max_tokens=16, temperature=0)
+        return reply.choices[0].text, reply.usage.completion_tokens, reply.choices[0].finish_reason
 
-            async def one(i):
-                reply = await client.completions.create(model=model, prompt=f"request {i % 4}", max_tokens=16,
-                                                        temperature=0)
-                return reply.choices[0].text, reply.usage.completion_tokens, reply.choices[0].finish_reason
-
-            return await asyncio.gather(*(one(i) for i in range(24)))
-        finally:
-            await client.close()
-
-    results = asyncio.run(main())
+    results = asyncio.run(concurrently(url, one, 24))
     assert all(tokens == 16 and reason == "length" for _, tokens, reason in results)
     for i in range(4):  # same prompt, same simulated continuation, whichever workers served it
         assert len({text for j, (text, _, _) in enumerate(results) if j % 4 == i}) == 1
@@ -65,27 +65,18 @@ def test_clients_that_hang_up_are_counted_apart_not_as_server_errors(url):
     """Half of 20 streams are dropped by their clients after a few chunks: they count as 499, never 503."""
     before = _requests_by_status(url)
 
-    async def main():
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        try:
-            model = (await client.models.list()).data[0].id
+    async def one(client, model, i):
+        stream = await client.completions.create(model=model, prompt=f"abort {i}", max_tokens=120, temperature=0,
+                                                 stream=True)
+        chunks = 0
+        async for _ in stream:
+            chunks += 1
+            if i % 2 and chunks == 3:
+                await stream.close()  # the client hangs up mid-stream
+                break
+        return chunks
 
-            async def one(i):
-                stream = await client.completions.create(model=model, prompt=f"abort {i}", max_tokens=120,
-                                                         temperature=0, stream=True)
-                chunks = 0
-                async for _ in stream:
-                    chunks += 1
-                    if i % 2 and chunks == 3:
-                        await stream.close()  # the client hangs up mid-stream
-                        break
-                return chunks
-
-            return await asyncio.gather(*(one(i) for i in range(20)))
-        finally:
-            await client.close()
-
-    chunks = asyncio.run(main())
+    chunks = asyncio.run(concurrently(url, one, 20))
     assert [c for i, c in enumerate(chunks) if i % 2] == [3] * 10
 
     def delta(status):
