@@ -1,11 +1,18 @@
-"""Sampling options and stop conditions on the real model."""
+"""Sampling options and stop conditions on the real model: penalties, logit bias, min_tokens, min_p and
+grammars each against a reference computed from the engine's own teacher-forced logits (transformers'
+processors where they exist)."""
 
 from __future__ import annotations
 
+import json
 import math
 
+import jsonschema
 import pytest
+import torch
+from transformers import RepetitionPenaltyLogitsProcessor
 
+from triphase.common import grammar
 from triphase.workers.engine.detokenizer import IncrementalDetokenizer
 from triphase.workers.engine.sampling import SamplingParams
 
@@ -115,3 +122,91 @@ def test_a_request_longer_than_the_kv_cache_ends_with_length(make_engine, story)
     assert out.finish_reason == "length"
     assert len(story) + len(out.token_ids) == 64
     assert engine.kv.num_free_blocks == 4
+
+
+def greedy_reference(engine, prompt, steps, process):
+    """Greedy decoding where `process(logits, prompt, output)` adjusts each step's raw logits."""
+    output: list[int] = []
+    for _ in range(steps):
+        logits = engine.prompt_logits(prompt + output)[-1].clone()
+        process(logits, prompt, output)
+        output.append(int(logits.argmax()))
+    return output
+
+
+def greedy(engine, prompt, **kw):
+    return engine.generate([prompt], SamplingParams(temperature=0, ignore_eos=True, **kw))[0]
+
+
+def test_repetition_penalty_matches_transformers(engine, story):
+    processor = RepetitionPenaltyLogitsProcessor(1.3)
+
+    def process(logits, prompt, output):
+        logits[:] = processor(torch.tensor([prompt + output]), logits[None])[0]
+
+    got = greedy(engine, story, max_tokens=12, repetition_penalty=1.3).token_ids
+    assert got == greedy_reference(engine, story, 12, process)
+    assert got != greedy(engine, story, max_tokens=12).token_ids  # the penalty changed something
+
+
+def test_frequency_and_presence_penalties_count_the_output(engine, story):
+    def process(logits, prompt, output):
+        for token in set(output):
+            logits[token] -= 1.5 * output.count(token) + 0.5
+
+    got = greedy(engine, story, max_tokens=16, frequency_penalty=1.5, presence_penalty=0.5).token_ids
+    assert got == greedy_reference(engine, story, 16, process)
+    assert got != greedy(engine, story, max_tokens=16).token_ids
+
+
+def test_logit_bias_and_min_tokens(engine, story, loaded_model):
+    plain = greedy(engine, story, max_tokens=6).token_ids
+    banned = plain[0]
+    biased = greedy(engine, story, max_tokens=6, logit_bias=((banned, -100.0),)).token_ids
+    assert banned not in biased
+    forced = greedy(engine, story, max_tokens=3, logit_bias=((42, 100.0),)).token_ids
+    assert forced == [42, 42, 42]
+    eos = loaded_model.tokenizer.eos_token_ids[0]
+    # EOS made the likeliest token: without min_tokens the request ends at once, with it not before 5
+    params = dict(max_tokens=8, logit_bias=((eos, 100.0),))
+    assert engine.generate([story], SamplingParams(temperature=0, **params))[0].token_ids == [eos]
+    held = engine.generate([story], SamplingParams(temperature=0, min_tokens=5, **params))[0]
+    assert len(held.token_ids) == 6 and held.token_ids[-1] == eos and eos not in held.token_ids[:5]
+
+
+def test_min_p_one_is_greedy(engine, story):
+    expected = greedy(engine, story, max_tokens=10).token_ids
+    sampled = engine.generate([story], SamplingParams(max_tokens=10, temperature=1.5, min_p=1.0, seed=5,
+                                                      ignore_eos=True))[0].token_ids
+    assert sampled == expected
+
+
+def test_logprobs_are_raw_whatever_the_processing(engine, story):
+    plain = greedy(engine, story, max_tokens=1, logprobs=3)
+    biased = greedy(engine, story, max_tokens=1, logprobs=3, presence_penalty=2.0)
+    assert plain.logprobs == biased.logprobs
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                           "pets": {"type": "array", "items": {"type": "string", "maxLength": 8},
+                                                    "maxItems": 3}},
+          "required": ["name", "age", "pets"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_output_validates(engine, loaded_model, temperature):
+    prompt = loaded_model.tokenizer.encode_chat([{"role": "user", "content": "Describe a person as JSON."}])
+    params = SamplingParams(max_tokens=80, temperature=temperature, seed=3, grammar=grammar.json_schema(SCHEMA))
+    out = engine.generate([prompt], params)[0]
+    assert out.finish_reason == "stop", out.text
+    jsonschema.validate(json.loads(out.text), SCHEMA)
+
+
+def test_a_compiled_grammar_is_reused(engine, loaded_model):
+    prompt = loaded_model.tokenizer.encode("The answer is")
+    g = grammar.regex("(yes|no)")
+    before = engine.grammars.compiled
+    outs = engine.generate([prompt, prompt], SamplingParams(max_tokens=5, temperature=0, grammar=g))
+    assert {o.text for o in outs} <= {"yes", "no"} and all(o.finish_reason == "stop" for o in outs)
+    assert engine.grammars.compiled - before <= 1

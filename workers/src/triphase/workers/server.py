@@ -69,6 +69,9 @@ def sampling_from_pb(p: pb.SamplingParams) -> SamplingParams:
         max_tokens=p.max_tokens or 16, temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k,
         seed=p.seed if p.HasField("seed") else None, stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids),
         ignore_eos=p.ignore_eos, logprobs=p.logprobs if p.HasField("logprobs") else None,
+        presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty or 1.0, min_p=p.min_p, logit_bias=tuple(sorted(p.logit_bias.items())),
+        min_tokens=p.min_tokens, grammar=p.grammar,
     )
 
 

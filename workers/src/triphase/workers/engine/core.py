@@ -29,6 +29,7 @@ from triphase.workers.engine.device import (
     resolve_device,
     step_reserve_bytes,
 )
+from triphase.workers.engine.grammar import Grammars
 from triphase.workers.engine.kv_cache_manager import KVCacheManager, cdiv
 from triphase.workers.engine.kv_layout import KvLayout
 from triphase.workers.engine.model_runner import TORCH_DTYPES, ModelRunner
@@ -207,6 +208,8 @@ class Engine:
                                    self.kv)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._stop_ids = frozenset(cfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
+        runner.stop_ids = self._stop_ids
+        self.grammars = Grammars(self.tokenizer, cfg.vocab_size, sorted(self._stop_ids))
         self.num_steps = 0
         self.rates = StepRates()
         self._batches = itertools.count()
@@ -265,12 +268,19 @@ class Engine:
         request.output_offset = output_offset
         self._check_token_ids(request.prompt_token_ids, "prompt")
         self._check_images(request.prompt_token_ids, images, need_embeds=True)
-        self._check_token_ids(sampling.stop_token_ids, "stop_token_ids")
+        self._check_sampling(sampling)
+        if sampling.grammar:
+            request.constraint = self.grammars.matcher(sampling.grammar, request.prompt_token_ids[
+                request.num_prompt_tokens - output_offset :] if output_offset else ())
         self.scheduler.add(request)
         detok = self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
         if output_offset:  # a resumed request: its text continues where the other worker's stopped
             detok.prime(request.prompt_token_ids[-output_offset:])
         return request
+
+    def _check_sampling(self, sampling: SamplingParams) -> None:
+        self._check_token_ids(sampling.stop_token_ids, "stop_token_ids")
+        self._check_token_ids([t for t, _ in sampling.logit_bias], "logit_bias")
 
     def _check_token_ids(self, token_ids: Sequence[int], what: str) -> None:
         vocab = self.model_config.vocab_size
@@ -313,6 +323,8 @@ class Engine:
                 sample = samples[request.request_id]
                 if sample.logprobs is not None:
                     request.logprobs.append(sample.logprobs)
+                if request.constraint is not None and not request.constraint.consume(sample.token_id):
+                    logger.error("%s: token %d does not follow its grammar", request.request_id, sample.token_id)
                 if request.first_token_time is None:
                     request.first_token_time = now
                 outputs.append(self._emit(request, sample.token_id, sample.logprobs))
@@ -332,6 +344,8 @@ class Engine:
             reason, request.stop_reason = "stop", matched
         elif token in params.stop_token_ids or (token in self._stop_ids and not params.ignore_eos):
             reason, request.stop_reason = "stop", token
+        elif request.constraint is not None and (request.constraint.done or request.constraint.failed):
+            reason = "stop"  # the grammar is complete: nothing may follow
         elif request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
             reason = "length"
         if reason is not None:
@@ -471,7 +485,9 @@ class Engine:
         self._check_token_ids(request.prompt_token_ids, "prompt")
         self._check_images(request.prompt_token_ids, images, need_embeds=False)
         self._check_token_ids([export.first_token_id], "first_token_id")
-        self._check_token_ids(sampling.stop_token_ids, "stop_token_ids")
+        self._check_sampling(sampling)
+        if sampling.grammar:  # the prefill worker drew the first token under it: continue from there
+            request.constraint = self.grammars.matcher(sampling.grammar, [export.first_token_id])
         return request
 
     def cancel_import(self, request_id: str) -> None:

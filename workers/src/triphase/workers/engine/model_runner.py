@@ -50,6 +50,7 @@ class ModelRunner:
         self.device = model.device if model is not None else _CPU
         self.kv_cache = allocate_kv(layout.shape, TORCH_DTYPES[layout.dtype], self.device)
         self.generator = torch.Generator().manual_seed(0)
+        self.stop_ids: frozenset[int] = frozenset()  # the model's EOS ids (min_tokens masks them): the engine's
 
     def _upload(self, *arrays: list[int]) -> list[torch.Tensor]:
         """Host lists of ints -> int64 tensors on the device, through one (pinned, asynchronous) copy."""
@@ -64,12 +65,7 @@ class ModelRunner:
         logits, sampled_items = self._forward(output.scheduled, all_logits=False)
         if not sampled_items:
             return {}
-        samples = sample(
-            logits,
-            [i.request.sampling for i in sampled_items],
-            [i.request.num_output_tokens + i.request.output_offset for i in sampled_items],
-            self.generator,
-        )
+        samples = sample(logits, [i.request for i in sampled_items], self.generator, self.stop_ids)
         return {i.request.request_id: s for i, s in zip(sampled_items, samples, strict=True)}
 
     def logits(self, item: ScheduledRequest) -> torch.Tensor:

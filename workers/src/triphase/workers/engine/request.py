@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from triphase.common.block_hash import ImageSpan
 from triphase.workers.engine.sampling import SamplingParams
@@ -57,6 +58,7 @@ class Request:
         self.first_token_time: float | None = None
         self.logprobs: list[dict[int, float]] = []  # per output token: {token_id: logprob}
         self.stop_reason: str | int | None = None
+        self.constraint: Any = None  # engine/grammar.Constraint: where its output is in its grammar
 
     @property
     def recomputable(self) -> bool:

@@ -11,6 +11,8 @@ GREEDY_BELOW = 1e-5
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # per stop string: each is checked against the tail of the text every token
 MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI bounds it
+MAX_MIN_TOKENS = 1 << 20
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # the protobuf's int64
 
 
@@ -31,8 +33,42 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token (0 = only the chosen token's)
+    # Penalties as vLLM and OpenAI define them: presence and frequency on the tokens generated so far
+    # (by any worker: a resumed request counts the output it was resumed with), repetition on the
+    # prompt's and the output's tokens (a positive logit divided by it, a negative one multiplied).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest (after temperature)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), sorted by id
+    min_tokens: int = 0  # EOS and the stop token ids are masked until this many tokens are generated
+    grammar: str = ""  # an llguidance grammar (engine/grammar.py) the output must follow; "" = none
 
     def __post_init__(self) -> None:
+        self._check_basic()
+        for name, low, high in (("presence_penalty", -2, 2), ("frequency_penalty", -2, 2),
+                                ("repetition_penalty", 0, 2), ("min_p", 0, 1)):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not low <= value <= high or (name == "repetition_penalty" and value == 0):
+                raise ValueError(f"{name} must be in {'(' if name == 'repetition_penalty' else '['}{low}, {high}], "
+                                 f"got {value}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries, got {len(self.logit_bias)}")
+        if any(not math.isfinite(b) or not -100 <= b <= 100 for _, b in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        if not 0 <= self.min_tokens <= min(self.max_tokens, MAX_MIN_TOKENS):
+            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def processed(self) -> bool:
+        """Whether the logits are changed before the draw (beyond temperature and the top-k/p/min-p filters)."""
+        return self.penalized or bool(self.logit_bias or self.min_tokens or self.grammar)
+
+    def _check_basic(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
