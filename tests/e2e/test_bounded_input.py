@@ -66,7 +66,12 @@ CASES = [
     ("400k stop strings", chat(stop=["x"] * 400_000), 400, "stop"),
     ("17 stop strings", chat(stop=[f"s{i}" for i in range(17)]), 400, "stop"),
     ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
-    ("response_format", chat(response_format={"type": "json_object"}), 400, "response_format"),
+    ("a 100 KiB schema", chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(4000)}}}}), 400, "response_format"),
+    ("a 200-deep schema", chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": json.loads('{"type": "array", "items": ' * 200 + "{}" + "}" * 200)}}),
+     400, "response_format"),
+    ("301 logit biases", chat(logit_bias={str(i): 1 for i in range(301)}), 400, "logit_bias"),
     ("unknown field", chat(best_friend="x"), 400, "best_friend"),
     ("temperature NaN", chat()[:-1] + b', "temperature": NaN}', 400, "temperature"),
     ("not JSON", b"{", 400, None),

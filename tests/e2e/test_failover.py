@@ -1,14 +1,17 @@
 """Failures lose nothing. The client receives one uninterrupted stream equal to the fault-free one
-when its decode worker switches roles mid-stream or is killed with SIGKILL, and a request still
-completes when its prefill worker is gone or its KV hand-off fails (the decode worker prefills)."""
+when its decode worker switches roles mid-stream or is killed with SIGKILL (a structured, seeded,
+penalized stream), and a request still completes when its prefill worker is gone or its KV hand-off
+fails (the decode worker prefills)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import urllib.request
 
 import grpc
+import jsonschema
 import openai
 import pytest
 
@@ -83,9 +86,18 @@ def test_decode_worker_switching_roles_hands_its_stream_over(stack):
              30, "the stack to settle")
 
 
+POEM = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 30}, "lines": {
+    "type": "array", "items": {"type": "string", "minLength": 10, "maxLength": 40}, "minItems": 5, "maxItems": 5}},
+    "required": ["title", "lines"], "additionalProperties": False}
+
+
 def test_decode_worker_killed_mid_stream(stack):
+    """The killed stream is sampled (seeded), penalized and constrained by a JSON schema: the worker that
+    resumes it continues the grammar, the penalties' counts and the seeded draws where the killed one was."""
     client = openai.OpenAI(base_url=f"{stack['url']}/v1", api_key="unused", max_retries=0)
-    request = _request(client)
+    request = {**_request(client), "max_tokens": 200, "temperature": 0.8, "seed": 5, "frequency_penalty": 0.5,
+               "response_format": {"type": "json_schema", "json_schema": {"name": "poem", "schema": POEM}},
+               "extra_body": {}}
     fault_free = client.chat.completions.create(**request).choices[0].message.content
     wait_for(lambda: sum(running(port) for name, (_, port) in stack["workers"].items()) == 0, 30,
              "the previous request to finish")
@@ -98,6 +110,7 @@ def test_decode_worker_killed_mid_stream(stack):
                           if name.startswith("decode") and running(port))
             stack["workers"][victim][0].kill()  # SIGKILL, mid-stream
     assert "".join(pieces) == fault_free
+    jsonschema.validate(json.loads(fault_free), POEM)
     assert re.search(r'triphase_request_migrations_total\{model="[^"]+"\} [1-9]', _metrics(stack["url"]))
 
 

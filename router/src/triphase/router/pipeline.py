@@ -284,7 +284,10 @@ class Pipeline:
                                     adopted = True
                                     trace.kv_backend = backend = delta.kv_backend or "grpc"
                                     self.metrics.kv_handoff(backend, time.monotonic() - started, ticket.nbytes)
-                                    delta = dataclasses.replace(delta, token_ids=delta.token_ids[1:], text="")
+                                    logprobs = delta.logprobs[1:] if len(delta.logprobs) == len(delta.token_ids) \
+                                        else delta.logprobs
+                                    delta = dataclasses.replace(delta, token_ids=delta.token_ids[1:], text="",
+                                                                logprobs=logprobs)
                                     if not delta.token_ids and delta.finish_reason is None:
                                         continue
                                 yield delta

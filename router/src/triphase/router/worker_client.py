@@ -59,12 +59,27 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # top-N logprobs per token; None: none
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    grammar: str = ""  # common/grammar.py
 
     def to_pb(self) -> pb.SamplingParams:
         p = pb.SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, stop=list(self.stop), ignore_eos=self.ignore_eos)
+                              top_k=self.top_k, stop=list(self.stop), ignore_eos=self.ignore_eos,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              repetition_penalty=self.repetition_penalty, min_p=self.min_p,
+                              logit_bias=dict(self.logit_bias), min_tokens=self.min_tokens,
+                              stop_token_ids=list(self.stop_token_ids), grammar=self.grammar)
         if self.seed is not None:
             p.seed = self.seed
+        if self.logprobs is not None:
+            p.logprobs = self.logprobs
         return p
 
 
@@ -101,6 +116,8 @@ class Delta:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     kv_backend: str = ""  # first delta of a Decode: how the KV arrived
+    # per token of token_ids, with logprobs asked: {token id: logprob}, the chosen token first, then the top-N
+    logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -115,7 +132,7 @@ class KvTicket:
 
 def _delta(d: pb.TokenDelta) -> Delta:
     return Delta(list(d.token_ids), d.text, FINISH.get(d.finish_reason), d.prompt_tokens, d.cached_tokens,
-                 d.kv_backend)
+                 d.kv_backend, [{e.token_id: e.logprob for e in row.entries} for row in d.logprobs])
 
 
 def _failure(exc: grpc.aio.AioRpcError) -> Exception:

@@ -4,7 +4,7 @@ Validation errors become `BadRequest` naming the offending field, so clients get
 400 bodies (`param` set) instead of 500s. As OpenAI does, a field this server does not know is
 refused, not ignored; a field it knows but does not implement (`tools`, `response_format`, ...)
 is accepted only with the value that means "off". Every count and size a client controls is
-bounded here, before any work is done on it.
+bounded here, before any work is done on it (a grammar's own bounds are common/grammar.py's).
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ MAX_STOP_STRINGS = 16  # the worker's limits (SamplingParams); OpenAI allows 4
 MAX_STOP_CHARS = 256
 INT32_MAX = (1 << 31) - 1
 
+MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's chat limit; its completions allow 5)
+MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit
+MAX_STOP_TOKEN_IDS = 64
 # Known OpenAI fields this server does not implement, with the values that leave them off.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
     "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
-    "response_format": (None, {"type": "text"}), "logit_bias": (None, {}), "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "repetition_penalty": (None, 1), "best_of": (None, 1), "suffix": (None, ""), "audio": (None,),
-    "modalities": (None, ["text"]), "prediction": (None,), "min_p": (None, 0), "web_search_options": (None,),
+    "best_of": (None, 1), "suffix": (None, ""), "audio": (None,),
+    "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
 }
 # Accepted and without effect here: bookkeeping fields clients send routinely.
 IGNORED = ("user", "store", "metadata", "service_tier", "reasoning_effort")
@@ -83,6 +84,44 @@ class ChatMessage(_Strict):
 
 
 Stop = Annotated[str, pydantic.StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+Penalty = Annotated[float, pydantic.Field(ge=-2, le=2)]
+TokenId = Annotated[int, pydantic.Field(ge=0, le=INT32_MAX)]
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = pydantic.Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = pydantic.Field(default=None, alias="schema")
+    strict: bool | None = None  # the output always follows the schema here: strict or not
+
+
+class ResponseFormat(_Strict):
+    """`text`, `json_object` (any JSON object) or `json_schema` (JSON that validates against it)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("`json_schema` is required when the type is json_schema")
+        return self
+
+
+class StructuredOutputs(_Strict):
+    """An extension (vLLM's name and shape): exactly one of a JSON schema, a regular expression, a
+    Lark grammar, or a list of strings the output must be one of."""
+
+    json_: dict[str, Any] | None = pydantic.Field(default=None, alias="json")
+    regex: str | None = None
+    grammar: str | None = None
+    choice: Annotated[list[str], pydantic.Field(min_length=1, max_length=256)] | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        if sum(x is not None for x in (self.json_, self.regex, self.grammar, self.choice)) != 1:
+            raise ValueError("give exactly one of json, regex, grammar, choice")
+        return self
 
 
 class SamplingFields(_Strict):
@@ -98,6 +137,16 @@ class SamplingFields(_Strict):
     stream_options: dict[str, bool] | None = None
     n: int = pydantic.Field(default=1, ge=1, le=1)
     ignore_eos: bool = False
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: float = pydantic.Field(default=1.0, gt=0, le=2)
+    min_p: float = pydantic.Field(default=0.0, ge=0, le=1)
+    logit_bias: Annotated[dict[str, Annotated[float, pydantic.Field(ge=-100, le=100)]],
+                          pydantic.Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    min_tokens: int = pydantic.Field(default=0, ge=0)
+    stop_token_ids: Annotated[list[TokenId], pydantic.Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     user: str | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -123,6 +172,16 @@ class SamplingFields(_Strict):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     @property
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs; its keys are token ids written as strings (JSON)."""
+        pairs = []
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit() or int(key) > INT32_MAX:
+                raise BadRequest(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+            pairs.append((int(key), value))
+        return tuple(sorted(pairs))
+
+    @property
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
@@ -133,11 +192,29 @@ class SamplingFields(_Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = pydantic.Field(min_length=1, max_length=MAX_MESSAGES)
+    logprobs: bool = False
+    top_logprobs: int | None = pydantic.Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @pydantic.model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise BadRequest("`top_logprobs` needs `logprobs: true`", param="top_logprobs")
+        return self
+
+    @property
+    def logprobs_n(self) -> int | None:
+        """Top logprobs per token to return; None: none at all."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int]
     echo: bool = False
+    logprobs: int | None = pydantic.Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @property
+    def logprobs_n(self) -> int | None:
+        return self.logprobs
 
 
 def parse(model: type[pydantic.BaseModel], body: Any) -> Any:

@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import json
 import logging
@@ -43,10 +44,12 @@ from triphase.router.errors import (
     Unavailable,
 )
 from triphase.router.metrics import CLIENT_CLOSED, RouterMetrics
+from triphase.router.openai import logprobs as lp
 from triphase.router.openai import protocol as p
 from triphase.router.openai.images import ImageSources, LoadedImage
 from triphase.router.openai.images import load as load_image
 from triphase.router.openai.openapi import document
+from triphase.router.openai.structured import grammar_for
 from triphase.router.pipeline import Pipeline, Trace
 from triphase.router.worker_client import Delta, PromptImage, Sampling
 
@@ -91,6 +94,17 @@ def _then_trim(fn: Callable[[], T]) -> T:
             _MALLOC_TRIM(0)
 
 
+@dataclasses.dataclass
+class Collected:
+    """A whole (non-streamed) completion."""
+
+    text: str
+    tokens: list[int]
+    reason: str
+    cached: int
+    logprobs: list[dict[int, float]]
+
+
 class Api:
     def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, metrics: RouterMetrics, *, model: str,
                  max_model_len: int, admission: Admission | None = None, max_body_bytes: int = 2 << 20,
@@ -111,6 +125,7 @@ class Api:
         self.vision = vision  # the model's image settings; None: it takes no images
         self.image_sources = image_sources or ImageSources(ImageLimits())
         self.tokenizer = tokenizer
+        self.token_texts = lp.TokenTexts(tokenizer)
         self.metrics = metrics
         self.model = model
         self.max_model_len = max_model_len
@@ -242,7 +257,8 @@ class Api:
             raise BadRequest(f"the prompt ({text_bytes} bytes) cannot fit this model's context length "
                              f"{self.max_model_len}", param=param, code="context_length_exceeded")
 
-    def _parse_chat(self, body: bytes) -> p.ChatCompletionRequest:
+    def _parse_chat(self, body: bytes) -> tuple[p.ChatCompletionRequest, str]:
+        """The request and the grammar its output must follow ("" for none)."""
         req: p.ChatCompletionRequest = p.parse(p.ChatCompletionRequest, self._parse_json(body))
         self._check_model(req)  # before the costly part
         self._check_text_size(sum(len(m.text().encode()) for m in req.messages), "messages")
@@ -253,7 +269,7 @@ class Api:
         if count > self.image_sources.limits.max_images:
             raise BadRequest(f"{count} images; at most {self.image_sources.limits.max_images} per request",
                              param="messages", code="invalid_image")
-        return req
+        return req, grammar_for(req)
 
     async def _load_images(self, req: p.ChatCompletionRequest) -> list[LoadedImage]:
         """The request's images in order, fetched and checked at once (a 400 names the first bad one)."""
@@ -278,9 +294,12 @@ class Api:
         return ids, [PromptImage(at, slot.count, image.digest, image.data)
                      for at, image in zip(offsets, loaded, strict=True)]
 
-    def _completion_prompt(self, body: bytes) -> tuple[p.CompletionRequest, list[int]]:
+    def _completion_prompt(self, body: bytes) -> tuple[p.CompletionRequest, list[int], str]:
         req = p.parse(p.CompletionRequest, self._parse_json(body))
         self._check_model(req)
+        if req.echo and req.logprobs is not None:
+            raise BadRequest("`echo` with `logprobs` (prompt logprobs) is not supported yet", param="echo",
+                             code="unsupported_parameter")
         if isinstance(req.prompt, str):
             self._check_text_size(len(req.prompt.encode()), "prompt")
             prompt = self.tokenizer.encode(req.prompt)
@@ -294,15 +313,15 @@ class Api:
             prompt = list(req.prompt)
         if not prompt:
             raise BadRequest("the prompt is empty", param="prompt")
-        return req, prompt
+        return req, prompt, grammar_for(req)
 
     def _check_model(self, req: p.SamplingFields) -> None:
         if req.model != self.model:
             raise BadRequest(f"the model `{req.model}` does not exist; this server serves `{self.model}`",
                              param="model", code="model_not_found")
 
-    def _sampling(self, req: p.SamplingFields, prompt_len: int, default_max: int | None, prompt_param: str,
-                  ) -> Sampling:
+    def _sampling(self, req: p.ChatCompletionRequest | p.CompletionRequest, prompt_len: int,
+                  default_max: int | None, prompt_param: str, grammar: str) -> Sampling:
         """`prompt_param`: the field that holds the prompt (`messages` or `prompt`), named when it is too long."""
         room = self.max_model_len - prompt_len
         if room <= 0:
@@ -312,8 +331,19 @@ class Api:
         if limit > room:
             raise BadRequest(f"max_tokens ({limit}) plus the prompt ({prompt_len} tokens) exceeds the context "
                              f"length {self.max_model_len}", param="max_tokens", code="context_length_exceeded")
+        if req.min_tokens > limit:
+            raise BadRequest(f"min_tokens ({req.min_tokens}) exceeds max_tokens ({limit})", param="min_tokens")
+        vocab = self.tokenizer.vocab_size
+        bias = req.bias
+        for param, ids in (("logit_bias", [t for t, _ in bias]), ("stop_token_ids", req.stop_token_ids or [])):
+            if any(t >= vocab for t in ids):
+                raise BadRequest(f"{param}: token ids must be in 0..{vocab - 1}", param=param)
         return Sampling(max_tokens=limit, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                        seed=req.seed, stop=tuple(req.stop_list), ignore_eos=req.ignore_eos)
+                        seed=req.seed, stop=tuple(req.stop_list), ignore_eos=req.ignore_eos,
+                        logprobs=req.logprobs_n, presence_penalty=req.presence_penalty,
+                        frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                        min_p=req.min_p, logit_bias=bias, min_tokens=req.min_tokens,
+                        stop_token_ids=tuple(req.stop_token_ids or ()), grammar=grammar)
 
     async def _timed(self, request: web.Request, prompt: list[int], sampling: Sampling, trace: Trace,
                      images: Sequence[PromptImage] = ()) -> AsyncGenerator[Delta, None]:
@@ -349,12 +379,13 @@ class Api:
             self.metrics.finished(status, len(prompt), generated, end - start,
                                   None if first_at is None else end - first_at, key=trace.api_key)
 
-    async def _collect(self, deltas: AsyncIterator[Delta]) -> tuple[str, list[int], str, int]:
-        text, tokens, reason, cached = [], [], "stop", 0
+    async def _collect(self, deltas: AsyncIterator[Delta]) -> Collected:
+        text, tokens, reason, cached, logprobs = [], [], "stop", 0, []
         try:
             async for d in deltas:
                 text.append(d.text)
                 tokens.extend(d.token_ids)
+                logprobs.extend(d.logprobs)
                 cached = cached or d.cached_tokens
                 if d.finish_reason:
                     reason = d.finish_reason
@@ -363,7 +394,7 @@ class Api:
         except Exception as exc:  # a worker failure the pipeline could not absorb
             logger.exception("Request failed")
             raise Unavailable("the request failed inside the serving system") from exc
-        return "".join(text), tokens, reason, cached
+        return Collected("".join(text), tokens, reason, cached, logprobs)
 
     async def _sse(self, request: web.Request, frames: AsyncIterator[bytes], trace: Trace) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -394,10 +425,10 @@ class Api:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         async with self.admission.slot():
-            req = await self._off_loop(len(body), lambda: self._parse_chat(body))
+            req, grammar = await self._off_loop(len(body), lambda: self._parse_chat(body))
             loaded = await self._load_images(req)
             prompt, images = await self._off_loop(len(body), lambda: self._chat_tokens(req, loaded))
-            sampling = self._sampling(req, len(prompt), None, "messages")
+            sampling = self._sampling(req, len(prompt), None, "messages", grammar)
             return await self._chat(request, req, prompt, sampling, images)
 
     async def _chat(self, request: web.Request, req: p.ChatCompletionRequest, prompt: list[int],
@@ -406,18 +437,20 @@ class Api:
         trace = Trace(rid, api_key=request.get("api_key", ""))
         async with contextlib.aclosing(self._timed(request, prompt, sampling, trace, images)) as deltas:
             if req.stream:
-                chunks = self._chat_chunks(deltas, rid, created, len(prompt), req.include_usage)
+                chunks = self._chat_chunks(deltas, rid, created, len(prompt), req.include_usage, req.logprobs_n)
                 return await self._sse(request, chunks, trace)
-            text, tokens, reason, cached = await self._collect(deltas)
+            done = await self._collect(deltas)
+        logprobs = None if req.logprobs_n is None else \
+            {"content": lp.chat_entries(self.token_texts, done.tokens, done.logprobs, req.logprobs_n)}
         return web.json_response({
             "id": rid, "object": "chat.completion", "created": created, "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                         "logprobs": None}],
-            "usage": p.usage(len(prompt), len(tokens), cached),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                         "finish_reason": done.reason, "logprobs": logprobs}],
+            "usage": p.usage(len(prompt), len(done.tokens), done.cached),
         })
 
     async def _chat_chunks(self, deltas: AsyncIterator[Delta], rid: str, created: int, prompt_tokens: int,
-                           include_usage: bool) -> AsyncIterator[bytes]:
+                           include_usage: bool, logprobs_n: int | None) -> AsyncIterator[bytes]:
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model}
         yield _frame({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                            "finish_reason": None}]})
@@ -425,7 +458,12 @@ class Api:
         generated = 0
         async for d in deltas:
             generated += len(d.token_ids)
-            if d.text or d.finish_reason:
+            if logprobs_n is not None and d.token_ids:  # every token's logprobs, even one with no text yet
+                entries = lp.chat_entries(self.token_texts, d.token_ids, d.logprobs, logprobs_n)
+                content = b'{"content": ' + json.dumps(d.text).encode() + b"}"
+                yield (head + b'"delta": ' + content + b', "logprobs": ' + json.dumps({"content": entries}).encode()
+                       + b', "finish_reason": ' + _json_reason(d.finish_reason) + TAIL)
+            elif d.text or d.finish_reason:
                 content = b'{"content": ' + json.dumps(d.text).encode() + b"}" if d.text else b"{}"
                 yield head + b'"delta": ' + content + b', "finish_reason": ' + _json_reason(d.finish_reason) + TAIL
         if include_usage:
@@ -434,8 +472,8 @@ class Api:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         async with self.admission.slot():
-            req, prompt = await self._off_loop(len(body), lambda: self._completion_prompt(body))
-            sampling = self._sampling(req, len(prompt), 16, "prompt")
+            req, prompt, grammar = await self._off_loop(len(body), lambda: self._completion_prompt(body))
+            sampling = self._sampling(req, len(prompt), 16, "prompt", grammar)
             return await self._completions(request, req, prompt, sampling)
 
     async def _completions(self, request: web.Request, req: p.CompletionRequest, prompt: list[int],
@@ -445,25 +483,34 @@ class Api:
         trace = Trace(rid, api_key=request.get("api_key", ""))
         async with contextlib.aclosing(self._timed(request, prompt, sampling, trace)) as deltas:
             if req.stream:
-                chunks = self._completion_chunks(deltas, rid, created, echo, len(prompt), req.include_usage)
+                chunks = self._completion_chunks(deltas, rid, created, echo, len(prompt), req.include_usage,
+                                                 req.logprobs_n)
                 return await self._sse(request, chunks, trace)
-            text, tokens, reason, cached = await self._collect(deltas)
+            done = await self._collect(deltas)
+        logprobs = None if req.logprobs_n is None else \
+            lp.CompletionLogprobs(self.token_texts, req.logprobs_n).add(done.tokens, done.logprobs)
         return web.json_response({
             "id": rid, "object": "text_completion", "created": created, "model": self.model,
-            "choices": [{"index": 0, "text": echo + text, "finish_reason": reason, "logprobs": None}],
-            "usage": p.usage(len(prompt), len(tokens), cached),
+            "choices": [{"index": 0, "text": echo + done.text, "finish_reason": done.reason, "logprobs": logprobs}],
+            "usage": p.usage(len(prompt), len(done.tokens), done.cached),
         })
 
     async def _completion_chunks(self, deltas: AsyncIterator[Delta], rid: str, created: int, echo: str,
-                                 prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
+                                 prompt_tokens: int, include_usage: bool, logprobs_n: int | None,
+                                 ) -> AsyncIterator[bytes]:
         base = {"id": rid, "object": "text_completion", "created": created, "model": self.model}
         if echo:
             yield _frame({**base, "choices": [{"index": 0, "text": echo, "finish_reason": None, "logprobs": None}]})
         head = _frame_head(base)
         generated = 0
+        logprobs = None if logprobs_n is None else lp.CompletionLogprobs(self.token_texts, logprobs_n)
         async for d in deltas:
             generated += len(d.token_ids)
-            if d.text or d.finish_reason:
+            if logprobs is not None and d.token_ids:
+                yield (head + b'"text": ' + json.dumps(d.text).encode() + b', "finish_reason": '
+                       + _json_reason(d.finish_reason) + b', "logprobs": '
+                       + json.dumps(logprobs.add(d.token_ids, d.logprobs)).encode() + TAIL)
+            elif d.text or d.finish_reason:
                 yield (head + b'"text": ' + json.dumps(d.text).encode() + b', "finish_reason": '
                        + _json_reason(d.finish_reason) + b', "logprobs": null' + TAIL)
         if include_usage:

@@ -1,0 +1,178 @@
+"""The sampling fields applications send, through `triphase up` (prefill -> NIXL -> decode) with the
+official `openai` client: logprobs, penalties, logit bias, min_tokens, structured output. Every
+output equals the in-process engine's with the same parameters (float32), the first token drawn on
+the prefill worker and the rest on the decode worker."""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.request
+
+import jsonschema
+import openai
+import pydantic
+import pytest
+
+from triphase.common import grammar
+from triphase.local.processes import triphase_up
+from triphase.workers.engine.sampling import SamplingParams
+
+pytestmark = pytest.mark.slow
+QUESTION = "Write a short story about a dragon."
+
+
+@pytest.fixture(scope="module")
+def stack():
+    with triphase_up(["--dtype", "float32"]) as (_, url):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(base_url=f"{stack}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def engine(make_engine):
+    return make_engine()
+
+
+@pytest.fixture(scope="module")
+def prompt(loaded_model):
+    return loaded_model.tokenizer.encode_chat([{"role": "user", "content": QUESTION}])
+
+
+def chat(client, model, **kw):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}], **kw)
+
+
+def test_chat_logprobs_equal_the_engine(client, model, engine, prompt, loaded_model):
+    expected = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0, logprobs=3, ignore_eos=True))[0]
+    reply = chat(client, model, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3,
+                 extra_body={"ignore_eos": True})
+    content = reply.choices[0].logprobs.content
+    assert len(content) == 12
+    tokenizer = loaded_model.tokenizer
+    for entry, token, row in zip(content, expected.token_ids, expected.logprobs, strict=True):
+        assert math.isclose(entry.logprob, row[token], abs_tol=1e-4)
+        assert bytes(entry.bytes).decode(errors="replace") == entry.token
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+        assert tokenizer.decode([token], skip_special_tokens=False) == entry.token or "\ufffd" in entry.token
+    assert "".join(e.token for e in content) == reply.choices[0].message.content
+    # streamed: the same entries, spread over the chunks
+    chunks = list(chat(client, model, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3, stream=True,
+                       extra_body={"ignore_eos": True}))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+
+
+def test_completion_logprobs(client, model, engine, loaded_model):
+    prompt = loaded_model.tokenizer.encode("The capital of France is")
+    expected = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0, logprobs=2, ignore_eos=True))[0]
+    reply = client.completions.create(model=model, prompt="The capital of France is", max_tokens=6, temperature=0,
+                                      logprobs=2, extra_body={"ignore_eos": True})
+    lp = reply.choices[0].logprobs
+    assert "".join(lp.tokens) == reply.choices[0].text == expected.text
+    for value, token, row in zip(lp.token_logprobs, expected.token_ids, expected.logprobs, strict=True):
+        assert math.isclose(value, row[token], abs_tol=1e-4)
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
+
+
+@pytest.mark.parametrize("fields", [
+    {"frequency_penalty": 1.2, "presence_penalty": 0.4},
+    {"repetition_penalty": 1.3},
+    {"temperature": 0.9, "seed": 7, "min_p": 0.05, "top_k": 40},
+])
+def test_penalties_across_the_hand_off_equal_the_engine(client, model, engine, prompt, fields):
+    params = {"temperature": 0, **fields}
+    extra = {k: params.pop(k) for k in ("repetition_penalty", "min_p", "top_k") if k in params}
+    expected = engine.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True, **params, **extra))[0]
+    reply = chat(client, model, max_tokens=24, extra_body={"ignore_eos": True, **extra}, **params)
+    assert reply.choices[0].message.content == expected.text
+
+
+def test_logit_bias_and_min_tokens(client, model, loaded_model):
+    eos = loaded_model.tokenizer.eos_token_ids[0]
+    bias = {str(eos): 100}
+    assert chat(client, model, max_tokens=8, temperature=0, logit_bias=bias).usage.completion_tokens == 1
+    held = chat(client, model, max_tokens=8, temperature=0, logit_bias=bias, extra_body={"min_tokens": 4})
+    assert held.usage.completion_tokens == 5 and held.choices[0].finish_reason == "stop"
+
+
+class Dragon(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=16)
+    age: int = pydantic.Field(ge=0, le=5000)
+    colors: list[str] = pydantic.Field(max_length=3)
+
+
+def test_parse_returns_a_pydantic_object(client, model):
+    completion = client.chat.completions.parse(
+        model=model, messages=[{"role": "user", "content": "Describe a dragon."}], response_format=Dragon,
+        max_tokens=120, temperature=0)
+    dragon = completion.choices[0].message.parsed
+    assert isinstance(dragon, Dragon)
+
+
+def test_json_object_and_schema_streamed_equal_the_engine(client, model, engine, loaded_model):
+    schema = Dragon.model_json_schema()
+    messages = [{"role": "user", "content": "Describe a dragon as JSON."}]
+    prompt = loaded_model.tokenizer.encode_chat(messages)
+    expected = engine.generate([prompt], SamplingParams(max_tokens=120, temperature=0.8, seed=3,
+                                                        grammar=grammar.json_schema(schema)))[0]
+    stream = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=120, temperature=0.8, seed=3, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "dragon", "schema": schema, "strict": True}})
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == expected.text
+    jsonschema.validate(json.loads(text), schema)
+    anything = client.chat.completions.create(model=model, messages=messages, max_tokens=60, temperature=0,
+                                              response_format={"type": "json_object"})
+    if anything.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+
+def test_choice_and_regex_extensions(client, model):
+    picked = chat(client, model, max_tokens=8, temperature=0,
+                  extra_body={"structured_outputs": {"choice": ["red", "green", "blue"]}})
+    assert picked.choices[0].message.content in ("red", "green", "blue")
+    date = chat(client, model, max_tokens=12, temperature=0,
+                extra_body={"structured_outputs": {"regex": r"[0-9]{4}-[0-9]{2}-[0-9]{2}"}})
+    assert len(date.choices[0].message.content) == 10
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": json.loads(
+        '{"type": "object", "properties": {"a": ' * 40 + '{}' + '}}' * 40)}}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"structured_outputs": {"regex": "(("}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"logit_bias": {"not-a-token": 1}}, "logit_bias"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
+])
+def test_bad_sampling_fields_get_400s(stack, model, body, param):
+    payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], **body}
+    request = urllib.request.Request(f"{stack}/v1/chat/completions", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request)
+    assert caught.value.code == 400
+    error = json.loads(caught.value.read())["error"]
+    assert error["param"] == param, error
