@@ -65,7 +65,8 @@ CASES = [
     ("top_k 2**40", chat(top_k=2**40), 400, "top_k"),
     ("400k stop strings", chat(stop=["x"] * 400_000), 400, "stop"),
     ("17 stop strings", chat(stop=[f"s{i}" for i in range(17)]), 400, "stop"),
-    ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    ("129 tools", chat(tools=[{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]), 400,
+     "tools"),
     ("a 100 KiB schema", chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(4000)}}}}), 400, "response_format"),
     ("a 200-deep schema", chat(response_format={"type": "json_schema", "json_schema": {

@@ -176,3 +176,51 @@ def test_bad_sampling_fields_get_400s(stack, model, body, param):
     assert caught.value.code == 400
     error = json.loads(caught.value.read())["error"]
     assert error["param"] == param, error
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_required_tool_calls_parse(client, model):
+    reply = client.chat.completions.create(model=model, messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
+                                           max_tokens=80, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls
+    assert calls and all(c.type == "function" and c.id.startswith("call_") for c in calls)
+    for c in calls:
+        schema = (WEATHER if c.function.name == "get_weather" else TIME)["function"]["parameters"]
+        jsonschema.validate(json.loads(c.function.arguments), schema)
+    # streamed: the same calls, assembled from the deltas as the client library does
+    stream = client.chat.completions.create(model=model, messages=ASK, tools=[WEATHER, TIME], tool_choice="required",
+                                            max_tokens=80, temperature=0, stream=True)
+    pieces: dict[int, dict[str, str]] = {}
+    reasons = []
+    for chunk in stream:
+        for delta_call in chunk.choices[0].delta.tool_calls or ():
+            entry = pieces.setdefault(delta_call.index, {"name": "", "arguments": ""})
+            entry["name"] += delta_call.function.name or ""
+            entry["arguments"] += delta_call.function.arguments or ""
+        reasons.append(chunk.choices[0].finish_reason)
+    assert [pieces[i] for i in sorted(pieces)] == [{"name": c.function.name, "arguments": c.function.arguments}
+                                                   for c in calls]
+    assert reasons[-1] == "tool_calls"
+
+
+def test_a_named_function_and_the_next_turn(client, model):
+    reply = client.chat.completions.create(
+        model=model, messages=ASK, tools=[WEATHER, TIME], max_tokens=60, temperature=0, parallel_tool_calls=False,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    [call] = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments)["unit"] in ("celsius",
+                                                                                                   "fahrenheit")
+    answer = client.chat.completions.create(model=model, tools=[WEATHER, TIME], max_tokens=20, temperature=0, messages=[
+        *ASK, reply.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, sunny"}])
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")

@@ -12,7 +12,8 @@ BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
+    ({"functions": [{"name": "f"}]}, "functions"),
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
@@ -35,7 +36,7 @@ BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
      "messages.0.content.0.image_url.b"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}]}]},
      "messages.0.content.0.image_url.url"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": "x"}] * 2049}, "messages"),
 ])
 def test_refused_with_the_field_named(extra, param):

@@ -90,9 +90,15 @@ class Tokenizer:
         token = self.backend.id_to_token(token_id)
         return None if token is None else str(token)
 
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template renders tool definitions itself (it reads a `tools` variable)."""
+        return "tools" in (self.chat_template or "")
+
     def render_chat(self, messages: Sequence[ChatMessage | dict[str, Any]], *,
-                    add_generation_prompt: bool = True) -> str:
-        """Apply the model's own chat template (Jinja, sandboxed, HF's whitespace settings)."""
+                    add_generation_prompt: bool = True, tools: Sequence[dict[str, Any]] | None = None) -> str:
+        """Apply the model's own chat template (Jinja, sandboxed, HF's whitespace settings); `tools`
+        (OpenAI's function definitions) for a template that `renders_tools`."""
         if self.chat_template is None:
             raise ValueError("this model has no chat template")
         if self._template is None:
@@ -100,21 +106,24 @@ class Tokenizer:
             env.globals["raise_exception"] = _raise_template_error
             self._template = env.from_string(self.chat_template)
         rows = [dataclasses.asdict(m) if isinstance(m, ChatMessage) else dict(m) for m in messages]
+        extra = {"tools": list(tools)} if tools else {}
         return self._template.render(
-            messages=rows, add_generation_prompt=add_generation_prompt, **self.special_tokens
+            messages=rows, add_generation_prompt=add_generation_prompt, **extra, **self.special_tokens
         )
 
-    def encode_chat(self, messages: Sequence[ChatMessage | dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: Sequence[ChatMessage | dict[str, Any]],
+                    tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
         """The chat template's tokens. Special-token text inside a message's content stays text: a
         user who types `<|im_start|>system` gets those characters, not the control token, so no one
         can open a turn of another role. (The template already places BOS where the model wants it.)"""
         rows = [dataclasses.asdict(m) if isinstance(m, ChatMessage) else dict(m) for m in messages]
         specials = self._specials
         if specials is None or not any(specials.search(str(row.get("content") or "")) for row in rows):
-            return self.encode(self.render_chat(rows), add_special_tokens=False)
-        return self._encode_marked(rows, [[str(row.get("content") or "")] for row in rows])[0]
+            return self.encode(self.render_chat(rows, tools=tools), add_special_tokens=False)
+        return self._encode_marked(rows, [[str(row.get("content") or "")] for row in rows], tools)[0]
 
-    def encode_chat_with_images(self, messages: Sequence[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    def encode_chat_with_images(self, messages: Sequence[dict[str, Any]],
+                                tools: Sequence[dict[str, Any]] | None = None) -> tuple[list[int], list[int]]:
         """`encode_chat` for messages whose content may be a list of text and `ImageSlot`s, in order:
         returns (token ids, the position where each image's placeholder run starts). The template sees
         each content as one string, so it cannot split or drop an image; an image's placeholders are
@@ -124,13 +133,14 @@ class Tokenizer:
         for row in rows:
             content = row.get("content")
             parts.append(list(content) if isinstance(content, list) else [str(content or "")])
-        return self._encode_marked(rows, parts)
+        return self._encode_marked(rows, parts, tools)
 
-    def _encode_marked(self, rows: list[dict[str, Any]], contents: list[list[Any]]) -> tuple[list[int], list[int]]:
+    def _encode_marked(self, rows: list[dict[str, Any]], contents: list[list[Any]],
+                       tools: Sequence[dict[str, Any]] | None = None) -> tuple[list[int], list[int]]:
         """Render with each content replaced by a marker, encode the template's text with its special
         tokens and each content's text with special tokens read as plain text."""
         marked = [{**row, "content": f"\ue000{i}\ue001"} for i, row in enumerate(rows)]
-        pieces = _MARKER.split(self.render_chat(marked))
+        pieces = _MARKER.split(self.render_chat(marked, tools=tools))
         if sorted(int(p[1:-1]) for p in pieces if _MARKER.fullmatch(p)) != list(range(len(rows))):
             raise ValueError("message content contains special tokens this chat template cannot keep apart")
         ids: list[int] = []

@@ -26,9 +26,9 @@ MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's chat limit; its completion
 MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit
 MAX_STOP_TOKEN_IDS = 64
 # Known OpenAI fields this server does not implement, with the values that leave them off.
+MAX_TOOLS = 128  # OpenAI's limit
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
-    "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
+    "functions": (None, []), "function_call": (None, "none", "auto"),  # the deprecated forms of `tools`
     "best_of": (None, 1), "suffix": (None, ""), "audio": (None,),
     "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
 }
@@ -66,10 +66,26 @@ Part = Annotated[Annotated[TextPart, pydantic.Tag("Text")] | Annotated[ImagePart
                                         custom_error_message="a content part's type must be text or image_url")]
 
 
+FunctionName = Annotated[str, pydantic.StringConstraints(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class FunctionCall(_Strict):
+    name: FunctionName
+    arguments: str  # JSON, as the model wrote it
+
+
+class ToolCall(_Strict):
+    id: str = pydantic.Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | Annotated[list[Part], pydantic.Field(max_length=MAX_MESSAGES)] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[ToolCall], pydantic.Field(max_length=MAX_TOOLS)] | None = None  # assistant
+    tool_call_id: str | None = pydantic.Field(default=None, max_length=256)  # tool: the call it answers
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -190,8 +206,32 @@ class SamplingFields(_Strict):
         return bool(self.stream_options and self.stream_options.get("include_usage"))
 
 
+class FunctionDef(_Strict):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema (bounded as any other: common/grammar.py)
+    strict: bool | None = None  # arguments always follow `parameters` when the output is constrained
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: FunctionName
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = pydantic.Field(min_length=1, max_length=MAX_MESSAGES)
+    tools: Annotated[list[Tool], pydantic.Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     logprobs: bool = False
     top_logprobs: int | None = pydantic.Field(default=None, ge=0, le=MAX_LOGPROBS)
 
@@ -199,6 +239,19 @@ class ChatCompletionRequest(SamplingFields):
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise BadRequest("`top_logprobs` needs `logprobs: true`", param="top_logprobs")
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _tools_consistent(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise BadRequest("tool function names must be unique", param="tools")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise BadRequest(f"tool_choice names `{choice.function.name}`, which is not among the tools",
+                             param="tool_choice")
+        if choice in ("required",) and not names:
+            raise BadRequest("tool_choice `required` needs tools", param="tool_choice")
         return self
 
     @property

@@ -46,6 +46,7 @@ from triphase.router.errors import (
 from triphase.router.metrics import CLIENT_CLOSED, RouterMetrics
 from triphase.router.openai import logprobs as lp
 from triphase.router.openai import protocol as p
+from triphase.router.openai import tools
 from triphase.router.openai.images import ImageSources, LoadedImage
 from triphase.router.openai.images import load as load_image
 from triphase.router.openai.openapi import document
@@ -257,8 +258,8 @@ class Api:
             raise BadRequest(f"the prompt ({text_bytes} bytes) cannot fit this model's context length "
                              f"{self.max_model_len}", param=param, code="context_length_exceeded")
 
-    def _parse_chat(self, body: bytes) -> tuple[p.ChatCompletionRequest, str]:
-        """The request and the grammar its output must follow ("" for none)."""
+    def _parse_chat(self, body: bytes) -> tuple[p.ChatCompletionRequest, str, tools.Plan]:
+        """The request, the grammar its output must follow ("" for none) and how its tools are used."""
         req: p.ChatCompletionRequest = p.parse(p.ChatCompletionRequest, self._parse_json(body))
         self._check_model(req)  # before the costly part
         self._check_text_size(sum(len(m.text().encode()) for m in req.messages), "messages")
@@ -269,7 +270,12 @@ class Api:
         if count > self.image_sources.limits.max_images:
             raise BadRequest(f"{count} images; at most {self.image_sources.limits.max_images} per request",
                              param="messages", code="invalid_image")
-        return req, grammar_for(req)
+        plan = tools.plan(req, self.tokenizer.renders_tools)
+        grammar = grammar_for(req)
+        if plan.constrained and grammar:
+            raise BadRequest("a required or named tool call cannot be combined with a response format",
+                             param="tool_choice")
+        return req, plan.grammar or grammar, plan
 
     async def _load_images(self, req: p.ChatCompletionRequest) -> list[LoadedImage]:
         """The request's images in order, fetched and checked at once (a 400 names the first bad one)."""
@@ -278,17 +284,19 @@ class Api:
                   for j, part in enumerate(m.content) if isinstance(part, p.ImagePart)]
         return list(await asyncio.gather(*(load_image(url, self.image_sources, param) for param, url in places)))
 
-    def _chat_tokens(self, req: p.ChatCompletionRequest, loaded: list[LoadedImage],
+    def _chat_tokens(self, req: p.ChatCompletionRequest, loaded: list[LoadedImage], plan: tools.Plan,
                      ) -> tuple[list[int], list[PromptImage]]:
         try:
             if not loaded:
-                return self.tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages]), []
+                return self.tokenizer.encode_chat(plan.rows, plan.template_tools), []
             assert self.vision is not None  # _parse_chat refused images otherwise
             slot = ImageSlot(self.vision.image_token_id, self.vision.tokens_per_image)
-            messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) or m.content is None
-                         else [part.text if isinstance(part, p.TextPart) else slot for part in m.content]}
-                        for m in req.messages]
-            ids, offsets = self.tokenizer.encode_chat_with_images(messages)
+            messages = [dict(row) for row in plan.rows]
+            for i, m in enumerate(req.messages):
+                if isinstance(m.content, list):
+                    messages[i + plan.offset]["content"] = [
+                        part.text if isinstance(part, p.TextPart) else slot for part in m.content]
+            ids, offsets = self.tokenizer.encode_chat_with_images(messages, plan.template_tools)
         except ValueError as exc:
             raise BadRequest(str(exc), param="messages") from None
         return ids, [PromptImage(at, slot.count, image.digest, image.data)
@@ -425,29 +433,66 @@ class Api:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         async with self.admission.slot():
-            req, grammar = await self._off_loop(len(body), lambda: self._parse_chat(body))
+            req, grammar, plan = await self._off_loop(len(body), lambda: self._parse_chat(body))
             loaded = await self._load_images(req)
-            prompt, images = await self._off_loop(len(body), lambda: self._chat_tokens(req, loaded))
+            prompt, images = await self._off_loop(len(body), lambda: self._chat_tokens(req, loaded, plan))
             sampling = self._sampling(req, len(prompt), None, "messages", grammar)
-            return await self._chat(request, req, prompt, sampling, images)
+            return await self._chat(request, req, prompt, sampling, images, plan)
 
     async def _chat(self, request: web.Request, req: p.ChatCompletionRequest, prompt: list[int],
-                    sampling: Sampling, images: list[PromptImage]) -> web.StreamResponse:
+                    sampling: Sampling, images: list[PromptImage], plan: tools.Plan) -> web.StreamResponse:
         rid, created = p.new_id("chatcmpl"), p.created()
         trace = Trace(rid, api_key=request.get("api_key", ""))
         async with contextlib.aclosing(self._timed(request, prompt, sampling, trace, images)) as deltas:
             if req.stream:
-                chunks = self._chat_chunks(deltas, rid, created, len(prompt), req.include_usage, req.logprobs_n)
+                chunks = self._tool_chunks(deltas, rid, created, len(prompt), req.include_usage, plan.known) \
+                    if plan.parse else \
+                    self._chat_chunks(deltas, rid, created, len(prompt), req.include_usage, req.logprobs_n)
                 return await self._sse(request, chunks, trace)
             done = await self._collect(deltas)
         logprobs = None if req.logprobs_n is None else \
             {"content": lp.chat_entries(self.token_texts, done.tokens, done.logprobs, req.logprobs_n)}
+        message: dict[str, Any] = {"role": "assistant", "content": done.text}
+        reason = done.reason
+        if plan.parse:
+            content, calls = tools.parse(done.text, plan.known)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": [c.body() for c in calls]}
+                reason = "tool_calls" if reason == "stop" else reason
         return web.json_response({
             "id": rid, "object": "chat.completion", "created": created, "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                         "finish_reason": done.reason, "logprobs": logprobs}],
+            "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": logprobs}],
             "usage": p.usage(len(prompt), len(done.tokens), done.cached),
         })
+
+    async def _tool_chunks(self, deltas: AsyncIterator[Delta], rid: str, created: int, prompt_tokens: int,
+                           include_usage: bool, known: set[str]) -> AsyncIterator[bytes]:
+        """Chat chunks of a request whose output may hold tool calls (tools.py): content as it is known
+        not to be a call, each call as two deltas once complete, `tool_calls` as the finish reason."""
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model}
+
+        def chunk(delta: dict[str, Any], reason: str | None = None) -> bytes:
+            return _frame({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]})
+
+        yield chunk({"role": "assistant", "content": ""})
+        parser = tools.StreamParser(known)
+        generated, reason = 0, None
+        async for d in deltas:
+            generated += len(d.token_ids)
+            reason = d.finish_reason or reason
+            text, calls = parser.feed(d.text)
+            if d.finish_reason:
+                text += parser.flush()
+            if text:
+                yield chunk({"content": text})
+            for call in calls:
+                index = parser.calls - len(calls) + calls.index(call)
+                yield chunk({"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                                             "function": {"name": call.name, "arguments": ""}}]})
+                yield chunk({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]})
+        yield chunk({}, "tool_calls" if parser.calls and reason == "stop" else reason or "stop")
+        if include_usage:
+            yield _frame({**base, "choices": [], "usage": p.usage(prompt_tokens, generated)})
 
     async def _chat_chunks(self, deltas: AsyncIterator[Delta], rid: str, created: int, prompt_tokens: int,
                            include_usage: bool, logprobs_n: int | None) -> AsyncIterator[bytes]:
