@@ -4,6 +4,7 @@ processors where they exist)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -13,6 +14,7 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from triphase.common import grammar
+from triphase.common.choices import choice_seed
 from triphase.workers.engine.detokenizer import IncrementalDetokenizer
 from triphase.workers.engine.sampling import SamplingParams
 
@@ -210,3 +212,41 @@ def test_a_compiled_grammar_is_reused(engine, loaded_model):
     outs = engine.generate([prompt, prompt], SamplingParams(max_tokens=5, temperature=0, grammar=g))
     assert {o.text for o in outs} <= {"yes", "no"} and all(o.finish_reason == "stop" for o in outs)
     assert engine.grammars.compiled - before <= 1
+
+
+def run_choices(engine, request_id, prompt, params):
+    """Step a request to its end: each choice's tokens, and the most KV blocks in use at once."""
+    engine.add_request(request_id, prompt, params)
+    choices: dict[int, list[int]] = {}
+    peak, done = 0, False
+    while not done:
+        for out in engine.step():
+            assert out.request_id == request_id
+            choices.setdefault(out.index, []).extend(out.new_token_ids)
+            done = out.done
+        peak = max(peak, engine.kv.pool.num_blocks - engine.kv.num_free_blocks)
+    return choices, peak
+
+
+def test_n_choices_share_the_prompt_and_sample_as_their_own_seeds(engine, story):
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=9, ignore_eos=True, n=4)
+    choices, peak = run_choices(engine, "four", story, params)
+    assert sorted(choices) == [0, 1, 2, 3]
+    alone = [engine.generate([story], dataclasses.replace(params, n=1, seed=choice_seed(9, i)))[0].token_ids
+             for i in range(4)]
+    assert [choices[i] for i in range(4)] == alone
+    assert len({tuple(c) for c in choices.values()}) > 1
+    _, one = run_choices(engine, "one", story, dataclasses.replace(params, n=1))
+    assert peak < 4 * one - len(story) // engine.layout.block_size  # the prompt's full blocks held once
+    assert engine.kv.num_free_blocks == engine.kv.pool.num_blocks  # every block back
+
+
+def test_n_choices_greedy_are_identical_and_aborting_frees_every_choice(engine, story):
+    choices, _ = run_choices(engine, "greedy", story, SamplingParams(max_tokens=6, temperature=0, n=3,
+                                                                     ignore_eos=True))
+    assert choices[0] == choices[1] == choices[2]
+    engine.add_request("gone", story, SamplingParams(max_tokens=50, temperature=1.0, n=3))
+    while not any(out.index == 2 for out in engine.step()):
+        pass
+    assert engine.abort("gone")
+    assert not engine.has_work and engine.kv.num_free_blocks == engine.kv.pool.num_blocks

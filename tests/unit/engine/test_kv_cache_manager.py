@@ -1,5 +1,8 @@
 """KV manager: slot allocation per request, prefix-cache hits with exact block ids, freeing."""
 
+import pytest
+
+from triphase.workers.engine.block_pool import NoFreeBlocks
 from triphase.workers.engine.kv_cache_manager import KVCacheManager
 from triphase.workers.engine.request import Request
 from triphase.workers.engine.sampling import SamplingParams
@@ -89,3 +92,35 @@ def test_free_returns_everything():
     kv.free("a")
     assert kv.num_free_blocks == 6
     assert kv.usage == 0.0
+
+
+def test_fork_shares_the_blocks_before_the_last_prompt_token_and_copies_its_block():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    parent = req("a", list(range(10)))  # tokens 0-9: blocks 0, 1 full; token 9 in block 2 (slot 1)
+    compute(kv, parent, 10)
+    child = req("a#1", list(range(10)))
+    assert kv.fork(parent, child) == (2, 3)  # block 2 holds token 8 too: copied into the child's block 3
+    assert kv.block_ids("a#1") == [0, 1, 3] and child.num_computed_tokens == 9
+    assert [kv.pool.blocks[i].ref_cnt for i in (0, 1, 2, 3)] == [2, 2, 1, 1]
+    kv.free("a")  # the parent ends first: the child keeps the shared blocks
+    assert [kv.pool.blocks[i].ref_cnt for i in (0, 1, 2, 3)] == [1, 1, 0, 1]
+    kv.free("a#1")
+    assert kv.num_free_blocks == 8
+
+
+def test_fork_where_the_last_prompt_token_starts_a_block_copies_nothing():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    parent = req("a", list(range(9)))  # token 8 alone in block 2
+    compute(kv, parent, 9)
+    child = req("a#1", list(range(9)))
+    assert kv.fork(parent, child) is None
+    assert kv.block_ids("a#1") == [0, 1, 3] and child.num_computed_tokens == 8
+
+
+def test_fork_without_a_free_block_changes_nothing():
+    kv = KVCacheManager(num_blocks=2, block_size=4)
+    parent = req("a", list(range(6)))
+    compute(kv, parent, 6)
+    with pytest.raises(NoFreeBlocks):
+        kv.fork(parent, req("a#1", list(range(6))))
+    assert not kv.owns("a#1") and [b.ref_cnt for b in kv.pool.blocks] == [1, 1]

@@ -71,7 +71,7 @@ def sampling_from_pb(p: pb.SamplingParams) -> SamplingParams:
         ignore_eos=p.ignore_eos, logprobs=p.logprobs if p.HasField("logprobs") else None,
         presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
         repetition_penalty=p.repetition_penalty or 1.0, min_p=p.min_p, logit_bias=tuple(sorted(p.logit_bias.items())),
-        min_tokens=p.min_tokens, grammar=p.grammar,
+        min_tokens=p.min_tokens, grammar=p.grammar, n=p.n or 1,
     )
 
 
@@ -87,7 +87,7 @@ def layout_from_pb(p: pb.KvLayout, num_blocks: int) -> KvLayout:
 def delta_to_pb(out: RequestOutput, *, prompt_tokens: int = 0) -> pb.TokenDelta:
     delta = pb.TokenDelta(token_ids=out.new_token_ids, text=out.new_text,
                           finish_reason=FINISH_TO_PB[out.finish_reason],
-                          prompt_tokens=prompt_tokens, cached_tokens=out.cached_tokens,
+                          prompt_tokens=prompt_tokens, cached_tokens=out.cached_tokens, index=out.index,
                           stop_reason="" if out.stop_reason is None else str(out.stop_reason))
     for row in out.logprobs or ():
         entries = [pb.TokenLogprob(token_id=t, logprob=v) for t, v in row.items()]

@@ -278,7 +278,7 @@ class AsyncEngine:
             if isinstance(out, BaseException):
                 raise out
             yield out
-            if out.finished:
+            if out.done:
                 return
 
     async def _finish(self, request_id: str) -> None:
@@ -369,7 +369,7 @@ class AsyncEngine:
                     raise
                 first = await self.call(lambda: self.engine.commit_import(request, export))
             yield first
-            if not first.finished:
+            if not first.done:
                 async for out in self._drain(stream):
                     yield out
         finally:

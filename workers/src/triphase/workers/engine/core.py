@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
+from triphase.common.choices import choice_seed
 from triphase.common.errors import UserError
 from triphase.common.model_files import tokenizer_override
 from triphase.common.tokenizer import Tokenizer
 from triphase.common.vision import VisionConfig
+from triphase.workers.engine.block_pool import NoFreeBlocks
 from triphase.workers.engine.detokenizer import IncrementalDetokenizer
 from triphase.workers.engine.device import (
     DEFAULT_CPU_KV_MIB,
@@ -134,6 +136,8 @@ class RequestOutput:
     logprobs: list[dict[int, float]] | None = None
     cached_tokens: int = 0  # on a request's first output: prompt tokens served by the prefix cache
     stop_reason: str | int | None = None  # when finished by a stop string or stop token: which one
+    index: int = 0  # the choice (of SamplingParams.n) this output belongs to; `finished` is the choice's
+    done: bool = False  # the request has ended: every one of its choices finished
 
 
 @dataclasses.dataclass
@@ -207,6 +211,7 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_len),
                                    self.kv)
         self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._choices: dict[str, list[Request]] = {}  # a request with n > 1: its choices still running
         self._stop_ids = frozenset(cfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         runner.stop_ids = self._stop_ids
         self.grammars = Grammars(self.tokenizer, cfg.vocab_size, sorted(self._stop_ids))
@@ -288,7 +293,13 @@ class Engine:
             raise ValueError(f"{what} contains token ids outside the vocabulary (0..{vocab - 1})")
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request and free its blocks at once (pinned ones included)."""
+        """Stop a request (every choice of it) and free its blocks at once (pinned ones included)."""
+        choices = self._choices.pop(request_id, None)
+        if choices:
+            for choice in choices:
+                if choice.index and self.scheduler.find(choice.request_id) is choice:
+                    self.scheduler.finish(choice, RequestStatus.FINISHED_ABORTED)
+                    self._detok.pop(choice.request_id, None)
         if self.scheduler.release(request_id):
             return True
         request = self.scheduler.find(request_id)
@@ -325,11 +336,14 @@ class Engine:
                     request.logprobs.append(sample.logprobs)
                 if request.constraint is not None and not request.constraint.consume(sample.token_id):
                     logger.error("%s: token %d does not follow its grammar", request.request_id, sample.token_id)
+                if request.sampling.n > 1 and request.num_output_tokens == 1 and not request.prefill_only \
+                        and request.index == 0:
+                    self._fork(request)
                 if request.first_token_time is None:
                     request.first_token_time = now
                 outputs.append(self._emit(request, sample.token_id, sample.logprobs))
         except Exception as exc:
-            failed = [item.request.request_id for item in plan.scheduled]
+            failed = list(dict.fromkeys(item.request.parent_id for item in plan.scheduled))
             for request_id in failed:
                 self.abort(request_id)
             raise StepFailed(failed, exc) from exc
@@ -353,20 +367,55 @@ class Engine:
         if request.prefill_only:
             self.scheduler.finish(request, RequestStatus.PREFILLED)
             return RequestOutput(request.request_id, [token], text, True, reason, [logprobs] if logprobs else None,
-                                 request.num_cached_tokens, request.stop_reason)
-        if reason is not None:
+                                 request.num_cached_tokens, request.stop_reason, done=True)
+        done = reason is not None
+        if done:
             status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
             self.scheduler.finish(request, status)
             self._detok.pop(request.request_id, None)
+            choices = self._choices.get(request.parent_id)
+            if choices is not None:
+                choices.remove(request)
+                done = not choices
+                if done:
+                    del self._choices[request.parent_id]
         cached = request.num_cached_tokens if request.num_output_tokens == 1 else 0
-        return RequestOutput(request.request_id, [token], text, reason is not None, reason,
-                             [logprobs] if logprobs else None, cached, request.stop_reason)
+        return RequestOutput(request.parent_id, [token], text, reason is not None, reason,
+                             [logprobs] if logprobs else None, cached, request.stop_reason, request.index, done)
+
+    def _fork(self, parent: Request) -> None:
+        """Choices 1..n-1 of a request whose prompt is computed and whose first token (choice 0's) was
+        just drawn: each shares the prompt's blocks (KVCacheManager.fork) and draws its own first token
+        from the prompt's last position in the next step. Without a free block, a choice is queued as
+        a new request instead (the prefix cache still shares the prompt's full blocks)."""
+        choices = self._choices[parent.request_id] = [parent]
+        for index in range(1, parent.sampling.n):
+            sampling = dataclasses.replace(parent.sampling, n=1, seed=choice_seed(parent.sampling.seed, index))
+            child = Request(f"{parent.request_id}#{index}", parent.prompt_token_ids, sampling,
+                            images=parent.images, image_embeds=parent.image_embeds)
+            child.parent_id, child.index, child.output_offset = parent.request_id, index, parent.output_offset
+            if sampling.grammar:
+                child.constraint = self.grammars.matcher(sampling.grammar)
+            self._detok[child.request_id] = IncrementalDetokenizer(self.tokenizer, sampling.stop)
+            choices.append(child)
+            try:
+                copy = self.kv.fork(parent, child)
+            except NoFreeBlocks:
+                self.scheduler.add(child)
+                continue
+            if copy is not None:
+                self.runner.copy_blocks_from(self.runner, [copy[0]], [copy[1]])
+            child.num_cached_tokens = parent.num_cached_tokens
+            child.first_token_time = None
+            self.scheduler.add_running(child)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | Sequence[SamplingParams],
                  images: Sequence[Sequence[ImageInput]] | None = None) -> list[Completion]:
         """Run prompts to completion together (continuous batching); results in prompt order.
         `images`: each prompt's images, when there are any."""
         params = [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+        if any(p.n > 1 for p in params):
+            raise ValueError("generate() runs one choice per prompt; give requests with n > 1 to add_request")
         per_prompt = list(images) if images is not None else [()] * len(prompts)
         batch = next(self._batches)
         ids = [f"gen-{batch}-{i}" for i in range(len(prompts))]
@@ -504,4 +553,6 @@ class Engine:
         self._detok[request.request_id] = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
         self.scheduler.add_running(request)
         request.first_token_time = time.monotonic()
+        if request.sampling.n > 1:
+            self._fork(request)
         return self._emit(request, export.first_token_id, None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from triphase.common.block_hash import salted_root, span_digests
-from triphase.workers.engine.block_pool import Block, BlockPool, hash_block_tokens
+from triphase.workers.engine.block_pool import Block, BlockPool, NoFreeBlocks, hash_block_tokens
 from triphase.workers.engine.request import Request
 
 
@@ -116,6 +116,25 @@ class KVCacheManager:
         self._num_cached.pop(request_id, None)
         if blocks:
             self.pool.release(reversed(blocks))
+
+    def fork(self, parent: Request, child: Request) -> tuple[int, int] | None:
+        """Give `child` (the same prompt as `parent`, whose prompt KV is computed) the parent's prompt KV
+        but for its last token: the blocks before the one holding the prompt's last token are shared
+        (one more reference each; nobody writes to them again), and that block, where the choices'
+        tokens diverge, gets a fresh block of the child's own. The child then computes the prompt's
+        last token itself (its logits draw its first token), so `child.num_computed_tokens` is set to
+        the prompt's length - 1. Returns (source, destination) when the fresh block must first receive
+        a copy of the tokens before the last one; raises NoFreeBlocks when there is no free block."""
+        last = parent.num_prompt_tokens - 1
+        own = self._blocks[parent.request_id]
+        j = last // self.block_size
+        if self.pool.num_free < 1:
+            raise NoFreeBlocks("no free block to fork into")
+        self.pool.touch(own[:j])
+        [fresh] = self.pool.allocate(1)
+        self._blocks[child.request_id] = [*own[:j], fresh]
+        child.num_computed_tokens = last
+        return (own[j].block_id, fresh.block_id) if last % self.block_size else None
 
     def adopt_imported(self, request: Request, num_tokens: int) -> list[int] | None:
         """Allocate fresh blocks for `num_tokens` of KV arriving from another engine."""

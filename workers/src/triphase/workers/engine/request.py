@@ -59,6 +59,8 @@ class Request:
         self.logprobs: list[dict[int, float]] = []  # per output token: {token_id: logprob}
         self.stop_reason: str | int | None = None
         self.constraint: Any = None  # engine/grammar.Constraint: where its output is in its grammar
+        self.parent_id = request_id  # the request a choice belongs to (its own id for choice 0)
+        self.index = 0  # which choice of the parent's n this is
 
     @property
     def recomputable(self) -> bool:

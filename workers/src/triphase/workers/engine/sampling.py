@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from triphase.common.choices import MAX_CHOICES
+
 # Temperatures below this are greedy: dividing logits by a denormal overflows them to inf, and the
 # draw is numerically the argmax long before this point anyway.
 GREEDY_BELOW = 1e-5
@@ -13,6 +15,7 @@ MAX_STOP_CHARS = 256  # per stop string: each is checked against the tail of the
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI bounds it
 MAX_MIN_TOKENS = 1 << 20
+MAX_N = MAX_CHOICES
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # the protobuf's int64
 
 
@@ -43,6 +46,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), sorted by id
     min_tokens: int = 0  # EOS and the stop token ids are masked until this many tokens are generated
     grammar: str = ""  # an llguidance grammar (engine/grammar.py) the output must follow; "" = none
+    # Choices: the prompt is computed once; once its first token is drawn, choices 1..n-1 fork from it,
+    # sharing its full blocks (engine/kv_cache_manager.fork), each with seed choices.choice_seed(seed, i).
+    n: int = 1
 
     def __post_init__(self) -> None:
         self._check_basic()
@@ -58,6 +64,8 @@ class SamplingParams:
             raise ValueError("logit_bias values must be in [-100, 100]")
         if not 0 <= self.min_tokens <= min(self.max_tokens, MAX_MIN_TOKENS):
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be between 1 and {MAX_N}, got {self.n}")
 
     @property
     def penalized(self) -> bool:
