@@ -86,6 +86,31 @@ def test_decode_worker_switching_roles_hands_its_stream_over(stack):
              30, "the stack to settle")
 
 
+def test_n_choices_handed_over_mid_stream_resume_each_on_its_own(stack):
+    """Three seeded choices share one decode stream; its worker switches roles mid-stream: each choice
+    resumes alone elsewhere (its own seed, its tokens so far) and ends as it would have."""
+    client = openai.OpenAI(base_url=f"{stack['url']}/v1", api_key="unused", max_retries=0)
+    request = {**_request(client), "max_tokens": 40, "temperature": 0.9, "seed": 8, "n": 3,
+               "presence_penalty": 0.5}
+    fault_free = sorted(client.chat.completions.create(**request).choices, key=lambda c: c.index)
+    texts = ["", "", ""]
+    switched = None
+    for chunk in client.chat.completions.create(**request, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+        if switched is None and sum(map(len, texts)) > 30:
+            switched = next(port for name, (_, port) in stack["workers"].items()
+                            if name.startswith("decode") and running(port))
+            assert _stub(switched).SetRole(pb.SetRoleRequest(role=pb.ROLE_PREFILL, grace_seconds=0)).handed_over == 1
+    try:
+        assert switched is not None
+        assert texts == [c.message.content for c in fault_free]
+    finally:
+        _stub(switched).SetRole(pb.SetRoleRequest(role=pb.ROLE_DECODE))
+    wait_for(lambda: _ready(stack["url"]) and not any(running(port) for _, port in stack["workers"].values()),
+             30, "the stack to settle")
+
+
 POEM = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 30}, "lines": {
     "type": "array", "items": {"type": "string", "minLength": 10, "maxLength": 40}, "minItems": 5, "maxItems": 5}},
     "required": ["title", "lines"], "additionalProperties": False}

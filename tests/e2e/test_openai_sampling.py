@@ -1,10 +1,11 @@
-"""The sampling fields applications send, through `triphase up` (prefill -> NIXL -> decode) with the
-official `openai` client: logprobs, penalties, logit bias, min_tokens, structured output. Every
+"""The fields applications send, through `triphase up` (prefill -> NIXL -> decode) with the official
+`openai` client: logprobs, penalties, logit bias, min_tokens, structured output, tools, n choices. Every
 output equals the in-process engine's with the same parameters (float32), the first token drawn on
 the prefill worker and the rest on the decode worker."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import urllib.request
@@ -15,6 +16,7 @@ import pydantic
 import pytest
 
 from triphase.common import grammar
+from triphase.common.choices import choice_seed
 from triphase.local.processes import triphase_up
 from triphase.workers.engine.sampling import SamplingParams
 
@@ -224,3 +226,37 @@ def test_a_named_function_and_the_next_turn(client, model):
         *ASK, reply.choices[0].message.model_dump(exclude_none=True),
         {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, sunny"}])
     assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def _transfers(stack):
+    """KV hand-offs the router has timed (its transfer histogram's count)."""
+    with urllib.request.urlopen(f"{stack}/metrics") as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("triphase_kv_transfer_seconds_count"))
+
+
+def test_n_choices_are_seeded_handed_off_once_and_equal_the_engine(stack, client, model, engine, prompt):
+    before = _transfers(stack)
+    reply = chat(client, model, max_tokens=16, temperature=1.0, seed=21, n=4, extra_body={"ignore_eos": True})
+    assert _transfers(stack) == before + 1  # one prefill, one hand-off for the four choices
+    texts = [c.message.content for c in sorted(reply.choices, key=lambda c: c.index)]
+    assert [c.index for c in sorted(reply.choices, key=lambda c: c.index)] == [0, 1, 2, 3]
+    assert len(set(texts)) > 1 and reply.usage.completion_tokens == 64
+    params = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
+    alone = [engine.generate([prompt], dataclasses.replace(params, seed=choice_seed(21, i)))[0].text for i in range(4)]
+    assert texts == alone
+    again = chat(client, model, max_tokens=16, temperature=1.0, seed=21, n=4, stream=True,
+                 extra_body={"ignore_eos": True})
+    streamed = ["", "", "", ""]
+    for chunk in again:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == texts
+
+
+def test_n_completions_with_logprobs(client, model):
+    reply = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5, temperature=0.9, seed=4,
+                                      n=3, logprobs=1, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in reply.choices) == [0, 1, 2]
+    assert all("".join(c.logprobs.tokens) == c.text for c in reply.choices)

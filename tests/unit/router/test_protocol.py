@@ -29,7 +29,7 @@ BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     ({"top_k": 2**40}, "top_k"),
     ({"stop": ["x"] * 17}, "stop"),
     ({"stop": "x" * 257}, "stop"),
-    ({"n": 2}, "n"),
+    ({"n": 17}, "n"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
      "messages.0.content.0"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x", "b": 1}}]}]},

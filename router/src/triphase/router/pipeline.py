@@ -27,6 +27,7 @@ import uuid
 from collections.abc import AsyncGenerator, Sequence
 
 from triphase.common.block_hash import ImageSpan, prompt_block_hashes, salted_root
+from triphase.common.choices import choice_seed
 from triphase.common.roles import Role
 from triphase.router.errors import Unavailable
 from triphase.router.metrics import RouterMetrics
@@ -129,13 +130,53 @@ class Pipeline:
         another worker (prompt + tokens already sent, re-prefilled there): the client sees one
         uninterrupted stream. After `max_retries` failed workers: `Unavailable` (a 503). A worker that
         hands the stream back (switching role, balancing load) has not failed: the stream resumes on
-        another worker and counts against MAX_HAND_OVERS only."""
+        another worker and counts against MAX_HAND_OVERS only. With n > 1 choices, see `_choices`."""
         trace = trace or Trace(f"req-{uuid.uuid4().hex[:16]}")
         images = await self.encode(images, trace)
-        sent: list[int] = []
+        stream = self._choices(prompt, sampling, trace, images) if sampling.n > 1 else \
+            self._attempts(prompt, sampling, trace, images, [], set())
+        async with contextlib.aclosing(stream) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    async def _choices(self, prompt: list[int], sampling: Sampling, trace: Trace,
+                       images: Sequence[PromptImage]) -> AsyncGenerator[Delta, None]:
+        """n > 1: the prompt is prefilled and handed off once; the decode worker forks the choices, which
+        share its KV blocks. After any failure each unfinished choice resumes on its own, as a request
+        with n = 1 and the seed that choice had (choices.choice_seed): the same tokens it would have
+        drawn, at the cost of computing the prompt once per choice."""
+        sent: list[list[int]] = [[] for _ in range(sampling.n)]
+        finished = [False] * sampling.n
         failed: set[str] = set()
+        trace.attempts.append(Attempt.FRESH)
+        try:
+            async with contextlib.aclosing(self._place_and_run(prompt, sampling, trace, failed, images)) as deltas:
+                async for delta in deltas:
+                    sent[delta.index].extend(delta.token_ids)
+                    finished[delta.index] = finished[delta.index] or delta.finish_reason is not None
+                    yield delta
+                    if all(finished):
+                        return
+        except WorkerFailed as exc:
+            if not isinstance(exc, (HandOffFailed, HandedOver)) and trace.decode_endpoint:
+                self._worker_failed(trace.decode_endpoint, exc)
+                failed.add(trace.decode_worker or "")
+            self.metrics.migrated()
+            logger.warning("%s: %d of %d choices unfinished on %s (%s); resuming each on its own", trace.request_id,
+                           finished.count(False), sampling.n, trace.decode_worker, exc)
+        resumes = {i: self._attempts(prompt, dataclasses.replace(sampling, n=1, seed=choice_seed(sampling.seed, i)),
+                                     trace, images, sent[i], set(failed), Attempt.MIGRATE)
+                   for i in range(sampling.n) if not finished[i]}
+        async with contextlib.aclosing(_merged(resumes)) as deltas:
+            async for index, delta in deltas:
+                yield dataclasses.replace(delta, index=index)
+
+    async def _attempts(self, prompt: list[int], sampling: Sampling, trace: Trace, images: Sequence[PromptImage],
+                        sent: list[int], failed: set[str], attempt: Attempt = Attempt.FRESH,
+                        ) -> AsyncGenerator[Delta, None]:
+        """One choice's stream, tried as `Attempt`s until it ends; `sent`: its tokens the client already
+        has, `failed`: the workers that failed it."""
         handed: list[str] = []  # workers that gave the stream back (a switch, balancing): not failures
-        attempt = Attempt.FRESH
         while True:
             trace.attempts.append(attempt)
             if attempt is Attempt.FRESH:
@@ -267,7 +308,7 @@ class Pipeline:
     async def _hand_off(self, endpoint: str, prompt: list[int], sampling: Sampling, trace: Trace, ticket,  # type: ignore[no-untyped-def]
                         first: Delta, images: Sequence[PromptImage]) -> AsyncGenerator[Delta, None]:
         yield first  # the prefill worker's first token goes out before the KV moves
-        if first.finish_reason is not None:
+        if first.finish_reason is not None and sampling.n == 1:  # with n > 1 the other choices need the KV
             await self.client.release(ticket)
             return
         started = time.monotonic()
@@ -324,3 +365,34 @@ class Pipeline:
     def _another_decode(self, prompt: list[int], tried: set[str], images: Sequence[PromptImage]) -> WorkerView | None:
         placement = select(self._hashes(prompt, images), self.registry.snapshot(), frozenset(tried))
         return placement.decode if placement is not None and placement.decode.worker_id not in tried else None
+
+
+async def _merged(streams: dict[int, AsyncGenerator[Delta, None]]) -> AsyncGenerator[tuple[int, Delta], None]:
+    """The deltas of several streams as they come, each with its key; the first error ends them all."""
+    queue: asyncio.Queue[tuple[int, Delta | None, Exception | None]] = asyncio.Queue()
+
+    async def pump(key: int, stream: AsyncGenerator[Delta, None]) -> None:
+        try:
+            async with contextlib.aclosing(stream) as deltas:
+                async for delta in deltas:
+                    await queue.put((key, delta, None))
+        except Exception as exc:  # handed to the consumer, which raises it
+            await queue.put((key, None, exc))
+            return
+        await queue.put((key, None, None))
+
+    tasks = [asyncio.create_task(pump(key, stream)) for key, stream in streams.items()]
+    try:
+        running = len(tasks)
+        while running:
+            key, delta, error = await queue.get()
+            if error is not None:
+                raise error
+            if delta is None:
+                running -= 1
+            else:
+                yield key, delta
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -68,6 +68,7 @@ class Sampling:
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
     grammar: str = ""  # common/grammar.py
+    n: int = 1  # choices: the worker computes the prompt once and forks them
 
     def to_pb(self) -> pb.SamplingParams:
         p = pb.SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -75,7 +76,7 @@ class Sampling:
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                               repetition_penalty=self.repetition_penalty, min_p=self.min_p,
                               logit_bias=dict(self.logit_bias), min_tokens=self.min_tokens,
-                              stop_token_ids=list(self.stop_token_ids), grammar=self.grammar)
+                              stop_token_ids=list(self.stop_token_ids), grammar=self.grammar, n=self.n)
         if self.seed is not None:
             p.seed = self.seed
         if self.logprobs is not None:
@@ -118,6 +119,7 @@ class Delta:
     kv_backend: str = ""  # first delta of a Decode: how the KV arrived
     # per token of token_ids, with logprobs asked: {token id: logprob}, the chosen token first, then the top-N
     logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    index: int = 0  # the choice this delta belongs to
 
 
 @dataclasses.dataclass
@@ -132,7 +134,7 @@ class KvTicket:
 
 def _delta(d: pb.TokenDelta) -> Delta:
     return Delta(list(d.token_ids), d.text, FINISH.get(d.finish_reason), d.prompt_tokens, d.cached_tokens,
-                 d.kv_backend, [{e.token_id: e.logprob for e in row.entries} for row in d.logprobs])
+                 d.kv_backend, [{e.token_id: e.logprob for e in row.entries} for row in d.logprobs], d.index)
 
 
 def _failure(exc: grpc.aio.AioRpcError) -> Exception:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 import pydantic
 
+from triphase.common.choices import MAX_CHOICES
 from triphase.router.errors import BadRequest
 
 MAX_MESSAGES = 2048
@@ -151,7 +152,7 @@ class SamplingFields(_Strict):
     stop: Stop | Annotated[list[Stop], pydantic.Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     stream_options: dict[str, bool] | None = None
-    n: int = pydantic.Field(default=1, ge=1, le=1)
+    n: int = pydantic.Field(default=1, ge=1, le=MAX_CHOICES)
     ignore_eos: bool = False
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0

@@ -1,5 +1,9 @@
 """HTTP routes of the OpenAI-compatible API (aiohttp): the only module that knows the web framework.
 
+A request runs through named stages: read the body (here), prepare it (prepare.py: parse, template,
+tokenize, grammar, sampling), run it (the pipeline, timed here), respond (responses.py: bodies and
+SSE chunks, framed and written here).
+
 Every error a client can cause is an OpenAI-style JSON body with a 4xx status; a request that
 fails inside the system is a 503 body, never a bare 500 page or a traceback. Streams are server-sent
 events ending with `data: [DONE]`. A client that disconnects cancels the handler; closing the
@@ -17,11 +21,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
-import dataclasses
 import functools
-import json
 import logging
-import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
@@ -29,8 +30,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from triphase.common.images import ImageLimits
-from triphase.common.tokenizer import ImageSlot, Tokenizer
+from triphase.common.tokenizer import Tokenizer
 from triphase.common.vision import VisionConfig
 from triphase.router.admission import Admission
 from triphase.router.api_keys import ApiKeys
@@ -46,11 +46,10 @@ from triphase.router.errors import (
 from triphase.router.metrics import CLIENT_CLOSED, RouterMetrics
 from triphase.router.openai import logprobs as lp
 from triphase.router.openai import protocol as p
-from triphase.router.openai import tools
-from triphase.router.openai.images import ImageSources, LoadedImage
-from triphase.router.openai.images import load as load_image
+from triphase.router.openai import responses
+from triphase.router.openai.images import ImageSources
 from triphase.router.openai.openapi import document
-from triphase.router.openai.structured import grammar_for
+from triphase.router.openai.prepare import Preparer
 from triphase.router.pipeline import Pipeline, Trace
 from triphase.router.worker_client import Delta, PromptImage, Sampling
 
@@ -59,26 +58,6 @@ T = TypeVar("T")
 END_S = 5.0  # at the drain deadline: how long the requests still running get to write their ending
 SHUTTING_DOWN = Unavailable("the server is shutting down and could not finish this request; retry it")
 OFF_LOOP_BYTES = 64 << 10  # bodies larger than this are parsed and tokenized on the parsing thread
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape: maybe a lone surrogate
-
-# ---- SSE frames. A stream sends one frame per token, so the per-token frames are assembled from
-# bytes encoded once per stream (`_frame_head`) and only the token's own fields are encoded each time;
-# the result is the same JSON `_frame` would produce.
-TAIL = b"}]}\n\n"
-
-
-def _frame(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj).encode() + b"\n\n"
-
-
-def _frame_head(base: dict[str, Any]) -> bytes:
-    """`data: {...base, "choices": [{"index": 0, ` — a chunk's fields follow, then TAIL."""
-    return b"data: " + json.dumps(base)[:-1].encode() + b', "choices": [{"index": 0, '
-
-
-def _json_reason(reason: str | None) -> bytes:
-    return b"null" if reason is None else json.dumps(reason).encode()
-
 
 # glibc's malloc_trim (None elsewhere): gives freed heap back to the system
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
@@ -93,17 +72,6 @@ def _then_trim(fn: Callable[[], T]) -> T:
     finally:
         if _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)
-
-
-@dataclasses.dataclass
-class Collected:
-    """A whole (non-streamed) completion."""
-
-    text: str
-    tokens: list[int]
-    reason: str
-    cached: int
-    logprobs: list[dict[int, float]]
 
 
 class Api:
@@ -123,9 +91,8 @@ class Api:
         # One thread parses and tokenizes every large body, in turn (a flood of large bodies costs one
         # core, not all of them), each followed by a trim of what it freed (`_then_trim`).
         self._parser = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="triphase-parse")
-        self.vision = vision  # the model's image settings; None: it takes no images
-        self.image_sources = image_sources or ImageSources(ImageLimits())
-        self.tokenizer = tokenizer
+        self.prepare = Preparer(tokenizer, model=model, max_model_len=max_model_len, vision=vision,
+                                image_sources=image_sources)
         self.token_texts = lp.TokenTexts(tokenizer)
         self.metrics = metrics
         self.model = model
@@ -133,8 +100,6 @@ class Api:
         self.admission = admission or Admission(max_in_flight=256, max_queued=1024)
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
-        # No prompt of more bytes than this fits the context: each token stands for at most this many.
-        self.max_prompt_bytes = max_model_len * tokenizer.max_token_bytes
         self.draining = False  # shutting down: /readyz answers 503 so that no new traffic comes
         self.traces: dict[str, Trace] = {}  # recent request traces, for /debug and tests
 
@@ -240,119 +205,6 @@ class Api:
             return fn()
         return await asyncio.get_running_loop().run_in_executor(self._parser, functools.partial(_then_trim, fn))
 
-    @staticmethod
-    def _parse_json(body: bytes) -> Any:
-        try:
-            value = json.loads(body)
-            if _SURROGATE_ESCAPE.search(body):  # valid pairs decode to one character; lone ones cannot be encoded
-                json.dumps(value, ensure_ascii=False).encode()
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
-            reason = "nested too deeply" if isinstance(exc, RecursionError) else \
-                "has a lone UTF-16 surrogate" if isinstance(exc, UnicodeEncodeError) else \
-                f"is not valid JSON ({exc})"
-            raise BadRequest(f"the request body {reason}", code="invalid_json") from None
-        return value
-
-    def _check_text_size(self, text_bytes: int, param: str) -> None:
-        if text_bytes > self.max_prompt_bytes:
-            raise BadRequest(f"the prompt ({text_bytes} bytes) cannot fit this model's context length "
-                             f"{self.max_model_len}", param=param, code="context_length_exceeded")
-
-    def _parse_chat(self, body: bytes) -> tuple[p.ChatCompletionRequest, str, tools.Plan]:
-        """The request, the grammar its output must follow ("" for none) and how its tools are used."""
-        req: p.ChatCompletionRequest = p.parse(p.ChatCompletionRequest, self._parse_json(body))
-        self._check_model(req)  # before the costly part
-        self._check_text_size(sum(len(m.text().encode()) for m in req.messages), "messages")
-        count = sum(len(m.images) for m in req.messages)
-        if count and self.vision is None:
-            raise BadRequest(f"the model `{self.model}` does not take images", param="messages",
-                             code="invalid_image")
-        if count > self.image_sources.limits.max_images:
-            raise BadRequest(f"{count} images; at most {self.image_sources.limits.max_images} per request",
-                             param="messages", code="invalid_image")
-        plan = tools.plan(req, self.tokenizer.renders_tools)
-        grammar = grammar_for(req)
-        if plan.constrained and grammar:
-            raise BadRequest("a required or named tool call cannot be combined with a response format",
-                             param="tool_choice")
-        return req, plan.grammar or grammar, plan
-
-    async def _load_images(self, req: p.ChatCompletionRequest) -> list[LoadedImage]:
-        """The request's images in order, fetched and checked at once (a 400 names the first bad one)."""
-        places = [(f"messages.{i}.content.{j}.image_url", part.image_url.url)
-                  for i, m in enumerate(req.messages) if isinstance(m.content, list)
-                  for j, part in enumerate(m.content) if isinstance(part, p.ImagePart)]
-        return list(await asyncio.gather(*(load_image(url, self.image_sources, param) for param, url in places)))
-
-    def _chat_tokens(self, req: p.ChatCompletionRequest, loaded: list[LoadedImage], plan: tools.Plan,
-                     ) -> tuple[list[int], list[PromptImage]]:
-        try:
-            if not loaded:
-                return self.tokenizer.encode_chat(plan.rows, plan.template_tools), []
-            assert self.vision is not None  # _parse_chat refused images otherwise
-            slot = ImageSlot(self.vision.image_token_id, self.vision.tokens_per_image)
-            messages = [dict(row) for row in plan.rows]
-            for i, m in enumerate(req.messages):
-                if isinstance(m.content, list):
-                    messages[i + plan.offset]["content"] = [
-                        part.text if isinstance(part, p.TextPart) else slot for part in m.content]
-            ids, offsets = self.tokenizer.encode_chat_with_images(messages, plan.template_tools)
-        except ValueError as exc:
-            raise BadRequest(str(exc), param="messages") from None
-        return ids, [PromptImage(at, slot.count, image.digest, image.data)
-                     for at, image in zip(offsets, loaded, strict=True)]
-
-    def _completion_prompt(self, body: bytes) -> tuple[p.CompletionRequest, list[int], str]:
-        req = p.parse(p.CompletionRequest, self._parse_json(body))
-        self._check_model(req)
-        if req.echo and req.logprobs is not None:
-            raise BadRequest("`echo` with `logprobs` (prompt logprobs) is not supported yet", param="echo",
-                             code="unsupported_parameter")
-        if isinstance(req.prompt, str):
-            self._check_text_size(len(req.prompt.encode()), "prompt")
-            prompt = self.tokenizer.encode(req.prompt)
-        else:
-            if len(req.prompt) >= self.max_model_len:
-                raise BadRequest(f"the prompt has {len(req.prompt)} tokens; this model's context length is "
-                                 f"{self.max_model_len}", param="prompt", code="context_length_exceeded")
-            vocab = self.tokenizer.vocab_size
-            if any(not 0 <= t < vocab for t in req.prompt):
-                raise BadRequest(f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
-            prompt = list(req.prompt)
-        if not prompt:
-            raise BadRequest("the prompt is empty", param="prompt")
-        return req, prompt, grammar_for(req)
-
-    def _check_model(self, req: p.SamplingFields) -> None:
-        if req.model != self.model:
-            raise BadRequest(f"the model `{req.model}` does not exist; this server serves `{self.model}`",
-                             param="model", code="model_not_found")
-
-    def _sampling(self, req: p.ChatCompletionRequest | p.CompletionRequest, prompt_len: int,
-                  default_max: int | None, prompt_param: str, grammar: str) -> Sampling:
-        """`prompt_param`: the field that holds the prompt (`messages` or `prompt`), named when it is too long."""
-        room = self.max_model_len - prompt_len
-        if room <= 0:
-            raise BadRequest(f"the prompt has {prompt_len} tokens; this model's context length is "
-                             f"{self.max_model_len}", param=prompt_param, code="context_length_exceeded")
-        limit = req.limit or min(default_max or room, room)
-        if limit > room:
-            raise BadRequest(f"max_tokens ({limit}) plus the prompt ({prompt_len} tokens) exceeds the context "
-                             f"length {self.max_model_len}", param="max_tokens", code="context_length_exceeded")
-        if req.min_tokens > limit:
-            raise BadRequest(f"min_tokens ({req.min_tokens}) exceeds max_tokens ({limit})", param="min_tokens")
-        vocab = self.tokenizer.vocab_size
-        bias = req.bias
-        for param, ids in (("logit_bias", [t for t, _ in bias]), ("stop_token_ids", req.stop_token_ids or [])):
-            if any(t >= vocab for t in ids):
-                raise BadRequest(f"{param}: token ids must be in 0..{vocab - 1}", param=param)
-        return Sampling(max_tokens=limit, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                        seed=req.seed, stop=tuple(req.stop_list), ignore_eos=req.ignore_eos,
-                        logprobs=req.logprobs_n, presence_penalty=req.presence_penalty,
-                        frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-                        min_p=req.min_p, logit_bias=bias, min_tokens=req.min_tokens,
-                        stop_token_ids=tuple(req.stop_token_ids or ()), grammar=grammar)
-
     async def _timed(self, request: web.Request, prompt: list[int], sampling: Sampling, trace: Trace,
                      images: Sequence[PromptImage] = ()) -> AsyncGenerator[Delta, None]:
         """Run the pipeline, recording TTFT / TPOT / end-to-end latency and token counts. A request whose
@@ -387,23 +239,6 @@ class Api:
             self.metrics.finished(status, len(prompt), generated, end - start,
                                   None if first_at is None else end - first_at, key=trace.api_key)
 
-    async def _collect(self, deltas: AsyncIterator[Delta]) -> Collected:
-        text, tokens, reason, cached, logprobs = [], [], "stop", 0, []
-        try:
-            async for d in deltas:
-                text.append(d.text)
-                tokens.extend(d.token_ids)
-                logprobs.extend(d.logprobs)
-                cached = cached or d.cached_tokens
-                if d.finish_reason:
-                    reason = d.finish_reason
-        except RouterError:
-            raise
-        except Exception as exc:  # a worker failure the pipeline could not absorb
-            logger.exception("Request failed")
-            raise Unavailable("the request failed inside the serving system") from exc
-        return Collected("".join(text), tokens, reason, cached, logprobs)
-
     async def _sse(self, request: web.Request, frames: AsyncIterator[bytes], trace: Trace) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
@@ -411,20 +246,20 @@ class Api:
             async for frame in frames:
                 await response.write(frame)
         except RouterError as exc:
-            await response.write(_frame(exc.body()))
+            await response.write(responses.frame(exc.body()))
         except asyncio.CancelledError:
             if not self.ending:
                 raise
             task = asyncio.current_task()
             assert task is not None
             task.uncancel()  # ended by `_end_in_flight`: the client gets an error event, then [DONE]
-            await response.write(_frame(SHUTTING_DOWN.body()))
+            await response.write(responses.frame(SHUTTING_DOWN.body()))
         except (ConnectionResetError, BrokenPipeError):
             trace.client_gone = True  # counted as CLIENT_CLOSED, not as an error of ours
             return response  # the client left: the closed stream cancels the workers' request
         except Exception:
             logger.exception("Stream failed")
-            await response.write(_frame(Unavailable("the request failed inside the serving system").body()))
+            await response.write(responses.frame(Unavailable("the request failed inside the serving system").body()))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -432,134 +267,50 @@ class Api:
     # ------------------------------------------------------------------ routes
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
+        prep = self.prepare
         async with self.admission.slot():
-            req, grammar, plan = await self._off_loop(len(body), lambda: self._parse_chat(body))
-            loaded = await self._load_images(req)
-            prompt, images = await self._off_loop(len(body), lambda: self._chat_tokens(req, loaded, plan))
-            sampling = self._sampling(req, len(prompt), None, "messages", grammar)
-            return await self._chat(request, req, prompt, sampling, images, plan)
-
-    async def _chat(self, request: web.Request, req: p.ChatCompletionRequest, prompt: list[int],
-                    sampling: Sampling, images: list[PromptImage], plan: tools.Plan) -> web.StreamResponse:
-        rid, created = p.new_id("chatcmpl"), p.created()
-        trace = Trace(rid, api_key=request.get("api_key", ""))
-        async with contextlib.aclosing(self._timed(request, prompt, sampling, trace, images)) as deltas:
-            if req.stream:
-                chunks = self._tool_chunks(deltas, rid, created, len(prompt), req.include_usage, plan.known) \
-                    if plan.parse else \
-                    self._chat_chunks(deltas, rid, created, len(prompt), req.include_usage, req.logprobs_n)
-                return await self._sse(request, chunks, trace)
-            done = await self._collect(deltas)
-        logprobs = None if req.logprobs_n is None else \
-            {"content": lp.chat_entries(self.token_texts, done.tokens, done.logprobs, req.logprobs_n)}
-        message: dict[str, Any] = {"role": "assistant", "content": done.text}
-        reason = done.reason
-        if plan.parse:
-            content, calls = tools.parse(done.text, plan.known)
-            if calls:
-                message = {"role": "assistant", "content": content, "tool_calls": [c.body() for c in calls]}
-                reason = "tool_calls" if reason == "stop" else reason
-        return web.json_response({
-            "id": rid, "object": "chat.completion", "created": created, "model": self.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": logprobs}],
-            "usage": p.usage(len(prompt), len(done.tokens), done.cached),
-        })
-
-    async def _tool_chunks(self, deltas: AsyncIterator[Delta], rid: str, created: int, prompt_tokens: int,
-                           include_usage: bool, known: set[str]) -> AsyncIterator[bytes]:
-        """Chat chunks of a request whose output may hold tool calls (tools.py): content as it is known
-        not to be a call, each call as two deltas once complete, `tool_calls` as the finish reason."""
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model}
-
-        def chunk(delta: dict[str, Any], reason: str | None = None) -> bytes:
-            return _frame({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]})
-
-        yield chunk({"role": "assistant", "content": ""})
-        parser = tools.StreamParser(known)
-        generated, reason = 0, None
-        async for d in deltas:
-            generated += len(d.token_ids)
-            reason = d.finish_reason or reason
-            text, calls = parser.feed(d.text)
-            if d.finish_reason:
-                text += parser.flush()
-            if text:
-                yield chunk({"content": text})
-            for call in calls:
-                index = parser.calls - len(calls) + calls.index(call)
-                yield chunk({"tool_calls": [{"index": index, "id": call.id, "type": "function",
-                                             "function": {"name": call.name, "arguments": ""}}]})
-                yield chunk({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]})
-        yield chunk({}, "tool_calls" if parser.calls and reason == "stop" else reason or "stop")
-        if include_usage:
-            yield _frame({**base, "choices": [], "usage": p.usage(prompt_tokens, generated)})
-
-    async def _chat_chunks(self, deltas: AsyncIterator[Delta], rid: str, created: int, prompt_tokens: int,
-                           include_usage: bool, logprobs_n: int | None) -> AsyncIterator[bytes]:
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model}
-        yield _frame({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                           "finish_reason": None}]})
-        head = _frame_head(base)
-        generated = 0
-        async for d in deltas:
-            generated += len(d.token_ids)
-            if logprobs_n is not None and d.token_ids:  # every token's logprobs, even one with no text yet
-                entries = lp.chat_entries(self.token_texts, d.token_ids, d.logprobs, logprobs_n)
-                content = b'{"content": ' + json.dumps(d.text).encode() + b"}"
-                yield (head + b'"delta": ' + content + b', "logprobs": ' + json.dumps({"content": entries}).encode()
-                       + b', "finish_reason": ' + _json_reason(d.finish_reason) + TAIL)
-            elif d.text or d.finish_reason:
-                content = b'{"content": ' + json.dumps(d.text).encode() + b"}" if d.text else b"{}"
-                yield head + b'"delta": ' + content + b', "finish_reason": ' + _json_reason(d.finish_reason) + TAIL
-        if include_usage:
-            yield _frame({**base, "choices": [], "usage": p.usage(prompt_tokens, generated)})
+            req, grammar, plan = await self._off_loop(len(body), lambda: prep.parse_chat(body))
+            loaded = await prep.load_images(req)
+            prompt, images = await self._off_loop(len(body), lambda: prep.chat_tokens(req, loaded, plan))
+            sampling = prep.sampling(req, len(prompt), grammar)
+            respond = self._responder("chatcmpl", len(prompt))
+            trace = Trace(respond.rid, api_key=request.get("api_key", ""))
+            async with contextlib.aclosing(self._timed(request, prompt, sampling, trace, images)) as deltas:
+                if req.stream:
+                    chunks = respond.tool_chunks(deltas, req.n, req.include_usage, plan.known) if plan.parse else \
+                        respond.chat_chunks(deltas, req.n, req.include_usage, req.logprobs_n)
+                    return await self._sse(request, chunks, trace)
+                choices, cached = await self._collect(deltas, req.n)
+            return web.json_response(respond.chat_body(choices, cached, req.logprobs_n, plan))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
+        prep = self.prepare
         async with self.admission.slot():
-            req, prompt, grammar = await self._off_loop(len(body), lambda: self._completion_prompt(body))
-            sampling = self._sampling(req, len(prompt), 16, "prompt", grammar)
-            return await self._completions(request, req, prompt, sampling)
+            req, prompt, grammar = await self._off_loop(len(body), lambda: prep.completion_prompt(body))
+            sampling = prep.sampling(req, len(prompt), grammar)
+            echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
+            respond = self._responder("cmpl", len(prompt))
+            trace = Trace(respond.rid, api_key=request.get("api_key", ""))
+            async with contextlib.aclosing(self._timed(request, prompt, sampling, trace)) as deltas:
+                if req.stream:
+                    chunks = respond.completion_chunks(deltas, req.n, req.include_usage, req.logprobs_n, echo)
+                    return await self._sse(request, chunks, trace)
+                choices, cached = await self._collect(deltas, req.n)
+            return web.json_response(respond.completion_body(choices, cached, req.logprobs_n, echo))
 
-    async def _completions(self, request: web.Request, req: p.CompletionRequest, prompt: list[int],
-                           sampling: Sampling) -> web.StreamResponse:
-        rid, created = p.new_id("cmpl"), p.created()
-        echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
-        trace = Trace(rid, api_key=request.get("api_key", ""))
-        async with contextlib.aclosing(self._timed(request, prompt, sampling, trace)) as deltas:
-            if req.stream:
-                chunks = self._completion_chunks(deltas, rid, created, echo, len(prompt), req.include_usage,
-                                                 req.logprobs_n)
-                return await self._sse(request, chunks, trace)
-            done = await self._collect(deltas)
-        logprobs = None if req.logprobs_n is None else \
-            lp.CompletionLogprobs(self.token_texts, req.logprobs_n).add(done.tokens, done.logprobs)
-        return web.json_response({
-            "id": rid, "object": "text_completion", "created": created, "model": self.model,
-            "choices": [{"index": 0, "text": echo + done.text, "finish_reason": done.reason, "logprobs": logprobs}],
-            "usage": p.usage(len(prompt), len(done.tokens), done.cached),
-        })
+    def _responder(self, prefix: str, prompt_tokens: int) -> responses.Responder:
+        return responses.Responder(p.new_id(prefix), p.created(), self.model, self.token_texts, prompt_tokens)
 
-    async def _completion_chunks(self, deltas: AsyncIterator[Delta], rid: str, created: int, echo: str,
-                                 prompt_tokens: int, include_usage: bool, logprobs_n: int | None,
-                                 ) -> AsyncIterator[bytes]:
-        base = {"id": rid, "object": "text_completion", "created": created, "model": self.model}
-        if echo:
-            yield _frame({**base, "choices": [{"index": 0, "text": echo, "finish_reason": None, "logprobs": None}]})
-        head = _frame_head(base)
-        generated = 0
-        logprobs = None if logprobs_n is None else lp.CompletionLogprobs(self.token_texts, logprobs_n)
-        async for d in deltas:
-            generated += len(d.token_ids)
-            if logprobs is not None and d.token_ids:
-                yield (head + b'"text": ' + json.dumps(d.text).encode() + b', "finish_reason": '
-                       + _json_reason(d.finish_reason) + b', "logprobs": '
-                       + json.dumps(logprobs.add(d.token_ids, d.logprobs)).encode() + TAIL)
-            elif d.text or d.finish_reason:
-                yield (head + b'"text": ' + json.dumps(d.text).encode() + b', "finish_reason": '
-                       + _json_reason(d.finish_reason) + b', "logprobs": null' + TAIL)
-        if include_usage:
-            yield _frame({**base, "choices": [], "usage": p.usage(prompt_tokens, generated)})
+    @staticmethod
+    async def _collect(deltas: AsyncIterator[Delta], n: int) -> tuple[list[responses.Collected], int]:
+        try:
+            return await responses.collect(deltas, n)
+        except RouterError:
+            raise
+        except Exception as exc:  # a worker failure the pipeline could not absorb
+            logger.exception("Request failed")
+            raise Unavailable("the request failed inside the serving system") from exc
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [

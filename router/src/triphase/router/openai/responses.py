@@ -1,0 +1,192 @@
+"""OpenAI response bodies and server-sent event chunks, from the pipeline's deltas.
+
+A request with n choices gets deltas tagged by `index`; a body collects each choice, a stream sends each
+delta as a chunk of its choice as it comes (the choices interleave, as OpenAI's do). A chunk is one
+frame per delta: the per-token frames are assembled from bytes encoded once per stream and choice
+(`frame_head`) with only the token's own fields encoded each time, the same JSON `frame` would give.
+
+Three streams: chat (content, logprobs), chat whose output may hold tool calls (tools.py: content
+held back while it may open a call tag, each call sent as OpenAI's two deltas) and completions (text,
+the echoed prompt, logprobs with text offsets). Usage, when asked for, is the last chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from triphase.router.openai import logprobs as lp
+from triphase.router.openai import protocol as p
+from triphase.router.openai import tools
+from triphase.router.worker_client import Delta
+
+TAIL = b"}]}\n\n"
+
+
+def frame(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def frame_head(base: dict[str, Any], index: int = 0) -> bytes:
+    """`data: {...base, "choices": [{"index": i, ` — a chunk's fields follow, then TAIL."""
+    return b"data: " + json.dumps(base)[:-1].encode() + b', "choices": [{"index": ' + str(index).encode() + b", "
+
+
+def json_reason(reason: str | None) -> bytes:
+    return b"null" if reason is None else json.dumps(reason).encode()
+
+
+@dataclasses.dataclass
+class Collected:
+    """One choice of a non-streamed completion."""
+
+    text: str = ""
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    reason: str = "stop"
+    logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+
+
+async def collect(deltas: AsyncIterator[Delta], n: int) -> tuple[list[Collected], int]:
+    """Every choice of a request, in index order, and the prompt tokens found in the prefix cache."""
+    choices = [Collected() for _ in range(n)]
+    pieces: list[list[str]] = [[] for _ in range(n)]
+    cached = 0
+    async for d in deltas:
+        choice = choices[d.index]
+        pieces[d.index].append(d.text)
+        choice.tokens.extend(d.token_ids)
+        choice.logprobs.extend(d.logprobs)
+        cached = cached or d.cached_tokens
+        if d.finish_reason:
+            choice.reason = d.finish_reason
+    for choice, text in zip(choices, pieces, strict=True):
+        choice.text = "".join(text)
+    return choices, cached
+
+
+@dataclasses.dataclass
+class Responder:
+    """Builds one request's response: its id, model name, creation time and how tokens read as text."""
+
+    rid: str
+    created: int
+    model: str
+    texts: lp.TokenTexts
+    prompt_tokens: int
+
+    def _usage(self, choices: list[Collected], cached: int) -> dict[str, Any]:
+        return p.usage(self.prompt_tokens, sum(len(c.tokens) for c in choices), cached)
+
+    # ---------------------------------------------------------------- bodies
+    def chat_body(self, choices: list[Collected], cached: int, logprobs_n: int | None,
+                  plan: tools.Plan) -> dict[str, Any]:
+        out = []
+        for index, c in enumerate(choices):
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            reason = c.reason
+            if plan.parse:
+                content, calls = tools.parse(c.text, plan.known)
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": [x.body() for x in calls]}
+                    reason = "tool_calls" if reason == "stop" else reason
+            logprobs = None if logprobs_n is None else \
+                {"content": lp.chat_entries(self.texts, c.tokens, c.logprobs, logprobs_n)}
+            out.append({"index": index, "message": message, "finish_reason": reason, "logprobs": logprobs})
+        return {"id": self.rid, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": out, "usage": self._usage(choices, cached)}
+
+    def completion_body(self, choices: list[Collected], cached: int, logprobs_n: int | None,
+                        echo: str) -> dict[str, Any]:
+        out = []
+        for index, c in enumerate(choices):
+            logprobs = None if logprobs_n is None else \
+                lp.CompletionLogprobs(self.texts, logprobs_n, len(echo)).add(c.tokens, c.logprobs)
+            out.append({"index": index, "text": echo + c.text, "finish_reason": c.reason, "logprobs": logprobs})
+        return {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": out, "usage": self._usage(choices, cached)}
+
+    # ---------------------------------------------------------------- streams
+    def _base(self, kind: str) -> dict[str, Any]:
+        return {"id": self.rid, "object": kind, "created": self.created, "model": self.model}
+
+    def _usage_frame(self, base: dict[str, Any], generated: int) -> bytes:
+        return frame({**base, "choices": [], "usage": p.usage(self.prompt_tokens, generated)})
+
+    async def chat_chunks(self, deltas: AsyncIterator[Delta], n: int, include_usage: bool,
+                          logprobs_n: int | None) -> AsyncIterator[bytes]:
+        base = self._base("chat.completion.chunk")
+        heads = [frame_head(base, i) for i in range(n)]
+        for i in range(n):
+            yield frame({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                              "finish_reason": None}]})
+        generated = 0
+        async for d in deltas:
+            generated += len(d.token_ids)
+            head = heads[d.index]
+            if logprobs_n is not None and d.token_ids:  # every token's logprobs, even one with no text yet
+                entries = lp.chat_entries(self.texts, d.token_ids, d.logprobs, logprobs_n)
+                content = b'{"content": ' + json.dumps(d.text).encode() + b"}"
+                yield (head + b'"delta": ' + content + b', "logprobs": ' + json.dumps({"content": entries}).encode()
+                       + b', "finish_reason": ' + json_reason(d.finish_reason) + TAIL)
+            elif d.text or d.finish_reason:
+                content = b'{"content": ' + json.dumps(d.text).encode() + b"}" if d.text else b"{}"
+                yield head + b'"delta": ' + content + b', "finish_reason": ' + json_reason(d.finish_reason) + TAIL
+        if include_usage:
+            yield self._usage_frame(base, generated)
+
+    async def tool_chunks(self, deltas: AsyncIterator[Delta], n: int, include_usage: bool,
+                          known: set[str]) -> AsyncIterator[bytes]:
+        """Chat chunks of a request whose output may hold tool calls: content as it is known not to be
+        a call, each call as two deltas once complete, `tool_calls` as the choice's finish reason."""
+        base = self._base("chat.completion.chunk")
+
+        def chunk(index: int, delta: dict[str, Any], reason: str | None = None) -> bytes:
+            return frame({**base, "choices": [{"index": index, "delta": delta, "finish_reason": reason}]})
+
+        for i in range(n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        parsers = [tools.StreamParser(known) for _ in range(n)]
+        generated = 0
+        async for d in deltas:
+            generated += len(d.token_ids)
+            parser = parsers[d.index]
+            text, calls = parser.feed(d.text)
+            if d.finish_reason:
+                text += parser.flush()
+            if text:
+                yield chunk(d.index, {"content": text})
+            for k, call in enumerate(calls):
+                at = parser.calls - len(calls) + k
+                yield chunk(d.index, {"tool_calls": [{"index": at, "id": call.id, "type": "function",
+                                                      "function": {"name": call.name, "arguments": ""}}]})
+                yield chunk(d.index, {"tool_calls": [{"index": at, "function": {"arguments": call.arguments}}]})
+            if d.finish_reason:
+                yield chunk(d.index, {}, "tool_calls" if parser.calls and d.finish_reason == "stop" else
+                            d.finish_reason)
+        if include_usage:
+            yield self._usage_frame(base, generated)
+
+    async def completion_chunks(self, deltas: AsyncIterator[Delta], n: int, include_usage: bool,
+                                logprobs_n: int | None, echo: str) -> AsyncIterator[bytes]:
+        base = self._base("text_completion")
+        heads = [frame_head(base, i) for i in range(n)]
+        if echo:
+            for i in range(n):
+                yield frame({**base, "choices": [{"index": i, "text": echo, "finish_reason": None, "logprobs": None}]})
+        generated = 0
+        logprobs = None if logprobs_n is None else \
+            [lp.CompletionLogprobs(self.texts, logprobs_n, len(echo)) for _ in range(n)]
+        async for d in deltas:
+            generated += len(d.token_ids)
+            head = heads[d.index]
+            if logprobs is not None and d.token_ids:
+                yield (head + b'"text": ' + json.dumps(d.text).encode() + b', "finish_reason": '
+                       + json_reason(d.finish_reason) + b', "logprobs": '
+                       + json.dumps(logprobs[d.index].add(d.token_ids, d.logprobs)).encode() + TAIL)
+            elif d.text or d.finish_reason:
+                yield (head + b'"text": ' + json.dumps(d.text).encode() + b', "finish_reason": '
+                       + json_reason(d.finish_reason) + b', "logprobs": null' + TAIL)
+        if include_usage:
+            yield self._usage_frame(base, generated)
