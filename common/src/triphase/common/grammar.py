@@ -47,27 +47,25 @@ def digest(grammar: str) -> str:
     return hashlib.sha256(grammar.encode()).hexdigest()
 
 
-def _depth(node: Any, level: int = 0) -> int:
-    """Nesting of a JSON document, counted no further than past the limit."""
-    if level > 2 * MAX_SCHEMA_DEPTH:
-        return level
-    if isinstance(node, dict):
-        return max((_depth(v, level + 1) for v in node.values()), default=level)
-    if isinstance(node, list):
-        return max((_depth(v, level + 1) for v in node), default=level)
-    return level
+def _too_deep(node: Any, budget: int) -> bool:
+    """Whether a JSON document nests deeper than `budget` levels (stops at the first path that does)."""
+    if isinstance(node, dict | list):
+        if budget == 0:
+            return True
+        return any(_too_deep(child, budget - 1) for child in (node.values() if isinstance(node, dict) else node))
+    return False
 
 
 def check_schema(schema: Any) -> str:
     """The schema as canonical JSON, once its size and depth are within bounds."""
     if not isinstance(schema, dict):
         raise GrammarError("a JSON schema must be a JSON object")
+    # Two levels of the JSON document per level of the schema ("properties" -> a property's schema).
+    if _too_deep(schema, 2 * MAX_SCHEMA_DEPTH):
+        raise GrammarError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
     text = json.dumps(schema, sort_keys=True, separators=(",", ":"))
     if len(text) > MAX_SCHEMA_BYTES:
         raise GrammarError(f"the JSON schema has {len(text)} bytes; at most {MAX_SCHEMA_BYTES}")
-    # Two levels of the JSON document per level of the schema ("properties" -> a property's schema).
-    if _depth(schema) > 2 * MAX_SCHEMA_DEPTH:
-        raise GrammarError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
     return text
 
 
