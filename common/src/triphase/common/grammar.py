@@ -3,13 +3,14 @@
 The wire format is llguidance's grammar (a JSON document naming a JSON schema, a Lark grammar or a
 regex): the router builds it from `response_format` or `tools` and validates it, once per distinct
 grammar, before any work is done; a worker compiles it into a matcher (engine/grammar.py), cached by
-the grammar's hash. Both sides apply the same `LIMITS`, so a grammar the router accepted compiles on
+the grammar's hash. Both sides apply the same `limits()`, so a grammar the router accepted compiles on
 every worker, and compiling one costs bounded time whatever a client sends.
 
 Why llguidance (1.9.1) rather than xgrammar (0.2.8): on this CPU, for a 20-field schema, llguidance
-computes a batch-1 token mask in 0.04 ms and a batch-32 one in 1.3 ms (its executor, two cores), vs
-0.28 ms and 8.9 ms for xgrammar; it compiles that schema in ~1 ms vs ~70 ms; and it depends on nothing,
-where xgrammar pulls in transformers and triton (benchmarks/structured.py measures both).
+computes a step's token masks in 0.044 ms at batch 1 and 1.26 ms at batch 32 (its executor, two cores),
+xgrammar in 0.11 ms and 3.4 ms (BENCHMARKS.md "Structured output", benchmarks/structured.py); llguidance
+compiled that schema in ~1 ms, xgrammar in ~70 ms; and llguidance depends on nothing, where xgrammar
+pulls in transformers and triton.
 """
 
 from __future__ import annotations
@@ -57,13 +58,13 @@ def _too_deep(node: Any, budget: int) -> bool:
 
 
 def check_schema(schema: Any) -> str:
-    """The schema as canonical JSON, once its size and depth are within bounds."""
+    """The schema as compact JSON, once its depth and size are within bounds."""
     if not isinstance(schema, dict):
         raise GrammarError("a JSON schema must be a JSON object")
     # Two levels of the JSON document per level of the schema ("properties" -> a property's schema).
     if _too_deep(schema, 2 * MAX_SCHEMA_DEPTH):
         raise GrammarError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
-    text = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    text = json.dumps(schema, separators=(",", ":"))  # key order kept: objects follow the schema's order
     if len(text) > MAX_SCHEMA_BYTES:
         raise GrammarError(f"the JSON schema has {len(text)} bytes; at most {MAX_SCHEMA_BYTES}")
     return text
