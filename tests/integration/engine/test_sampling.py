@@ -250,3 +250,21 @@ def test_n_choices_greedy_are_identical_and_aborting_frees_every_choice(engine, 
         pass
     assert engine.abort("gone")
     assert not engine.has_work and engine.kv.num_free_blocks == engine.kv.pool.num_blocks
+
+
+def test_prompt_logprobs_equal_the_teacher_forced_logits(make_engine, story):
+    engine = make_engine(max_num_batched_tokens=16)  # the prompt in several chunks
+    out = engine.generate([story], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2))[0]
+    expected = torch.log_softmax(engine.prompt_logits(story), dim=-1)
+    assert len(out.prompt_logprobs) == len(story) and out.prompt_logprobs[0] == {}
+    for position, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        token = story[position]
+        assert next(iter(entry)) == token
+        assert abs(entry[token] - float(expected[position - 1, token])) < 1e-4
+        top = torch.topk(expected[position - 1], 2).indices.tolist()
+        assert set(top) <= set(entry)
+    # a second request with the same prompt is computed again, not served from the prefix cache
+    again = engine.generate([story], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))[0]
+    assert again.num_cached_tokens == 0
+    assert [next(iter(e.values())) for e in again.prompt_logprobs[1:]] == \
+        pytest.approx([next(iter(e.values())) for e in out.prompt_logprobs[1:]], abs=1e-5)

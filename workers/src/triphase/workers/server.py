@@ -72,6 +72,7 @@ def sampling_from_pb(p: pb.SamplingParams) -> SamplingParams:
         presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
         repetition_penalty=p.repetition_penalty or 1.0, min_p=p.min_p, logit_bias=tuple(sorted(p.logit_bias.items())),
         min_tokens=p.min_tokens, grammar=p.grammar, n=p.n or 1,
+        prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
     )
 
 
@@ -89,10 +90,13 @@ def delta_to_pb(out: RequestOutput, *, prompt_tokens: int = 0) -> pb.TokenDelta:
                           finish_reason=FINISH_TO_PB[out.finish_reason],
                           prompt_tokens=prompt_tokens, cached_tokens=out.cached_tokens, index=out.index,
                           stop_reason="" if out.stop_reason is None else str(out.stop_reason))
-    for row in out.logprobs or ():
-        entries = [pb.TokenLogprob(token_id=t, logprob=v) for t, v in row.items()]
-        delta.logprobs.append(pb.TokenLogprobs(entries=entries))
+    delta.logprobs.extend(_logprobs_pb(row) for row in out.logprobs or ())
+    delta.prompt_logprobs.extend(_logprobs_pb(row) for row in out.prompt_logprobs or ())
     return delta
+
+
+def _logprobs_pb(row: dict[int, float]) -> pb.TokenLogprobs:
+    return pb.TokenLogprobs(entries=[pb.TokenLogprob(token_id=t, logprob=v) for t, v in row.items()])
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):

@@ -137,6 +137,7 @@ class RequestOutput:
     cached_tokens: int = 0  # on a request's first output: prompt tokens served by the prefix cache
     stop_reason: str | int | None = None  # when finished by a stop string or stop token: which one
     index: int = 0  # the choice (of SamplingParams.n) this output belongs to; `finished` is the choice's
+    prompt_logprobs: list[dict[int, float]] | None = None  # on the first output, when asked for
     done: bool = False  # the request has ended: every one of its choices finished
 
 
@@ -151,6 +152,7 @@ class Completion:
     ttft_s: float
     e2e_s: float
     logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float]] | None = None
 
 
 @dataclasses.dataclass
@@ -364,10 +366,12 @@ class Engine:
             reason = "length"
         if reason is not None:
             text += detok.flush()
+        prompt_logprobs = request.prompt_logprobs or None if request.num_output_tokens == 1 else None
         if request.prefill_only:
             self.scheduler.finish(request, RequestStatus.PREFILLED)
             return RequestOutput(request.request_id, [token], text, True, reason, [logprobs] if logprobs else None,
-                                 request.num_cached_tokens, request.stop_reason, done=True)
+                                 request.num_cached_tokens, request.stop_reason, done=True,
+                                 prompt_logprobs=prompt_logprobs)
         done = reason is not None
         if done:
             status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
@@ -381,7 +385,8 @@ class Engine:
                     del self._choices[request.parent_id]
         cached = request.num_cached_tokens if request.num_output_tokens == 1 else 0
         return RequestOutput(request.parent_id, [token], text, reason is not None, reason,
-                             [logprobs] if logprobs else None, cached, request.stop_reason, request.index, done)
+                             [logprobs] if logprobs else None, cached, request.stop_reason, index=request.index,
+                             done=done, prompt_logprobs=prompt_logprobs if request.index == 0 else None)
 
     def _fork(self, parent: Request) -> None:
         """Choices 1..n-1 of a request whose prompt is computed and whose first token (choice 0's) was
@@ -437,7 +442,7 @@ class Engine:
         return Completion(
             request.request_id, request.prompt_token_ids, request.output_token_ids, text, reason,
             request.num_cached_tokens, first - request.arrival_time, done - request.arrival_time,
-            request.logprobs or None,
+            request.logprobs or None, request.prompt_logprobs or None,
         )
 
     def prompt_logits(self, token_ids: Sequence[int], chunk_size: int | None = None,

@@ -60,7 +60,7 @@ class KVCacheManager:
     def get_computed_blocks(self, request: Request) -> tuple[list[Block], int]:
         """Longest cached prefix of the request's tokens: (blocks, tokens). At least one token is left
         to compute, because the step that computes it also produces the next token's logits."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.sampling.prompt_logprobs is not None:
             return [], 0
         hits: list[Block] = []
         for block_hash in self._request_hashes(request):

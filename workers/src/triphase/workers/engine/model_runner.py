@@ -17,6 +17,7 @@ import torch
 
 from triphase.workers.engine.kv_layout import KvLayout, transfer_plan
 from triphase.workers.engine.multimodal import overlapping_rows
+from triphase.workers.engine.request import Request
 from triphase.workers.engine.sampler import Sample, sample
 from triphase.workers.engine.scheduler import ScheduledRequest, SchedulerOutput
 from triphase.workers.models.attention import AttentionBatch, PrefillSeq
@@ -51,6 +52,7 @@ class ModelRunner:
         self.kv_cache = allocate_kv(layout.shape, TORCH_DTYPES[layout.dtype], self.device)
         self.generator = torch.Generator().manual_seed(0)
         self.stop_ids: frozenset[int] = frozenset()  # the model's EOS ids (min_tokens masks them): the engine's
+        self._prompt_rows: list[tuple[Request, int, int, int]] = []  # the step's prompt logprob rows (_forward)
 
     def _upload(self, *arrays: list[int]) -> list[torch.Tensor]:
         """Host lists of ints -> int64 tensors on the device, through one (pinned, asynchronous) copy."""
@@ -63,10 +65,31 @@ class ModelRunner:
     def execute(self, output: SchedulerOutput) -> dict[str, Sample]:
         """Run the scheduled tokens; returns a sample for every request whose step reaches its end."""
         logits, sampled_items = self._forward(output.scheduled, all_logits=False)
+        if self._prompt_rows:
+            logits = self._record_prompt_logprobs(logits)
         if not sampled_items:
             return {}
         samples = sample(logits, [i.request for i in sampled_items], self.generator, self.stop_ids)
         return {i.request.request_id: s for i, s in zip(sampled_items, samples, strict=True)}
+
+    def _record_prompt_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Append the prompt logprobs this step computed to their requests; returns the sampled rows."""
+        keep = torch.ones(logits.shape[0], dtype=torch.bool)
+        for request, row, start, end in self._prompt_rows:
+            keep[row : row + end - start] = False
+            lp = torch.log_softmax(logits[row : row + end - start].float(), dim=-1).cpu()
+            n = request.sampling.prompt_logprobs or 0
+            top = torch.topk(lp, n) if n else None
+            for k, position in enumerate(range(start, end)):
+                if position + 1 != len(request.prompt_logprobs):  # computed before (preempted, recomputed)
+                    continue
+                token = request.token_ids[position + 1]
+                entry = {token: float(lp[k, token])}
+                if top is not None:
+                    for v, i in zip(top.values[k].tolist(), top.indices[k].tolist(), strict=True):
+                        entry.setdefault(int(i), float(v))
+                request.prompt_logprobs.append(entry)
+        return logits[keep.to(logits.device)]
 
     def logits(self, item: ScheduledRequest) -> torch.Tensor:
         """Logits for every token of one scheduled chunk (teacher forcing, scoring)."""
@@ -87,6 +110,9 @@ class ModelRunner:
         tables: list[list[int]] = []  # per prefill chunk: the blocks of its context (empty without one)
         image_rows: list[int] = []
         image_parts: list[torch.Tensor] = []
+        # (request, first logits row, first position, end position): prompt positions whose logits give
+        # the next prompt token's logprob (requests that asked for prompt logprobs)
+        self._prompt_rows = []
         for item in scheduled:
             request, start, n = item.request, item.start, item.num_new_tokens
             offset = len(tokens)
@@ -108,7 +134,12 @@ class ModelRunner:
                 tables.append(list(item.block_ids[: -(-(start + n) // bs)]) if start > 0 else [])
             if all_logits:
                 logits_rows.extend(range(offset, offset + n))
-            elif item.samples:
+                continue
+            end = min(start + n, request.num_prompt_tokens - 1)
+            if request.sampling.prompt_logprobs is not None and start < end:
+                self._prompt_rows.append((request, len(logits_rows), start, end))
+                logits_rows.extend(range(offset, offset + end - start))
+            if item.samples:
                 logits_rows.append(len(tokens) - 1)
                 sampled_items.append(item)
 

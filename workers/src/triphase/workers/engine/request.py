@@ -57,6 +57,9 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_token_time: float | None = None
         self.logprobs: list[dict[int, float]] = []  # per output token: {token_id: logprob}
+        # per prompt token, when asked for: {token id: logprob}, the prompt's token first then the top-N;
+        # the first token has none ({}); filled as chunks of the prompt are computed
+        self.prompt_logprobs: list[dict[int, float]] = [{}] if sampling.prompt_logprobs is not None else []
         self.stop_reason: str | int | None = None
         self.constraint: Any = None  # engine/grammar.Constraint: where its output is in its grammar
         self.parent_id = request_id  # the request a choice belongs to (its own id for choice 0)

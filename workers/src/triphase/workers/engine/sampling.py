@@ -36,6 +36,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token (0 = only the chosen token's)
+    # top-N logprobs of every prompt token after the first (what evaluation harnesses score); such a
+    # prompt is computed in full, not taken from the prefix cache (cached positions have no logits)
+    prompt_logprobs: int | None = None
     # Penalties as vLLM and OpenAI define them: presence and frequency on the tokens generated so far
     # (by any worker: a resumed request counts the output it was resumed with), repetition on the
     # prompt's and the output's tokens (a positive logit divided by it, a negative one multiplied).
@@ -83,8 +86,10 @@ class SamplingParams:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 20:
+                raise ValueError(f"{name} must be between 0 and 20, got {value}")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ValueError(f"seed must be a 64-bit signed integer, got {self.seed}")
         if len(self.stop) > MAX_STOP_STRINGS:
