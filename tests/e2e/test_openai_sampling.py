@@ -8,12 +8,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import urllib.error
 import urllib.request
 
 import jsonschema
 import openai
 import pydantic
 import pytest
+import torch
 
 from triphase.common import grammar
 from triphase.common.choices import choice_seed
@@ -260,3 +262,34 @@ def test_n_completions_with_logprobs(client, model):
                                       n=3, logprobs=1, extra_body={"ignore_eos": True})
     assert sorted(c.index for c in reply.choices) == [0, 1, 2]
     assert all("".join(c.logprobs.tokens) == c.text for c in reply.choices)
+
+
+def test_echo_scores_a_prompt_as_evaluation_harnesses_ask(client, model, engine, loaded_model):
+    """lm-eval's log-likelihood request: echo, logprobs, max_tokens 0."""
+    text = "The quick brown fox jumps over the lazy dog"
+    ids = loaded_model.tokenizer.encode(text)
+    expected = torch.log_softmax(engine.prompt_logits(ids), dim=-1)
+    reply = client.completions.create(model=model, prompt=text, echo=True, logprobs=1, max_tokens=0, temperature=0)
+    choice = reply.choices[0]
+    assert choice.text == text and choice.finish_reason == "length" and reply.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for position in range(1, len(ids)):
+        assert math.isclose(lp.token_logprobs[position], float(expected[position - 1, ids[position]]), abs_tol=1e-4)
+    # streamed, with tokens generated after the prompt: the echo chunk carries the prompt's logprobs
+    chunks = list(client.completions.create(model=model, prompt=ids, echo=True, logprobs=0, max_tokens=3,
+                                            temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    first = chunks[0].choices[0]
+    assert first.logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
+    generated = [t for c in chunks[1:] for t in (c.choices[0].logprobs.tokens if c.choices[0].logprobs else [])]
+    assert len(generated) == 3
+    assert "".join(c.choices[0].text for c in chunks).startswith(first.text)
+
+
+def test_max_tokens_zero_needs_echo(stack, model):
+    payload = {"model": model, "prompt": "hi", "max_tokens": 0}
+    request = urllib.request.Request(f"{stack}/v1/completions", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request)
+    assert caught.value.code == 400 and json.loads(caught.value.read())["error"]["param"] == "max_tokens"

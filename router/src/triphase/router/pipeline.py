@@ -277,8 +277,10 @@ class Pipeline:
             endpoint = placement.decode.endpoint
         trace.migrations += 1
         request_id = f"{trace.request_id}-r{trace.migrations}"
-        stream = self.client.generate(endpoint, request_id, resumed,
-                                      dataclasses.replace(sampling, max_tokens=remaining), len(sent), images)
+        # once a token is sent, the client has the prompt's logprobs (if it asked): they came with it
+        stream = self.client.generate(endpoint, request_id, resumed, dataclasses.replace(
+            sampling, max_tokens=remaining, prompt_logprobs=None if sent else sampling.prompt_logprobs),
+            len(sent), images)
         with self.registry.streaming(endpoint):
             async with contextlib.aclosing(stream) as deltas:
                 async for delta in deltas:
@@ -318,7 +320,8 @@ class Pipeline:
             with contextlib.ExitStack() as counted:
                 while True:
                     try:
-                        stream = self.client.decode(endpoint, trace.request_id, prompt, sampling, ticket, images)
+                        stream = self.client.decode(endpoint, trace.request_id, prompt,
+                                                    dataclasses.replace(sampling, prompt_logprobs=None), ticket, images)
                         async with contextlib.aclosing(stream) as deltas:
                             async for delta in deltas:
                                 if not adopted:  # the decode worker repeats the first token: already sent

@@ -69,6 +69,7 @@ class Sampling:
     stop_token_ids: tuple[int, ...] = ()
     grammar: str = ""  # common/grammar.py
     n: int = 1  # choices: the worker computes the prompt once and forks them
+    prompt_logprobs: int | None = None  # top-N logprobs of the prompt's tokens, on the first delta
 
     def to_pb(self) -> pb.SamplingParams:
         p = pb.SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -81,6 +82,8 @@ class Sampling:
             p.seed = self.seed
         if self.logprobs is not None:
             p.logprobs = self.logprobs
+        if self.prompt_logprobs is not None:
+            p.prompt_logprobs = self.prompt_logprobs
         return p
 
 
@@ -120,6 +123,7 @@ class Delta:
     # per token of token_ids, with logprobs asked: {token id: logprob}, the chosen token first, then the top-N
     logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
     index: int = 0  # the choice this delta belongs to
+    prompt_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)  # first delta: per prompt token
 
 
 @dataclasses.dataclass
@@ -134,7 +138,11 @@ class KvTicket:
 
 def _delta(d: pb.TokenDelta) -> Delta:
     return Delta(list(d.token_ids), d.text, FINISH.get(d.finish_reason), d.prompt_tokens, d.cached_tokens,
-                 d.kv_backend, [{e.token_id: e.logprob for e in row.entries} for row in d.logprobs], d.index)
+                 d.kv_backend, _rows(d.logprobs), d.index, _rows(d.prompt_logprobs))
+
+
+def _rows(rows: Any) -> list[dict[int, float]]:
+    return [{e.token_id: e.logprob for e in row.entries} for row in rows]
 
 
 def _failure(exc: grpc.aio.AioRpcError) -> Exception:

@@ -70,6 +70,18 @@ class CompletionLogprobs:
         self.n = n
         self.offset = offset  # characters of text before the next token (the echoed prompt, earlier tokens)
 
+    def add_prompt(self, token_ids: Sequence[int], rows: Sequence[dict[int, float]]) -> dict[str, Any]:
+        """The prompt's tokens (echo): the first has no logprob (None), as OpenAI reports it."""
+        out = self.add(token_ids[1:], rows[1:]) if len(token_ids) > 1 else \
+            {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        first = self.texts.text(token_ids[0])
+        out["tokens"].insert(0, first)
+        out["token_logprobs"].insert(0, None)
+        out["top_logprobs"].insert(0, None)
+        out["text_offset"] = [0, *(offset + len(first) for offset in out["text_offset"])]
+        self.offset += len(first)
+        return out
+
     def add(self, token_ids: Sequence[int], rows: Sequence[dict[int, float]]) -> dict[str, Any]:
         tokens, values, tops, offsets = [], [], [], []
         for token, row in zip(token_ids, rows, strict=True):

@@ -108,9 +108,9 @@ class Preparer:
     def completion_prompt(self, body: bytes) -> tuple[p.CompletionRequest, list[int], str]:
         req = p.parse(p.CompletionRequest, self.parse_json(body))
         self._check_model(req)
-        if req.echo and req.logprobs is not None:
-            raise BadRequest("`echo` with `logprobs` (prompt logprobs) is not supported yet", param="echo",
-                             code="unsupported_parameter")
+        if req.score_only and not req.echo:
+            raise BadRequest("max_tokens 0 needs echo (it returns the prompt, and its logprobs, only)",
+                             param="max_tokens")
         if isinstance(req.prompt, str):
             self._check_text_size(len(req.prompt.encode()), "prompt")
             prompt = self.tokenizer.encode(req.prompt)
@@ -141,7 +141,8 @@ class Preparer:
         if room <= 0:
             raise BadRequest(f"the prompt has {prompt_len} tokens; this model's context length is "
                              f"{self.max_model_len}", param=prompt_param, code="context_length_exceeded")
-        limit = req.limit or (room if chat else min(DEFAULT_COMPLETION_TOKENS, room))
+        limit = 1 if isinstance(req, p.CompletionRequest) and req.score_only else \
+            req.limit or (room if chat else min(DEFAULT_COMPLETION_TOKENS, room))
         if limit > room:
             raise BadRequest(f"max_tokens ({limit}) plus the prompt ({prompt_len} tokens) exceeds the context "
                              f"length {self.max_model_len}", param="max_tokens", code="context_length_exceeded")
@@ -157,4 +158,5 @@ class Preparer:
                         logprobs=req.logprobs_n, presence_penalty=req.presence_penalty,
                         frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
                         min_p=req.min_p, logit_bias=bias, min_tokens=req.min_tokens,
-                        stop_token_ids=tuple(req.stop_token_ids or ()), grammar=grammar, n=req.n)
+                        stop_token_ids=tuple(req.stop_token_ids or ()), grammar=grammar, n=req.n,
+                        prompt_logprobs=req.logprobs if isinstance(req, p.CompletionRequest) and req.echo else None)

@@ -143,7 +143,7 @@ class StructuredOutputs(_Strict):
 
 class SamplingFields(_Strict):
     model: str
-    max_tokens: int | None = pydantic.Field(default=None, ge=1)
+    max_tokens: int | None = pydantic.Field(default=None, ge=0)  # 0: completions with echo only (scoring)
     max_completion_tokens: int | None = pydantic.Field(default=None, ge=1)
     temperature: float = pydantic.Field(default=1.0, ge=0, le=2)
     top_p: float = pydantic.Field(default=1.0, gt=0, le=1)
@@ -238,6 +238,8 @@ class ChatCompletionRequest(SamplingFields):
 
     @pydantic.model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.max_tokens == 0:
+            raise BadRequest("max_tokens must be at least 1", param="max_tokens")
         if self.top_logprobs and not self.logprobs:
             raise BadRequest("`top_logprobs` needs `logprobs: true`", param="top_logprobs")
         return self
@@ -263,12 +265,17 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int]
-    echo: bool = False
+    echo: bool = False  # with logprobs: the prompt's tokens' logprobs too (what evaluation harnesses score)
     logprobs: int | None = pydantic.Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     @property
     def logprobs_n(self) -> int | None:
         return self.logprobs
+
+    @property
+    def score_only(self) -> bool:
+        """max_tokens 0 with echo: the prompt (and its logprobs) back, nothing generated."""
+        return self.max_tokens == 0
 
 
 def parse(model: type[pydantic.BaseModel], body: Any) -> Any:

@@ -48,12 +48,24 @@ class Collected:
     logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
 
 
-async def collect(deltas: AsyncIterator[Delta], n: int) -> tuple[list[Collected], int]:
-    """Every choice of a request, in index order, and the prompt tokens found in the prefix cache."""
+@dataclasses.dataclass
+class Prompt:
+    """What a completion echoes: the prompt's text and tokens, and their logprobs when they were asked for."""
+
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)  # filled by the first delta
+
+
+async def collect(deltas: AsyncIterator[Delta], n: int, prompt: Prompt | None = None) -> tuple[list[Collected], int]:
+    """Every choice of a request, in index order, and the prompt tokens found in the prefix cache;
+    `prompt` gets the prompt's logprobs."""
     choices = [Collected() for _ in range(n)]
     pieces: list[list[str]] = [[] for _ in range(n)]
     cached = 0
     async for d in deltas:
+        if prompt is not None and d.prompt_logprobs and not prompt.logprobs:
+            prompt.logprobs = d.prompt_logprobs
         choice = choices[d.index]
         pieces[d.index].append(d.text)
         choice.tokens.extend(d.token_ids)
@@ -98,12 +110,20 @@ class Responder:
                 "choices": out, "usage": self._usage(choices, cached)}
 
     def completion_body(self, choices: list[Collected], cached: int, logprobs_n: int | None,
-                        echo: str) -> dict[str, Any]:
+                        echo: Prompt | None, score_only: bool = False) -> dict[str, Any]:
+        """`echo`: the prompt to put before each choice's text; `score_only`: the choices' own tokens left
+        out (max_tokens 0: the workers drew one, which nobody asked for)."""
+        if score_only:
+            choices = [Collected(reason="length") for _ in choices]
         out = []
         for index, c in enumerate(choices):
-            logprobs = None if logprobs_n is None else \
-                lp.CompletionLogprobs(self.texts, logprobs_n, len(echo)).add(c.tokens, c.logprobs)
-            out.append({"index": index, "text": echo + c.text, "finish_reason": c.reason, "logprobs": logprobs})
+            logprobs = None
+            if logprobs_n is not None:
+                builder = lp.CompletionLogprobs(self.texts, logprobs_n)
+                parts = [builder.add_prompt(echo.token_ids, echo.logprobs)] if echo and echo.logprobs else []
+                logprobs = lp.merge([*parts, builder.add(c.tokens, c.logprobs)])
+            out.append({"index": index, "text": (echo.text if echo else "") + c.text, "finish_reason": c.reason,
+                        "logprobs": logprobs})
         return {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": out, "usage": self._usage(choices, cached)}
 
@@ -169,16 +189,28 @@ class Responder:
             yield self._usage_frame(base, generated)
 
     async def completion_chunks(self, deltas: AsyncIterator[Delta], n: int, include_usage: bool,
-                                logprobs_n: int | None, echo: str) -> AsyncIterator[bytes]:
+                                logprobs_n: int | None, echo: Prompt | None,
+                                score_only: bool = False) -> AsyncIterator[bytes]:
+        """The echoed prompt (with its logprobs: they come with the first delta) is each choice's first
+        chunk; with `score_only` it is all there is (and a `length` finish)."""
         base = self._base("text_completion")
         heads = [frame_head(base, i) for i in range(n)]
-        if echo:
-            for i in range(n):
-                yield frame({**base, "choices": [{"index": i, "text": echo, "finish_reason": None, "logprobs": None}]})
         generated = 0
-        logprobs = None if logprobs_n is None else \
-            [lp.CompletionLogprobs(self.texts, logprobs_n, len(echo)) for _ in range(n)]
+        logprobs = None if logprobs_n is None else [lp.CompletionLogprobs(self.texts, logprobs_n) for _ in range(n)]
+        echoed = echo is None
         async for d in deltas:
+            if not echoed and echo is not None:
+                echoed = True
+                for i in range(n):
+                    prompt_lp = logprobs[i].add_prompt(echo.token_ids, d.prompt_logprobs) \
+                        if logprobs is not None and d.prompt_logprobs else None
+                    yield frame({**base, "choices": [{"index": i, "text": echo.text, "finish_reason": None,
+                                                      "logprobs": prompt_lp}]})
+            if score_only:
+                if d.finish_reason:
+                    yield frame({**base, "choices": [{"index": d.index, "text": "", "finish_reason": "length",
+                                                      "logprobs": None}]})
+                continue
             generated += len(d.token_ids)
             head = heads[d.index]
             if logprobs is not None and d.token_ids:

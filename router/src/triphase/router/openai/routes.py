@@ -289,23 +289,28 @@ class Api:
         async with self.admission.slot():
             req, prompt, grammar = await self._off_loop(len(body), lambda: prep.completion_prompt(body))
             sampling = prep.sampling(req, len(prompt), grammar)
-            echo = req.prompt if req.echo and isinstance(req.prompt, str) else ""
+            echo = None
+            if req.echo:
+                text = req.prompt if isinstance(req.prompt, str) else "".join(map(self.token_texts.text, prompt))
+                echo = responses.Prompt(text, prompt)
             respond = self._responder("cmpl", len(prompt))
             trace = Trace(respond.rid, api_key=request.get("api_key", ""))
             async with contextlib.aclosing(self._timed(request, prompt, sampling, trace)) as deltas:
                 if req.stream:
-                    chunks = respond.completion_chunks(deltas, req.n, req.include_usage, req.logprobs_n, echo)
+                    chunks = respond.completion_chunks(deltas, req.n, req.include_usage, req.logprobs_n, echo,
+                                                       req.score_only)
                     return await self._sse(request, chunks, trace)
-                choices, cached = await self._collect(deltas, req.n)
-            return web.json_response(respond.completion_body(choices, cached, req.logprobs_n, echo))
+                choices, cached = await self._collect(deltas, req.n, echo)
+            return web.json_response(respond.completion_body(choices, cached, req.logprobs_n, echo, req.score_only))
 
     def _responder(self, prefix: str, prompt_tokens: int) -> responses.Responder:
         return responses.Responder(p.new_id(prefix), p.created(), self.model, self.token_texts, prompt_tokens)
 
     @staticmethod
-    async def _collect(deltas: AsyncIterator[Delta], n: int) -> tuple[list[responses.Collected], int]:
+    async def _collect(deltas: AsyncIterator[Delta], n: int, prompt: responses.Prompt | None = None,
+                       ) -> tuple[list[responses.Collected], int]:
         try:
-            return await responses.collect(deltas, n)
+            return await responses.collect(deltas, n, prompt)
         except RouterError:
             raise
         except Exception as exc:  # a worker failure the pipeline could not absorb
