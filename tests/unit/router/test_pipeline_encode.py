@@ -12,7 +12,7 @@ from tests.unit.router.test_pipeline_resume import Registry, Ticket
 from triphase.common.images import digest
 from triphase.common.roles import Role
 from triphase.router.metrics import RouterMetrics
-from triphase.router.pipeline import Pipeline, Trace
+from triphase.router.pipeline import Budgets, Pipeline, Trace
 from triphase.router.policy.pairing import WorkerView
 from triphase.router.worker_client import Delta, PromptImage, Sampling, WorkerFailed
 
@@ -52,7 +52,7 @@ class Client:
 def run(client: Client, encoders: int) -> Trace:
     views = [WorkerView("p", "p:1", Role.PREFILL), WorkerView("d", "d:1", Role.DECODE, free_blocks=10)]
     views += [WorkerView(f"e{i}", f"e{i}:1", Role.ENCODE) for i in range(encoders)]
-    pipeline = Pipeline(Registry(views), client, RouterMetrics("m"), placement_wait_s=1)  # type: ignore[arg-type]
+    pipeline = Pipeline(Registry(views), client, RouterMetrics("m"), budgets=Budgets(placement_wait_s=1))  # type: ignore[arg-type]
     trace = Trace("r")
 
     async def collect() -> None:

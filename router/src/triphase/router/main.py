@@ -111,7 +111,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from triphase.router.metrics import RouterMetrics
     from triphase.router.openai.images import ImageSources
     from triphase.router.openai.routes import Api
-    from triphase.router.pipeline import Pipeline
+    from triphase.router.pipeline import Budgets, Pipeline
     from triphase.router.registry import Registry
     from triphase.router.tls import ServerTls
     from triphase.router.worker_client import WorkerClient
@@ -161,7 +161,7 @@ async def _serve(args: argparse.Namespace) -> int:
         discovery = asyncio.create_task(watcher.run())
         logger.info("Discovering workers: pods %s in namespace %s", args.selector, namespace)
     metrics = RouterMetrics(model)
-    pipeline = Pipeline(registry, client, metrics, placement_wait_s=args.placement_wait,
+    pipeline = Pipeline(registry, client, metrics, budgets=Budgets(placement_wait_s=args.placement_wait),
                         prefix_salt=bundle.prefix_salt if bundle is not None else b"")
     balancing: asyncio.Task[None] | None = None
     if args.rebalance_gap:

@@ -10,7 +10,7 @@ the pure pairing policy; this module does the waiting and the fallbacks: no pref
 failed prefill or KV hand-off, means the decode worker prefills locally. A decode worker that fails
 mid-stream (or hands the request over while switching roles) is replaced: the request resumes
 elsewhere with the tokens already sent appended to its prompt. When no worker can take a request
-(all restarting, say), it waits up to `placement_wait_s` for one before answering 503. Each try is an
+(all restarting, say), it waits up to `Budgets.placement_wait_s` for one before answering 503. Each try is an
 `Attempt` (FRESH, then LOCAL_PREFILL after a failed KV hand-off, MIGRATE after a failed or handed-over
 stream), recorded in the request's `Trace`.
 """
@@ -37,6 +37,7 @@ from triphase.router.worker_client import (
     Delta,
     HandedOver,
     HandOffFailed,
+    KvTicket,
     PromptImage,
     RoleRefused,
     Sampling,
@@ -46,7 +47,15 @@ from triphase.router.worker_client import (
 
 logger = logging.getLogger(__name__)
 
-MAX_HAND_OVERS = 8  # a stream given back more often than this (workers switching back and forth) fails
+
+
+@dataclasses.dataclass(frozen=True)
+class Budgets:
+    """How hard the pipeline tries before it answers 503, per request."""
+
+    failed_workers: int = 2  # workers that may fail it (each failure after the first try: another worker)
+    hand_overs: int = 8  # streams given back (role switches, balancing): more means workers flapping
+    placement_wait_s: float = 30.0  # how long it waits for a worker to (re)appear when none can take it
 
 
 class Attempt(enum.Enum):
@@ -77,11 +86,9 @@ class Trace:
 
 class Pipeline:
     def __init__(self, registry: Registry, client: WorkerClient, metrics: RouterMetrics, *,
-                 block_size: int = 16, max_retries: int = 2, placement_wait_s: float = 30.0,
-                 prefix_salt: bytes = b"") -> None:
+                 block_size: int = 16, budgets: Budgets = Budgets(), prefix_salt: bytes = b"") -> None:
         self.hash_root = salted_root(prefix_salt)  # the workers' salt: the same hashes as their caches
-        self.max_retries = max_retries
-        self.placement_wait_s = placement_wait_s
+        self.budgets = budgets
         self.registry = registry
         self.client = client
         self.metrics = metrics
@@ -107,7 +114,7 @@ class Pipeline:
         started = time.monotonic()
 
         async def one(index: int, image: PromptImage) -> PromptImage:
-            for attempt in range(min(len(encoders), self.max_retries + 1)):
+            for attempt in range(min(len(encoders), self.budgets.failed_workers + 1)):
                 worker = encoders[(turn + index + attempt) % len(encoders)]
                 try:
                     key, slot, ticket = await self.client.encode(worker.endpoint, image.data)
@@ -128,9 +135,9 @@ class Pipeline:
                   images: Sequence[PromptImage] = ()) -> AsyncGenerator[Delta, None]:
         """Stream a request's deltas. If the decode worker fails mid-stream, the request resumes on
         another worker (prompt + tokens already sent, re-prefilled there): the client sees one
-        uninterrupted stream. After `max_retries` failed workers: `Unavailable` (a 503). A worker that
+        uninterrupted stream. After `Budgets.failed_workers` failed workers: `Unavailable` (a 503). A worker that
         hands the stream back (switching role, balancing load) has not failed: the stream resumes on
-        another worker and counts against MAX_HAND_OVERS only. With n > 1 choices, see `_choices`."""
+        another worker and counts against `Budgets.hand_overs` only. With n > 1 choices, see `_choices`."""
         trace = trace or Trace(f"req-{uuid.uuid4().hex[:16]}")
         images = await self.encode(images, trace)
         stream = self._choices(prompt, sampling, trace, images) if sampling.n > 1 else \
@@ -208,7 +215,7 @@ class Pipeline:
             except HandedOver as exc:
                 attempt = Attempt.MIGRATE
                 handed.append(trace.decode_worker or "")
-                if len(handed) > MAX_HAND_OVERS:
+                if len(handed) > self.budgets.hand_overs:
                     raise Unavailable(f"the request was handed over {len(handed)} times: {exc}") from None
                 self.metrics.migrated()
                 logger.info("%s: decode worker %s handed the stream over after %d tokens (%s); resuming elsewhere",
@@ -218,7 +225,7 @@ class Pipeline:
                 if trace.decode_endpoint:
                     self._worker_failed(trace.decode_endpoint, exc)
                 failed.add(trace.decode_worker or "")
-                if len(failed) > self.max_retries:
+                if len(failed) > self.budgets.failed_workers:
                     raise Unavailable(f"the request failed on {len(failed)} workers; last error: {exc}") from None
                 self.metrics.migrated()
                 logger.warning("%s: decode worker %s failed after %d tokens (%s); resuming elsewhere",
@@ -244,7 +251,7 @@ class Pipeline:
                     self._worker_failed(prefill.endpoint, exc)
                     tried.add(prefill.worker_id)
                     failed_on, prefill = prefill.worker_id, None
-                    if len(tried) - len(failed) <= self.max_retries:
+                    if len(tried) - len(failed) <= self.budgets.failed_workers:
                         prefill = select_prefill(self._hashes(prompt, images), self.registry.snapshot(),
                                                  decode.worker_id, frozenset(tried))
                     logger.warning("%s: prefill on %s failed (%s); prefilling on %s", trace.request_id, failed_on,
@@ -292,7 +299,7 @@ class Pipeline:
         again (restarted, or back from a role switch) is used rather than none."""
         hashes = self._hashes(prompt, images)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.placement_wait_s
+        deadline = loop.time() + self.budgets.placement_wait_s
 
         def choose() -> Placement | None:
             workers = self.registry.snapshot()
@@ -307,7 +314,7 @@ class Pipeline:
                 await asyncio.wait_for(self.registry.changed.wait(), remaining)
         return placement
 
-    async def _hand_off(self, endpoint: str, prompt: list[int], sampling: Sampling, trace: Trace, ticket,  # type: ignore[no-untyped-def]
+    async def _hand_off(self, endpoint: str, prompt: list[int], sampling: Sampling, trace: Trace, ticket: KvTicket,
                         first: Delta, images: Sequence[PromptImage]) -> AsyncGenerator[Delta, None]:
         yield first  # the prefill worker's first token goes out before the KV moves
         if first.finish_reason is not None and sampling.n == 1:  # with n > 1 the other choices need the KV
@@ -342,7 +349,7 @@ class Pipeline:
                         # Refused before it took the KV (it is switching role, draining or gone): the KV
                         # is still pinned on the prefill worker, so another decode worker takes the same
                         # ticket. Resuming instead would prefill the whole prompt again on a decode worker.
-                        if adopted or len(tried) > self.max_retries or \
+                        if adopted or len(tried) > self.budgets.failed_workers or \
                                 (other := self._another_decode(prompt, tried, images)) is None:
                             raise
                         self._worker_failed(endpoint, exc)
