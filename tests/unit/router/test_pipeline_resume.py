@@ -12,9 +12,10 @@ import dataclasses
 import itertools
 from collections.abc import AsyncGenerator, Iterator, Sequence
 
+from triphase.common.choices import choice_seed
 from triphase.common.roles import Role
 from triphase.router.metrics import RouterMetrics
-from triphase.router.pipeline import Attempt, Pipeline, Trace
+from triphase.router.pipeline import Attempt, Budgets, Pipeline, Trace
 from triphase.router.policy.pairing import WorkerView
 from triphase.router.worker_client import (
     Delta,
@@ -75,7 +76,7 @@ class Client:
 
 def run(client: Client, prompt: list[int], trace: Trace | None = None) -> list[Delta]:
     views = [WorkerView("a", "a:1", Role.DECODE), WorkerView("b", "b:1", Role.DECODE)]
-    pipeline = Pipeline(Registry(views), client, RouterMetrics("m"), placement_wait_s=1)  # type: ignore[arg-type]
+    pipeline = Pipeline(Registry(views), client, RouterMetrics("m"), budgets=Budgets(placement_wait_s=1))  # type: ignore[arg-type]
 
     async def collect() -> list[Delta]:
         return [d async for d in pipeline.run(prompt, Sampling(max_tokens=8, temperature=0), trace)]
@@ -143,7 +144,7 @@ def prefill_run(client: PrefillClient, second_decoder: bool = False, trace: Trac
              WorkerView("d", "d:1", Role.DECODE, free_blocks=100)]
     if second_decoder:
         views.append(WorkerView("e", "e:1", Role.DECODE, free_blocks=10))
-    pipeline = Pipeline(Registry(views), client, RouterMetrics("m"), placement_wait_s=1)  # type: ignore[arg-type]
+    pipeline = Pipeline(Registry(views), client, RouterMetrics("m"), budgets=Budgets(placement_wait_s=1))  # type: ignore[arg-type]
 
     async def collect() -> list[int]:
         return [t async for d in pipeline.run([1, 9], Sampling(max_tokens=8, temperature=0), trace)
@@ -194,7 +195,7 @@ def test_a_role_refusal_updates_the_workers_role_and_is_no_health_failure() -> N
     views = [WorkerView("p1", "p1:1", Role.PREFILL), WorkerView("d", "d:1", Role.DECODE, free_blocks=100),
              WorkerView("e", "e:1", Role.DECODE, free_blocks=10)]
     registry = Registry(views)
-    pipeline = Pipeline(registry, client, RouterMetrics("m"), placement_wait_s=1)  # type: ignore[arg-type]
+    pipeline = Pipeline(registry, client, RouterMetrics("m"), budgets=Budgets(placement_wait_s=1))  # type: ignore[arg-type]
 
     async def collect() -> list[int]:
         return [t async for d in pipeline.run([1, 9], Sampling(max_tokens=8, temperature=0)) for t in d.token_ids]
@@ -228,7 +229,7 @@ def test_hand_overs_are_not_failures() -> None:
     client = HandingOver(times=3)
     views = [WorkerView("a", "a:1", Role.DECODE), WorkerView("b", "b:1", Role.DECODE)]
     registry = Registry(views)
-    pipeline = Pipeline(registry, client, RouterMetrics("m"), placement_wait_s=1)  # type: ignore[arg-type]
+    pipeline = Pipeline(registry, client, RouterMetrics("m"), budgets=Budgets(placement_wait_s=1))  # type: ignore[arg-type]
     trace = Trace("r")
 
     async def collect() -> list[int]:
@@ -258,3 +259,35 @@ def test_a_failed_hand_off_is_a_local_prefill_on_the_same_decode_worker() -> Non
     assert prefill_run(client, trace=trace) == [5, 7, IM_END]  # the prefill's first token was sent already
     assert trace.attempts == [Attempt.FRESH, Attempt.LOCAL_PREFILL] and trace.local_prefill
     assert client.calls == [("d:1", [1, 9, 5], 1)]  # prompt + the token sent, prefilled where it decodes
+
+
+class ChoicesClient(Client):
+    """a:1 streams two choices' first tokens, then fails; b:1 answers any resumed choice with 8, stop."""
+
+    def __init__(self) -> None:
+        super().__init__({"a:1": ([Delta([5], "x", index=0), Delta([6], "y", index=1)], True),
+                          "b:1": ([Delta([8], "w"), Delta([IM_END], "", "stop")], False)})
+        self.seeds: list[int | None] = []
+
+    async def generate(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
+                       resumed_output_tokens: int = 0, images: Sequence[PromptImage] = (),
+                       ) -> AsyncGenerator[Delta, None]:
+        self.seeds.append(sampling.seed)
+        assert sampling.n == (2 if endpoint == "a:1" else 1)
+        async for delta in super().generate(endpoint, request_id, prompt, sampling, resumed_output_tokens, images):
+            yield delta
+
+
+def test_n_choices_resume_each_on_its_own_with_its_seed() -> None:
+    client = ChoicesClient()
+    views = [WorkerView("a", "a:1", Role.DECODE), WorkerView("b", "b:1", Role.DECODE)]
+    pipeline = Pipeline(Registry(views), client, RouterMetrics("m"), budgets=Budgets(placement_wait_s=1))  # type: ignore[arg-type]
+
+    async def collect() -> list[Delta]:
+        return [d async for d in pipeline.run([1, 9], Sampling(max_tokens=8, temperature=1.0, seed=3, n=2))]
+
+    deltas = asyncio.run(collect())
+    per_choice = {i: [t for d in deltas if d.index == i for t in d.token_ids] for i in (0, 1)}
+    assert per_choice == {0: [5, 8, IM_END], 1: [6, 8, IM_END]}
+    assert sorted(call[1:] for call in client.calls[1:]) == [([1, 9, 5], 1), ([1, 9, 6], 1)]
+    assert client.seeds[0] == 3 and sorted(client.seeds[1:], key=str) == sorted([3, choice_seed(3, 1)], key=str)
