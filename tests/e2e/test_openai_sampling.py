@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from triphase.common import grammar
-from triphase.common.choices import choice_seed
+from triphase.common.sampling import choice_seed
 from triphase.local.processes import triphase_up
 from triphase.workers.engine.sampling import SamplingParams
 

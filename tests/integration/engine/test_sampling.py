@@ -14,7 +14,7 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from triphase.common import grammar
-from triphase.common.choices import choice_seed
+from triphase.common.sampling import choice_seed
 from triphase.workers.engine.detokenizer import IncrementalDetokenizer
 from triphase.workers.engine.sampling import SamplingParams
 

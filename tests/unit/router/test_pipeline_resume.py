@@ -12,8 +12,8 @@ import dataclasses
 import itertools
 from collections.abc import AsyncGenerator, Iterator, Sequence
 
-from triphase.common.choices import choice_seed
 from triphase.common.roles import Role
+from triphase.common.sampling import choice_seed
 from triphase.router.metrics import RouterMetrics
 from triphase.router.pipeline import Attempt, Budgets, Pipeline, Trace
 from triphase.router.policy.pairing import WorkerView

@@ -27,8 +27,8 @@ import uuid
 from collections.abc import AsyncGenerator, Sequence
 
 from triphase.common.block_hash import ImageSpan, prompt_block_hashes, salted_root
-from triphase.common.choices import choice_seed
 from triphase.common.roles import Role
+from triphase.common.sampling import choice_seed
 from triphase.router.errors import Unavailable
 from triphase.router.metrics import RouterMetrics
 from triphase.router.policy.pairing import Placement, WorkerView, select, select_prefill
@@ -150,7 +150,7 @@ class Pipeline:
                        images: Sequence[PromptImage]) -> AsyncGenerator[Delta, None]:
         """n > 1: the prompt is prefilled and handed off once; the decode worker forks the choices, which
         share its KV blocks. After any failure each unfinished choice resumes on its own, as a request
-        with n = 1 and the seed that choice had (choices.choice_seed): the same tokens it would have
+        with n = 1 and the seed that choice had (common sampling.choice_seed): the same tokens it would have
         drawn, at the cost of computing the prompt once per choice."""
         sent: list[list[int]] = [[] for _ in range(sampling.n)]
         finished = [False] * sampling.n

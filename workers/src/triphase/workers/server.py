@@ -30,6 +30,7 @@ from triphase.api.v1 import worker_pb2_grpc
 from triphase.common import mtls
 from triphase.common.images import ImageLimits
 from triphase.common.roles import HANDED_OVER_METADATA, ROLE_METADATA, Role
+from triphase.common.sampling import DEFAULT_MAX_TOKENS
 from triphase.workers.authz import refusal
 from triphase.workers.engine.async_engine import AsyncEngine, EngineFailed
 from triphase.workers.engine.core import KvExport, RequestOutput
@@ -66,7 +67,7 @@ def clamp(value: float, low: float, high: float, default: float) -> float:
 
 def sampling_from_pb(p: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(
-        max_tokens=p.max_tokens or 16, temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k,
+        max_tokens=p.max_tokens or DEFAULT_MAX_TOKENS, temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k,
         seed=p.seed if p.HasField("seed") else None, stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids),
         ignore_eos=p.ignore_eos, logprobs=p.logprobs if p.HasField("logprobs") else None,
         presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,

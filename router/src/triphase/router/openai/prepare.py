@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from triphase.common.images import ImageLimits
+from triphase.common.sampling import DEFAULT_MAX_TOKENS
 from triphase.common.tokenizer import ImageSlot, Tokenizer
 from triphase.common.vision import VisionConfig
 from triphase.router.errors import BadRequest
@@ -26,7 +27,6 @@ from triphase.router.openai.structured import grammar_for
 from triphase.router.worker_client import PromptImage, Sampling
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape: maybe a lone surrogate
-DEFAULT_COMPLETION_TOKENS = 16  # max_tokens of a completion that names none (OpenAI's); chat: the room left
 
 
 class Preparer:
@@ -134,7 +134,7 @@ class Preparer:
     def sampling(self, req: p.ChatCompletionRequest | p.CompletionRequest, prompt_len: int, grammar: str,
                  ) -> Sampling:
         """The workers' sampling parameters. max_tokens, when the request names none: the room the
-        context leaves for a chat, DEFAULT_COMPLETION_TOKENS (within that room) for a completion."""
+        context leaves for a chat, DEFAULT_MAX_TOKENS (within that room) for a completion."""
         chat = isinstance(req, p.ChatCompletionRequest)
         prompt_param = "messages" if chat else "prompt"
         room = self.max_model_len - prompt_len
@@ -142,7 +142,7 @@ class Preparer:
             raise BadRequest(f"the prompt has {prompt_len} tokens; this model's context length is "
                              f"{self.max_model_len}", param=prompt_param, code="context_length_exceeded")
         limit = 1 if isinstance(req, p.CompletionRequest) and req.score_only else \
-            req.limit or (room if chat else min(DEFAULT_COMPLETION_TOKENS, room))
+            req.limit or (room if chat else min(DEFAULT_MAX_TOKENS, room))
         if limit > room:
             raise BadRequest(f"max_tokens ({limit}) plus the prompt ({prompt_len} tokens) exceeds the context "
                              f"length {self.max_model_len}", param="max_tokens", code="context_length_exceeded")

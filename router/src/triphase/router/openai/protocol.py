@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import pydantic
 
-from triphase.common.choices import MAX_CHOICES
+from triphase.common.sampling import MAX_CHOICES
 from triphase.router.errors import BadRequest
 
 MAX_MESSAGES = 2048

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from triphase.common.choices import choice_seed
 from triphase.common.errors import UserError
 from triphase.common.model_files import tokenizer_override
+from triphase.common.sampling import choice_seed
 from triphase.common.tokenizer import Tokenizer
 from triphase.common.vision import VisionConfig
 from triphase.workers.engine.block_pool import NoFreeBlocks

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from triphase.common.choices import MAX_CHOICES
+from triphase.common.sampling import DEFAULT_MAX_TOKENS, MAX_CHOICES
 
 # Temperatures below this are greedy: dividing logits by a denormal overflows them to inf, and the
 # draw is numerically the argmax long before this point anyway.
@@ -27,7 +27,7 @@ class SamplingParams:
     those filters. A seed makes a request's samples reproducible whatever else shares its batch.
     """
 
-    max_tokens: int = 16
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -50,7 +50,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and the stop token ids are masked until this many tokens are generated
     grammar: str = ""  # an llguidance grammar (engine/grammar.py) the output must follow; "" = none
     # Choices: the prompt is computed once; once its first token is drawn, choices 1..n-1 fork from it,
-    # sharing its full blocks (engine/kv_cache_manager.fork), each with seed choices.choice_seed(seed, i).
+    # sharing its full blocks (engine/kv_cache_manager.fork), each with seed common sampling.choice_seed(seed, i).
     n: int = 1
 
     def __post_init__(self) -> None:

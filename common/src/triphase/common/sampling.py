@@ -1,8 +1,10 @@
-"""A request's n choices: how many, and the seed each samples with. Shared by the router (which resumes
-a choice on its own after a failure) and the workers (which fork the choices from one prompt)."""
+"""What the router and the workers agree on about sampling: the default length of an output, how many
+choices a request may ask for, and the seed each choice samples with (the router resumes a choice on
+its own after a failure; the workers fork the choices from one prompt)."""
 
 from __future__ import annotations
 
+DEFAULT_MAX_TOKENS = 16  # an output's length when nobody says (OpenAI's completions default); a chat: the room left
 MAX_CHOICES = 16  # n per request
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: consecutive indices spread over the whole range
