@@ -6,6 +6,11 @@ follows `SimTiming`, and tokens come from a deterministic function of the contex
 resumed on another simulated worker continues identically). The KV tensor is tiny (one layer, one
 head of width 8) but real, so NIXL and the gRPC stream move actual bytes. It lets tests and
 benchmarks run dozens of workers on one machine.
+
+The simulated model is certain of each token it picks: logprobs (of the output and of the prompt)
+are 0 for the token and list no others. A request with a grammar gets the first token the grammar
+allows at or after the simulated one, so structured output is well-formed here too; penalties and
+logit bias have no effect on a model without logits.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
+
 from triphase.common.block_hash import hash_block_tokens
 from triphase.common.model_files import load_tokenizer
 from triphase.workers.engine.core import Engine, EngineConfig, kv_layout_for
 from triphase.workers.engine.model_runner import ModelRunner
+from triphase.workers.engine.request import Request
 from triphase.workers.engine.sampler import Sample
 from triphase.workers.engine.scheduler import SchedulerOutput
 from triphase.workers.models.config import ModelConfig
@@ -64,8 +72,29 @@ class SimRunner(ModelRunner):
         pause = self.timing.step_seconds(output)
         if pause > 0:
             time.sleep(pause)  # the simulated forward pass
-        return {i.request.request_id: Sample(sim_token(i.request.token_ids, self.vocab, self.avoid))
-                for i in output.scheduled if i.samples}
+        samples = {}
+        for item in output.scheduled:
+            request = item.request
+            if request.sampling.prompt_logprobs is not None:
+                end = min(item.start + item.num_new_tokens, request.num_prompt_tokens - 1)
+                while len(request.prompt_logprobs) <= end and len(request.prompt_logprobs) > item.start:
+                    request.prompt_logprobs.append({request.token_ids[len(request.prompt_logprobs)]: 0.0})
+            if item.samples:
+                token = self._allowed(request, sim_token(request.token_ids, self.vocab, self.avoid))
+                samples[request.request_id] = Sample(token, {token: 0.0} if request.sampling.logprobs is not None
+                                                     else None)
+        return samples
+
+    def _allowed(self, request: Request, token: int) -> int:
+        """`token`, or the first token its grammar allows after it (wrapping around the vocabulary)."""
+        if request.constraint is None:
+            return token
+        bits = np.unpackbits(np.frombuffer(request.constraint.matcher.compute_bitmask(), dtype=np.uint8),
+                             bitorder="little")[: self.vocab]
+        allowed = np.flatnonzero(bits)
+        if not len(allowed):
+            return token
+        return int(allowed[np.searchsorted(allowed, token) % len(allowed)])
 
 
 SIM_MODEL = ModelConfig(architecture="sim", vocab_size=0, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
