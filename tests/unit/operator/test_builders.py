@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 
+import pytest
 import yaml
 
 from triphase.operator import builders
 from triphase.operator.api.v1alpha1 import ServingDeploymentSpec
+from triphase.router import main as router_main
+from triphase.router.policy.routing import POLICIES
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 SPEC = ServingDeploymentSpec.model_validate(
@@ -233,3 +237,15 @@ def test_the_served_name_labels_the_workers_series_as_the_routers():
     assert _value(_worker_args(spec), "--served-model-name") == "smol"
     router = _by_name(builders.children("llm", "ns", spec, {}, monitoring=()))[("Deployment", "llm-router")]
     assert _value(router["spec"]["template"]["spec"]["containers"][0]["args"], "--served-model-name") == "smol"
+
+
+@pytest.mark.parametrize("policy", ["kv-aware", "least-loaded", "round-robin"])
+def test_the_routing_policy_reaches_the_router_as_its_own_parser_reads_it(policy):
+    spec = SPEC.model_copy(deep=True)
+    spec.router.routing_policy = policy
+    router = _by_name(builders.children("llm", "ns", spec, {}, monitoring=()))[("Deployment", "llm-router")]
+    command, *args = router["spec"]["template"]["spec"]["containers"][0]["args"]
+    parser = argparse.ArgumentParser()
+    router_main.add_arguments(parser)
+    assert command == "router"
+    assert POLICIES[parser.parse_args(args).routing_policy].name == policy

@@ -234,7 +234,7 @@ def router_deployment(name: str, namespace: str, spec: ServingDeploymentSpec, co
     workers = f"{labels.DEPLOYMENT}={name},{labels.COMPONENT}=worker"
     args = ["router", "--discovery", "kubernetes", "--selector", workers, "--host", "0.0.0.0", "--port",
             str(HTTP_PORT), "--internal-host", "0.0.0.0", "--internal-port", str(METRICS_PORT),
-            "--mtls-dir", MTLS_MOUNT, *model_args]
+            "--mtls-dir", MTLS_MOUNT, "--routing-policy", spec.router.routing_policy, *model_args]
     if spec.model.served_name:
         args += ["--served-model-name", spec.model.served_name]
     mounts = [*mounts, {"name": "mtls", "mountPath": MTLS_MOUNT, "readOnly": True}]

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests waiting for a running slot; beyond this, 429 with Retry-After")
     parser.add_argument("--max-queue-wait", type=float, default=30.0,
                         help="seconds a request may wait in the queue before a 429")
+    parser.add_argument("--routing-policy", choices=["kv-aware", "least-loaded", "round-robin"], default="kv-aware",
+                        help="where requests go: prefix-cache overlap against load (kv-aware), the least loaded "
+                             "workers, or each worker in turn (router/policy/routing.py)")
     parser.add_argument("--placement-wait", type=float, default=30.0,
                         help="seconds a request may wait for a worker to (re)appear before a 503")
     parser.add_argument("--max-body-bytes", type=int,
@@ -112,6 +115,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from triphase.router.openai.images import ImageSources
     from triphase.router.openai.routes import Api
     from triphase.router.pipeline import Budgets, Pipeline
+    from triphase.router.policy.routing import POLICIES
     from triphase.router.registry import Registry
     from triphase.router.tls import ServerTls
     from triphase.router.worker_client import WorkerClient
@@ -162,6 +166,7 @@ async def _serve(args: argparse.Namespace) -> int:
         logger.info("Discovering workers: pods %s in namespace %s", args.selector, namespace)
     metrics = RouterMetrics(model)
     pipeline = Pipeline(registry, client, metrics, budgets=Budgets(placement_wait_s=args.placement_wait),
+                        policy=POLICIES[args.routing_policy],
                         prefix_salt=bundle.prefix_salt if bundle is not None else b"")
     balancing: asyncio.Task[None] | None = None
     if args.rebalance_gap:

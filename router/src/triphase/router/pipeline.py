@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import itertools
 import logging
 import time
 import uuid
@@ -31,7 +32,8 @@ from triphase.common.roles import Role
 from triphase.common.sampling import choice_seed
 from triphase.router.errors import Unavailable
 from triphase.router.metrics import RouterMetrics
-from triphase.router.policy.pairing import Placement, WorkerView, select, select_prefill
+from triphase.router.policy.pairing import Placement, WorkerView
+from triphase.router.policy.routing import POLICIES, RoutingPolicy
 from triphase.router.registry import Registry
 from triphase.router.worker_client import (
     Delta,
@@ -86,9 +88,12 @@ class Trace:
 
 class Pipeline:
     def __init__(self, registry: Registry, client: WorkerClient, metrics: RouterMetrics, *,
-                 block_size: int = 16, budgets: Budgets = Budgets(), prefix_salt: bytes = b"") -> None:
+                 block_size: int = 16, budgets: Budgets = Budgets(), prefix_salt: bytes = b"",
+                 policy: RoutingPolicy = POLICIES["kv-aware"]) -> None:
         self.hash_root = salted_root(prefix_salt)  # the workers' salt: the same hashes as their caches
         self.budgets = budgets
+        self.policy = policy  # where requests go (policy/routing.py)
+        self._turns = itertools.count()  # the policy's turn: one per placement (round-robin's counter)
         self.registry = registry
         self.client = client
         self.metrics = metrics
@@ -252,8 +257,8 @@ class Pipeline:
                     tried.add(prefill.worker_id)
                     failed_on, prefill = prefill.worker_id, None
                     if len(tried) - len(failed) <= self.budgets.failed_workers:
-                        prefill = select_prefill(self._hashes(prompt, images), self.registry.snapshot(),
-                                                 decode.worker_id, frozenset(tried))
+                        prefill = self.policy.select_prefill(self._hashes(prompt, images), self.registry.snapshot(),
+                                                             decode.worker_id, frozenset(tried), next(self._turns))
                     logger.warning("%s: prefill on %s failed (%s); prefilling on %s", trace.request_id, failed_on,
                                    exc, prefill.worker_id if prefill else decode.worker_id)
                     continue
@@ -303,7 +308,9 @@ class Pipeline:
 
         def choose() -> Placement | None:
             workers = self.registry.snapshot()
-            return select(hashes, workers, frozenset(failed)) or select(hashes, workers)
+            turn = next(self._turns)
+            return self.policy.select(hashes, workers, frozenset(failed), turn) or \
+                self.policy.select(hashes, workers, turn=turn)
 
         while (placement := choose()) is None:
             remaining = deadline - loop.time()
@@ -373,7 +380,8 @@ class Pipeline:
             self.registry.mark_unhealthy(endpoint)
 
     def _another_decode(self, prompt: list[int], tried: set[str], images: Sequence[PromptImage]) -> WorkerView | None:
-        placement = select(self._hashes(prompt, images), self.registry.snapshot(), frozenset(tried))
+        placement = self.policy.select(self._hashes(prompt, images), self.registry.snapshot(), frozenset(tried),
+                                       next(self._turns))
         return placement.decode if placement is not None and placement.decode.worker_id not in tried else None
 
 

@@ -69,15 +69,28 @@ def cached_prefix(view: WorkerView, hashes: Sequence[int]) -> int:
     return count
 
 
+def decoders(workers: Sequence[WorkerView], exclude: frozenset[str] = frozenset()) -> list[WorkerView]:
+    """The workers a request may decode on: available decode-capable ones not excluded, dedicated
+    decode workers only when there are any (a `both` worker then prefills)."""
+    able = [w for w in workers if w.available and w.worker_id not in exclude and w.role.can_decode]
+    return [w for w in able if w.role is Role.DECODE] or able
+
+
+def prefillers(workers: Sequence[WorkerView], decode_id: str, exclude: frozenset[str] = frozenset(),
+               ) -> list[WorkerView]:
+    """The workers that may prefill a request decoded on `decode_id` (never that worker itself)."""
+    return [w for w in workers if w.available and w.role.can_prefill and w.worker_id != decode_id
+            and w.worker_id not in exclude]
+
+
 def select(hashes: Sequence[int], workers: Sequence[WorkerView], exclude: frozenset[str] = frozenset(),
            ) -> Placement | None:
     """The placement for a prompt with these block hashes, or None if no worker can decode."""
-    usable = [w for w in workers if w.available and w.worker_id not in exclude]
-    decoders = [w for w in usable if w.role.can_decode]
-    if not decoders:
+    candidates = decoders(workers, exclude)
+    if not candidates:
         return None
-    dedicated_decoders = [w for w in decoders if w.role is Role.DECODE] or decoders
-    decode = max(dedicated_decoders, key=lambda w: (w.free_blocks / (1 + w.decode_load), -w.decode_load))
+    decode = max(candidates, key=lambda w: (w.free_blocks / (1 + w.decode_load), -w.decode_load))
+    usable = [w for w in workers if w.worker_id not in exclude]
     prefill = select_prefill(hashes, usable, decode.worker_id)
     return Placement(decode, prefill, cached_prefix(prefill or decode, hashes))
 
@@ -86,12 +99,11 @@ def select_prefill(hashes: Sequence[int], workers: Sequence[WorkerView], decode_
                    exclude: frozenset[str] = frozenset()) -> WorkerView | None:
     """The prefill worker for a request decoded on `decode_id`: the longest cached prefix, less load;
     None when only the decode worker itself could prefill."""
-    prefillers = [w for w in workers if w.available and w.role.can_prefill and w.worker_id != decode_id
-                  and w.worker_id not in exclude]
-    if not prefillers:
+    candidates = prefillers(workers, decode_id, exclude)
+    if not candidates:
         return None
 
     def score(w: WorkerView) -> float:
         return cached_prefix(w, hashes) * CACHE_WEIGHT * w.block_size - w.prefill_load - 64 * w.waiting
 
-    return max(prefillers, key=score)
+    return max(candidates, key=score)
