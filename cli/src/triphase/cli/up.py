@@ -73,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for the stack to be ready")
     parser.add_argument("--drain-timeout", type=float, default=10.0,
                         help="on Ctrl-C / SIGTERM: seconds each process may take to finish its requests")
+    parser.add_argument("--routing-policy", choices=["kv-aware", "least-loaded", "round-robin"], default="kv-aware",
+                        help="the router's placement policy (see `triphase router --help`)")
     for name in SIM_TIMING:
         parser.add_argument("--" + name.replace("_", "-"), type=float, help="passed to the sim workers")
     parser.add_argument("--prometheus", action="store_true",
@@ -212,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             discovery = ["--workers", ",".join(endpoints)]
         router_args = ["router", *discovery, "--port", str(args.port), "--drain-timeout", str(args.drain_timeout),
-                       *image_args, *secured.get(Identity.ROUTER, [])]
+                       "--routing-policy", args.routing_policy, *image_args, *secured.get(Identity.ROUTER, [])]
         if key_file is not None:
             router_args += ["--api-key-file", str(key_file)]
         if args.model:
