@@ -20,10 +20,10 @@ from typing import Protocol
 import grpc
 
 from triphase.api.v1 import worker_pb2 as pb
-from triphase.common import labels
+from triphase.common import labels, role_pb
 from triphase.control.balancer import Balancer, Decision, Switch
 from triphase.control.metrics import BalancerMetrics
-from triphase.control.stats import ROLE_TO_PB, Channels, StatsWatcher
+from triphase.control.stats import Channels, StatsWatcher
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +45,12 @@ class SetRoleActuator:
         self.grace_s = grace_s
 
     async def switch(self, endpoint: str, switch: Switch) -> None:
-        request = pb.SetRoleRequest(role=ROLE_TO_PB[switch.to_role], grace_seconds=self.grace_s)
+        request = pb.SetRoleRequest(role=role_pb.TO_PB[switch.to_role], grace_seconds=self.grace_s)
         try:
             response = await self.channels.stub(endpoint).SetRole(request, timeout=self.grace_s + 60)
         except grpc.aio.AioRpcError as exc:
             raise SwitchFailed(f"SetRole on {endpoint}: {exc.code().name}: {exc.details()}") from None
-        if response.current != ROLE_TO_PB[switch.to_role]:
+        if response.current != role_pb.TO_PB[switch.to_role]:
             raise SwitchFailed(f"{endpoint} is still {response.current} after SetRole")
         if response.handed_over:
             logger.info("Worker %s handed %d streams over to switch", switch.worker_id, response.handed_over)

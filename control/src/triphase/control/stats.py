@@ -17,22 +17,18 @@ import grpc
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
-from triphase.common import mtls
-from triphase.common.roles import Role
+from triphase.common import mtls, role_pb
 from triphase.common.signals import cancel_and_wait
 from triphase.control.balancer import WorkerView
 
 logger = logging.getLogger(__name__)
 
-ROLE_FROM_PB = {pb.ROLE_ENCODE: Role.ENCODE, pb.ROLE_PREFILL: Role.PREFILL, pb.ROLE_DECODE: Role.DECODE,
-                pb.ROLE_BOTH: Role.BOTH}
-ROLE_TO_PB = {v: k for k, v in ROLE_FROM_PB.items()}
 
 
 def view_of(stats: pb.WorkerStats, seen_at: float) -> WorkerView:
     total = stats.total_kv_blocks
     return WorkerView(
-        worker_id=stats.worker_id, role=ROLE_FROM_PB.get(stats.role, Role.BOTH), seen_at=seen_at,
+        worker_id=stats.worker_id, role=role_pb.from_pb(stats.role), seen_at=seen_at,
         switching=stats.switching, draining=stats.draining, running=stats.running_requests,
         waiting=stats.waiting_requests, queued_prefill_tokens=stats.queued_prefill_tokens,
         kv_usage=1 - stats.free_kv_blocks / total if total else 0.0, pinned=stats.pinned_requests,

@@ -15,15 +15,13 @@ import grpc
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
-from triphase.common import mtls
+from triphase.common import mtls, role_pb
 from triphase.common.block_hash import ImageSpan
 from triphase.common.roles import HANDED_OVER_METADATA, ROLE_METADATA, Role
 from triphase.router.errors import BadRequest
 from triphase.router.policy.pairing import WorkerView
 
 FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
-ROLES = {pb.ROLE_ENCODE: Role.ENCODE, pb.ROLE_PREFILL: Role.PREFILL, pb.ROLE_DECODE: Role.DECODE,
-         pb.ROLE_BOTH: Role.BOTH}
 OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.keepalive_time_ms", 10_000)]
 
 
@@ -257,7 +255,7 @@ class WorkerClient:
         try:
             async for s in call:
                 yield WorkerView(
-                    worker_id=s.worker_id, endpoint=endpoint, role=ROLES.get(s.role, Role.BOTH), healthy=True,
+                    worker_id=s.worker_id, endpoint=endpoint, role=role_pb.from_pb(s.role), healthy=True,
                     draining=s.draining or s.switching, running=s.running_requests, waiting=s.waiting_requests,
                     free_blocks=s.free_kv_blocks, total_blocks=max(1, s.total_kv_blocks),
                     queued_prefill_tokens=s.queued_prefill_tokens, block_size=s.block_size or 16,

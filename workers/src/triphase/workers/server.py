@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
-from triphase.common import mtls
+from triphase.common import mtls, role_pb
 from triphase.common.images import ImageLimits
 from triphase.common.roles import HANDED_OVER_METADATA, ROLE_METADATA, Role
 from triphase.common.sampling import DEFAULT_MAX_TOKENS
@@ -47,9 +47,6 @@ from triphase.workers.signing import Signer, TicketRefused
 
 logger = logging.getLogger(__name__)
 
-ROLE_TO_PB = {Role.ENCODE: pb.ROLE_ENCODE, Role.PREFILL: pb.ROLE_PREFILL, Role.DECODE: pb.ROLE_DECODE,
-              Role.BOTH: pb.ROLE_BOTH}
-ROLE_FROM_PB = {v: k for k, v in ROLE_TO_PB.items()}
 FINISH_TO_PB = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
                 "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
 
@@ -298,17 +295,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         raise AssertionError("unreachable: _errors aborts")  # pragma: no cover
 
     async def SetRole(self, request: pb.SetRoleRequest, context: grpc.aio.ServicerContext) -> pb.SetRoleResponse:
-        if request.role not in ROLE_FROM_PB:
+        if request.role not in role_pb.FROM_PB:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "role must be encode, prefill, decode or both")
         grace = clamp(request.grace_seconds, 0.0, MAX_GRACE_S, 30.0) if request.HasField("grace_seconds") else 30.0
-        target = ROLE_FROM_PB[request.role]
+        target = role_pb.FROM_PB[request.role]
         try:
             previous, handed_over = await self.state.switch(target, grace, self._interrupt)
         except Refused as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         if previous != target:
             logger.info("Role changed from %s to %s (%d streams handed over)", previous, target, handed_over)
-        return pb.SetRoleResponse(previous=ROLE_TO_PB[previous], current=ROLE_TO_PB[self.role],
+        return pb.SetRoleResponse(previous=role_pb.TO_PB[previous], current=role_pb.TO_PB[self.role],
                                   handed_over=handed_over)
 
     async def HandOver(self, request: pb.HandOverRequest, context: grpc.aio.ServicerContext,
@@ -336,7 +333,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def stats_pb(self) -> pb.WorkerStats:
         s = self.engine.stats
         return pb.WorkerStats(
-            worker_id=self.worker_id, role=ROLE_TO_PB[self.role], draining=self.draining,
+            worker_id=self.worker_id, role=role_pb.TO_PB[self.role], draining=self.draining,
             running_requests=s.running, waiting_requests=s.waiting, free_kv_blocks=s.free_blocks,
             total_kv_blocks=s.total_blocks, queued_prefill_tokens=s.queued_prefill_tokens, pinned_requests=s.pinned,
             block_size=self.engine.engine.layout.block_size, cached_block_hashes=s.cached_block_hashes,
