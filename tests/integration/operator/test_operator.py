@@ -23,7 +23,6 @@ from tests.load import load_in_background
 from triphase.common import labels, mtls, pki
 from triphase.local.cluster import controlplane
 from triphase.local.processes import http_ok, triphase_process, wait_for
-from triphase.operator.reconcile import CURRENT_ROLE
 
 pytestmark = pytest.mark.slow
 
@@ -353,7 +352,7 @@ def test_the_operator_balances_roles(kube, operator_account, tmp_path):
                 kube.kubectl("annotate", "pod", pod["metadata"]["name"], f"{labels.ENDPOINT}={endpoint}")
 
         def current_roles():
-            return sorted((p["metadata"]["labels"][labels.ROLE], p["metadata"]["labels"].get(CURRENT_ROLE, ""))
+            return sorted((p["metadata"]["labels"][labels.ROLE], p["metadata"]["labels"].get(labels.CURRENT_ROLE, ""))
                           for r in endpoints for p in pods(r))  # "": not labelled yet
 
         # Every pod is labelled with the role its worker reports.

@@ -7,6 +7,8 @@ DOMAIN = "triphase.dev"
 DEPLOYMENT = f"{DOMAIN}/deployment"  # label: the ServingDeployment a pod belongs to
 COMPONENT = f"{DOMAIN}/component"  # label: "worker" or "router"
 ROLE = f"{DOMAIN}/role"  # label: the role the pod's pool was created with (the worker reports its current one)
+CURRENT_ROLE = f"{DOMAIN}/current-role"  # label: the role the balancer last switched the pod to
+WORKER_SELECTOR = f"{COMPONENT}=worker"  # every worker pod (the router's default discovery selector)
 ENDPOINT = f"{DOMAIN}/endpoint"  # annotation: host:port of the worker's gRPC server, overriding podIP:port
 # The DEPLOYMENT label on every scraped series (a PodMonitor's podTargetLabels, sanitised as Prometheus does):
 # the planner selects one ServingDeployment's metrics with it, together with `namespace`.

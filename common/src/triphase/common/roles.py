@@ -1,11 +1,9 @@
-"""Worker roles and the Kubernetes labels that carry them."""
+"""Worker roles, and the gRPC metadata that reports them (their Kubernetes labels: labels.py)."""
 
 from __future__ import annotations
 
 import enum
 
-LABEL_PREFIX = "triphase.dev"
-ROLE_LABEL = f"{LABEL_PREFIX}/role"
 # Trailing gRPC metadata on the UNAVAILABLE that ends a stream a worker handed over (a role switch,
 # a shutdown, load balancing): the router resumes it elsewhere without counting a failure.
 HANDED_OVER_METADATA = "triphase-handed-over"

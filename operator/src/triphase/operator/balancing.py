@@ -29,7 +29,7 @@ from triphase.operator import security
 from triphase.operator.api.v1alpha1 import API_VERSION, ServingDeploymentSpec
 from triphase.operator.daemon import DeploymentDaemon, PostEvent
 from triphase.operator.kube import ApiError, Kube
-from triphase.operator.reconcile import CURRENT_ROLE, InvalidSpec, observe
+from triphase.operator.reconcile import InvalidSpec, observe
 
 logger = logging.getLogger(__name__)
 DISCOVERY_S = 5.0
@@ -128,7 +128,7 @@ class DeploymentBalancer(DeploymentDaemon):
         selector = f"{labels.DEPLOYMENT}={self.name},{labels.COMPONENT}=worker"
         pods = await self.kube.list("v1", "Pod", self.namespace, selector)
         self.pods = {ep: p["metadata"]["name"] for p in pods if (ep := pod_endpoint(p))}
-        self.labelled = {p["metadata"]["name"]: (p["metadata"].get("labels") or {}).get(CURRENT_ROLE, "")
+        self.labelled = {p["metadata"]["name"]: (p["metadata"].get("labels") or {}).get(labels.CURRENT_ROLE, "")
                          for p in pods}
         watcher.set_endpoints(sorted(self.pods))
 
@@ -143,7 +143,7 @@ class DeploymentBalancer(DeploymentDaemon):
 
     async def label(self, pod: str, role: str) -> None:
         try:
-            await self.kube.patch_labels("v1", "Pod", self.namespace, pod, {CURRENT_ROLE: role})
+            await self.kube.patch_labels("v1", "Pod", self.namespace, pod, {labels.CURRENT_ROLE: role})
         except ApiError as exc:
             if exc.status != 404:  # a pod deleted meanwhile needs no label
                 raise

@@ -42,7 +42,7 @@ from triphase.operator.api.v1alpha1 import API_VERSION, PoolSpec, ServingDeploym
 from triphase.operator.conditions import now, set_condition
 from triphase.operator.daemon import DeploymentDaemon, PostEvent
 from triphase.operator.kube import ApiError, Kube
-from triphase.operator.reconcile import CURRENT_ROLE, InvalidSpec
+from triphase.operator.reconcile import InvalidSpec
 
 logger = logging.getLogger(__name__)
 PLANNED = (Role.PREFILL, Role.DECODE, Role.ENCODE)
@@ -177,7 +177,7 @@ class DeploymentPlanner(DeploymentDaemon):
         by_role = {role: 0 for role in PLANNED}
         for pod in pods:
             pod_labels = pod["metadata"].get("labels") or {}
-            current = pod_labels.get(CURRENT_ROLE) or pod_labels.get(labels.ROLE, "")
+            current = pod_labels.get(labels.CURRENT_ROLE) or pod_labels.get(labels.ROLE, "")
             if current in by_role:
                 by_role[Role(current)] += 1
         for role in PLANNED:

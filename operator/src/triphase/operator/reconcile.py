@@ -33,7 +33,6 @@ from triphase.operator.conditions import set_condition
 from triphase.operator.kube import FIELD_MANAGER, RESOURCES, ApiError, Kube
 
 logger = logging.getLogger(__name__)
-CURRENT_ROLE = f"{labels.DOMAIN}/current-role"
 INITIAL_REPLICAS_MANAGER = "triphase-operator-initial-replicas"
 
 
@@ -293,7 +292,7 @@ async def _observe(kube: Kube, body: dict[str, Any], spec: ServingDeploymentSpec
         ready = [p for p in mine if pod_ready(p)]
         by_role: dict[str, int] = {}
         for pod in ready:
-            current = pod["metadata"].get("labels", {}).get(CURRENT_ROLE) or role
+            current = pod["metadata"].get("labels", {}).get(labels.CURRENT_ROLE) or role
             by_role[current] = by_role.get(current, 0) + 1
         pool_status[role] = {"desired": replicas[role], "ready": len(ready), "byRole": by_role}
         summary[role] = f"{len(ready)}/{replicas[role]}"

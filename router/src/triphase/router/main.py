@@ -13,7 +13,7 @@ import logging
 import pathlib
 import socket
 
-from triphase.common import images, mtls
+from triphase.common import images, labels, mtls
 from triphase.common.errors import UserError
 from triphase.common.signals import wait_for_stop_signal
 
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers-file", help="file discovery: the file to follow")
     parser.add_argument("--namespace", help="kubernetes discovery: namespace (default: the router's own, or the "
                                             "kubeconfig context's)")
-    parser.add_argument("--selector", default="triphase.dev/component=worker",
+    parser.add_argument("--selector", default=labels.WORKER_SELECTOR,
                         help="kubernetes discovery: label selector of the worker pods")
     parser.add_argument("--kubeconfig", help="kubernetes discovery: kubeconfig (default: in-cluster, $KUBECONFIG)")
     parser.add_argument("--host", default="127.0.0.1")
