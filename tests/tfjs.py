@@ -12,7 +12,7 @@ import tempfile
 
 import numpy as np
 
-from triphase.common.gobuild import cache_root
+from triphase.local.gobuild import cache_root
 
 TFJS_VERSION = "4.22.0"
 PACKAGES = [f"@tensorflow/{name}@{TFJS_VERSION}" for name in ("tfjs-core", "tfjs-layers", "tfjs-backend-cpu")]

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from triphase.common.errors import UserError
-from triphase.common.gobuild import cache_root, say
+from triphase.local.gobuild import cache_root, say
 
 NAME = "demo-vision"
 PACKAGE = "nsfwjs"

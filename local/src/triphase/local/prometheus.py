@@ -25,8 +25,8 @@ from typing import Any
 from triphase.common import labels
 from triphase.common.endpoints_file import replace_text
 from triphase.common.errors import UserError
-from triphase.common.gobuild import cache_root, go_binary, go_env, go_install, say
 from triphase.common.net import free_port
+from triphase.local.gobuild import cache_root, go_binary, go_env, go_install, say
 
 MODULE = "github.com/prometheus/prometheus"
 VERSION = "v0.316.0"

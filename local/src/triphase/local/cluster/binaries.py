@@ -1,5 +1,5 @@
 """Kubernetes binaries for the local control plane, built from the Go module proxy into a cache
-(triphase.common.gobuild: nothing downloaded from release sites, nothing committed).
+(triphase.local.gobuild: nothing downloaded from release sites, nothing committed).
 
 `k8s.io/kubernetes` cannot be `go install`ed directly (its go.mod replaces the `k8s.io/*` staging
 modules with local paths), so a small tools module requires it and pins every staging module to the
@@ -17,7 +17,7 @@ import re
 import time
 
 from triphase.common.errors import UserError
-from triphase.common.gobuild import cache_root, go_binary, go_install, go_mod_file, run_go, say
+from triphase.local.gobuild import cache_root, go_binary, go_install, go_mod_file, run_go, say
 
 logger = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from triphase.common import gobuild
 from triphase.common.errors import UserError
 from triphase.common.net import free_port
+from triphase.local import gobuild
 from triphase.local.cluster import binaries
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
