@@ -18,11 +18,17 @@ import threading
 from collections.abc import Sequence
 
 import llguidance
+import numpy as np
 
 from triphase.common import grammar as common_grammar
 from triphase.common.tokenizer import Tokenizer
 
 MAX_CACHED = 128
+
+
+def unpack(bitmask: np.ndarray, vocab_size: int) -> np.ndarray:
+    """llguidance's token bitmasks (rows of little-endian bits, as bytes) as 0/1 per token id: [rows, vocab]."""
+    return np.unpackbits(bitmask, axis=1, bitorder="little")[:, :vocab_size]
 
 
 class Grammars:
@@ -79,6 +85,10 @@ class Constraint:
         """Advance over a drawn token; False when the grammar does not allow it (the matcher is then
         in its error state)."""
         return bool(self.matcher.consume_token(token))
+
+    def allowed(self, vocab_size: int) -> np.ndarray:
+        """The token ids the grammar allows next, ascending (one matcher; a batch: sampler.py)."""
+        return np.flatnonzero(unpack(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)[None], vocab_size))
 
     @property
     def done(self) -> bool:

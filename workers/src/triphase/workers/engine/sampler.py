@@ -33,6 +33,7 @@ import llguidance.torch
 import numpy as np
 import torch
 
+from triphase.workers.engine.grammar import unpack
 from triphase.workers.engine.request import Request
 from triphase.workers.engine.sampling import SamplingParams
 
@@ -100,7 +101,7 @@ def _apply_grammars(logits: torch.Tensor, rows: list[int], requests: Sequence[Re
     bitmask = torch.empty((len(rows), words), dtype=torch.int32)
     matchers = [(requests[r].constraint.matcher, i) for i, r in enumerate(rows)]  # type: ignore[union-attr]
     llguidance.torch.fill_next_token_bitmask_par(_EXECUTOR, matchers, bitmask)
-    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    bits = unpack(bitmask.numpy().view(np.uint8), vocab)
     index = torch.tensor(rows, dtype=torch.long)
     logits[index] = logits[index].masked_fill(torch.from_numpy(bits) == 0, float("-inf"))
 

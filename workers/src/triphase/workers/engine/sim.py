@@ -89,9 +89,7 @@ class SimRunner(ModelRunner):
         """`token`, or the first token its grammar allows after it (wrapping around the vocabulary)."""
         if request.constraint is None:
             return token
-        bits = np.unpackbits(np.frombuffer(request.constraint.matcher.compute_bitmask(), dtype=np.uint8),
-                             bitorder="little")[: self.vocab]
-        allowed = np.flatnonzero(bits)
+        allowed = request.constraint.allowed(self.vocab)
         if not len(allowed):
             return token
         return int(allowed[np.searchsorted(allowed, token) % len(allowed)])
