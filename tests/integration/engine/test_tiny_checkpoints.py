@@ -1,5 +1,12 @@
-"""Tiny random-weight Llama (Llama 3 rope scaling, untied) and Qwen2 (qkv bias, tied) checkpoints,
-written to safetensors by the test and loaded by both transformers and triphase."""
+"""Tiny random-weight checkpoints of every supported family, written to safetensors by the test and
+loaded by both transformers (the oracle, float32) and triphase: logits within 1e-4 and identical greedy
+tokens, prompts chunked across steps and decoded in a batch.
+
+What each one covers: Llama (Llama 3 rope scaling, untied), Qwen2 (qkv bias, tied), Qwen3 (q/k norms),
+Qwen3-MoE (top-k routing without renormalisation, a dense layer among sparse ones), Mixtral (top-2,
+renormalised, sliding window on every layer), Gemma 3 (1 + w norms, sandwich norms, scaled
+embeddings, tanh-GELU, interleaved sliding and global layers with their own rotary bases, linear
+scaling on the global ones, soft-capped logits), Phi-3 (fused q|k|v and gate|up, sliding window)."""
 
 from __future__ import annotations
 
@@ -13,40 +20,71 @@ from triphase.workers.models.loader import load_model
 
 pytestmark = pytest.mark.slow
 VOCAB = 96
+FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma3", "phi3"]
+# A window shorter than the longer prompts, so the sliding layers really drop keys.
+WINDOW = 12
 
 
-def build_checkpoint(kind, folder):
+def transformers_config(kind):
     import transformers
 
-    torch.manual_seed(1234 if kind == "llama" else 4321)
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  initializer_range=0.4, bos_token_id=1, eos_token_id=2)
+                  initializer_range=0.4, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if kind == "llama":
-        config = transformers.LlamaConfig(
+        return transformers.LlamaConfig(
             **common, tie_word_embeddings=False, rms_norm_eps=1e-5,
             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
             rope_theta=50000.0,
         )
-        model = transformers.LlamaForCausalLM(config)
-    else:
-        config = transformers.Qwen2Config(**common, tie_word_embeddings=True, rms_norm_eps=1e-6)
-        model = transformers.Qwen2ForCausalLM(config)
-    model.eval()
+    if kind == "qwen2":
+        return transformers.Qwen2Config(**common, tie_word_embeddings=True, rms_norm_eps=1e-6)
+    if kind == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=24, tie_word_embeddings=False)
+    if kind == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(**common, head_dim=16, num_experts=8, num_experts_per_tok=3,
+                                           moe_intermediate_size=32, mlp_only_layers=[1], norm_topk_prob=False)
+    if kind == "mixtral":
+        return transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2,
+                                          sliding_window=WINDOW)
+    if kind == "gemma3":
+        return transformers.Gemma3TextConfig(
+            **common, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=3.0,
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        )
+    assert kind == "phi3"
+    return transformers.Phi3Config(**common, sliding_window=WINDOW)
+
+
+def build_checkpoint(kind, folder):
+    import transformers
+
+    torch.manual_seed(FAMILIES.index(kind) + 1234)
+    config = transformers_config(kind)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    for name, param in model.named_parameters():  # the default init is too small to tell mistakes apart
+        if "norm" in name:
+            param.data.normal_(0 if kind == "gemma3" else 1, 0.2)
+        elif "bias" in name:
+            param.data.normal_(0, 0.2)
     model.generation_config.eos_token_id = None  # like ignore_eos: always 24 tokens
     model.save_pretrained(folder, safe_serialization=True)
     write_word_tokenizer(folder, VOCAB)
     return model
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_tiny_checkpoint_tokens_match(kind, tmp_path):
     reference = build_checkpoint(kind, tmp_path)
     loaded = load_model(str(tmp_path))
     assert loaded.config.architecture == kind
-    assert loaded.config.tie_word_embeddings == (kind == "qwen2")
-    assert (loaded.config.rope_scaling is not None) == (kind == "llama")
+    assert loaded.config.tie_word_embeddings == (kind in ("qwen2", "gemma3"))
+    assert (loaded.config.rope_scaling is not None) == (kind in ("llama", "gemma3"))
+    assert (loaded.config.moe is not None) == (kind in ("qwen3_moe", "mixtral"))
+    assert (loaded.config.sliding_window is not None) == (kind in ("mixtral", "gemma3", "phi3"))
     engine = Engine(loaded, EngineConfig(num_kv_blocks=64, block_size=8, max_num_batched_tokens=16))
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (5, 23, 40, 61)]
@@ -60,3 +98,30 @@ def test_tiny_checkpoint_tokens_match(kind, tmp_path):
         assert completion.token_ids == out[0, len(prompt):].tolist()
         ours_logits = engine.prompt_logits(prompt)
         assert float((ours_logits - ref_logits).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_one_expert_perturbed_by_one_percent_is_caught(kind, tmp_path):
+    """The comparison above has teeth for the expert layers: scaling one expert's down projection by
+    1.01 moves the logits far past its 1e-4 tolerance."""
+    reference = build_checkpoint(kind, tmp_path)
+    loaded = load_model(str(tmp_path))
+    loaded.weights["model.layers.0.mlp.experts.1.down_proj.weight"].mul_(1.01)
+    engine = Engine(loaded, EngineConfig(num_kv_blocks=64, block_size=8, max_num_batched_tokens=16))
+    prompt = torch.randint(3, VOCAB, (40,), generator=torch.Generator().manual_seed(7)).tolist()
+    with torch.no_grad():
+        ref_logits = reference(torch.tensor([prompt])).logits[0]
+    assert float((engine.prompt_logits(prompt) - ref_logits).abs().max()) > 1e-3
+
+
+def test_a_checkpoint_missing_one_expert_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from triphase.common.errors import UserError
+
+    build_checkpoint("mixtral", tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.2.block_sparse_moe.experts.3.w2.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(UserError, match=r"missing tensor model\.layers\.2\.mlp\.experts\.3\.down_proj\.weight"):
+        load_model(str(tmp_path))

@@ -41,8 +41,8 @@ from triphase.workers.engine.request import Request, RequestStatus
 from triphase.workers.engine.sampling import SamplingParams
 from triphase.workers.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
 from triphase.workers.models.config import ModelConfig
+from triphase.workers.models.decoder import DecoderModel
 from triphase.workers.models.image_processing import ImageProcessor
-from triphase.workers.models.llama import FAMILIES
 from triphase.workers.models.loader import LoadedModel, load_model
 from triphase.workers.models.vision import VisionEncoder
 
@@ -181,9 +181,8 @@ class Engine:
         int4 = _int4(config, device) and bool(loaded.quantized)
         if config.weights == "int4" and not loaded.quantized:
             raise UserError("int4 weights need a GGUF file with Q4_0/Q4_1 matrices, loaded with keep_quantized")
-        model = FAMILIES[cfg.architecture](cfg, loaded.weights, TORCH_DTYPES[config.dtype],
-                                           loaded.quantized if int4 else None, config.int4_max_tokens if int4 else 0,
-                                           device=device)
+        model = DecoderModel(cfg, loaded.weights, TORCH_DTYPES[config.dtype], loaded.quantized if int4 else None,
+                             config.int4_max_tokens if int4 else 0, device=device)
         layout = kv_layout_for(cfg, config, _kv_bytes(cfg, config, device))
         self._setup(cfg, loaded.tokenizer, loaded.path, config, ModelRunner(model, layout))
         if loaded.vision is not None and loaded.image_processor is not None:

@@ -21,7 +21,7 @@ from triphase.workers.engine.request import Request
 from triphase.workers.engine.sampler import Sample, sample
 from triphase.workers.engine.scheduler import ScheduledRequest, SchedulerOutput
 from triphase.workers.models.attention import AttentionBatch, PrefillSeq
-from triphase.workers.models.llama import LlamaModel
+from triphase.workers.models.decoder import DecoderModel
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CPU = torch.device("cpu")
@@ -45,7 +45,7 @@ class ModelRunner:
     """Runs on the model's device. Per step it copies the step's indices to the device once and reads
     back once (the sampled ids, or the logits when a row samples on the host: see sampler.py)."""
 
-    def __init__(self, model: LlamaModel | None, layout: KvLayout) -> None:
+    def __init__(self, model: DecoderModel | None, layout: KvLayout) -> None:
         self.model = model
         self.layout = layout
         self.device = model.device if model is not None else _CPU
@@ -160,6 +160,7 @@ class ModelRunner:
             if len(decode_ctx) > 1:
                 pos = torch.arange(width * bs, device=self.device)
                 batch.decode_mask = (pos.unsqueeze(0) < ctx_t.unsqueeze(1))[:, None, None, :]
+                batch.decode_lens = ctx_t
         assert self.model is not None, "a simulated runner overrides execute()"
         written = None
         if image_rows:

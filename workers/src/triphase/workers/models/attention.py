@@ -11,6 +11,10 @@ row is 7-12x slower than the float32 one (measured: 1.2 ms vs 0.16 ms per layer 
 tokens), and the gathered K/V are copied anyway, so the conversion rides along with that copy. On a
 GPU it runs in the compute dtype (the fused kernels want 16-bit inputs, and the gather would double
 its bytes). Every tensor made here is made on the KV tensor's device; nothing is read back.
+
+A sliding-window layer (`window` keys, the query's own included: transformers' `kv > q - window`)
+masks the keys that fell out of its window; the cache still holds them (the global layers of the
+same model read the same blocks).
 """
 
 from __future__ import annotations
@@ -38,6 +42,18 @@ class AttentionBatch:
     decode_len: int  # tokens to attend for a single decode (B == 1); else see decode_mask
     decode_mask: torch.Tensor | None  # [B, 1, 1, nb * block_size] True = attend (B > 1)
     prefills: list[PrefillSeq]
+    decode_lens: torch.Tensor | None = None  # [B] tokens each decode attends (B > 1; for sliding windows)
+    _window_masks: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def decode_window_mask(self, window: int) -> torch.Tensor:
+        """decode_mask narrowed to each sequence's last `window` keys (made once per step)."""
+        mask = self._window_masks.get(window)
+        if mask is None:
+            assert self.decode_mask is not None and self.decode_lens is not None
+            keys = torch.arange(self.decode_mask.shape[-1], device=self.decode_mask.device)
+            recent = keys.unsqueeze(0) >= (self.decode_lens - window).unsqueeze(1)
+            mask = self._window_masks[window] = self.decode_mask & recent[:, None, None, :]
+        return mask
 
 
 def gather_blocks(layer_kv: torch.Tensor, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -54,9 +70,10 @@ def gather_blocks(layer_kv: torch.Tensor, table: torch.Tensor, dtype: torch.dtyp
 
 
 def paged_attention(q: torch.Tensor, kv: torch.Tensor, layer_kv: torch.Tensor, batch: AttentionBatch,
-                    scale: float) -> torch.Tensor:
+                    scale: float, window: int | None = None) -> torch.Tensor:
     """q [T, H, D] and kv [T, 2, KVH, D] for the new tokens; layer_kv is kv_cache[:, layer]
-    ([N, 2, S, KVH, D]). Writes the new K/V into the cache, attends, and returns [T, H, D]."""
+    ([N, 2, S, KVH, D]). Writes the new K/V into the cache, attends (to the last `window` keys of
+    each query when set), and returns [T, H, D]."""
     layer_kv[batch.write_blocks, :, batch.write_slots] = kv
     outputs: list[torch.Tensor] = []
     nd = batch.num_decode
@@ -65,10 +82,14 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, layer_kv: torch.Tensor, b
         attend_dtype = torch.float32 if layer_kv.device.type == "cpu" else q.dtype
         past = gather_blocks(layer_kv, batch.decode_table, attend_dtype)
         kd, vd = past[0], past[1]
-        if batch.decode_mask is None:  # a single sequence: attend to exactly its tokens
-            kd, vd = kd[:, :, : batch.decode_len], vd[:, :, : batch.decode_len]
+        mask = batch.decode_mask
+        if mask is None:  # a single sequence: attend to exactly its tokens
+            first = 0 if window is None else max(0, batch.decode_len - window)
+            kd, vd = kd[:, :, first : batch.decode_len], vd[:, :, first : batch.decode_len]
+        elif window is not None:
+            mask = batch.decode_window_mask(window)
         qd = q[:nd].unsqueeze(2).to(attend_dtype)  # [B, H, 1, D]
-        out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
         outputs.append(out.squeeze(2).to(q.dtype))
     for seq in batch.prefills:
         qs = q[seq.start:seq.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
@@ -77,14 +98,24 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, layer_kv: torch.Tensor, b
             new = kv[seq.start:seq.end]
             ks = new[:, 0].transpose(0, 1).unsqueeze(0)
             vs = new[:, 1].transpose(0, 1).unsqueeze(0)
-            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+            if window is None or n <= window:
+                out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+            else:
+                out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_causal_mask(n, n, 0, window, q.device),
+                                                     scale=scale, enable_gqa=True)
         else:
             assert seq.table is not None
             total = seq.context_len + n
             past = gather_blocks(layer_kv, seq.table.unsqueeze(0), q.dtype)
             ks, vs = past[0][:, :, :total], past[1][:, :, :total]
-            # Query i (absolute position context_len + i) sees keys 0 .. context_len + i.
-            mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(diagonal=seq.context_len)
+            mask = _causal_mask(n, total, seq.context_len, window, q.device)
             out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         outputs.append(out.squeeze(0).transpose(0, 1))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+
+
+def _causal_mask(n: int, total: int, context_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[n, total]: query i (absolute position context_len + i) sees keys 0 .. context_len + i, or only
+    the last `window` of them."""
+    mask = torch.ones(n, total, dtype=torch.bool, device=device).tril(diagonal=context_len)
+    return mask if window is None else mask.triu(diagonal=context_len - window + 1)

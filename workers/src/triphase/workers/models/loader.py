@@ -23,13 +23,14 @@ from triphase.common import tokenizer as tok
 from triphase.common.errors import UserError
 from triphase.common.model_files import gguf_metadata, gguf_reader, is_gguf, resolve
 from triphase.common.vision import VisionConfig, vision_config_from_hf
-from triphase.workers.models.config import ModelConfig, RopeScaling, rope_scaling_from_dict
+from triphase.workers.models import families
+from triphase.workers.models.config import ModelConfig, RopeScaling
 from triphase.workers.models.image_processing import ImageProcessor
 from triphase.workers.models.quant import Q4_0, Q4_1, Q4Blocks, parse_gguf_q4
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+GGUF_ARCHITECTURES = ("llama", "qwen2")
 T = TypeVar("T")
 Progress = Callable[[Iterable[T], int, str], Iterable[T]]
 
@@ -47,8 +48,8 @@ class LoadedModel:
     image_processor: ImageProcessor | None = None
 
 
-def _unsupported(arch: str, path: str) -> UserError:
-    return UserError(f"unsupported architecture {arch!r} in {path} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+def _unsupported(arch: str, path: str, supported: Iterable[str]) -> UserError:
+    return UserError(f"unsupported architecture {arch!r} in {path} (supported: {', '.join(supported)})")
 
 
 def _no_progress(items: Iterable[T], total: int, desc: str) -> Iterable[T]:
@@ -95,8 +96,8 @@ def _load_gguf(path: str, dtype: torch.dtype, progress: Progress[Any], keep_quan
     reader = gguf_reader(path)
     meta = gguf_metadata(reader, path)
     arch = str(meta.get("general.architecture", "?"))
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise _unsupported(arch, path)
+    if arch not in GGUF_ARCHITECTURES:
+        raise _unsupported(arch, path, GGUF_ARCHITECTURES)
     try:
         config = _gguf_config(meta, arch, path)
         tokenizer = tok.from_gguf_metadata(meta)
@@ -215,12 +216,16 @@ def _load_hf_dir(path: str, dtype: torch.dtype, progress: Progress[Any], keep_qu
             raw = {**text, "eos_token_id": text.get("eos_token_id", raw.get("eos_token_id"))}
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{path}/config.json: unsupported or invalid LLaVA vision settings ({exc})") from None
-    arch = str(raw.get("model_type", "?"))
-    if arch == "mistral":
-        arch = "llama"
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise _unsupported(arch, path)
-    config = _hf_config(raw, arch, path, folder)
+    if raw.get("model_type") == "gemma3":  # the multimodal checkpoint: its language model is served
+        text = raw.get("text_config")
+        if not isinstance(text, dict):
+            raise UserError(f"{path}/config.json: a gemma3 config needs a text_config object")
+        logger.info("Serving the text model of %s (Gemma 3's vision tower is not supported)", path)
+        raw = {"model_type": "gemma3_text", **text, "eos_token_id": text.get("eos_token_id", raw.get("eos_token_id"))}
+    model_type = str(raw.get("model_type", "?"))
+    if model_type not in families.HF_ARCHITECTURES:
+        raise _unsupported(model_type, path, families.HF_ARCHITECTURES)
+    config = _hf_config(raw, model_type, path, folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"{path} has no *.safetensors files")
@@ -230,16 +235,20 @@ def _load_hf_dir(path: str, dtype: torch.dtype, progress: Progress[Any], keep_qu
     if (folder / "tokenizer_config.json").exists():
         tok_config = json.loads((folder / "tokenizer_config.json").read_text())
     tokenizer = tok.from_hf_files(str(folder / "tokenizer.json"), tok_config, config.eos_token_ids,
-                                  default_add_bos=arch == "llama")
+                                  default_add_bos=config.architecture == "llama")
 
     weights: dict[str, torch.Tensor] = {}
     for file in progress(files, len(files), "loading weights"):
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    weights[_hf_name(key)] = handle.get_tensor(key).to(dtype)
+                    weights[families.hf_tensor_name(_hf_name(key))] = handle.get_tensor(key).to(dtype)
         except Exception as exc:  # safetensors raises its own SafetensorError family
             raise UserError(f"{file} is a corrupted safetensors file ({exc})") from None
+    try:
+        families.split_fused(weights, config)
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc}") from None
     config = _check_complete(weights, config, path)
     if vision is None:
         return LoadedModel(config, weights, tokenizer, path)
@@ -301,37 +310,16 @@ def _hf_name(key: str) -> str:
     return key
 
 
-def _hf_config(raw: dict[str, Any], arch: str, path: str, folder: pathlib.Path) -> ModelConfig:
+def _hf_config(raw: dict[str, Any], model_type: str, path: str, folder: pathlib.Path) -> ModelConfig:
     try:
-        heads = int(raw["num_attention_heads"])
-        hidden = int(raw["hidden_size"])
-        rope = raw.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
         eos = raw.get("eos_token_id")
         gen_path = folder / "generation_config.json"
         if gen_path.exists():
             eos = json.loads(gen_path.read_text()).get("eos_token_id", eos)
         eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
-        return ModelConfig(
-            architecture=arch,
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
-            num_hidden_layers=int(raw["num_hidden_layers"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(raw.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", arch == "qwen2")),
-            rope_scaling=rope_scaling_from_dict(raw.get("rope_scaling") or rope),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            name=folder.name,
-        )
+        return families.hf_config(raw, model_type, folder.name, eos_ids)
     except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{path}/config.json: missing or invalid field ({exc})") from None
+        raise UserError(f"{path}/config.json: missing, invalid or unsupported field ({exc})") from None
 
 
 def _check_complete(weights: dict[str, torch.Tensor], config: ModelConfig, path: str) -> ModelConfig:
@@ -341,7 +329,7 @@ def _check_complete(weights: dict[str, torch.Tensor], config: ModelConfig, path:
         config = dataclasses.replace(config, tie_word_embeddings=False)
     required = ["model.embed_tokens.weight", "model.norm.weight"]
     for i in range(config.num_hidden_layers):
-        required += [f"model.layers.{i}.{name}" for name in _GGUF_LAYER_NAMES.values() if name.endswith("weight")]
+        required += families.layer_tensors(config, i)
     missing = [name for name in required if name not in weights]
     if missing:
         raise UserError(f"{path}: missing tensor {missing[0]} ({len(missing)} missing)")

@@ -1,9 +1,14 @@
-"""The Llama family in plain torch: Llama 2/3, SmolLM, Mistral-style and Qwen2 (qkv bias).
+"""Decoder-only transformers in plain torch: the Llama family (Llama 2/3, SmolLM, Mistral, Qwen2),
+Qwen3 and Qwen3-MoE, Mixtral, Gemma 3 (text) and Phi-3/Phi-4.
 
-RMSNorm, rotary embeddings (plain, linear- or Llama-3-scaled), grouped-query attention over the
-paged KV cache, SwiGLU MLP, tied or untied embeddings. Weights arrive with Hugging Face names
-(see loader.py); q/k/v and gate/up are fused into single matrices at construction so a decode
-step issues few, large matmuls. The layout of each matrix depends on its dtype (see `Linear`).
+One forward pass covers them all; `ModelConfig` says what differs: RMSNorm (Gemma: times 1 + w, and
+also after attention and MLP), q/k head norms (Qwen3, Gemma 3), rotary embeddings (plain, linear- or
+Llama-3-scaled; a second base for Gemma 3's sliding layers), grouped-query attention over the paged
+KV cache (a sliding window on the layers that have one), a gated MLP (SiLU or tanh-GELU) or a sparse
+mixture of experts (moe.py), tied or untied embeddings (Gemma scales them), optional logit
+soft-capping. Weights arrive with Hugging Face names (see loader.py; Phi-3's fused matrices are split
+there); q/k/v and gate/up are fused into single matrices at construction so a decode step issues few,
+large matmuls. The layout of each matrix depends on its dtype (see `Linear`).
 """
 
 from __future__ import annotations
@@ -14,15 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from triphase.workers.models.attention import AttentionBatch, paged_attention
-from triphase.workers.models.config import ModelConfig
+from triphase.workers.models.config import ModelConfig, RopeScaling
+from triphase.workers.models.moe import ExpertLoad, SparseMoe
 from triphase.workers.models.quant import Int4Linear, Q4Blocks, concat_rows
 
 _CPU = torch.device("cpu")
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = config.rope_scaling
+def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if scaling is None:
         return inv_freq
     if scaling.kind == "linear":
@@ -91,13 +95,27 @@ class Linear:
         return weight.numel() * weight.element_size()
 
 
-class _Layer:
-    __slots__ = ("attn_norm", "down", "gate_up", "mlp_norm", "o", "qkv")
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
 
-    def __init__(self, weights: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype,
-                 quantized: dict[str, Q4Blocks], int4_max_tokens: int, device: torch.device) -> None:
+
+class _Layer:
+    __slots__ = ("attn_norm", "attn_post_norm", "down", "gate_up", "k_norm", "mlp_norm", "mlp_post_norm", "moe",
+                 "o", "q_norm", "qkv", "window")
+
+    def __init__(self, config: ModelConfig, index: int, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 quantized: dict[str, Q4Blocks], int4_max_tokens: int, device: torch.device,
+                 load: ExpertLoad) -> None:
+        prefix = f"model.layers.{index}."
+
         def w(name: str) -> torch.Tensor:
             return weights[prefix + name].to(dtype)
+
+        def norm(name: str) -> torch.Tensor:
+            weight = weights[prefix + name].float()
+            return (weight + 1 if config.norm_plus_one else weight).to(device)
 
         def fused(*names: str, bias: bool = False) -> Linear:
             """One Linear over the row-concatenation of several matrices (q|k|v, gate|up)."""
@@ -107,21 +125,41 @@ class _Layer:
             q4 = concat_rows([x for x in blocks if x is not None]) if all(x is not None for x in blocks) else None
             return Linear(weight, b, q4=q4, int4_max_tokens=int4_max_tokens, device=device)
 
-        self.attn_norm = weights[prefix + "input_layernorm.weight"].float().to(device)
-        self.mlp_norm = weights[prefix + "post_attention_layernorm.weight"].float().to(device)
+        self.window = config.window(index)
+        self.attn_norm = norm("input_layernorm.weight")
+        # Gemma 3 norms each sublayer's output too; its MLP input norm is then `pre_feedforward`.
+        self.attn_post_norm = norm("post_attention_layernorm.weight") if config.sandwich_norm else None
+        self.mlp_norm = norm("pre_feedforward_layernorm.weight" if config.sandwich_norm
+                             else "post_attention_layernorm.weight")
+        self.mlp_post_norm = norm("post_feedforward_layernorm.weight") if config.sandwich_norm else None
+        self.q_norm = norm("self_attn.q_norm.weight") if config.qk_norm else None
+        self.k_norm = norm("self_attn.k_norm.weight") if config.qk_norm else None
         has_bias = prefix + "self_attn.q_proj.bias" in weights
         self.qkv = fused("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", bias=has_bias)
         self.o = fused("self_attn.o_proj")
-        self.gate_up = fused("mlp.gate_proj", "mlp.up_proj")
-        self.down = fused("mlp.down_proj")
+        self.moe: SparseMoe | None = None
+        self.gate_up: Linear | None = None
+        self.down: Linear | None = None
+        moe = config.moe
+        if moe is not None and index in moe.layers:
+            experts = range(moe.num_experts)
+            gate_up = torch.stack([torch.cat([w(f"mlp.experts.{e}.gate_proj.weight"),
+                                              w(f"mlp.experts.{e}.up_proj.weight")]) for e in experts])
+            down = torch.stack([w(f"mlp.experts.{e}.down_proj.weight") for e in experts])
+            self.moe = SparseMoe(moe, w("mlp.gate.weight").to(device), gate_up.to(device), down.to(device),
+                                 _ACTIVATIONS[config.hidden_act], load)
+        else:
+            self.gate_up = fused("mlp.gate_proj", "mlp.up_proj")
+            self.down = fused("mlp.down_proj")
 
 
-class LlamaModel:
+class DecoderModel:
     """Forward pass over a flat batch of new tokens; see attention.py for the batch layout.
 
     Every tensor lives on `device`: the weights are built on the host (fused, laid out) one matrix at a
     time and moved, so the device never holds an unfused copy. The forward pass never reads a value
-    back from the device; the caller passes what it knows on the host (`max_position`)."""
+    back from the device (but a sparse layer's per-expert counts, see moe.py); the caller passes what
+    it knows on the host (`max_position`)."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
                  quantized: dict[str, Q4Blocks] | None = None, int4_max_tokens: int = 0,
@@ -132,30 +170,29 @@ class LlamaModel:
         self.dtype = dtype
         self.device = device
         self.embed = weights["model.embed_tokens.weight"].to(dtype).to(device).contiguous()
-        self.norm = weights["model.norm.weight"].float().to(device)
+        norm = weights["model.norm.weight"].float()
+        self.norm = (norm + 1 if config.norm_plus_one else norm).to(device)
         lm_head = weights.get("lm_head.weight")
         head = self.embed if lm_head is None or config.tie_word_embeddings else lm_head.to(dtype)
         # In the int4 (speed) mode the one-row LM head also takes the faster float16 GEMV.
         self.lm_head = Linear(head, single_row_f16=int4_max_tokens > 0, device=device)
-        self.layers = [_Layer(weights, f"model.layers.{i}.", dtype, quantized or {}, int4_max_tokens, device)
+        self.expert_load = ExpertLoad()
+        self.layers = [_Layer(config, i, weights, dtype, quantized or {}, int4_max_tokens, device, self.expert_load)
                        for i in range(config.num_hidden_layers)]
         self.q_size = config.num_attention_heads * config.head_dim
         self.kv_size = config.num_key_value_heads * config.head_dim
-        self.scale = config.head_dim ** -0.5
-        self._inv_freq = rope_inv_freq(config)
-        self._cos = torch.empty(0)
-        self._sin = torch.empty(0)
-        self._ensure_rope(config.max_position_embeddings)
-
-    def _ensure_rope(self, length: int) -> None:
-        """cos and sign-folded sin tables: rotate_half(x) * sin == x.roll(D/2) * [-sin, sin].
-        Computed on the host in float32 (the same numbers on every device), then moved."""
-        if self._cos.shape[0] >= length:
-            return
-        t = torch.arange(length, dtype=torch.int64).float()
-        freqs = torch.outer(t, self._inv_freq)
-        self._cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1).to(self.dtype).to(self.device)
-        self._sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(self.dtype).to(self.device)
+        self.scale = config.attention_scale or config.head_dim ** -0.5
+        self.act = _ACTIVATIONS[config.hidden_act]
+        # The embedding scale is applied in the compute dtype, as transformers does (Gemma).
+        self.embedding_scale = torch.tensor(config.embedding_scale, dtype=dtype).item()
+        # One rotary table per distinct base: the global one, and Gemma 3's sliding layers' own.
+        self._ropes = {"global": _Rope(rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling))}
+        if config.local_rope_theta is not None:
+            self._ropes["local"] = _Rope(rope_inv_freq(config.head_dim, config.local_rope_theta, None))
+        self._layer_rope = ["local" if config.local_rope_theta is not None and layer.window else "global"
+                            for layer in self.layers]
+        for rope in self._ropes.values():
+            rope.ensure(config.max_position_embeddings, dtype, device)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
@@ -167,12 +204,15 @@ class LlamaModel:
         `max_position`: the largest of `positions`, when the caller knows it (saves a device read)."""
         cfg = self.config
         n = input_ids.shape[0]
-        self._ensure_rope((int(positions.max()) if max_position is None else max_position) + 1)
-        cos = self._cos[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self._sin[positions].unsqueeze(1)
+        length = (int(positions.max()) if max_position is None else max_position) + 1
+        tables = {}
+        for key, rope in self._ropes.items():
+            rope.ensure(length, self.dtype, self.device)
+            tables[key] = (rope.cos[positions].unsqueeze(1), rope.sin[positions].unsqueeze(1))  # [T, 1, D]
         # The residual stream stays float32 whatever the compute dtype: summing 60 sublayer outputs
         # in bfloat16 loses ~2 significant bits, enough to flip near-tied tokens of a small model.
-        h = F.embedding(input_ids, self.embed).float()
+        h = F.embedding(input_ids, self.embed)
+        h = (h * self.embedding_scale if self.embedding_scale != 1.0 else h).float()
         if embeds is not None:
             h[embeds[0]] = embeds[1].float()
         dtype, eps = self.dtype, cfg.rms_norm_eps
@@ -181,18 +221,47 @@ class LlamaModel:
         for index, layer in enumerate(self.layers):
             x = rms_norm(h, layer.attn_norm, eps, dtype)
             qkv = layer.qkv(x)
-            # Rotate q and k together, in place, so k|v stay adjacent for a single cache write.
             qk = qkv[:, :qk_size].view(n, heads + kv_heads, dim)
+            if layer.q_norm is not None and layer.k_norm is not None:
+                qk[:, :heads] = rms_norm(qk[:, :heads], layer.q_norm, eps, dtype)
+                qk[:, heads:] = rms_norm(qk[:, heads:], layer.k_norm, eps, dtype)
+            # Rotate q and k together, in place, so k|v stay adjacent for a single cache write.
+            cos, sin = tables[self._layer_rope[index]]
             qk.copy_(qk * cos + qk.roll(half, dims=-1) * sin)
             q = qkv[:, : self.q_size].view(n, heads, dim)
             kv = qkv[:, self.q_size :].view(n, 2, kv_heads, dim)
-            attn = paged_attention(q, kv, kv_cache[:, index], batch, self.scale)
-            h = h + layer.o(attn.reshape(n, self.q_size))
+            attn = paged_attention(q, kv, kv_cache[:, index], batch, self.scale, layer.window)
+            out = layer.o(attn.reshape(n, self.q_size))
+            h = h + (out if layer.attn_post_norm is None else rms_norm(out, layer.attn_post_norm, eps, torch.float32))
             x = rms_norm(h, layer.mlp_norm, eps, dtype)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
+            if layer.moe is not None:
+                out = layer.moe(x)
+            else:
+                assert layer.gate_up is not None and layer.down is not None
+                gate, up = layer.gate_up(x).chunk(2, dim=-1)
+                out = layer.down(self.act(gate) * up)
+            h = h + (out if layer.mlp_post_norm is None else rms_norm(out, layer.mlp_post_norm, eps, torch.float32))
         h = rms_norm(h[logits_indices], self.norm, eps, dtype)
-        return self.lm_head(h).float()
+        logits = self.lm_head(h).float()
+        cap = cfg.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-FAMILIES = {"llama": LlamaModel, "qwen2": LlamaModel}
+class _Rope:
+    """cos and sign-folded sin tables: rotate_half(x) * sin == x.roll(D/2) * [-sin, sin]. Computed on
+    the host in float32 (the same numbers on every device), then moved; grown on demand."""
+
+    __slots__ = ("cos", "inv_freq", "sin")
+
+    def __init__(self, inv_freq: torch.Tensor) -> None:
+        self.inv_freq = inv_freq
+        self.cos = torch.empty(0)
+        self.sin = torch.empty(0)
+
+    def ensure(self, length: int, dtype: torch.dtype, device: torch.device) -> None:
+        if self.cos.shape[0] >= length:
+            return
+        t = torch.arange(length, dtype=torch.int64).float()
+        freqs = torch.outer(t, self.inv_freq)
+        self.cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1).to(dtype).to(device)
+        self.sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(dtype).to(device)
