@@ -114,7 +114,7 @@ def tokenizer_override(path: str, own: tok.Tokenizer) -> tok.Tokenizer:
     else:
         config = {}
     try:
-        replacement = tok.from_hf_files(str(target), config, own.eos_token_ids, own.add_bos_token)
+        replacement = tok.from_hf_files(str(target), config, own.eos_token_ids)
     except Exception as exc:  # tokenizers raises its own exception type for a malformed file
         raise UserError(f"{target} is not a tokenizer.json ({str(exc).splitlines()[0][:200]})") from None
     return _adopt(replacement, own, path)
@@ -141,8 +141,7 @@ def _own_tokenizer(path: str | None) -> tuple[tok.Tokenizer, str]:
         raw = _read_json(folder / "config.json")
         eos = raw.get("eos_token_id")
         eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else [])]
-        default_bos = raw.get("model_type") in ("llama", "mistral")
-        return tok.from_hf_files(str(folder / "tokenizer.json"), config, eos_ids, default_bos), folder.name
+        return tok.from_hf_files(str(folder / "tokenizer.json"), config, eos_ids), folder.name
     if not is_gguf(path):
         raise UserError(f"{path} is neither a GGUF file nor a Hugging Face model directory")
     meta = gguf_metadata(gguf_reader(path), path)

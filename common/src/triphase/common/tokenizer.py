@@ -232,10 +232,13 @@ def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     ])
 
 
-def from_hf_files(tokenizer_json: str, tokenizer_config: dict[str, Any], eos_token_ids: Sequence[int],
-                  default_add_bos: bool) -> Tokenizer:
-    """Build the tokenizer of a Hugging Face model directory."""
+def from_hf_files(tokenizer_json: str, tokenizer_config: dict[str, Any], eos_token_ids: Sequence[int]) -> Tokenizer:
+    """Build the tokenizer of a Hugging Face model directory. Whether a prompt starts with BOS is the
+    tokenizer.json post-processor's decision, as in transformers (whatever the architecture or
+    `add_bos_token` say: transformers 5 follows the post-processor for every tokenizer class)."""
     backend = tokenizers.Tokenizer.from_file(tokenizer_json)
+    if tokenizer_config.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast"):
+        _as_transformers_llama(backend, tokenizer_config)
     vocab = backend.get_vocab(with_added_tokens=True)
 
     def token_text(key: str) -> str | None:
@@ -251,11 +254,38 @@ def from_hf_files(tokenizer_json: str, tokenizer_config: dict[str, Any], eos_tok
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # named templates: use the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    lead = _post_processor_lead(backend)
+    bos_id = lead[0] if len(lead) == 1 else vocab.get(bos_text) if bos_text else None
     return Tokenizer(
         backend,
-        bos_token_id=vocab.get(bos_text) if bos_text else None,
+        bos_token_id=bos_id,
         eos_token_ids=eos_ids,
-        add_bos_token=bool(tokenizer_config.get("add_bos_token", default_add_bos)),
+        add_bos_token=len(lead) == 1,
         chat_template=template,
         special_tokens={"bos_token": bos_text or "", "eos_token": eos_text or ""},
     )
+
+
+def _post_processor_lead(backend: tokenizers.Tokenizer) -> list[int]:
+    """The ids the post-processor puts before a text's own (Llama 3's `<|begin_of_text|>`, Gemma's
+    `<bos>`; none for GPT-2-style and Qwen tokenizers)."""
+    plain = backend.encode("a", add_special_tokens=False).ids
+    full = backend.encode("a", add_special_tokens=True).ids
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def _as_transformers_llama(backend: tokenizers.Tokenizer, tokenizer_config: dict[str, Any]) -> None:
+    """transformers 5 rebuilds a `LlamaTokenizer` (Llama 2, Mistral, Mixtral, Phi-3) from the file's
+    vocabulary and merges with its own spaces rule instead of the file's normalizer: a Metaspace
+    pre-tokenizer that prepends "▁" to the first word only (or to every word with `legacy`, or
+    never without `add_prefix_space`). Do the same, so a leading space tokenizes as it does there."""
+    add_prefix_space = tokenizer_config.get("add_prefix_space")
+    if add_prefix_space is None or add_prefix_space:
+        scheme = "always" if tokenizer_config.get("legacy", False) else "first"
+    else:
+        scheme = "never"
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)

@@ -234,8 +234,7 @@ def _load_hf_dir(path: str, dtype: torch.dtype, progress: Progress[Any], keep_qu
     tok_config: dict[str, Any] = {}
     if (folder / "tokenizer_config.json").exists():
         tok_config = json.loads((folder / "tokenizer_config.json").read_text())
-    tokenizer = tok.from_hf_files(str(folder / "tokenizer.json"), tok_config, config.eos_token_ids,
-                                  default_add_bos=config.architecture == "llama")
+    tokenizer = tok.from_hf_files(str(folder / "tokenizer.json"), tok_config, config.eos_token_ids)
 
     weights: dict[str, torch.Tensor] = {}
     for file in progress(files, len(files), "loading weights"):
