@@ -90,6 +90,13 @@ def test_tiny_checkpoint_tokens_match(kind, tmp_path):
     prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (5, 23, 40, 61)]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     ours = engine.generate(prompts, params)
+    moe = loaded.config.moe
+    if moe is not None:  # every computed token went through each sparse layer's top-k experts
+        computed = sum(len(p) + params.max_tokens - 1 for p in prompts)
+        load = engine.model.expert_load
+        assert load.routed_tokens == computed * moe.top_k * len(moe.layers)
+        most = min(load.routed_tokens, engine.num_steps * moe.num_experts * len(moe.layers))
+        assert len(moe.layers) <= load.active_experts <= most
     for prompt, completion in zip(prompts, ours, strict=True):
         with torch.no_grad():
             ref_logits = reference(torch.tensor([prompt])).logits[0]

@@ -58,6 +58,10 @@ class WorkerCollector(Collector):
                       s.prefix_queries)
         yield counter("triphase_prefix_cache_hits", "Prompt tokens found in the prefix cache", s.prefix_hits)
         yield counter("triphase_preemptions", "Requests preempted (KV freed, recomputed later)", s.preemptions)
+        yield counter("triphase_moe_routed_tokens", "Token-to-expert assignments computed by sparse layers",
+                      s.moe_routed_tokens)
+        yield counter("triphase_moe_active_experts", "Experts given at least one token, per sparse layer and step",
+                      s.moe_active_experts)
         received = CounterMetricFamily("triphase_kv_received_bytes", "KV bytes pulled from prefill workers",
                                        labels=[*labels, "backend"])
         for backend, count in sv.handoff.bytes_received.items():

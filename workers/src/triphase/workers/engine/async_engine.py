@@ -63,6 +63,8 @@ class EngineStats:
     prefill_tokens_per_s: float = 0.0
     decode_step_s: float = 0.0
     prefill_tokens_total: int = 0
+    moe_routed_tokens: int = 0  # (token, expert) pairs the sparse layers computed (0 for a dense model)
+    moe_active_experts: int = 0  # experts that got at least one token, per layer per step
 
 
 class AsyncEngine:
@@ -188,6 +190,7 @@ class AsyncEngine:
             self._hashes = tuple(itertools.islice(kv.pool.cached, self.max_reported_hashes))
             self._hashes_version = kv.pool.cached_version
         hashes = self._hashes
+        load = engine.model.expert_load if engine.model is not None else None
         self.stats = EngineStats(
             running=len(sched.running), waiting=len(sched.waiting), pinned=len(sched.pinned),
             free_blocks=kv.num_free_blocks, total_blocks=kv.pool.num_blocks, queued_prefill_tokens=queued,
@@ -195,6 +198,7 @@ class AsyncEngine:
             steps=engine.num_steps, cached_block_hashes=hashes,
             prefill_tokens_per_s=engine.rates.prefill_tokens_per_s, decode_step_s=engine.rates.decode_step_s,
             prefill_tokens_total=engine.rates.prefill_tokens_total,
+            moe_routed_tokens=load.routed_tokens if load else 0, moe_active_experts=load.active_experts if load else 0,
         )
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.stats_changed.set)
