@@ -7,7 +7,8 @@ float32 is reported as -9999.0, as vLLM does, since JSON has no -Infinity.
 
 A token's text is its exact bytes decoded as UTF-8 (a token that ends inside a character shows the
 replacement character there; `bytes` has the exact bytes), built with the grammar engine's tokenizer,
-which knows every tokenizer family's byte encoding.
+which knows every tokenizer family's byte encoding. A tokenizer it cannot read (one without a decoder,
+e.g. a word-level test tokenizer) falls back to decoding each token alone.
 """
 
 from __future__ import annotations
@@ -29,11 +30,16 @@ class TokenTexts:
         self._tokenizer = tokenizer
 
     @functools.cached_property
-    def _lltok(self) -> llguidance.LLTokenizer:  # ~0.2 s, on the first request that asks for logprobs
-        return llguidance.LLTokenizer(self._tokenizer.backend.to_str(), slices=[])
+    def _lltok(self) -> llguidance.LLTokenizer | None:  # ~0.2 s, on the first request that asks for logprobs
+        try:
+            return llguidance.LLTokenizer(self._tokenizer.backend.to_str(), slices=[])
+        except ValueError:  # "can't determine decoder type"
+            return None
 
     @functools.lru_cache(maxsize=1 << 16)  # noqa: B019 (one instance per router, for its lifetime)
     def bytes_of(self, token_id: int) -> bytes:
+        if self._lltok is None:
+            return self._tokenizer.decode([token_id], skip_special_tokens=False).encode()
         return bytes(self._lltok.decode_bytes([token_id]))
 
     def text(self, token_id: int) -> str:

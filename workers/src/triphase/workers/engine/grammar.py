@@ -47,8 +47,11 @@ class Grammars:
     @property
     def lltokenizer(self) -> llguidance.LLTokenizer:
         if self._lltok is None:
-            self._lltok = llguidance.LLTokenizer(self._tokenizer.backend.to_str(), n_vocab=self._vocab_size,
-                                                 eos_token=self._eos)
+            try:
+                self._lltok = llguidance.LLTokenizer(self._tokenizer.backend.to_str(), n_vocab=self._vocab_size,
+                                                     eos_token=self._eos)
+            except ValueError as exc:  # a tokenizer without a decoder llguidance knows
+                raise ValueError(f"structured output is not available for this model's tokenizer ({exc})") from None
         return self._lltok
 
     def matcher(self, grammar: str, output: Sequence[int] = ()) -> Constraint:
