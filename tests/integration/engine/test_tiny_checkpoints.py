@@ -132,3 +132,35 @@ def test_a_checkpoint_missing_one_expert_is_refused(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(UserError, match=r"missing tensor model\.layers\.2\.mlp\.experts\.3\.down_proj\.weight"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("with_data", [True, False])
+def test_sliding_window_hand_off_moves_and_keeps_only_the_window(with_data, tmp_path):
+    """Mixtral's tiny checkpoint slides on every layer (window 12, blocks of 4): the prefill engine
+    drops the blocks out of the window as it goes, the decode engine is given and fills only the live
+    tail, and keeps at most ceil(12 / 4) + 1 blocks while decoding; tokens equal transformers."""
+    reference = build_checkpoint("mixtral", tmp_path)
+    loaded = load_model(str(tmp_path))
+    config = EngineConfig(num_kv_blocks=64, block_size=4, max_num_batched_tokens=16)
+    a, b = Engine(loaded, config), Engine(loaded, config)
+    prompt = torch.randint(3, VOCAB, (41,), generator=torch.Generator().manual_seed(3)).tolist()
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    export = a.prefill("r", prompt, params)
+    null = a.kv.null_block.block_id
+    assert export.block_ids[:7] == [null] * 7 and null not in export.block_ids[7:]  # next query 41 reads 30..41
+    if with_data:
+        export = a.export_kv("r", with_data=True)
+    free_before = b.kv.num_free_blocks
+    request, first = b.import_kv("r", prompt, params, export, source=None if with_data else a)
+    assert free_before - b.kv.num_free_blocks == 4  # blocks 7..10 of 11
+    assert a.release_kv("r")
+    live = []
+    while not request.status.finished:
+        b.step()
+        live.append(sum(1 for i in b.kv.block_ids("r") if i != b.kv.null_block.block_id))
+    assert [first.new_token_ids[0], *request.output_token_ids[1:]] == out[0, len(prompt):].tolist()
+    assert max(live) <= 4 and b.kv.blocks_dropped > 0
+    assert b.kv.num_free_blocks == b.kv.pool.num_blocks - 1 == a.kv.num_free_blocks

@@ -124,3 +124,75 @@ def test_fork_without_a_free_block_changes_nothing():
     with pytest.raises(NoFreeBlocks):
         kv.fork(parent, req("a#1", list(range(6))))
     assert not kv.owns("a#1") and [b.ref_cnt for b in kv.pool.blocks] == [1, 1]
+
+
+# ---------------------------------------------------------------- sliding windows (every layer slides)
+def windowed(num_blocks=16, window=8):
+    kv = KVCacheManager(num_blocks=num_blocks, block_size=4, sliding_window=window)
+    assert kv.null_block is not None and kv.null_block.block_id == 0  # reserved, never handed out
+    return kv
+
+
+def test_blocks_out_of_the_window_are_released_and_point_at_the_null_block():
+    kv = windowed()
+    r = req("a", list(range(20)))
+    compute(kv, r, 20)
+    assert kv.block_ids("a") == [1, 2, 3, 4, 5]
+    # The next query is at 20 and reads keys 13..20: blocks 0-2 (tokens 0..11) are dead, block 3 is not.
+    assert kv.drop_out_of_window(r) == 3
+    assert kv.block_ids("a") == [0, 0, 0, 4, 5]
+    assert kv.num_free_blocks == 15 - 2 and kv.blocks_dropped == 3
+    assert kv.drop_out_of_window(r) == 0  # nothing more until the window moves past block 3
+    r.append_token(7)
+    compute(kv, r, 1)  # token 20 -> block 5; next query at 21 reads 14..21
+    assert kv.drop_out_of_window(r) == 0
+    for token in range(3):
+        r.append_token(token)
+        compute(kv, r, 1)
+    assert r.num_computed_tokens == 24 and kv.drop_out_of_window(r) == 1  # reads 17..24: block 3 is dead
+    assert kv.block_ids("a") == [0, 0, 0, 0, 5, 6]
+    kv.free("a")
+    assert kv.num_free_blocks == 15 and kv.null_block.ref_cnt == 1  # the null block is never freed
+
+
+def test_dropped_blocks_stay_in_the_prefix_cache():
+    kv = windowed()
+    r = req("a", list(range(20)))
+    compute(kv, r, 20)
+    kv.drop_out_of_window(r)
+    again = req("b", list(range(20)))
+    hits, tokens = kv.get_computed_blocks(again)
+    assert [b.block_id for b in hits] == [1, 2, 3, 4] and tokens == 16
+
+
+def test_an_import_gets_blocks_for_its_live_tail_only():
+    kv = windowed()
+    r = req("a", list(range(20)))
+    assert kv.adopt_imported(r, 20) == [1, 2]  # blocks 3 and 4 of the prompt: the transport fills these
+    assert kv.block_ids("a") == [0, 0, 0, 1, 2]
+    r.num_computed_tokens = 20
+    kv.cache_computed_blocks(r)  # the null entries are not indexed
+    assert sorted(b.block_id for b in kv.pool.cached.values()) == [1, 2]
+    assert kv.drop_out_of_window(r) == 0
+    kv.free("a")
+    assert kv.num_free_blocks == 15
+
+
+def test_a_fork_shares_live_blocks_and_keeps_the_null_entries():
+    kv = windowed()
+    parent = req("a", list(range(20)))
+    compute(kv, parent, 20)
+    kv.drop_out_of_window(parent)
+    child = req("a#1", list(range(20)))
+    assert kv.fork(parent, child) == (5, 6)  # the block holding the last prompt token is copied
+    assert kv.block_ids("a#1") == [0, 0, 0, 4, 6]
+    kv.free("a")
+    kv.free("a#1")
+    assert kv.num_free_blocks == 15
+
+
+def test_without_a_window_nothing_is_dropped():
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    r = req("a", list(range(40)))
+    compute(kv, r, 40)
+    assert kv.drop_out_of_window(r) == 0 and kv.adopt_imported(req("b", list(range(8))), 8) == [10, 11]

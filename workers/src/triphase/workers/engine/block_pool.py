@@ -72,6 +72,13 @@ class BlockPool:
             taken.append(block)
         return taken
 
+    def take_null(self) -> Block:
+        """Take one free block out of circulation for good: the placeholder a request's table holds
+        where a block was dropped (sliding windows). It is never written, cached or freed."""
+        _, block = self._free.popitem(last=False)
+        block.ref_cnt = 1
+        return block
+
     def lookup(self, block_hash: int) -> Block | None:
         return self.cached.get(block_hash)
 

@@ -207,7 +207,8 @@ class Engine:
         self.device = runner.device
         self.layout = runner.layout
         self.kv = KVCacheManager(self.layout.num_blocks, config.block_size,
-                                 enable_prefix_caching=config.enable_prefix_caching, prefix_salt=config.prefix_salt)
+                                 enable_prefix_caching=config.enable_prefix_caching, prefix_salt=config.prefix_salt,
+                                 sliding_window=cfg.uniform_window)
         max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_len),
                                    self.kv)
@@ -502,17 +503,19 @@ class Engine:
         if export.data is None and source is None:
             raise ValueError("the export carries no data and no source engine was given")
         request, dst = self.reserve_import(request_id, prompt_token_ids, sampling, export, images)
+        # `dst` may cover only the live tail of the blocks (a sliding window: see KVCacheManager)
         if export.data is not None:
-            self.runner.write_blocks(dst, export.data)
+            self.runner.write_blocks(dst, export.data[len(export.block_ids) - len(dst):])
         elif source is not None:
-            self.runner.copy_blocks_from(source.runner, export.block_ids, dst)
+            self.runner.copy_blocks_from(source.runner, export.block_ids[len(export.block_ids) - len(dst):], dst)
         return request, self.commit_import(request, export)
 
     def reserve_import(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
                        export: KvExport, images: Sequence[ImageInput] = ()) -> tuple[Request, list[int]]:
-        """First half of an import: allocate blocks for the incoming KV. The request does not run
-        until `commit_import`; a transport (NIXL) may write the blocks in between, from any thread,
-        since no other request touches them. `cancel_import` frees them if the transfer fails."""
+        """First half of an import: allocate blocks for the incoming KV; returns the blocks to fill, the
+        last len(dst) of `export.block_ids` (all but those out of a sliding window). The request does
+        not run until `commit_import`; a transport (NIXL) may write the blocks in between, from any
+        thread, since no other request touches them. `cancel_import` frees them if the transfer fails."""
         request = self.check_import(request_id, prompt_token_ids, sampling, export, images)
         dst = self.kv.adopt_imported(request, export.num_tokens)
         if dst is None:

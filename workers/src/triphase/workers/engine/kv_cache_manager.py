@@ -3,6 +3,15 @@
 A request's blocks hold its tokens in order: token i lives in block table[i // block_size], slot
 i % block_size. Full blocks whose KV has been computed are indexed by their chained hash so a
 later request with the same prefix shares them (reference counted) instead of recomputing.
+
+Sliding windows (`sliding_window`, set when every layer of the model slides: Mistral 7B v0.1,
+Phi-3-mini): a query at position p reads keys p - window + 1 .. p, so once a request's next token is
+at p, its blocks that end before p - window + 1 are never read again. They are released (after being
+indexed in the prefix cache, as any computed block) and their entries in the table point at one
+reserved, never-written null block, so positions keep their meaning and the attention gather
+reads a valid block it then masks. An imported prompt gets blocks for its live tail only (the
+transports move `block_ids[-len(dst):]`). Models that mix sliding and global layers (Gemma 3)
+keep every block: one block holds every layer's KV, and the global layers read them all.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ def cdiv(a: int, b: int) -> int:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True,
-                 prefix_salt: bytes = b"") -> None:
+                 prefix_salt: bytes = b"", sliding_window: int | None = None) -> None:
         self.block_size = block_size
         self.root = salted_root(prefix_salt)  # the chains' first parent (block_hash.py)
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
@@ -30,6 +39,10 @@ class KVCacheManager:
         self._num_cached: dict[str, int] = {}  # how many of its blocks are already indexed
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # of which found in the cache
+        self.sliding_window = sliding_window
+        self.null_block = self.pool.take_null() if sliding_window is not None else None
+        self._dropped: dict[str, int] = {}  # leading blocks of the request replaced by the null block
+        self.blocks_dropped = 0  # blocks released early because no query reads them again
 
     # ------------------------------------------------------------------ queries
     @property
@@ -106,16 +119,40 @@ class KVCacheManager:
             return
         hashes = self._request_hashes(request)
         for i in range(done, full):
-            self.pool.cache(blocks[i], hashes[i])
+            if blocks[i] is not self.null_block:
+                self.pool.cache(blocks[i], hashes[i])
         self._num_cached[rid] = full
+
+    def dead_blocks(self, next_position: int) -> int:
+        """How many leading blocks no query at `next_position` or later reads (0 without a window)."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, next_position - self.sliding_window + 1) // self.block_size
+
+    def drop_out_of_window(self, request: Request) -> int:
+        """Release the request's blocks that fell out of the sliding window; returns how many."""
+        blocks = self._blocks.get(request.request_id)
+        dead = self.dead_blocks(request.num_computed_tokens)
+        done = self._dropped.get(request.request_id, 0)
+        if not blocks or dead <= done:
+            return 0
+        dead = min(dead, len(blocks) - 1)  # the block the next token goes to stays
+        gone = blocks[done:dead]
+        assert self.null_block is not None
+        blocks[done:dead] = [self.null_block] * len(gone)
+        self._dropped[request.request_id] = dead
+        self.pool.release(reversed(gone))
+        self.blocks_dropped += len(gone)
+        return len(gone)
 
     def free(self, request_id: str) -> None:
         """Release a request's blocks (tail first, so its last blocks are evicted first)."""
         blocks = self._blocks.pop(request_id, None)
         self._hashes.pop(request_id, None)
         self._num_cached.pop(request_id, None)
+        self._dropped.pop(request_id, None)
         if blocks:
-            self.pool.release(reversed(blocks))
+            self.pool.release(b for b in reversed(blocks) if b is not self.null_block)
 
     def fork(self, parent: Request, child: Request) -> tuple[int, int] | None:
         """Give `child` (the same prompt as `parent`, whose prompt KV is computed) the parent's prompt KV
@@ -130,14 +167,27 @@ class KVCacheManager:
         j = last // self.block_size
         if self.pool.num_free < 1:
             raise NoFreeBlocks("no free block to fork into")
-        self.pool.touch(own[:j])
+        self.pool.touch(b for b in own[:j] if b is not self.null_block)
         [fresh] = self.pool.allocate(1)
         self._blocks[child.request_id] = [*own[:j], fresh]
+        if parent.request_id in self._dropped:
+            self._dropped[child.request_id] = min(self._dropped[parent.request_id], j)
         child.num_computed_tokens = last
         return (own[j].block_id, fresh.block_id) if last % self.block_size else None
 
     def adopt_imported(self, request: Request, num_tokens: int) -> list[int] | None:
-        """Allocate fresh blocks for `num_tokens` of KV arriving from another engine."""
-        if not self.allocate_slots(request, num_tokens):
+        """Allocate fresh blocks for `num_tokens` of KV arriving from another engine; returns the ids
+        of the blocks to fill: all of them, or with a sliding window the live tail only (the dead
+        head points at the null block and is never moved). None when the pool cannot supply them."""
+        total = cdiv(num_tokens, self.block_size)
+        dead = min(self.dead_blocks(num_tokens), total - 1)
+        if self.pool.num_free < total - dead:
             return None
-        return self.block_ids(request.request_id)
+        new = self.pool.allocate(total - dead)
+        head: list[Block] = []
+        if dead:
+            assert self.null_block is not None
+            head = [self.null_block] * dead
+            self._dropped[request.request_id] = dead
+        self._blocks[request.request_id] = [*head, *new]
+        return [b.block_id for b in new]

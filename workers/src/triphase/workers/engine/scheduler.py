@@ -175,6 +175,7 @@ class Scheduler:
                 continue  # preempted or aborted after being scheduled
             request.num_computed_tokens += item.num_new_tokens
             self.kv.cache_computed_blocks(request)
+            self.kv.drop_out_of_window(request)
             token = sampled.get(request.request_id)
             if token is not None:
                 request.append_token(token)

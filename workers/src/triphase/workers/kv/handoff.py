@@ -61,8 +61,9 @@ class KvHandOff:
             nixl = self.nixl
 
             async def fill(dst: list[int]) -> None:
+                src = list(kv.block_ids)[len(kv.block_ids) - len(dst):]  # the live tail (sliding windows)
                 moved = await asyncio.to_thread(nixl.read, kv.nixl_agent_metadata, kv.kv_base_address,
-                                                list(kv.block_ids), dst, remote_memory=kv.kv_memory,
+                                                src, dst, remote_memory=kv.kv_memory,
                                                 remote_device=kv.kv_device_id)
                 self.bytes_received["nixl"] += moved
                 if not await self.release_source(kv):  # whole only if the pin held (module docstring)

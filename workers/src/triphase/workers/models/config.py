@@ -78,6 +78,13 @@ class ModelConfig:
         return None
 
     @property
+    def uniform_window(self) -> int | None:
+        """The sliding window when every layer slides (then KV older than it is never read again)."""
+        if self.layer_types and all(t == SLIDING for t in self.layer_types):
+            return self.sliding_window
+        return None
+
+    @property
     def num_query_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
