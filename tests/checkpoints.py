@@ -72,3 +72,71 @@ def png(seed: int, width: int, height: int, mode: str = "RGB") -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels if len(mode) > 1 else pixels[..., 0], mode).save(out, format="PNG")
     return out.getvalue()
+
+
+# ---------------------------------------------------------------- one small checkpoint per model family
+FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma3", "phi3"]
+TINY_VOCAB = 96
+TINY_WINDOW = 12  # shorter than the tests' longer prompts, so sliding layers really drop keys
+
+
+def family_config(kind: str, *, vocab: int = TINY_VOCAB, hidden: int = 64, intermediate: int = 96, layers: int = 3,
+                  heads: int = 4, kv_heads: int = 2, head_dim: int | None = None, experts: int | None = None,
+                  top_k: int | None = None, moe_intermediate: int = 32, window: int = TINY_WINDOW) -> Any:
+    """A transformers config of family `kind`, tiny by default, exercising what sets the family apart:
+    Llama 3 rope scaling (untied), Qwen2 qkv bias (tied), Qwen3 q/k norms with a head_dim of its own,
+    Qwen3-MoE top-k without renormalisation and a dense layer among sparse ones, Mixtral top-2 with a
+    sliding window on every layer, Gemma 3 (interleaved sliding and global layers with their own rotary
+    bases, linear scaling on the global ones, soft-capped logits), Phi-3 (fused matrices, sliding)."""
+    import transformers
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+                  initializer_range=0.4, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind == "llama":
+        return transformers.LlamaConfig(
+            **common, tie_word_embeddings=False, rms_norm_eps=1e-5,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+            rope_theta=50000.0,
+        )
+    if kind == "qwen2":
+        return transformers.Qwen2Config(**common, tie_word_embeddings=True, rms_norm_eps=1e-6)
+    if kind == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=head_dim or 24, tie_word_embeddings=False)
+    if kind == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(**common, head_dim=head_dim or 16, num_experts=experts or 8,
+                                           num_experts_per_tok=top_k or 3, moe_intermediate_size=moe_intermediate,
+                                           mlp_only_layers=[1], norm_topk_prob=False)
+    if kind == "mixtral":
+        return transformers.MixtralConfig(**common, num_local_experts=experts or 4, num_experts_per_tok=top_k or 2,
+                                          sliding_window=window)
+    if kind == "gemma3":
+        return transformers.Gemma3TextConfig(
+            **common, head_dim=head_dim or 16, query_pre_attn_scalar=24, sliding_window=window,
+            layer_types=["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)],
+            final_logit_softcapping=3.0,
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        )
+    assert kind == "phi3", kind
+    return transformers.Phi3Config(**common, sliding_window=window)
+
+
+def build_checkpoint(kind: str, folder: pathlib.Path, **sizes: Any) -> Any:
+    """Write a random checkpoint of `family_config(kind, **sizes)` with a word tokenizer to `folder`
+    (safetensors); returns the transformers model (float32, eval mode, EOS off: always max tokens)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(FAMILIES.index(kind) + 1234)
+    model = transformers.AutoModelForCausalLM.from_config(family_config(kind, **sizes)).eval()
+    for name, param in model.named_parameters():  # the default init is too small to tell mistakes apart
+        if "norm" in name:
+            param.data.normal_(0 if kind == "gemma3" else 1, 0.2)
+        elif "bias" in name:
+            param.data.normal_(0, 0.2)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(folder, safe_serialization=True)
+    write_word_tokenizer(folder, sizes.get("vocab", TINY_VOCAB))
+    return model

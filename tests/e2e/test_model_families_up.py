@@ -12,7 +12,8 @@ import openai
 import pytest
 import torch
 
-from tests.integration.engine.test_tiny_checkpoints import VOCAB, build_checkpoint
+from tests.checkpoints import TINY_VOCAB as VOCAB
+from tests.checkpoints import build_checkpoint
 from triphase.local.processes import triphase_up
 
 pytestmark = pytest.mark.slow

@@ -1,79 +1,20 @@
-"""Tiny random-weight checkpoints of every supported family, written to safetensors by the test and
-loaded by both transformers (the oracle, float32) and triphase: logits within 1e-4 and identical greedy
-tokens, prompts chunked across steps and decoded in a batch.
-
-What each one covers: Llama (Llama 3 rope scaling, untied), Qwen2 (qkv bias, tied), Qwen3 (q/k norms),
-Qwen3-MoE (top-k routing without renormalisation, a dense layer among sparse ones), Mixtral (top-2,
-renormalised, sliding window on every layer), Gemma 3 (1 + w norms, sandwich norms, scaled
-embeddings, tanh-GELU, interleaved sliding and global layers with their own rotary bases, linear
-scaling on the global ones, soft-capped logits), Phi-3 (fused q|k|v and gate|up, sliding window)."""
+"""Tiny random-weight checkpoints of every supported family (tests/checkpoints.py `family_config` says
+what each exercises), written to safetensors by the test and loaded by both transformers (the oracle,
+float32) and triphase: logits within 1e-4 and identical greedy tokens, prompts chunked across steps and
+decoded in a batch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.checkpoints import write_word_tokenizer
+from tests.checkpoints import FAMILIES, TINY_VOCAB, build_checkpoint
 from triphase.workers.engine.core import Engine, EngineConfig
 from triphase.workers.engine.sampling import SamplingParams
 from triphase.workers.models.loader import load_model
 
 pytestmark = pytest.mark.slow
-VOCAB = 96
-FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma3", "phi3"]
-# A window shorter than the longer prompts, so the sliding layers really drop keys.
-WINDOW = 12
-
-
-def transformers_config(kind):
-    import transformers
-
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  initializer_range=0.4, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if kind == "llama":
-        return transformers.LlamaConfig(
-            **common, tie_word_embeddings=False, rms_norm_eps=1e-5,
-            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
-            rope_theta=50000.0,
-        )
-    if kind == "qwen2":
-        return transformers.Qwen2Config(**common, tie_word_embeddings=True, rms_norm_eps=1e-6)
-    if kind == "qwen3":
-        return transformers.Qwen3Config(**common, head_dim=24, tie_word_embeddings=False)
-    if kind == "qwen3_moe":
-        return transformers.Qwen3MoeConfig(**common, head_dim=16, num_experts=8, num_experts_per_tok=3,
-                                           moe_intermediate_size=32, mlp_only_layers=[1], norm_topk_prob=False)
-    if kind == "mixtral":
-        return transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2,
-                                          sliding_window=WINDOW)
-    if kind == "gemma3":
-        return transformers.Gemma3TextConfig(
-            **common, head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=3.0,
-            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
-                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
-        )
-    assert kind == "phi3"
-    return transformers.Phi3Config(**common, sliding_window=WINDOW)
-
-
-def build_checkpoint(kind, folder):
-    import transformers
-
-    torch.manual_seed(FAMILIES.index(kind) + 1234)
-    config = transformers_config(kind)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    for name, param in model.named_parameters():  # the default init is too small to tell mistakes apart
-        if "norm" in name:
-            param.data.normal_(0 if kind == "gemma3" else 1, 0.2)
-        elif "bias" in name:
-            param.data.normal_(0, 0.2)
-    model.generation_config.eos_token_id = None  # like ignore_eos: always 24 tokens
-    model.save_pretrained(folder, safe_serialization=True)
-    write_word_tokenizer(folder, VOCAB)
-    return model
+VOCAB = TINY_VOCAB
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
