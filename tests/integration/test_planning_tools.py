@@ -84,3 +84,22 @@ def test_bad_arguments_are_one_line_errors(tmp_path: pathlib.Path, args: list[st
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0], proc.stderr
+
+
+def test_profiling_a_mixture_of_experts_model_records_its_experts(tmp_path: pathlib.Path) -> None:
+    """`triphase profile` on a Qwen3-MoE checkpoint: the profile carries its experts and top-k, so the
+    planner and the sim engine predict its step times with the experts a batch touches."""
+    from tests.checkpoints import build_checkpoint
+
+    build_checkpoint("qwen3_moe", tmp_path / "moe")
+    measured = tmp_path / "moe.json"
+    proc = triphase("profile", "--model", str(tmp_path / "moe"), "--dtype", "float32", "--prompt-lengths", "16,64",
+                    "--batch-sizes", "1,2,8", "--contexts", "16,32", "--decode-steps", "2", "--repeats", "1",
+                    "-o", str(measured))
+    assert proc.returncode == 0, proc.stderr
+    profile = Profile.load(measured)
+    assert (profile.experts, profile.top_k) == (8, 3)
+    assert profile.decode_step_s(8, 256) > profile.decode_step_s(1, 32) > 0
+    replayed = tmp_path / "replayed.json"
+    proc = triphase("profile", "--engine", "sim", "--sim-profile", str(measured), *SMALL, "-o", str(replayed))
+    assert proc.returncode == 0, proc.stderr

@@ -27,8 +27,30 @@ def test_a_fit_recovers_the_linear_models_and_survives_a_round_trip(tmp_path: pa
     assert Profile.load(tmp_path / "p.json") == profile
 
 
+def test_a_mixture_of_experts_fit_captures_the_experts_a_batch_touches(tmp_path: pathlib.Path) -> None:
+    """64 experts, top-4: a decode step reads the experts its tokens touch, which grow with the batch
+    until all are touched (concave in b). The fit recovers the per-expert cost; a dense (linear) fit of
+    the same points mispredicts a batch it was not given."""
+    truth = Profile(0, 0, 0.004, 0.0001, 0.0, decode_per_expert_s=0.0005, experts=64, top_k=4)
+    assert truth.experts_touched(1) == pytest.approx(4) and truth.experts_touched(1000) == pytest.approx(64)
+    prefill = [(n, 0.01 + 0.001 * n) for n in (16, 256)]
+    decode = [(b, b * c, truth.decode_step_s(b, b * c)) for b in (1, 2, 4, 8, 16, 64) for c in (64, 512)]
+    moe = Profile.fit(prefill, decode, experts=64, top_k=4)
+    assert moe.decode_per_expert_s == pytest.approx(0.0005, rel=1e-6)
+    assert moe.decode_step_s(32, 0) == pytest.approx(truth.decode_step_s(32, 0), rel=1e-6)
+    dense = Profile.fit(prefill, decode)
+    assert abs(dense.decode_step_s(32, 0) - truth.decode_step_s(32, 0)) > 0.1 * truth.decode_step_s(32, 0)
+    moe.save(tmp_path / "moe.json")
+    assert Profile.load(tmp_path / "moe.json") == moe
+    assert json.loads((tmp_path / "moe.json").read_text())["moe"] == {"experts": 64, "top_k": 4}
+    assert "moe" not in dense.to_json() and dense.experts_touched(8) == 0
+
+
 @pytest.mark.parametrize("content, words", [
     ({"version": 2}, "version 2, expected 1"),
+    ({"version": 1, "fit": {"prefill_base_s": 0, "prefill_per_token_s": 0, "decode_base_s": 0,
+                            "decode_per_seq_s": 0, "decode_per_context_token_s": 0},
+      "moe": {"experts": 8, "top_k": 9}}, "moe needs 1 <= top_k <= experts"),
     ({"version": 1, "fit": {"prefill_base_s": -1, "prefill_per_token_s": 0, "decode_base_s": 0,
                             "decode_per_seq_s": 0, "decode_per_context_token_s": 0}}, "coefficients must be"),
     ({"version": 1}, "'fit'"),

@@ -102,7 +102,9 @@ class Profiler:
                 seconds = self.decode_step_seconds(batch, context, steps)
                 decode.append((batch, batch * context, seconds))
                 self.say(f"decode  {batch:>4} x {context:>5} context: {seconds * 1e3:8.2f} ms/step")
-        return Profile.fit(prefill, decode, model=self.engine.model_config.name, engine=engine_name)
+        moe = self.engine.model_config.moe
+        return Profile.fit(prefill, decode, model=self.engine.model_config.name, engine=engine_name,
+                           experts=moe.num_experts if moe else 0, top_k=moe.top_k if moe else 0)
 
 
 def _sizes(text: str, flag: str) -> list[int]:
@@ -160,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     profile.save(output)
     say(f"prefill {profile.prefill_base_s * 1e3:.2f} ms + {profile.prefill_per_token_s * 1e3:.4f} ms/token; decode "
         f"{profile.decode_base_s * 1e3:.2f} ms + {profile.decode_per_seq_s * 1e3:.3f} ms/sequence + "
-        f"{profile.decode_per_context_token_s * 1e6:.3f} us/context token")
+        f"{profile.decode_per_context_token_s * 1e6:.3f} us/context token"
+        + (f" + {profile.decode_per_expert_s * 1e3:.3f} ms/expert touched" if profile.experts else ""))
     sys.stdout.write(f"{output}\n")
     return 0
