@@ -85,12 +85,14 @@ def run_triphase(spec: dict, quick: bool) -> dict:
     return result
 
 
-def decode_rate(engine, batch: int, tag: str, tokens: int = DECODE_TOKENS) -> float:
-    """Aggregate tokens/s of the decode phase: all prompts are prefilled before the clock starts."""
+def decode_rate(engine, batch: int, tag: str, tokens: int = DECODE_TOKENS,
+                batch_prompts: list[list[int]] | None = None) -> float:
+    """Aggregate tokens/s of the decode phase: all prompts (`batch_prompts`, or `batch` 16-token ones)
+    are prefilled before the clock starts."""
     from triphase.workers.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    batch_prompts = prompts(engine.tokenizer, batch, 16)
+    batch_prompts = batch_prompts or prompts(engine.tokenizer, batch, 16)
     reqs = [engine.add_request(f"{tag}-{i}", p, params) for i, p in enumerate(batch_prompts)]
     while any(r.num_output_tokens == 0 for r in reqs):
         engine.step()
