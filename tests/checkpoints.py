@@ -82,7 +82,8 @@ TINY_WINDOW = 12  # shorter than the tests' longer prompts, so sliding layers re
 
 def family_config(kind: str, *, vocab: int = TINY_VOCAB, hidden: int = 64, intermediate: int = 96, layers: int = 3,
                   heads: int = 4, kv_heads: int = 2, head_dim: int | None = None, experts: int | None = None,
-                  top_k: int | None = None, moe_intermediate: int = 32, window: int = TINY_WINDOW) -> Any:
+                  top_k: int | None = None, moe_intermediate: int = 32, window: int = TINY_WINDOW,
+                  dense_layers: tuple[int, ...] = (1,)) -> Any:
     """A transformers config of family `kind`, tiny by default, exercising what sets the family apart:
     Llama 3 rope scaling (untied), Qwen2 qkv bias (tied), Qwen3 q/k norms with a head_dim of its own,
     Qwen3-MoE top-k without renormalisation and a dense layer among sparse ones, Mixtral top-2 with a
@@ -107,7 +108,7 @@ def family_config(kind: str, *, vocab: int = TINY_VOCAB, hidden: int = 64, inter
     if kind == "qwen3_moe":
         return transformers.Qwen3MoeConfig(**common, head_dim=head_dim or 16, num_experts=experts or 8,
                                            num_experts_per_tok=top_k or 3, moe_intermediate_size=moe_intermediate,
-                                           mlp_only_layers=[1], norm_topk_prob=False)
+                                           mlp_only_layers=list(dense_layers), norm_topk_prob=False)
     if kind == "mixtral":
         return transformers.MixtralConfig(**common, num_local_experts=experts or 4, num_experts_per_tok=top_k or 2,
                                           sliding_window=window)

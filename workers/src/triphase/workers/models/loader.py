@@ -24,13 +24,15 @@ from triphase.common.errors import UserError
 from triphase.common.model_files import gguf_metadata, gguf_reader, is_gguf, resolve
 from triphase.common.vision import VisionConfig, vision_config_from_hf
 from triphase.workers.models import families
-from triphase.workers.models.config import ModelConfig, RopeScaling
+from triphase.workers.models.config import ModelConfig, MoeConfig, RopeScaling
 from triphase.workers.models.image_processing import ImageProcessor
 from triphase.workers.models.quant import Q4_0, Q4_1, Q4Blocks, parse_gguf_q4
 
 logger = logging.getLogger(__name__)
 
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+# general.architecture in a GGUF file -> the family name ModelConfig.architecture carries
+GGUF_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
+GGUF_ARCHITECTURES = tuple(GGUF_FAMILIES)
 T = TypeVar("T")
 Progress = Callable[[Iterable[T], int, str], Iterable[T]]
 
@@ -82,7 +84,13 @@ _GGUF_LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",
 }
+# llama.cpp stacks a sparse layer's experts into one [experts, rows, cols] tensor per matrix
+_GGUF_EXPERT_NAMES = {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "up_proj",
+                      "ffn_down_exps.weight": "down_proj"}
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -112,7 +120,7 @@ def _load_gguf(path: str, dtype: torch.dtype, progress: Progress[Any], keep_quan
             continue
         heads = _rope_heads(arch, name, config)
         kind = tensor.tensor_type.name
-        if keep_quantized and kind in (Q4_0, Q4_1) and name.endswith("_proj.weight"):
+        if keep_quantized and kind in (Q4_0, Q4_1) and name.endswith("_proj.weight") and len(tensor.shape) == 2:
             blocks = parse_gguf_q4(tensor.data, kind, int(tensor.shape[1]), int(tensor.shape[0]))
             if heads:
                 blocks = blocks.permute_rows(_unpermute_rope_rows(np.arange(blocks.shape[0]), heads))
@@ -125,6 +133,10 @@ def _load_gguf(path: str, dtype: torch.dtype, progress: Progress[Any], keep_quan
         array = np.array(array, dtype=np.float32, copy=True).reshape(shape)
         if heads:
             array = _unpermute_rope_rows(array, heads)
+        if "{expert}" in name:  # one tensor per expert, as Hugging Face names them
+            for expert, matrix in enumerate(array):
+                weights[name.format(expert=expert)] = torch.from_numpy(matrix).to(dtype)
+            continue
         weights[name] = torch.from_numpy(array).to(dtype)
     config = _check_complete(weights, config, path)
     return LoadedModel(config, weights, tokenizer, path, quantized)
@@ -148,6 +160,8 @@ def _gguf_to_hf_name(name: str) -> str | None:
         _, index, rest = name.split(".", 2)
         if rest in _GGUF_LAYER_NAMES:
             return f"model.layers.{index}.{_GGUF_LAYER_NAMES[rest]}"
+        if rest in _GGUF_EXPERT_NAMES:
+            return f"model.layers.{index}.mlp.experts.{{expert}}.{_GGUF_EXPERT_NAMES[rest]}.weight"
     return None  # e.g. rope_freqs: recomputed from the config
 
 
@@ -174,12 +188,18 @@ def _gguf_config(meta: dict[str, Any], arch: str, path: str) -> ModelConfig:
     vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
     eos = meta.get("tokenizer.ggml.eos_token_id")
     bos = meta.get("tokenizer.ggml.bos_token_id")
+    layers = int(get("block_count"))
+    moe = None
+    if meta.get(f"{arch}.expert_count"):  # llama.cpp's qwen3moe always renormalises the top-k weights
+        moe = MoeConfig(num_experts=int(get("expert_count")), top_k=int(get("expert_used_count")),
+                        intermediate_size=int(get("expert_feed_forward_length")), normalize_top_k=True,
+                        layers=tuple(range(layers)))
     return ModelConfig(
-        architecture=arch,
+        architecture=GGUF_FAMILIES[arch],
         vocab_size=int(vocab),
         hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_hidden_layers=int(get("block_count")),
+        intermediate_size=int(meta.get(f"{arch}.feed_forward_length") or get("expert_feed_forward_length")),
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=int(get("attention.head_count_kv", heads)),
         head_dim=int(meta.get(f"{arch}.attention.key_length") or hidden // heads),
@@ -192,6 +212,8 @@ def _gguf_config(meta: dict[str, Any], arch: str, path: str) -> ModelConfig:
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=(int(eos),) if eos is not None else (),
         name=str(meta.get("general.name") or os.path.basename(path)),
+        qk_norm=arch in ("qwen3", "qwen3moe"),
+        moe=moe,
     )
 
 
