@@ -1,7 +1,8 @@
-"""Tiny random Qwen3-MoE and Gemma 3 checkpoints served by `triphase up` (prefill worker -> NIXL ->
-decode worker, float32): greedy completions token for token equal to transformers on the same files.
-The Gemma 3 prompts are longer than its sliding window, so the decode worker's sliding layers read
-a window of KV it received from the prefill worker."""
+"""A tiny random checkpoint of every family served by `triphase up` (prefill worker -> NIXL -> decode
+worker, float32): greedy completions token for token equal to transformers on the same files. The
+longer prompt exceeds the sliding window of Mixtral, Gemma 3 and Phi-3, so the decode worker's
+sliding layers read a window of KV it received (for Mixtral and Phi-3, whose every layer slides,
+only the live tail of the prompt's blocks is moved)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ import openai
 import pytest
 import torch
 
+from tests.checkpoints import FAMILIES, build_checkpoint
 from tests.checkpoints import TINY_VOCAB as VOCAB
-from tests.checkpoints import build_checkpoint
 from triphase.local.processes import triphase_up
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "gemma3"])
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_greedy_completions_through_the_hand_off_equal_transformers(kind, tmp_path):
     reference = build_checkpoint(kind, tmp_path)
     gen = torch.Generator().manual_seed(11)
