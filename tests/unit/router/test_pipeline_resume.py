@@ -291,3 +291,47 @@ def test_n_choices_resume_each_on_its_own_with_its_seed() -> None:
     assert per_choice == {0: [5, 8, IM_END], 1: [6, 8, IM_END]}
     assert sorted(call[1:] for call in client.calls[1:]) == [([1, 9, 5], 1), ([1, 9, 6], 1)]
     assert client.seeds[0] == 3 and sorted(client.seeds[1:], key=str) == sorted([3, choice_seed(3, 1)], key=str)
+
+
+class SiblingsClient(Client):
+    """a:1 streams two choices' first tokens and fails; of the two resumed choices, the one placed first
+    gets one token and its worker then fails (once its sibling has been placed elsewhere: the trace's
+    last placement is the sibling's); every later call answers 8, stop."""
+
+    def __init__(self) -> None:
+        super().__init__({"a:1": ([Delta([5], "x", index=0), Delta([6], "y", index=1)], True)})
+
+    async def generate(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
+                       resumed_output_tokens: int = 0, images: Sequence[PromptImage] = (),
+                       ) -> AsyncGenerator[Delta, None]:
+        if endpoint == "a:1":
+            async for delta in super().generate(endpoint, request_id, prompt, sampling, resumed_output_tokens,
+                                                images):
+                yield delta
+            return
+        self.calls.append((endpoint, prompt, resumed_output_tokens))
+        if len(self.calls) == 2:  # the first resumed choice
+            yield Delta([7], "v")
+            while len(self.calls) < 3:
+                await asyncio.sleep(0)
+            raise WorkerFailed("UNAVAILABLE: Stream removed (Socket closed)")
+        yield Delta([8], "w")
+        yield Delta([IM_END], "", "stop")
+
+
+def test_a_resumed_choice_that_fails_blames_its_own_worker_not_its_siblings() -> None:
+    from triphase.router.policy.routing import POLICIES
+
+    client = SiblingsClient()
+    registry = Registry([WorkerView(w, f"{w}:1", Role.DECODE) for w in "abc"])
+    pipeline = Pipeline(registry, client, RouterMetrics("m"), budgets=Budgets(placement_wait_s=1),  # type: ignore[arg-type]
+                        policy=POLICIES["round-robin"])
+
+    async def collect() -> list[Delta]:
+        return [d async for d in pipeline.run([1, 9], Sampling(max_tokens=8, temperature=1.0, seed=3, n=2))]
+
+    deltas = asyncio.run(collect())
+    assert all(any(d.index == i and d.finish_reason == "stop" for d in deltas) for i in (0, 1))
+    first, sibling = client.calls[1][0], client.calls[2][0]
+    assert first != sibling  # the two choices went to different workers
+    assert registry.unhealthy == ["a:1", first]  # not the sibling's worker, placed after it

@@ -86,6 +86,14 @@ class Trace:
     client_gone: bool = False  # the client hung up before the end (set by the HTTP layer)
 
 
+def _choice_trace(trace: Trace, index: int) -> Trace:
+    """A resumed choice's own trace: its placement is its own (a failure blames the worker that served
+    this choice, not the one a sibling was placed on last) and so are its resumed request ids; the
+    list of attempts stays the request's."""
+    return dataclasses.replace(trace, request_id=f"{trace.request_id}-c{index}", decode_worker=None,
+                               decode_endpoint=None)
+
+
 class Pipeline:
     def __init__(self, registry: Registry, client: WorkerClient, metrics: RouterMetrics, *,
                  block_size: int = 16, budgets: Budgets = Budgets(), prefix_salt: bytes = b"",
@@ -177,7 +185,7 @@ class Pipeline:
             logger.warning("%s: %d of %d choices unfinished on %s (%s); resuming each on its own", trace.request_id,
                            finished.count(False), sampling.n, trace.decode_worker, exc)
         resumes = {i: self._attempts(prompt, dataclasses.replace(sampling, n=1, seed=choice_seed(sampling.seed, i)),
-                                     trace, images, sent[i], set(failed), Attempt.MIGRATE)
+                                     _choice_trace(trace, i), images, sent[i], set(failed), Attempt.MIGRATE)
                    for i in range(sampling.n) if not finished[i]}
         async with contextlib.aclosing(_merged(resumes)) as deltas:
             async for index, delta in deltas:
