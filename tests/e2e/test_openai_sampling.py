@@ -137,10 +137,17 @@ def test_json_object_and_schema_streamed_equal_the_engine(client, model, engine,
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == expected.text
     jsonschema.validate(json.loads(text), schema)
+    # json_object: the same tokens as the engine under the same grammar, ending in a complete object (a
+    # prompt whose greedy object closes well within max_tokens, so the check is never vacuous)
+    messages = [{"role": "user", "content": "Give me a JSON object with the keys name and age for a person "
+                                            "called Ann who is 31."}]
+    prompt = loaded_model.tokenizer.encode_chat(messages)
+    free = engine.generate([prompt], SamplingParams(max_tokens=60, temperature=0, grammar=grammar.json_object()))[0]
+    assert free.finish_reason == "stop"
     anything = client.chat.completions.create(model=model, messages=messages, max_tokens=60, temperature=0,
                                               response_format={"type": "json_object"})
-    if anything.choices[0].finish_reason == "stop":
-        assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    assert anything.choices[0].finish_reason == "stop" and anything.choices[0].message.content == free.text
+    assert isinstance(json.loads(free.text), dict)
 
 
 def test_choice_and_regex_extensions(client, model):
