@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from roles import SWITCHING, TIMING, balancer_metrics_url, switch_counts
 
 from tests.chaos import PROMPTS, Killer, Outcome, all_idle, children, load, rss_mib
-from triphase.common import mtls
+from triphase.common.security import mtls
 from triphase.local.processes import http_ok, triphase_up, up_bundle, wait_for
 
 MAX_TOKENS = 24

@@ -117,7 +117,7 @@ def run_hf(spec: dict, quick: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from triphase.common.model_files import bundled_model_path
+    from triphase.common.models.files import bundled_model_path
     from triphase.workers.models.loader import load_model
 
     path = bundled_model_path()

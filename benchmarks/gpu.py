@@ -108,7 +108,7 @@ def hf_model(device, dtype: str, path: str | None = None):  # type: ignore[no-un
     import torch
     from transformers import AutoModelForCausalLM
 
-    from triphase.common.model_files import bundled_model_path
+    from triphase.common.models.files import bundled_model_path
 
     path = path or MODEL
     if path is None:
@@ -395,7 +395,7 @@ def stage_mixed(args, device) -> dict:  # type: ignore[no-untyped-def]
 def export_tokenizer(folder: pathlib.Path) -> None:
     """The bundled model's tokenizer as tokenizer.json + tokenizer_config.json (a few MiB: what a machine
     that cannot take the 98 MB GGUF needs for --random-model)."""
-    from triphase.common.model_files import load_tokenizer
+    from triphase.common.models.files import load_tokenizer
 
     tok, _ = load_tokenizer(None)
     folder.mkdir(parents=True, exist_ok=True)

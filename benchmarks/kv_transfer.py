@@ -76,6 +76,7 @@ def measure(repeats: int) -> dict:  # type: ignore[type-arg]
     import torch
 
     from triphase.api.v1 import worker_pb2 as pb
+    from triphase.common.worker_stubs import WorkerStubs
     from triphase.workers.engine.kv_layout import transfer_plan
     from triphase.workers.engine.model_runner import allocate_kv
     from triphase.workers.kv import grpc_stream
@@ -95,7 +96,7 @@ def measure(repeats: int) -> dict:  # type: ignore[type-arg]
     local_src = torch.randn((max_blocks, *layout.shape[1:]), dtype=torch.float32).to(torch.bfloat16)
     nixl = NixlConnector("bench-dest", cache, layout)
     loop = asyncio.new_event_loop()
-    pool = grpc_stream.ChannelPool()
+    pool = WorkerStubs(options=grpc_stream.CHANNEL_OPTIONS)
     rows = []
     try:
         for tokens in TOKENS:

@@ -97,7 +97,7 @@ def bench_families(folder: pathlib.Path, families: list[str]) -> dict:
     log("  smollm2 (bundled GGUF)")
     from transformers import AutoModelForCausalLM
 
-    from triphase.common.model_files import bundled_model_path
+    from triphase.common.models.files import bundled_model_path
 
     bundled = pathlib.Path(bundled_model_path())
     reference = AutoModelForCausalLM.from_pretrained(bundled.parent, gguf_file=bundled.name, dtype=torch.float32).eval()

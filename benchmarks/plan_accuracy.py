@@ -36,7 +36,7 @@ from report import ROOT, figure, log, pct, save_figure, update_section
 from stack import profile, router, start_triphase, stop_all, stream_completion
 
 sys.path.insert(0, str(ROOT))
-from triphase.common.net import free_port
+from triphase.common.process.net import free_port
 from triphase.common.profile import Profile
 from triphase.control.simulate import Request, simulate
 

@@ -32,7 +32,7 @@ import time
 from report import ROOT, cpu_seconds, figure, log, pct, save_figure, update_section
 from stack import http_ok, router, spawn, stop_all, stream_completion, wait_until, worker
 
-from triphase.common.net import free_port
+from triphase.common.process.net import free_port
 
 CONCURRENCY = (1, 16, 64)
 TOKENS = 16

@@ -27,7 +27,7 @@ import time
 from report import ROOT, cpu_seconds, figure, log, pct, save_figure, update_section
 from stack import router, stop_all, stream_completion, worker
 
-from triphase.common import mtls, pki
+from triphase.common.security import mtls, pki
 
 CONCURRENCY = (1, 16)
 TOKENS = 16

@@ -19,7 +19,7 @@ import psutil
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
-from triphase.common import mtls
+from triphase.common.security import mtls
 
 PROMPTS = ["What is the capital of France?", "Name three colors.", "Why do cats purr?", "What is 2 + 2?",
            "Give me a name for a turtle.", "What is rain made of?", "Say hello in Spanish.", "Why is ice cold?"]

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from triphase.common.model_files import bundled_model_path
+from triphase.common.models.files import bundled_model_path
 from triphase.workers.engine.core import Engine, EngineConfig
 from triphase.workers.models.loader import LoadedModel, load_model
 

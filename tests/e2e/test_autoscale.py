@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from tests.load import load_in_background
-from triphase.common.net import free_port
+from triphase.common.process.net import free_port
 from triphase.local.processes import triphase_up, wait_for
 
 pytestmark = pytest.mark.slow

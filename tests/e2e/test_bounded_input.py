@@ -14,7 +14,7 @@ import urllib.request
 import openai
 import pytest
 
-from triphase.common.model_files import load_tokenizer
+from triphase.common.models.files import load_tokenizer
 from triphase.local.processes import triphase_process, wait_for
 
 pytestmark = pytest.mark.slow

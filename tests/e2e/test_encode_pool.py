@@ -17,12 +17,12 @@ import pytest
 from tests.checkpoints import build_llava, png
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
-from triphase.common import mtls
 from triphase.common.block_hash import ImageSpan
 from triphase.common.images import ImageLimits, decode, digest
-from triphase.common.model_files import load_tokenizer
-from triphase.common.net import free_port
-from triphase.common.tokenizer import ImageSlot
+from triphase.common.models.files import load_tokenizer
+from triphase.common.models.tokenizer import ImageSlot
+from triphase.common.process.net import free_port
+from triphase.common.security import mtls
 from triphase.control.balancer import Slo
 from triphase.control.planner import Planner
 from triphase.control.signals import MetricsUnavailable, PrometheusSignals, http_query

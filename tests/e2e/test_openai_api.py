@@ -16,7 +16,7 @@ import pytest
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
-from triphase.common import mtls
+from triphase.common.security import mtls
 from triphase.local.processes import triphase_up, up_bundle, wait_for
 from triphase.workers.engine.sampling import SamplingParams
 

@@ -35,7 +35,7 @@ def test_generate_streams_text_and_reports_speed():
 
 
 def corrupt_gguf(tmp_path):
-    from triphase.common.model_files import bundled_model_path
+    from triphase.common.models.files import bundled_model_path
 
     with open(bundled_model_path(), "rb") as handle:
         data = handle.read(4096)  # header and part of the metadata, then nothing

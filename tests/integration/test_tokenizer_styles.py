@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from triphase.common.tokenizer import from_hf_files
+from triphase.common.models.tokenizer import from_hf_files
 
 CORPUS = ["Hello world, this is a small corpus.", "The quick brown fox jumps over the lazy dog!",
           "naïve café über 東京 123 4567", "  leading spaces and\ttabs\nnewlines"] * 40
@@ -80,7 +80,7 @@ def test_a_llama_architecture_directory_follows_its_tokenizer_not_its_architectu
     transformers; a Llama 3 one gets its BOS from the post-processor. The router and the worker agree."""
     import transformers
 
-    from triphase.common.model_files import load_tokenizer
+    from triphase.common.models.files import load_tokenizer
 
     write_tokenizer(style, tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "eos_token_id": 0}))

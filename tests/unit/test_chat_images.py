@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from triphase.common.model_files import load_tokenizer
-from triphase.common.tokenizer import ImageSlot
+from triphase.common.models.files import load_tokenizer
+from triphase.common.models.tokenizer import ImageSlot
 
 SLOT = ImageSlot(token_id=7, count=4)
 

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from triphase.common.endpoints_file import follow, read_endpoints, write_endpoints
+from triphase.common.process.endpoints_file import follow, read_endpoints, write_endpoints
 
 
 def test_endpoints_are_read_sorted_and_deduplicated(tmp_path: pathlib.Path) -> None:

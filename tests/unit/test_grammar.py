@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from triphase.common import grammar
-from triphase.common.model_files import load_tokenizer
+from triphase.common.models.files import load_tokenizer
 
 MAX_TOKENS = 400
 

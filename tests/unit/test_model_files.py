@@ -8,7 +8,7 @@ import pytest
 import tokenizers
 
 from triphase.common.errors import UserError
-from triphase.common.model_files import bundled_model_path, check_format, load_tokenizer
+from triphase.common.models.files import bundled_model_path, check_format, load_tokenizer
 
 TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
 

@@ -1,4 +1,4 @@
-"""The deployment CA and component certificates (common/pki.py), and the bundle that carries them."""
+"""The deployment CA and component certificates (common/security/pki.py), and the bundle that carries them."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from triphase.common import mtls, pki
 from triphase.common.errors import UserError
+from triphase.common.security import mtls, pki
 
 NOW = datetime.datetime(2026, 11, 30, tzinfo=datetime.UTC)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from triphase.common.pods import pod_endpoint
+from triphase.common.k8s.pods import pod_endpoint
 
 READY = {
     "metadata": {"name": "w"},

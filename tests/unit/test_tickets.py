@@ -1,12 +1,12 @@
-"""KV and embedding tickets (common/tickets.py; workers/signing.py puts them on the messages)."""
+"""KV and embedding tickets (common/security/tickets.py; workers/signing.py puts them on the messages)."""
 
 from __future__ import annotations
 
 import pytest
 
 from triphase.api.v1 import worker_pb2 as pb
-from triphase.common import tickets
-from triphase.common.tickets import TicketRefused
+from triphase.common.security import tickets
+from triphase.common.security.tickets import TicketRefused
 from triphase.workers.signing import Signer
 
 KEY = b"k" * 32

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from triphase.cli import build_parser
-from triphase.common.net import free_port
+from triphase.common.process.net import free_port
 from triphase.local import prometheus
 from triphase.local.cluster import binaries
 from triphase.local.processes import triphase_process

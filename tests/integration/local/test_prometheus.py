@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from triphase.common.net import free_port, wait_until
+from triphase.common.process.net import free_port, wait_until
 from triphase.local import command, prometheus
 from triphase.local.processes import triphase_up
 

@@ -10,7 +10,7 @@ import pathlib
 
 import yaml
 
-from triphase.common.net import free_port
+from triphase.common.process.net import free_port
 from triphase.local.processes import triphase_process
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]

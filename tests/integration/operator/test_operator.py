@@ -20,7 +20,8 @@ from tests.integration.operator.helpers import SAMPLE, operator
 from tests.integration.operator.helpers import apply as _apply
 from tests.integration.operator.helpers import kubectl_json as _json
 from tests.load import load_in_background
-from triphase.common import labels, mtls, pki
+from triphase.common import labels
+from triphase.common.security import mtls, pki
 from triphase.local.cluster import controlplane
 from triphase.local.processes import http_ok, triphase_process, wait_for
 

@@ -16,7 +16,7 @@ import pytest
 from tests.integration.operator.helpers import SAMPLE, apply, kubectl_json, operator
 from tests.load import load_in_background
 from triphase.common import labels
-from triphase.common.net import free_port
+from triphase.common.process.net import free_port
 from triphase.common.profile import Profile
 from triphase.local import prometheus
 from triphase.local.processes import triphase_process, wait_for

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from triphase.common import mtls, pki
+from triphase.common.security import mtls, pki
 from triphase.local.processes import start_triphase, stop_all, wait_for
 from triphase.router.tls import ServerTls
 

@@ -1,4 +1,4 @@
-"""Real workers over mTLS (common/mtls.py): no certificate, no call; each identity calls only its
+"""Real workers over mTLS (common/security/mtls.py): no certificate, no call; each identity calls only its
 methods (workers/authz.py); KV moves only for a valid ticket and a decode worker refuses, without
 connecting, to read from an endpoint no ticket of its deployment names (workers/signing.py)."""
 
@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
-from triphase.common import mtls, pki, tickets
 from triphase.common.block_hash import prompt_block_hashes, salted_root
+from triphase.common.security import mtls, pki, tickets
 from triphase.local.processes import start_triphase, stop_all
 from triphase.workers.signing import KV, kv_fields
 

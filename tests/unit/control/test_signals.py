@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from triphase.common.net import free_port
+from triphase.common.process.net import free_port
 from triphase.control.balancer import Slo
 from triphase.control.signals import MetricsUnavailable, PrometheusSignals, http_query, share_within
 

@@ -8,7 +8,7 @@ import json
 import llguidance
 import pytest
 
-from triphase.common.model_files import load_tokenizer
+from triphase.common.models.files import load_tokenizer
 from triphase.router.errors import BadRequest
 from triphase.router.openai import protocol as p
 from triphase.router.openai import tools

@@ -85,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from triphase.common import logs
     from triphase.common.errors import UserError
-    from triphase.common.lifetime import follow_parent
+    from triphase.common.process import logs
+    from triphase.common.process.lifetime import follow_parent
 
     follow_parent()
     parser = build_parser()

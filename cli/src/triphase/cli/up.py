@@ -30,14 +30,15 @@ import urllib.request
 from prometheus_client import CollectorRegistry, start_http_server
 from pydantic import ValidationError
 
-from triphase.common import images, labels, mtls
+from triphase.common import images, labels
 from triphase.common.errors import UserError
-from triphase.common.model_files import resolve
-from triphase.common.net import check_port, free_port
-from triphase.common.pki import Identity
+from triphase.common.models.files import resolve
+from triphase.common.models.vision import vision_config_of
+from triphase.common.process.net import check_port, free_port
 from triphase.common.profile import Profile
 from triphase.common.roles import Role
-from triphase.common.vision import vision_config_of
+from triphase.common.security import mtls
+from triphase.common.security.pki import Identity
 from triphase.control import main as balancer
 from triphase.control import planner, signals
 from triphase.control.metrics import PlannerMetrics

@@ -21,9 +21,10 @@ import grpc
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.common import labels, role_pb
+from triphase.common.worker_stubs import WorkerStubs
 from triphase.control.balancer import Balancer, Decision, Switch
 from triphase.control.metrics import BalancerMetrics
-from triphase.control.stats import Channels, StatsWatcher
+from triphase.control.stats import StatsWatcher
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class Actuator(Protocol):
 class SetRoleActuator:
     """Switches a worker with its SetRole RPC."""
 
-    def __init__(self, channels: Channels, grace_s: float = 5.0) -> None:
+    def __init__(self, channels: WorkerStubs, grace_s: float = 5.0) -> None:
         self.channels = channels
         self.grace_s = grace_s
 

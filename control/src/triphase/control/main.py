@@ -11,13 +11,15 @@ import pathlib
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from triphase.common import endpoints_file, mtls
-from triphase.common.pki import Identity
-from triphase.common.signals import wait_for_stop_signal
+from triphase.common.process import endpoints_file
+from triphase.common.process.signals import wait_for_stop_signal
+from triphase.common.security import mtls
+from triphase.common.security.pki import Identity
+from triphase.common.worker_stubs import WorkerStubs
 from triphase.control.balancer import Balancer, Settings, Slo
 from triphase.control.loop import BalancerLoop, SetRoleActuator
 from triphase.control.metrics import BalancerMetrics
-from triphase.control.stats import Channels, StatsWatcher
+from triphase.control.stats import StatsWatcher
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def _balance(endpoints: list[str], workers_file: pathlib.Path | None, slo: Slo, settings: Settings,
                    grace_s: float, metrics: BalancerMetrics, bundle: mtls.Bundle | None = None) -> int:
-    channels = Channels(bundle)
+    channels = WorkerStubs(bundle)
     watcher = StatsWatcher(channels)
     watcher.set_endpoints(endpoints)
     loop = BalancerLoop(watcher, SetRoleActuator(channels, grace_s), Balancer(slo, settings), metrics=metrics)

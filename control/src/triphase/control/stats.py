@@ -16,9 +16,9 @@ import time
 import grpc
 
 from triphase.api.v1 import worker_pb2 as pb
-from triphase.api.v1 import worker_pb2_grpc
-from triphase.common import mtls, role_pb
-from triphase.common.signals import cancel_and_wait
+from triphase.common import role_pb
+from triphase.common.process.signals import cancel_and_wait
+from triphase.common.worker_stubs import WorkerStubs
 from triphase.control.balancer import WorkerView
 
 logger = logging.getLogger(__name__)
@@ -36,25 +36,11 @@ def view_of(stats: pb.WorkerStats, seen_at: float) -> WorkerView:
         prefill_tokens_total=stats.prefill_tokens_total)
 
 
-class Channels:
-    """One gRPC channel per endpoint, shared by the watcher and the actuator; over mTLS with a bundle
-    whose certificate says `control` (common/mtls.py), which is what may switch roles."""
-
-    def __init__(self, bundle: mtls.Bundle | None = None) -> None:
-        self._channels = mtls.ChannelCache(bundle)
-
-    def stub(self, endpoint: str) -> worker_pb2_grpc.WorkerServiceStub:
-        return worker_pb2_grpc.WorkerServiceStub(self._channels.get(endpoint))
-
-    async def forget(self, endpoint: str) -> None:
-        await self._channels.drop(endpoint)
-
-    async def close(self) -> None:
-        await self._channels.close()
-
-
 class StatsWatcher:
-    def __init__(self, channels: Channels, interval_s: float = 0.5) -> None:
+    """`channels`: the worker stubs shared with the actuator, over mTLS with a bundle whose certificate
+    says `control` (common/security/mtls.py), which is what may switch roles."""
+
+    def __init__(self, channels: WorkerStubs, interval_s: float = 0.5) -> None:
         self.channels = channels
         self.interval_s = interval_s
         self.views: dict[str, WorkerView] = {}  # by endpoint

@@ -25,8 +25,8 @@ import queue
 import threading
 from collections.abc import Callable
 
-from triphase.common import endpoints_file
-from triphase.common.net import free_port
+from triphase.common.process import endpoints_file
+from triphase.common.process.net import free_port
 from triphase.common.roles import Role
 from triphase.control.metrics import PlannerMetrics
 from triphase.control.planner import Plan, Planner, PoolView, Signals

@@ -4,7 +4,7 @@ supervisor, the tests and the benchmarks.
 A triphase server started with `--ready-file PATH` writes its bound port there once it serves, so
 `--port 0` works everywhere and nothing has to guess a free port. Each child writes its output to
 `<dir>/<name>.log`; what a failure says includes that log's tail. Children are told this process's
-pid (triphase.common.lifetime): a launcher that dies (even of SIGKILL) takes its children with it.
+pid (triphase.common.process.lifetime): a launcher that dies (even of SIGKILL) takes its children with it.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 
-from triphase.common import mtls
-from triphase.common.lifetime import PARENT_ENV
-from triphase.common.net import http_ok, wait_until
+from triphase.common.process.lifetime import PARENT_ENV
+from triphase.common.process.net import http_ok, wait_until
+from triphase.common.security import mtls
 
 __all__ = ["TRIPHASE", "http_ok", "log_tail", "ready_port", "spawn", "start_triphase", "stop", "stop_all",
            "triphase_process", "triphase_up", "up_bundle", "wait_for", "wait_until"]

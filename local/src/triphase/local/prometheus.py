@@ -23,9 +23,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from triphase.common import labels
-from triphase.common.endpoints_file import replace_text
 from triphase.common.errors import UserError
-from triphase.common.net import free_port
+from triphase.common.process.endpoints_file import replace_text
+from triphase.common.process.net import free_port
 from triphase.local.gobuild import cache_root, go_binary, go_env, go_install, say
 
 MODULE = "github.com/prometheus/prometheus"

@@ -19,12 +19,14 @@ import logging
 import time
 from typing import Any
 
-from triphase.common import labels, mtls, pki
-from triphase.common.pods import pod_endpoint
+from triphase.common import labels
+from triphase.common.k8s.pods import pod_endpoint
+from triphase.common.security import mtls, pki
+from triphase.common.worker_stubs import WorkerStubs
 from triphase.control.balancer import Balancer, Settings, Slo, Switch
 from triphase.control.loop import BalancerLoop, SetRoleActuator
 from triphase.control.metrics import BalancerMetrics
-from triphase.control.stats import Channels, StatsWatcher
+from triphase.control.stats import StatsWatcher
 from triphase.operator import security
 from triphase.operator.api.v1alpha1 import API_VERSION, ServingDeploymentSpec
 from triphase.operator.daemon import DeploymentDaemon, PostEvent
@@ -43,7 +45,7 @@ def policy(spec: ServingDeploymentSpec) -> tuple[Slo, Settings]:
 class _Actuator:
     """SetRole, then the pod label, the Event and the status."""
 
-    def __init__(self, balancing: DeploymentBalancer, channels: Channels) -> None:
+    def __init__(self, balancing: DeploymentBalancer, channels: WorkerStubs) -> None:
         self.balancing = balancing
         self.set_role = SetRoleActuator(channels)
 
@@ -94,7 +96,7 @@ class DeploymentBalancer(DeploymentDaemon):
         spec = self.live_spec()
         slo, settings = policy(spec)
         bundle = await self.control_bundle()
-        channels = Channels(bundle)
+        channels = WorkerStubs(bundle)
         watcher = StatsWatcher(channels)
         balancer = Balancer(slo, settings)
         loop = BalancerLoop(watcher, _Actuator(self, channels), balancer, deployment=self.deployment,

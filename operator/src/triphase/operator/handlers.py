@@ -46,7 +46,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.peering.clusterwide = True
     settings.watching.server_timeout = 300
     settings.batching.batch_window = 0.02  # the reconcile is level-based: no need to wait for bursts to end
-    from triphase.common.kube import KubeAccess
+    from triphase.common.k8s.client import KubeAccess
 
     memo.kube = Kube(KubeAccess.load())
     memo.pool_replicas = {}  # ServingPool uid -> spec.replicas last seen (shared: the memo is copied shallowly)

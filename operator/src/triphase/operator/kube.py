@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from triphase.common.kube import KubeAccess
+from triphase.common.k8s.client import KubeAccess
 
 logger = logging.getLogger(__name__)
 FIELD_MANAGER = "triphase-operator"

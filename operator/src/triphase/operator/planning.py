@@ -30,7 +30,7 @@ import logging
 from typing import Any
 
 from triphase.common import labels
-from triphase.common.pods import pod_ready
+from triphase.common.k8s.pods import pod_ready
 from triphase.common.profile import Profile
 from triphase.common.roles import Role
 from triphase.control.balancer import Slo

@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from triphase.common import labels
-from triphase.common.pods import pod_ready
+from triphase.common.k8s.pods import pod_ready
 from triphase.operator import builders, security, settings
 from triphase.operator.api.v1alpha1 import API_VERSION, PoolSpec, ServingDeploymentSpec
 from triphase.operator.conditions import set_condition

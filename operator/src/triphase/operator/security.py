@@ -2,7 +2,7 @@
 
   Secret <name>-mtls-ca      the CA's certificate and key, the KV ticket key and the prefix-cache salt;
                              made once, read only by the operator (no pod mounts it)
-  Secret <name>-mtls-worker  ca.crt, tls.crt, tls.key, kv-ticket.key, prefix-salt (common/mtls.py)
+  Secret <name>-mtls-worker  ca.crt, tls.crt, tls.key, kv-ticket.key, prefix-salt (common/security/mtls.py)
   Secret <name>-mtls-router  ca.crt, tls.crt, tls.key, prefix-salt
 
 Every reconcile checks the component Secrets and issues a fresh certificate where one is missing, in the
@@ -19,8 +19,8 @@ import base64
 import dataclasses
 from typing import Any
 
-from triphase.common import mtls, pki
 from triphase.common.labels import COMPONENT
+from triphase.common.security import mtls, pki
 from triphase.operator.builders import common_labels
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"

@@ -5,7 +5,7 @@ A pod's endpoint is its `triphase.dev/endpoint` annotation if present, else podI
 port named `grpc` (default 50051). Roles are not taken from labels: each worker reports its current
 role over WatchStats, so a runtime role switch needs no relabelling. Talks to the API server with
 aiohttp (list, then watch from the list's resourceVersion; relist on 410 Gone) with the credentials
-of triphase.common.kube.
+of triphase.common.k8s.client.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 import aiohttp
 
-from triphase.common.kube import KubeAccess
-from triphase.common.pods import pod_endpoint
+from triphase.common.k8s.client import KubeAccess
+from triphase.common.k8s.pods import pod_endpoint
 
 logger = logging.getLogger(__name__)
 class _Gone(Exception):

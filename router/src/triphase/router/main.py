@@ -13,9 +13,10 @@ import logging
 import pathlib
 import socket
 
-from triphase.common import images, labels, mtls
+from triphase.common import images, labels
 from triphase.common.errors import UserError
-from triphase.common.signals import wait_for_stop_signal
+from triphase.common.process.signals import wait_for_stop_signal
+from triphase.common.security import mtls
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from triphase.common.model_files import load_tokenizer, resolve, served_name
-    from triphase.common.pki import Identity
-    from triphase.common.vision import vision_config_of
+    from triphase.common.models.files import load_tokenizer, resolve, served_name
+    from triphase.common.models.vision import vision_config_of
+    from triphase.common.security.pki import Identity
     from triphase.router.admission import Admission
     from triphase.router.api_keys import ApiKeys
     from triphase.router.connections import ConnectionLimits, GuardedSite
@@ -151,12 +152,12 @@ async def _serve(args: argparse.Namespace) -> int:
     registry.start()
     discovery: asyncio.Task[None] | None = None
     if args.discovery == "file":
-        from triphase.common import endpoints_file
+        from triphase.common.process import endpoints_file
 
         discovery = asyncio.create_task(endpoints_file.follow(pathlib.Path(args.workers_file), registry.set_endpoints))
         logger.info("Discovering workers: following %s", args.workers_file)
     if args.discovery == "kubernetes":
-        from triphase.common.kube import KubeAccess
+        from triphase.common.k8s.client import KubeAccess
         from triphase.router.kube_discovery import PodWatcher
 
         access = KubeAccess.load(args.kubeconfig)

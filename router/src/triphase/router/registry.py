@@ -10,8 +10,8 @@ import dataclasses
 import logging
 from collections.abc import Iterator
 
+from triphase.common.process.signals import cancel_and_wait
 from triphase.common.roles import Role
-from triphase.common.signals import cancel_and_wait
 from triphase.router.policy.pairing import WorkerView
 from triphase.router.worker_client import WorkerClient, WorkerFailed
 

@@ -14,10 +14,11 @@ from typing import Any
 import grpc
 
 from triphase.api.v1 import worker_pb2 as pb
-from triphase.api.v1 import worker_pb2_grpc
-from triphase.common import mtls, role_pb
+from triphase.common import role_pb
 from triphase.common.block_hash import ImageSpan
 from triphase.common.roles import HANDED_OVER_METADATA, ROLE_METADATA, Role
+from triphase.common.security import mtls
+from triphase.common.worker_stubs import WorkerStubs
 from triphase.router.errors import BadRequest
 from triphase.router.policy.pairing import WorkerView
 
@@ -171,25 +172,15 @@ async def _deltas(call: Any) -> AsyncGenerator[Delta, None]:
 
 
 class WorkerClient:
-    """`bundle`: the router's mTLS certificate and the deployment's CA (common/mtls.py); None: plaintext."""
+    """`bundle`: the router's mTLS certificate and the deployment's CA (common/security/mtls.py); None: plaintext."""
 
     def __init__(self, *, timeout_s: float = 600.0, bundle: mtls.Bundle | None = None) -> None:
         self.timeout_s = timeout_s
-        self._channels = mtls.ChannelCache(bundle, OPTIONS)
-        self._stubs: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerServiceStub]] = {}
-
-    def _stub(self, endpoint: str) -> worker_pb2_grpc.WorkerServiceStub:
-        """One channel and stub per worker, built on first use (a stub builds its method objects) and
-        again after a certificate rotation."""
-        channel = self._channels.get(endpoint)
-        entry = self._stubs.get(endpoint)
-        if entry is None or entry[0] is not channel:
-            entry = self._stubs[endpoint] = (channel, worker_pb2_grpc.WorkerServiceStub(channel))
-        return entry[1]
+        self._stubs = WorkerStubs(bundle, OPTIONS)
+        self._stub = self._stubs.stub
 
     async def close(self) -> None:
-        self._stubs.clear()
-        await self._channels.close()
+        await self._stubs.close()
 
     async def generate(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
                        resumed_output_tokens: int = 0, images: Sequence[PromptImage] = (),

@@ -1,4 +1,4 @@
-"""Who may call which WorkerService method: the identity in the caller's certificate (common/pki.py).
+"""Who may call which WorkerService method: the identity in the caller's certificate (common/security/pki.py).
 
 Every certificate the deployment's CA signed belongs to the deployment; its identity says which part
 it is. The router places requests and balances decode streams; the control loop (the operator or the
@@ -11,7 +11,7 @@ machine, where whoever reaches the port is already on it.
 
 from __future__ import annotations
 
-from triphase.common.pki import Identity
+from triphase.common.security.pki import Identity
 
 ROUTER, WORKER, CONTROL = Identity.ROUTER, Identity.WORKER, Identity.CONTROL
 

@@ -24,11 +24,12 @@ import torch
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.common.block_hash import ImageSpan
 from triphase.common.images import ImageLimits, decode, digest
+from triphase.common.worker_stubs import WorkerStubs
 from triphase.workers.embedding_cache import EmbeddingCache
 from triphase.workers.engine.async_engine import AsyncEngine
 from triphase.workers.engine.model_runner import TORCH_DTYPES
 from triphase.workers.engine.multimodal import ImageInput
-from triphase.workers.kv.grpc_stream import DEFAULT_CHUNK_BYTES, ChannelPool
+from triphase.workers.kv.grpc_stream import DEFAULT_CHUNK_BYTES
 from triphase.workers.kv.nixl import NixlConnector, NixlUnavailable
 from triphase.workers.signing import Signer, TicketRefused
 
@@ -49,7 +50,7 @@ class ImageCounters:
 
 
 class ImageService:
-    def __init__(self, engine: AsyncEngine, channels: ChannelPool, *, limits: ImageLimits,
+    def __init__(self, engine: AsyncEngine, channels: WorkerStubs, *, limits: ImageLimits,
                  cache_bytes: int = 256 << 20, decode_threads: int = 2, read_timeout_s: float = 30.0,
                  nixl: NixlConnector | None = None, signer: Signer | None = None) -> None:
         self.engine = engine

@@ -16,13 +16,14 @@ import socket
 import sys
 from typing import Any
 
-from triphase.common import images, mtls
+from triphase.common import images
 from triphase.common.errors import UserError
 from triphase.common.images import ImageLimits
-from triphase.common.model_files import FORMATS, check_format, resolve, served_name
-from triphase.common.pki import Identity
+from triphase.common.models.files import FORMATS, check_format, resolve, served_name
+from triphase.common.process.signals import wait_for_stop_signal
 from triphase.common.roles import Role
-from triphase.common.signals import wait_for_stop_signal
+from triphase.common.security import mtls
+from triphase.common.security.pki import Identity
 from triphase.workers.engine.device import DEFAULT_CPU_KV_MIB, DEVICE_CHOICES, check_fraction, parse_device
 
 logger = logging.getLogger(__name__)

@@ -27,10 +27,12 @@ from grpc_health.v1 import health_pb2_grpc
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
-from triphase.common import mtls, role_pb
+from triphase.common import role_pb
 from triphase.common.images import ImageLimits
 from triphase.common.roles import HANDED_OVER_METADATA, ROLE_METADATA, Role
 from triphase.common.sampling import DEFAULT_MAX_TOKENS
+from triphase.common.security import mtls
+from triphase.common.worker_stubs import WorkerStubs
 from triphase.workers.authz import refusal
 from triphase.workers.engine.async_engine import AsyncEngine, EngineFailed
 from triphase.workers.engine.core import KvExport, RequestOutput
@@ -108,7 +110,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.signer = Signer(bundle.ticket_key if bundle is not None else None)
         self.state = RoleState(worker_id, role, on_change=engine.stats_changed.set)
         self.in_flight = 0
-        self.channels = grpc_stream.ChannelPool(bundle)
+        self.channels = WorkerStubs(bundle, grpc_stream.CHANNEL_OPTIONS)
         self.handoff = KvHandOff(engine, self.channels, nixl)
         self.images = ImageService(engine, self.channels, limits=image_limits or ImageLimits(),
                                    cache_bytes=embedding_cache_bytes, nixl=nixl, signer=self.signer)

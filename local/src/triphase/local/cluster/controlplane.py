@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from triphase.common.errors import UserError
-from triphase.common.net import free_port
+from triphase.common.process.net import free_port
 from triphase.local import gobuild
 from triphase.local.cluster import binaries
 

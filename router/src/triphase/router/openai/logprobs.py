@@ -20,7 +20,7 @@ from typing import Any
 
 import llguidance
 
-from triphase.common.tokenizer import Tokenizer
+from triphase.common.models.tokenizer import Tokenizer
 
 FLOOR = -9999.0
 

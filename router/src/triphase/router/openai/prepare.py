@@ -15,9 +15,9 @@ import re
 from typing import Any
 
 from triphase.common.images import ImageLimits
+from triphase.common.models.tokenizer import ImageSlot, Tokenizer
+from triphase.common.models.vision import VisionConfig
 from triphase.common.sampling import DEFAULT_MAX_TOKENS
-from triphase.common.tokenizer import ImageSlot, Tokenizer
-from triphase.common.vision import VisionConfig
 from triphase.router.errors import BadRequest
 from triphase.router.openai import protocol as p
 from triphase.router.openai import tools

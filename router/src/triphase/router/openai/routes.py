@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from triphase.common.tokenizer import Tokenizer
-from triphase.common.vision import VisionConfig
+from triphase.common.models.tokenizer import Tokenizer
+from triphase.common.models.vision import VisionConfig
 from triphase.router.admission import Admission
 from triphase.router.api_keys import ApiKeys
 from triphase.router.errors import (

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from triphase.common.errors import UserError
-from triphase.common.model_files import tokenizer_override
+from triphase.common.models.files import tokenizer_override
+from triphase.common.models.tokenizer import Tokenizer
+from triphase.common.models.vision import VisionConfig
 from triphase.common.sampling import choice_seed
-from triphase.common.tokenizer import Tokenizer
-from triphase.common.vision import VisionConfig
 from triphase.workers.engine.block_pool import NoFreeBlocks
 from triphase.workers.engine.detokenizer import IncrementalDetokenizer
 from triphase.workers.engine.device import (

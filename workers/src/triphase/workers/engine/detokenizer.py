@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from triphase.common.tokenizer import Tokenizer
+from triphase.common.models.tokenizer import Tokenizer
 
 
 class IncrementalDetokenizer:

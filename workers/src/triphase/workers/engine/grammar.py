@@ -21,7 +21,7 @@ import llguidance
 import numpy as np
 
 from triphase.common import grammar as common_grammar
-from triphase.common.tokenizer import Tokenizer
+from triphase.common.models.tokenizer import Tokenizer
 
 MAX_CACHED = 128
 

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from triphase.common.block_hash import hash_block_tokens
-from triphase.common.model_files import load_tokenizer
+from triphase.common.models.files import load_tokenizer
 from triphase.workers.engine.core import Engine, EngineConfig, kv_layout_for
 from triphase.workers.engine.model_runner import ModelRunner
 from triphase.workers.engine.request import Request

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import torch
 
-from triphase.api.v1 import worker_pb2, worker_pb2_grpc
-from triphase.common import mtls
+from triphase.api.v1 import worker_pb2
+from triphase.common.worker_stubs import WorkerStubs
 from triphase.workers.engine.kv_layout import KvLayout
 from triphase.workers.engine.model_runner import TORCH_DTYPES
 
@@ -30,20 +30,7 @@ def chunks(data: torch.Tensor, block_bytes: int, max_chunk_bytes: int) -> Iterat
         yield start, piece.shape[0], piece.numpy().tobytes()
 
 
-class ChannelPool:
-    """One channel per peer endpoint, reused; over mTLS with the worker's bundle (common/mtls.py)."""
-
-    def __init__(self, bundle: mtls.Bundle | None = None) -> None:
-        self._channels = mtls.ChannelCache(bundle, CHANNEL_OPTIONS)
-
-    def stub(self, endpoint: str) -> worker_pb2_grpc.WorkerServiceStub:
-        return worker_pb2_grpc.WorkerServiceStub(self._channels.get(endpoint))
-
-    async def close(self) -> None:
-        await self._channels.close()
-
-
-async def pull(pool: ChannelPool, endpoint: str, kv: worker_pb2.KvTransferParams, layout: KvLayout,
+async def pull(pool: WorkerStubs, endpoint: str, kv: worker_pb2.KvTransferParams, layout: KvLayout,
                num_blocks: int, timeout_s: float = 30.0) -> tuple[torch.Tensor, int]:
     """Read a pinned request's blocks from `endpoint` (`kv`: its transfer parameters, with the ticket);
     returns (tensor, bytes received)."""

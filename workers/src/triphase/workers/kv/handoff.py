@@ -24,6 +24,7 @@ from collections.abc import AsyncGenerator, Sequence
 import grpc
 
 from triphase.api.v1 import worker_pb2 as pb
+from triphase.common.worker_stubs import WorkerStubs
 from triphase.workers.engine.async_engine import AsyncEngine
 from triphase.workers.engine.core import KvExport, RequestOutput
 from triphase.workers.engine.multimodal import ImageInput
@@ -39,7 +40,7 @@ class HandOffFailed(Exception):
 
 
 class KvHandOff:
-    def __init__(self, engine: AsyncEngine, channels: grpc_stream.ChannelPool, nixl: NixlConnector | None) -> None:
+    def __init__(self, engine: AsyncEngine, channels: WorkerStubs, nixl: NixlConnector | None) -> None:
         self.engine = engine
         self.channels = channels
         self.nixl = nixl

@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from triphase.common import tokenizer as tok
 from triphase.common.errors import UserError
-from triphase.common.model_files import gguf_metadata, gguf_reader, is_gguf, resolve
-from triphase.common.vision import VisionConfig, vision_config_from_hf
+from triphase.common.models import tokenizer as tok
+from triphase.common.models.files import gguf_metadata, gguf_reader, is_gguf, resolve
+from triphase.common.models.vision import VisionConfig, vision_config_from_hf
 from triphase.workers.models import families
 from triphase.workers.models.config import ModelConfig, MoeConfig, RopeScaling
 from triphase.workers.models.image_processing import ImageProcessor

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from triphase.common.vision import ACTIVATION_NAMES, VisionConfig
+from triphase.common.models.vision import ACTIVATION_NAMES, VisionConfig
 from triphase.workers.models.mobilenet import MobileNetV2
 
 ACTIVATIONS = {
