@@ -175,9 +175,21 @@ def write_kubeconfig(path: pathlib.Path, server: str, ca: pathlib.Path, token: s
     path.chmod(0o600)
 
 
+def _audit_flags(root: pathlib.Path, log: pathlib.Path | None) -> list[str]:
+    if log is None:
+        return []
+    policy = root / "audit-policy.yaml"
+    policy.write_text("apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\n"
+                      "rules:\n- level: Metadata\n")
+    return ["--audit-policy-file", str(policy), "--audit-log-path", str(log), "--audit-log-format", "json"]
+
+
 def up(state: pathlib.Path | None = None, *, nodes: int = 4, gpus_per_node: int = 8,
-       kubeconfig: pathlib.Path | None = None, progress: bool = True, timeout: float = 120) -> Cluster:
-    """Start the control plane (or return the one already running in `state`)."""
+       kubeconfig: pathlib.Path | None = None, progress: bool = True, timeout: float = 120,
+       audit_log: pathlib.Path | None = None) -> Cluster:
+    """Start the control plane (or return the one already running in `state`). `audit_log`: the API
+    server writes one JSON line per request there (who, verb, resource; no bodies), for benchmarks
+    that count a client's requests."""
     cluster = Cluster(state or default_state_dir())
     if cluster.pids() and all(cluster.running().values()) and cluster.healthy():
         _say(progress, f"already running: {cluster.server} (kubeconfig {cluster.kubeconfig})")
@@ -218,7 +230,7 @@ def up(state: pathlib.Path | None = None, *, nodes: int = 4, gpus_per_node: int 
         "--service-account-issuer", "https://kubernetes.default.svc", "--service-account-key-file",
         str(pki / "sa.pub"), "--service-account-signing-key-file", str(pki / "sa.key"),
         "--service-cluster-ip-range", SERVICE_CIDR, "--allow-privileged", "--enable-priority-and-fairness=false",
-        "--profiling=false", "--v=0",
+        "--profiling=false", "--v=0", *_audit_flags(root, audit_log),
     ])
     _wait(cluster.healthy, timeout, "kube-apiserver to be ready", logs)
     manager_config = root / "controller.kubeconfig"
