@@ -31,6 +31,19 @@ class PrefillSeq:
     end: int
     context_len: int  # tokens already in the cache before this chunk
     table: torch.Tensor | None  # block ids covering context_len + n tokens (None when context_len == 0)
+    _masks: dict[int | None, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def mask(self, window: int | None, device: torch.device) -> torch.Tensor:
+        """[n, context_len + n]: query i (absolute position context_len + i) sees keys 0 .. context_len + i,
+        or only the last `window` of them. Made once per step for every layer with that window."""
+        found = self._masks.get(window)
+        if found is None:
+            n = self.end - self.start
+            found = torch.ones(n, self.context_len + n, dtype=torch.bool, device=device).tril(diagonal=self.context_len)
+            if window is not None:
+                found = found.triu(diagonal=self.context_len - window + 1)
+            self._masks[window] = found
+        return found
 
 
 @dataclasses.dataclass
@@ -101,21 +114,15 @@ def paged_attention(q: torch.Tensor, kv: torch.Tensor, layer_kv: torch.Tensor, b
             if window is None or n <= window:
                 out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
             else:
-                out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=_causal_mask(n, n, 0, window, q.device),
+                out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seq.mask(window, q.device),
                                                      scale=scale, enable_gqa=True)
         else:
             assert seq.table is not None
             total = seq.context_len + n
             past = gather_blocks(layer_kv, seq.table.unsqueeze(0), q.dtype)
             ks, vs = past[0][:, :, :total], past[1][:, :, :total]
-            mask = _causal_mask(n, total, seq.context_len, window, q.device)
-            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seq.mask(window, q.device), scale=scale,
+                                                 enable_gqa=True)
         outputs.append(out.squeeze(0).transpose(0, 1))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
-
-def _causal_mask(n: int, total: int, context_len: int, window: int | None, device: torch.device) -> torch.Tensor:
-    """[n, total]: query i (absolute position context_len + i) sees keys 0 .. context_len + i, or only
-    the last `window` of them."""
-    mask = torch.ones(n, total, dtype=torch.bool, device=device).tril(diagonal=context_len)
-    return mask if window is None else mask.triu(diagonal=context_len - window + 1)
