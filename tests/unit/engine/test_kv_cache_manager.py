@@ -155,11 +155,17 @@ def test_blocks_out_of_the_window_are_released_and_point_at_the_null_block():
     assert kv.num_free_blocks == 15 and kv.null_block.ref_cnt == 1  # the null block is never freed
 
 
+def prefilled_and_dropped(kv, rid="a"):
+    """A 20-token prompt computed, its 3 blocks out of the window released (block ids 1-5)."""
+    r = req(rid, list(range(20)))
+    compute(kv, r, 20)
+    assert kv.drop_out_of_window(r) == 3
+    return r
+
+
 def test_dropped_blocks_stay_in_the_prefix_cache():
     kv = windowed()
-    r = req("a", list(range(20)))
-    compute(kv, r, 20)
-    kv.drop_out_of_window(r)
+    prefilled_and_dropped(kv)
     again = req("b", list(range(20)))
     hits, tokens = kv.get_computed_blocks(again)
     assert [b.block_id for b in hits] == [1, 2, 3, 4] and tokens == 16
@@ -180,9 +186,7 @@ def test_an_import_gets_blocks_for_its_live_tail_only():
 
 def test_a_fork_shares_live_blocks_and_keeps_the_null_entries():
     kv = windowed()
-    parent = req("a", list(range(20)))
-    compute(kv, parent, 20)
-    kv.drop_out_of_window(parent)
+    parent = prefilled_and_dropped(kv)
     child = req("a#1", list(range(20)))
     assert kv.fork(parent, child) == (5, 6)  # the block holding the last prompt token is copied
     assert kv.block_ids("a#1") == [0, 0, 0, 4, 6]
