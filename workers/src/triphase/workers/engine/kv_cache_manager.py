@@ -131,6 +131,8 @@ class KVCacheManager:
 
     def drop_out_of_window(self, request: Request) -> int:
         """Release the request's blocks that fell out of the sliding window; returns how many."""
+        if self.sliding_window is None:  # every step calls this for every request
+            return 0
         blocks = self._blocks.get(request.request_id)
         dead = self.dead_blocks(request.num_computed_tokens)
         done = self._dropped.get(request.request_id, 0)
