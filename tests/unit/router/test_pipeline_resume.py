@@ -300,6 +300,7 @@ class SiblingsClient(Client):
 
     def __init__(self) -> None:
         super().__init__({"a:1": ([Delta([5], "x", index=0), Delta([6], "y", index=1)], True)})
+        self.sibling_placed = asyncio.Event()
 
     async def generate(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
                        resumed_output_tokens: int = 0, images: Sequence[PromptImage] = (),
@@ -310,10 +311,11 @@ class SiblingsClient(Client):
                 yield delta
             return
         self.calls.append((endpoint, prompt, resumed_output_tokens))
+        if len(self.calls) == 3:
+            self.sibling_placed.set()
         if len(self.calls) == 2:  # the first resumed choice
             yield Delta([7], "v")
-            while len(self.calls) < 3:
-                await asyncio.sleep(0)
+            await asyncio.wait_for(self.sibling_placed.wait(), 10)
             raise WorkerFailed("UNAVAILABLE: Stream removed (Socket closed)")
         yield Delta([8], "w")
         yield Delta([IM_END], "", "stop")
