@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import pathlib
@@ -170,10 +171,38 @@ def advertised_host(args: argparse.Namespace) -> str:
     return socket.gethostbyname(socket.gethostname())
 
 
-async def _serve(args: argparse.Namespace, engine: Any, limits: ImageLimits, bundle: mtls.Bundle | None) -> int:
+@dataclasses.dataclass
+class RunningWorker:
+    """A worker serving in this process's event loop (`triphase worker`, a Ray Serve replica)."""
+
+    servicer: Any
+    server: Any
+    port: int
+    runner: Any
+    metrics_port: int | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return str(self.servicer.endpoint)
+
+    async def stop(self, *, delay_s: float, grace_s: float) -> None:
+        """NOT_SERVING, `delay_s` for endpoints to update, `grace_s` for in-flight streams to finish,
+        then the rest are handed over and everything the worker opened is closed (lifecycle.shutdown)."""
+        from triphase.workers.lifecycle import shutdown
+
+        await shutdown(self.servicer, self.server, delay_s=delay_s, grace_s=grace_s)
+        if self.servicer.health_server is not None:
+            await self.servicer.health_server.stop(grace=None)
+        await self.servicer.channels.close()
+        self.servicer.images.close()
+        await self.runner.stop()
+
+
+async def start(args: argparse.Namespace, engine: Any, limits: ImageLimits,
+                bundle: mtls.Bundle | None) -> RunningWorker:
+    """Serve `engine` on args.host:args.port (and metrics, health) until `RunningWorker.stop`."""
     from triphase.workers.engine.async_engine import AsyncEngine
     from triphase.workers.kv.nixl import NixlConnector, NixlUnavailable, bind_ucx
-    from triphase.workers.lifecycle import monitor, shutdown
     from triphase.workers.server import WorkerServicer, serve
 
     runner = AsyncEngine(engine, pin_timeout_s=args.kv_pin_timeout, stall_timeout_s=args.stall_timeout)
@@ -200,17 +229,26 @@ async def _serve(args: argparse.Namespace, engine: Any, limits: ImageLimits, bun
                 engine.layout.num_blocks, engine.layout.total_bytes / 2**20,
                 f"NIXL from {nixl.memory} ({nixl.backend})" if nixl is not None else "gRPC",
                 f"mTLS as {bundle.identity}" if bundle is not None else "plaintext")
+    worker = RunningWorker(servicer, server, port, runner)
     if args.metrics_port >= 0:
         from triphase.workers.metrics import serve_metrics
 
-        metrics_port = serve_metrics(servicer, args.host, args.metrics_port)
-        logger.info("Worker metrics on http://%s:%d/metrics", args.host, metrics_port)
-        if args.ready_file:
-            pathlib.Path(args.ready_file + ".metrics").write_text(str(metrics_port))
+        worker.metrics_port = serve_metrics(servicer, args.host, args.metrics_port)
+        logger.info("Worker metrics on http://%s:%d/metrics", args.host, worker.metrics_port)
+    return worker
+
+
+async def _serve(args: argparse.Namespace, engine: Any, limits: ImageLimits, bundle: mtls.Bundle | None) -> int:
+    from triphase.workers.lifecycle import monitor
+
+    worker = await start(args, engine, limits, bundle)
+    servicer = worker.servicer
+    if args.ready_file and worker.metrics_port is not None:
+        pathlib.Path(args.ready_file + ".metrics").write_text(str(worker.metrics_port))
     if args.ready_file and servicer.health_server is not None:
         pathlib.Path(args.ready_file + ".health").write_text(str(servicer.health_port))
     if args.ready_file:
-        pathlib.Path(args.ready_file).write_text(str(port))
+        pathlib.Path(args.ready_file).write_text(str(worker.port))
     watchdog = asyncio.create_task(monitor(servicer))
     stop_signal = asyncio.create_task(wait_for_stop_signal())
     await asyncio.wait([watchdog, stop_signal], return_when=asyncio.FIRST_COMPLETED)
@@ -223,11 +261,5 @@ async def _serve(args: argparse.Namespace, engine: Any, limits: ImageLimits, bun
         watchdog.cancel()
         logger.info("Worker %s stopping: draining for up to %.0f s", servicer.worker_id,
                     args.shutdown_delay + args.drain_timeout)
-    await shutdown(servicer, server, delay_s=0 if code else args.shutdown_delay,
-                   grace_s=0 if code else args.drain_timeout)
-    if servicer.health_server is not None:
-        await servicer.health_server.stop(grace=None)
-    await servicer.channels.close()
-    servicer.images.close()
-    await runner.stop()
+    await worker.stop(delay_s=0 if code else args.shutdown_delay, grace_s=0 if code else args.drain_timeout)
     return code
