@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import pathlib
 import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from triphase.common import images, labels
 from triphase.common.errors import UserError
@@ -103,7 +106,52 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_serve(args))
 
 
+Follow = Callable[[Callable[[list[str]], None]], Coroutine[Any, Any, None]]
+
+
+@dataclasses.dataclass
+class RunningRouter:
+    """A router serving in this process's event loop (`triphase router`, a Ray Serve ingress replica)."""
+
+    api: Any
+    port: int
+    runner: Any
+    registry: Any
+    client: Any
+    internal: Any = None
+    internal_port: int | None = None
+    tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
+
+    async def stop(self, *, delay_s: float = 0.0) -> None:
+        """/readyz 503 at once, `delay_s` of serving on, then in-flight requests get the drain timeout."""
+        self.api.draining = True
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)  # endpoint propagation: load balancers stop sending here
+        await self.runner.cleanup()  # stops accepting, waits up to drain_timeout for in-flight handlers
+        if self.internal is not None:
+            await self.internal.cleanup()
+        for task in self.tasks:
+            task.cancel()
+        await self.registry.stop()
+        await self.client.close()
+
+
 async def _serve(args: argparse.Namespace) -> int:
+    router = await start(args)
+    if args.ready_file:
+        if router.internal_port is not None:
+            pathlib.Path(args.ready_file + ".internal").write_text(str(router.internal_port))
+        pathlib.Path(args.ready_file).write_text(str(router.port))
+    await wait_for_stop_signal()
+    logger.info("Router stopping: /readyz is 503; in-flight requests have %.0f s", args.shutdown_delay +
+                args.drain_timeout)
+    await router.stop(delay_s=args.shutdown_delay)
+    return 0
+
+
+async def start(args: argparse.Namespace, follow: Follow | None = None) -> RunningRouter:
+    """Serve the API on args.host:args.port until `RunningRouter.stop`. `follow`: a discovery of the
+    caller's own (the Ray application's), called with the registry's `set_endpoints`; else --discovery."""
     from aiohttp import web
 
     from triphase.common.models.files import load_tokenizer, resolve, served_name
@@ -121,7 +169,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from triphase.router.tls import ServerTls
     from triphase.router.worker_client import WorkerClient
 
-    if args.discovery == "static" and not args.workers:
+    if follow is None and args.discovery == "static" and not args.workers:
         raise UserError("--workers is required with static discovery (or use --discovery kubernetes)")
     if (args.discovery == "file") != bool(args.workers_file):
         raise UserError("--workers-file goes with --discovery file, and file discovery needs it")
@@ -151,12 +199,14 @@ async def _serve(args: argparse.Namespace) -> int:
     registry = Registry(client, endpoints)
     registry.start()
     discovery: asyncio.Task[None] | None = None
-    if args.discovery == "file":
+    if follow is not None:
+        discovery = asyncio.create_task(follow(registry.set_endpoints))
+    elif args.discovery == "file":
         from triphase.common.process import endpoints_file
 
         discovery = asyncio.create_task(endpoints_file.follow(pathlib.Path(args.workers_file), registry.set_endpoints))
         logger.info("Discovering workers: following %s", args.workers_file)
-    if args.discovery == "kubernetes":
+    elif args.discovery == "kubernetes":
         from triphase.common.k8s.client import KubeAccess
         from triphase.router.kube_discovery import PodWatcher
 
@@ -188,6 +238,7 @@ async def _serve(args: argparse.Namespace) -> int:
     await GuardedSite(runner, sock, limits, ssl_context=tls.context if tls else None).start()
     port = sock.getsockname()[1]
     internal: web.AppRunner | None = None
+    internal_port: int | None = None
     if separate:
         internal = web.AppRunner(api.internal_app(), access_log=None)
         await internal.setup()
@@ -195,29 +246,9 @@ async def _serve(args: argparse.Namespace) -> int:
         await web.SockSite(internal, internal_sock).start()
         internal_port = internal_sock.getsockname()[1]
         logger.info("Router /readyz and /metrics on http://%s:%d", args.internal_host, internal_port)
-        if args.ready_file:
-            pathlib.Path(args.ready_file + ".internal").write_text(str(internal_port))
     following = asyncio.create_task(tls.follow()) if tls else None
     logger.info("Router serving %s on %s://%s:%d (%s; workers over %s)", model, "https" if tls else "http", args.host,
                 port, f"{len(api_keys)} API keys" if api_keys else "no API keys",
                 "mTLS" if bundle is not None else "plaintext")
-    if args.ready_file:
-        pathlib.Path(args.ready_file).write_text(str(port))
-    await wait_for_stop_signal()
-    api.draining = True
-    logger.info("Router stopping: /readyz is 503; in-flight requests have %.0f s", args.shutdown_delay +
-                args.drain_timeout)
-    if args.shutdown_delay > 0:
-        await asyncio.sleep(args.shutdown_delay)  # endpoint propagation: load balancers stop sending here
-    await runner.cleanup()  # stops accepting, waits up to drain_timeout for in-flight handlers
-    if internal is not None:
-        await internal.cleanup()
-    if following is not None:
-        following.cancel()
-    if discovery is not None:
-        discovery.cancel()
-    if balancing is not None:
-        balancing.cancel()
-    await registry.stop()
-    await client.close()
-    return 0
+    tasks = [task for task in (following, discovery, balancing) if task is not None]
+    return RunningRouter(api, port, runner, registry, client, internal, internal_port, tasks)
