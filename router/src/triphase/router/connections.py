@@ -23,7 +23,7 @@ import dataclasses
 import json
 import logging
 import re
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -122,8 +122,10 @@ class GuardedProtocol(asyncio.Protocol):
         self.counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport: asyncio's, or uvloop's (the loop Ray Serve's replicas run), which
+        # implements the same interface without subclassing asyncio.Transport
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
         if self.limits.open >= self.limits.max_connections:
             transport.write(REFUSED)
             transport.close()
