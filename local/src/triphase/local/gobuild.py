@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 from triphase.common.errors import UserError
+from triphase.common.process.endpoints_file import replace_text
 
 
 def cache_root() -> pathlib.Path:
@@ -69,3 +70,21 @@ def go_install(go_path: str, packages: list[str], bin_dir: pathlib.Path, ldflags
     if proc.returncode != 0:
         tail = "\n".join(proc.stdout.strip().splitlines()[-20:])
         raise UserError(f"`go install {' '.join(packages)}` failed:\n{tail}")
+
+
+def module_files(module: str, version: str, subdir: str, names: list[str], target: pathlib.Path) -> list[pathlib.Path]:
+    """Files of a module as it is published on the Go module proxy (downloaded once into `target`, the
+    checksums verified by the go command): e.g. the CRDs a project ships beside its Go code."""
+    wanted = [target / name for name in names]
+    if all(path.is_file() for path in wanted):
+        return wanted
+    go = go_binary(f"files of {module}")
+    target.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([go, "mod", "download", "-json", f"{module}@{version}"], cwd=target, env=go_env(),
+                          capture_output=True, text=True, check=False, timeout=600)
+    if proc.returncode != 0:
+        raise UserError(f"cannot download {module}@{version}: {proc.stderr.strip()}")
+    source = pathlib.Path(json.loads(proc.stdout)["Dir"]) / subdir
+    for path in wanted:
+        replace_text(path, (source / path.name).read_text())  # whole or absent, never half
+    return wanted

@@ -26,7 +26,7 @@ from triphase.common import labels
 from triphase.common.errors import UserError
 from triphase.common.process.endpoints_file import replace_text
 from triphase.common.process.net import free_port
-from triphase.local.gobuild import cache_root, go_binary, go_env, go_install, say
+from triphase.local.gobuild import cache_root, go_binary, go_install, module_files, say
 
 MODULE = "github.com/prometheus/prometheus"
 VERSION = "v0.316.0"
@@ -88,22 +88,11 @@ OPERATOR_CRDS = "example/prometheus-operator-crd"
 
 def operator_crds(kinds: Sequence[str] = ("servicemonitors", "podmonitors", "prometheusrules")) -> list[pathlib.Path]:
     """The Prometheus operator's CRDs (monitoring.coreos.com), as it publishes them, from its module on the
-    Go module proxy (downloaded once into the cache, checksums verified by the go command): a control plane
-    that serves them validates ServiceMonitors, PodMonitors and PrometheusRules as a real cluster would."""
-    target = cache_root() / f"prometheus-operator-{OPERATOR_VERSION}"
-    wanted = [target / f"monitoring.coreos.com_{kind}.yaml" for kind in kinds]
-    if all(path.is_file() for path in wanted):
-        return wanted
-    go = go_binary("the Prometheus operator's CRDs")
-    target.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([go, "mod", "download", "-json", f"{OPERATOR_MODULE}@{OPERATOR_VERSION}"], cwd=target,
-                          env=go_env(), capture_output=True, text=True, check=False, timeout=600)
-    if proc.returncode != 0:
-        raise UserError(f"cannot download {OPERATOR_MODULE}@{OPERATOR_VERSION}: {proc.stderr.strip()}")
-    source = pathlib.Path(json.loads(proc.stdout)["Dir"]) / OPERATOR_CRDS
-    for path in wanted:
-        replace_text(path, (source / path.name).read_text())
-    return wanted
+    Go module proxy: a control plane that serves them validates ServiceMonitors, PodMonitors and
+    PrometheusRules as a real cluster would."""
+    return module_files(OPERATOR_MODULE, OPERATOR_VERSION, OPERATOR_CRDS,
+                        [f"monitoring.coreos.com_{kind}.yaml" for kind in kinds],
+                        cache_root() / f"prometheus-operator-{OPERATOR_VERSION}")
 
 
 def scrape_config(jobs: Mapping[str, Sequence[str]], interval_s: float = 1.0,
