@@ -53,3 +53,17 @@ def test_serve_options_keep_what_the_user_gave_and_add_the_drain_time() -> None:
     assert worker["graceful_shutdown_timeout_s"] == 55  # __del__ drains for up to 40 s first
     assert app.options("control")["ray_actor_options"] == {"num_cpus": 0}
     assert app.options("ingress")["ray_actor_options"] == {"num_cpus": 0.5}
+    assert app.options("ingress")["max_ongoing_requests"] == 1280  # the router's own admission decides
+
+
+def test_both_serve_configs_pass_rays_own_schema_and_ours() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from tests.ray_local import REPO
+
+    service = yaml.safe_load((REPO / "deploy" / "ray" / "rayservice.yaml").read_text())
+    for config in (yaml.safe_load(SERVE_YAML.read_text()), yaml.safe_load(service["spec"]["serveConfigV2"])):
+        ServeDeploySchema.model_validate(config)
+        (app,) = config["applications"]
+        assert app["import_path"] == "triphase.rayserve:build_app"
+        AppArgs.parse(app["args"])
