@@ -168,3 +168,19 @@ def test_deleting_the_app_lets_a_stream_in_flight_finish_and_ctrl_c_leaves_nothi
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 0
     assert replica_processes() == []
+
+
+def test_the_planner_policy_grows_the_worker_deployment_under_load(cluster, tmp_path) -> None:
+    """Sim workers (1000 prompt tokens/s each) under a prompt flood several workers' worth: Serve starts
+    more worker replicas within the bounds, on the policy's decision (autoscaling.py)."""
+    args = {"engine_kwargs": {"engine": "sim", "sim": {"sim_prefill_per_token_ms": 1.0}, "kv_cache_mib": 64},
+            "deployment_config": {"ray_actor_options": {"num_cpus": 0.25}},
+            "autoscaling": {"enabled": True, "min_replicas": 2, "max_replicas": 4, "interval_seconds": 2,
+                            "stabilization_seconds": 30}}
+    path = config(tmp_path, free_port(), **args)
+    with serve_run(path, cluster, tmp_path / "serve.log", 2) as (_, url):
+        assert len(ready_workers(url)) == 2
+        with load_in_background(url, "hello " * 3000, max_tokens=2, lanes=12, unique=True) as prompts:
+            wait_until(lambda: len(ready_workers(url)) >= 3, 120, "the worker deployment to grow")
+        assert not prompts.failed, prompts.failed[:3]
+        assert len(ready_workers(url)) <= 4

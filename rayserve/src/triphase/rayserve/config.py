@@ -19,6 +19,7 @@ from triphase.common.stack import SIM_TIMING, Engine, Stack
 # Serve options we set ourselves (the autoscaling policy, the role state) and so refuse from the user.
 OWNED = {"autoscaling_config": "set `autoscaling` instead: its policy is triphase's planner",
          "user_config": "not used by triphase's deployments"}
+INGRESS_ONGOING = 256 + 1024  # the router's default --max-in-flight + --max-queued
 # What a replica of each deployment asks Ray for unless ray_actor_options says otherwise.
 DEFAULT_ACTOR_OPTIONS = {"worker": {"num_cpus": 1}, "ingress": {"num_cpus": 1}, "control": {"num_cpus": 0}}
 
@@ -155,8 +156,14 @@ class AppArgs(_Args):
         given = {"worker": self.deployment_config, "ingress": self.ingress_deployment_config}.get(deployment, {})
         options = dict(given)
         options["ray_actor_options"] = {**DEFAULT_ACTOR_OPTIONS[deployment], **given.get("ray_actor_options", {})}
+        if deployment == "ingress":
+            # Serve queues what exceeds this in its proxy (default 5, where a request is a whole stream);
+            # the router admits up to its --max-in-flight and queues --max-queued itself, answering 429
+            # beyond, so Serve lets all of those through.
+            options.setdefault("max_ongoing_requests", INGRESS_ONGOING)
         if deployment == "control":  # heartbeats and discovery, several a second: not worth a log line each
             options.setdefault("logging_config", {"enable_access_log": False})
+            options.setdefault("max_ongoing_requests", 1000)  # short calls; every worker beats at once
         if deployment in ("worker", "ingress"):
             # Serve waits this long for a stopping replica's requests (the ingress) or its __del__ (a
             # worker drains its streams there) before it kills the replica.
