@@ -6,7 +6,7 @@ Four dashboards, each with the variables datasource, namespace, deployment and m
 selected by `namespace`, `triphase_dev_deployment` and `model` (the labels the operator's PodMonitor and
 `triphase up --prometheus` put on them); the role balancer's and planner's series by `deployment`
 (namespace/name). SLO lines and attainment come from the recording rules the operator writes per
-ServingDeployment (operator/src/triphase/operator/slo_rules.py). A test runs every query against a real
+ServingDeployment (common/src/triphase/common/slo_rules.py). A test runs every query against a real
 Prometheus scraping a running `triphase up` under load and requires data from each.
 
     python scripts/gen_dashboards.py          # write deploy/grafana/*.json

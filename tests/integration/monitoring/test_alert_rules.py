@@ -11,8 +11,8 @@ import subprocess
 
 import yaml
 
+from triphase.common import slo_rules
 from triphase.local import prometheus
-from triphase.operator import slo_rules
 from triphase.operator.api.v1alpha1 import Slo
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]

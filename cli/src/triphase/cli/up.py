@@ -30,7 +30,7 @@ import urllib.request
 from prometheus_client import CollectorRegistry, start_http_server
 from pydantic import ValidationError
 
-from triphase.common import images, labels
+from triphase.common import images, labels, slo_rules
 from triphase.common.errors import UserError
 from triphase.common.models.files import resolve
 from triphase.common.models.vision import vision_config_of
@@ -44,7 +44,6 @@ from triphase.control import planner, signals
 from triphase.control.metrics import PlannerMetrics
 from triphase.local import autoscale, demo_vision, prometheus
 from triphase.local.supervisor import Supervisor
-from triphase.operator import slo_rules
 from triphase.operator.api.v1alpha1 import Slo
 from triphase.router import api_keys
 from triphase.workers.main import add_device_arguments

@@ -36,8 +36,7 @@ import json
 from collections.abc import Collection
 from typing import Any
 
-from triphase.common import labels
-from triphase.operator import slo_rules
+from triphase.common import labels, slo_rules
 from triphase.operator.api.v1alpha1 import API_VERSION, PoolSpec, ServingDeploymentSpec
 
 GRPC_PORT = labels.DEFAULT_GRPC_PORT

@@ -1,6 +1,8 @@
-"""A ServingDeployment's `spec.slo` -> a PrometheusRule of its own: SLO attainment recorded, the error
-budget's burn alerted. Pure: a dict ready for server-side apply, owned by the ServingDeployment (the
-reconciler adds the owner reference; builders.slo_rule wraps these groups), so the rules follow its life and its edits.
+"""A deployment's SLO -> Prometheus rule groups of its own: SLO attainment recorded, the error budget's
+burn alerted. Pure. The operator wraps them in a PrometheusRule owned by the ServingDeployment
+(builders.slo_rule; the rules follow its life and its edits); `triphase up --prometheus` writes them
+into its Prometheus's rule file for the local deployment. `slo`: anything with the four targets
+(the CRD's `spec.slo`).
 
 What is measured (from the router's histograms, labels `namespace`, `triphase_dev_deployment`, `model`):
   TTFT misses over a window w = 1 - histogram_fraction(0, slo.ttftSeconds, rate(ttft buckets[w]))
@@ -28,10 +30,22 @@ Recorded series (for dashboards and the alerts; every one labelled with namespac
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from triphase.common import labels
-from triphase.operator.api.v1alpha1 import Slo
+
+
+class Slo(Protocol):
+    """The targets (operator/api/v1alpha1.py `Slo` documents each)."""
+
+    @property
+    def ttft_seconds(self) -> float: ...
+    @property
+    def tpot_seconds(self) -> float: ...
+    @property
+    def percentile(self) -> float: ...
+    @property
+    def attainment_target(self) -> float: ...
 
 BUDGET_PERIOD = "30d"
 # (severity, burn rate, long window, short window): the SRE workbook's four tiers for a 30-day budget.

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from triphase.operator import slo_rules
+from triphase.common import slo_rules
 from triphase.operator.api.v1alpha1 import Slo
 
 
