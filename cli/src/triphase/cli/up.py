@@ -39,6 +39,7 @@ from triphase.common.profile import Profile
 from triphase.common.roles import Role
 from triphase.common.security import mtls
 from triphase.common.security.pki import Identity
+from triphase.common.stack import SIM_TIMING, Engine, Stack
 from triphase.control import main as balancer
 from triphase.control import planner, signals
 from triphase.control.metrics import PlannerMetrics
@@ -47,8 +48,6 @@ from triphase.local.supervisor import Supervisor
 from triphase.operator.api.v1alpha1 import Slo
 from triphase.router import api_keys
 from triphase.workers.main import add_device_arguments
-
-SIM_TIMING = ("sim_prefill_ms", "sim_prefill_per_token_ms", "sim_decode_ms", "sim_decode_per_seq_ms")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,14 +107,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     balancer.add_policy_arguments(switching)
 
 
-def _kv_args(args: argparse.Namespace, workers: int) -> list[str]:
-    """Each worker's KV size: the one asked for; 256 MiB on the CPU; on a GPU an even split of the
-    memory fraction (each worker sizes its share of what is free when it has loaded its weights)."""
+def _kv_size(args: argparse.Namespace, workers: int) -> tuple[int | None, float | None]:
+    """Each worker's KV size (MiB, or a GPU memory fraction): the one asked for; 256 MiB on the CPU; on
+    a GPU an even split of the memory fraction (each worker sizes its share of what is free when it has
+    loaded its weights)."""
     if args.kv_cache_mib is not None:
-        return ["--kv-cache-mib", str(args.kv_cache_mib)]
+        return args.kv_cache_mib, None
     if args.device == "cpu" or args.engine == "sim":
-        return ["--kv-cache-mib", "256"]
-    return ["--gpu-memory-fraction", f"{args.gpu_memory_fraction / max(workers, 1):.4f}"]
+        return 256, None
+    return None, round(args.gpu_memory_fraction / max(workers, 1), 4)
 
 
 def _say(message: str) -> None:
@@ -140,20 +140,18 @@ def run(args: argparse.Namespace) -> int:
         bundles = mtls.write_deployment(stack.tmp / "mtls", labels.LOCAL_NAME) if args.mtls else {}
         secured = {identity: ["--mtls-dir", str(path)] for identity, path in bundles.items()}
         limits = images.limits_from_args(args)
-        image_args = ["--image-max-bytes", str(limits.max_bytes), "--image-max-pixels", str(limits.max_pixels),
-                      "--image-max-count", str(limits.max_images)]
-        common = ["--dtype", args.dtype, "--engine", args.engine, "--device", args.device,
-                  *_kv_args(args, args.prefill + args.decode + args.encode), "--drain-timeout",
-                  str(args.drain_timeout), *image_args, *secured.get(Identity.WORKER, [])]
-        if args.model:
-            common += ["--model", args.model]
-        if served:
-            common += ["--served-model-name", served]
-        for name in SIM_TIMING:
-            if getattr(args, name) is not None:
-                if args.engine != "sim":
-                    raise UserError(f"--{name.replace('_', '-')} needs --engine sim")
-                common += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+        sim = {name: getattr(args, name) for name in SIM_TIMING if getattr(args, name) is not None}
+        if sim and args.engine != "sim":
+            raise UserError(f"--{next(iter(sim)).replace('_', '-')} needs --engine sim")
+        described = Stack(model=args.model, served_name=served, drain_timeout_s=args.drain_timeout, images=limits,
+                          routing_policy=args.routing_policy)
+        kv_mib, fraction = _kv_size(args, args.prefill + args.decode + args.encode)
+        engine = Engine(dtype=args.dtype, engine=args.engine, device=args.device, kv_cache_mib=kv_mib,
+                        gpu_memory_fraction=fraction, sim=sim)
+
+        def worker_argv(role: str) -> list[str]:
+            return [*described.worker_args(role, engine), "--port", "0", *secured.get(Identity.WORKER, [])]
+
         check_port("--port", args.port)  # taken or out of range: one line now, not after the model loads
         if args.prometheus:
             check_port("--prometheus-port", args.prometheus_port)
@@ -184,20 +182,18 @@ def run(args: argparse.Namespace) -> int:
         pools: autoscale.LocalPools | None = None
         if args.autoscale:
             pools = autoscale.LocalPools(
-                stack, lambda role, metrics_port: ["worker", "--role", str(role), "--port", "0", *common,
-                                                   "--metrics-port", str(metrics_port)],
+                stack, lambda role, metrics_port: [*worker_argv(str(role)), "--metrics-port", str(metrics_port)],
                 {Role.PREFILL: autoscale.Bounds(args.min_prefill, args.max_prefill),
                  Role.DECODE: autoscale.Bounds(args.min_decode, args.max_decode)},
                 stack.tmp / "workers.txt", stack.tmp / "worker-targets.json", _say)
             workers = [pools.add(Role(role)).child for _, role in names]
             scraped = [pools.workers[child.name].metrics_port for child in workers]
         else:
-            workers = [stack.spawn(name, ["worker", "--role", role, "--port", "0", *common,
-                                          *(["--metrics-port", str(scraped[i])] if scraped else [])])
+            workers = [stack.spawn(name, [*worker_argv(role), *(["--metrics-port", str(scraped[i])] if scraped
+                                                                else [])])
                        for i, (name, role) in enumerate(names)]
-        encode_children = [stack.spawn(name, ["worker", "--role", role, "--port", "0", *common,
-                                              *(["--metrics-port", str(encoder_metrics[i])] if encoder_metrics
-                                                else [])])
+        encode_children = [stack.spawn(name, [*worker_argv(role), *(["--metrics-port", str(encoder_metrics[i])]
+                                                                    if encoder_metrics else [])])
                            for i, (name, role) in enumerate(encoders)]
         endpoints = []
         for child in [*workers, *encode_children]:
@@ -213,14 +209,10 @@ def run(args: argparse.Namespace) -> int:
             discovery = ["--discovery", "file", "--workers-file", str(pools.workers_file)]
         else:
             discovery = ["--workers", ",".join(endpoints)]
-        router_args = ["router", *discovery, "--port", str(args.port), "--drain-timeout", str(args.drain_timeout),
-                       "--routing-policy", args.routing_policy, *image_args, *secured.get(Identity.ROUTER, [])]
+        router_args = [*described.router_args(), *discovery, "--port", str(args.port),
+                       *secured.get(Identity.ROUTER, [])]
         if key_file is not None:
             router_args += ["--api-key-file", str(key_file)]
-        if args.model:
-            router_args += ["--model", args.model]
-        if served:
-            router_args += ["--served-model-name", served]
         port = stack.wait_ready(stack.spawn("router", router_args), deadline)
         metrics = None
         if args.role_switching:
