@@ -31,12 +31,14 @@ roll one pod at a time and never surge (a surge pod would need accelerators the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Collection
 from typing import Any
 
 from triphase.common import labels, slo_rules
+from triphase.common.stack import Engine, Stack
 from triphase.operator.api.v1alpha1 import API_VERSION, PoolSpec, ServingDeploymentSpec
 
 GRPC_PORT = labels.DEFAULT_GRPC_PORT
@@ -55,8 +57,7 @@ GRACE_S = PRESTOP_S + DRAIN_S + 10
 
 
 def _graceful(container: dict[str, Any]) -> dict[str, Any]:
-    """The container with the preStop wait and its drain time (see the module docstring)."""
-    container["args"] = [*container["args"], "--drain-timeout", str(DRAIN_S)]
+    """The container with the preStop wait (see the module docstring; its drain time is the stack's)."""
     container["lifecycle"] = {"preStop": {"sleep": {"seconds": PRESTOP_S}}}
     return container
 
@@ -134,23 +135,27 @@ def serving_pool(name: str, namespace: str, role: str, pool: PoolSpec, *, with_r
 Objects = list[dict[str, Any]]
 
 
-def _model_args_and_volumes(spec: ServingDeploymentSpec) -> tuple[list[str], Objects, Objects]:
+def _model_and_volumes(spec: ServingDeploymentSpec) -> tuple[Stack, Objects, Objects]:
+    """The stack as the pods see it (the model's path inside its volume), and that volume."""
     model = spec.model
+    path: str | None = None
     if model.source == "bundled":
-        args: list[str] = []
         volumes: list[dict[str, Any]] = []
     elif model.source == "path":
-        args, volumes = ["--model", str(model.path)], []
+        path, volumes = str(model.path), []
     else:
         source = {"persistentVolumeClaim": {"claimName": model.pvc, "readOnly": True}} if model.source == "pvc" \
             else {"image": {"reference": model.image, "pullPolicy": "IfNotPresent"}}
         volumes = [{"name": "model", **source}]
-        args = ["--model", f"{MODEL_MOUNT}/{model.path}" if model.path else MODEL_MOUNT]
-    if model.tokenizer:
-        inside = volumes and not model.tokenizer.startswith("/")
-        args += ["--tokenizer", f"{MODEL_MOUNT}/{model.tokenizer}" if inside else model.tokenizer]
+        path = f"{MODEL_MOUNT}/{model.path}" if model.path else MODEL_MOUNT
+    tokenizer = model.tokenizer
+    if tokenizer and volumes and not tokenizer.startswith("/"):
+        tokenizer = f"{MODEL_MOUNT}/{tokenizer}"
     mounts = [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}] if volumes else []
-    return args, volumes, mounts
+    stack = Stack(model=path, tokenizer=tokenizer, model_format=model.format, served_name=model.served_name,
+                  kv_transfer=spec.kv_transfer.backend, drain_timeout_s=DRAIN_S,
+                  routing_policy=spec.router.routing_policy)
+    return stack, volumes, mounts
 
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -166,31 +171,24 @@ def gpus(pool: PoolSpec) -> int:
     return 0
 
 
-def _device_args(pool: PoolSpec) -> list[str]:
+def _engine(pool: PoolSpec) -> Engine:
     """A pool given GPUs computes on the first (`cuda`: a pod that lands without one fails loudly
     instead of decoding on its CPU); one without computes on its CPU even where the node has GPUs it
     was not allocated."""
     engine = pool.engine
+    base = Engine(dtype=engine.dtype, max_num_seqs=engine.max_num_seqs, max_batched_tokens=engine.max_batched_tokens)
     if not gpus(pool):
-        return ["--device", "cpu", "--kv-cache-mib", str(engine.kv_cache_mib or CPU_KV_CACHE_MIB)]
+        return dataclasses.replace(base, device="cpu", kv_cache_mib=engine.kv_cache_mib or CPU_KV_CACHE_MIB)
     if engine.kv_cache_mib is not None:
-        return ["--device", "cuda", "--kv-cache-mib", str(engine.kv_cache_mib)]
-    return ["--device", "cuda", "--gpu-memory-fraction", str(engine.gpu_memory_fraction)]
+        return dataclasses.replace(base, device="cuda", kv_cache_mib=engine.kv_cache_mib)
+    return dataclasses.replace(base, device="cuda", gpu_memory_fraction=engine.gpu_memory_fraction)
 
 
 def worker_deployment(name: str, namespace: str, role: str, pool: PoolSpec, spec: ServingDeploymentSpec,
                       replicas: int, config_digest: str) -> dict[str, Any]:
-    model_args, volumes, mounts = _model_args_and_volumes(spec)
-    engine = pool.engine
-    args = ["worker", "--role", role, "--host", "0.0.0.0", "--port", str(GRPC_PORT),
-            "--metrics-port", str(METRICS_PORT), "--health-port", str(HEALTH_PORT), "--mtls-dir", MTLS_MOUNT,
-            "--kv-transfer", spec.kv_transfer.backend,
-            "--max-batched-tokens", str(engine.max_batched_tokens), "--max-num-seqs", str(engine.max_num_seqs),
-            *_device_args(pool), "--dtype", engine.dtype, *model_args]
-    if spec.model.format:
-        args += ["--model-format", spec.model.format]
-    if spec.model.served_name:
-        args += ["--served-model-name", spec.model.served_name]
+    stack, volumes, mounts = _model_and_volumes(spec)
+    args = [*stack.worker_args(role, _engine(pool)), "--host", "0.0.0.0", "--port", str(GRPC_PORT),
+            "--metrics-port", str(METRICS_PORT), "--health-port", str(HEALTH_PORT), "--mtls-dir", MTLS_MOUNT]
     resources = pool.resources.model_dump(exclude_none=True)
     container: dict[str, Any] = {
         "name": "worker", "image": spec.image, "args": args,
@@ -228,14 +226,12 @@ def worker_deployment(name: str, namespace: str, role: str, pool: PoolSpec, spec
 
 
 def router_deployment(name: str, namespace: str, spec: ServingDeploymentSpec, config_digest: str) -> dict[str, Any]:
-    model_args, volumes, mounts = _model_args_and_volumes(spec)
+    stack, volumes, mounts = _model_and_volumes(spec)
     selector = {labels.DEPLOYMENT: name, labels.COMPONENT: "router"}
     workers = f"{labels.DEPLOYMENT}={name},{labels.COMPONENT}=worker"
-    args = ["router", "--discovery", "kubernetes", "--selector", workers, "--host", "0.0.0.0", "--port",
+    args = [*stack.router_args(), "--discovery", "kubernetes", "--selector", workers, "--host", "0.0.0.0", "--port",
             str(HTTP_PORT), "--internal-host", "0.0.0.0", "--internal-port", str(METRICS_PORT),
-            "--mtls-dir", MTLS_MOUNT, "--routing-policy", spec.router.routing_policy, *model_args]
-    if spec.model.served_name:
-        args += ["--served-model-name", spec.model.served_name]
+            "--mtls-dir", MTLS_MOUNT]
     mounts = [*mounts, {"name": "mtls", "mountPath": MTLS_MOUNT, "readOnly": True}]
     volumes = [*volumes, _secret_volume("mtls", f"{name}-mtls-router")]
     keys = spec.router.api_key_secret_ref
