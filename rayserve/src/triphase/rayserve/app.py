@@ -132,10 +132,9 @@ class Control:
         self._changed()
 
     async def endpoints(self) -> list[str]:
-        endpoints = self.directory.endpoints(time.monotonic())
-        if self.watcher is not None and set(endpoints) != set(self.watcher.views) | set(self.watcher._tasks):
-            self.watcher.set_endpoints(endpoints)
-        return endpoints
+        if self.directory.expire(time.monotonic()):  # a replica gone without leaving: the balancer forgets it
+            self._changed()
+        return self.directory.endpoints(time.monotonic())
 
     async def workers(self) -> list[dict[str, Any]]:
         """Every registered worker: replica, endpoint, metrics port, pid, first role and the role it serves now."""
