@@ -50,6 +50,7 @@ from triphase.rayserve.directory import HEARTBEAT_S, Directory
 logger = logging.getLogger(__name__)
 
 DISCOVERY_S = 1.0  # how often the ingress asks the directory for the workers' endpoints
+CONTROL_CALL_S = 5.0  # the longest a call to the control replica may take (it answers from memory)
 
 
 def _bind_host(args: AppArgs) -> str:
@@ -184,8 +185,9 @@ class Worker:
 
     async def _announce(self) -> None:
         serving = self.worker is not None and not self.worker.servicer.draining
-        await self.control.beat.remote(self.replica, self.worker.endpoint if serving else None,
-                                       self.worker.metrics_port if serving else None, os.getpid())
+        await asyncio.wait_for(self.control.beat.remote(self.replica, self.worker.endpoint if serving else None,
+                                                        self.worker.metrics_port if serving else None, os.getpid()),
+                               CONTROL_CALL_S)
 
     async def _beat(self) -> None:
         while True:
@@ -211,8 +213,10 @@ class Worker:
 
     async def __del__(self) -> None:
         self.beating.cancel()
+        # Bounded: when the whole application is deleted the control replica may be gone already, and a
+        # handle call to a deployment without replicas waits for one.
         with contextlib.suppress(Exception):
-            await self.control.leave.remote(self.replica)
+            await asyncio.wait_for(self.control.leave.remote(self.replica), CONTROL_CALL_S)
         if self.worker is not None:
             self.watchdog.cancel()
             logger.info("Worker replica %s stopping: draining for up to %.0f s", self.replica,
@@ -235,7 +239,7 @@ class Ingress:
     async def _follow(self, set_endpoints: Any) -> None:
         while True:
             try:
-                set_endpoints(await self.control.endpoints.remote())
+                set_endpoints(await asyncio.wait_for(self.control.endpoints.remote(), CONTROL_CALL_S))
             except Exception:
                 logger.warning("Worker discovery through the directory failed", exc_info=True)
             await asyncio.sleep(DISCOVERY_S)
