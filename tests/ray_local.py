@@ -69,6 +69,12 @@ def ready_workers(url: str) -> list[dict[str, Any]]:
         return []
 
 
+def _interruptible() -> None:
+    """SIGINT back to its default in the child: a test run started in the background of a shell inherits
+    it ignored, and Python then leaves it ignored, so Ctrl-C (our SIGINT) would never reach `serve run`."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def serve_run(path: pathlib.Path, env: dict[str, str], log: pathlib.Path, workers: int,
               timeout: float = 300) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
@@ -78,7 +84,7 @@ def serve_run(path: pathlib.Path, env: dict[str, str], log: pathlib.Path, worker
     url = f"http://127.0.0.1:{port}"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(BIN / "serve"), "run", str(path)], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+                                env=env, start_new_session=True, preexec_fn=_interruptible)
     try:
         def up() -> bool:
             if proc.poll() is not None:
