@@ -15,11 +15,9 @@ from triphase.common.process import endpoints_file
 from triphase.common.process.signals import wait_for_stop_signal
 from triphase.common.security import mtls
 from triphase.common.security.pki import Identity
-from triphase.common.worker_stubs import WorkerStubs
-from triphase.control.balancer import Balancer, Settings, Slo
-from triphase.control.loop import BalancerLoop, SetRoleActuator
+from triphase.control.balancer import Settings, Slo
 from triphase.control.metrics import BalancerMetrics
-from triphase.control.stats import StatsWatcher
+from triphase.control.runner import start_balancer
 
 logger = logging.getLogger(__name__)
 
@@ -86,23 +84,19 @@ def run(args: argparse.Namespace) -> int:
 
 async def _balance(endpoints: list[str], workers_file: pathlib.Path | None, slo: Slo, settings: Settings,
                    grace_s: float, metrics: BalancerMetrics, bundle: mtls.Bundle | None = None) -> int:
-    channels = WorkerStubs(bundle)
-    watcher = StatsWatcher(channels)
-    watcher.set_endpoints(endpoints)
-    loop = BalancerLoop(watcher, SetRoleActuator(channels, grace_s), Balancer(slo, settings), metrics=metrics)
-    task = asyncio.create_task(loop.run())
+    balancer = start_balancer(slo, settings, grace_s, bundle, metrics)
+    balancer.set_endpoints(endpoints)
     stop = asyncio.create_task(wait_for_stop_signal())
-    following = asyncio.create_task(endpoints_file.follow(workers_file, watcher.set_endpoints)) if workers_file \
+    following = asyncio.create_task(endpoints_file.follow(workers_file, balancer.set_endpoints)) if workers_file \
         else None
     try:
-        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()  # the loop never ends on its own: raise what ended it (the process exits 1)
+        await asyncio.wait({balancer.task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if balancer.task.done():
+            balancer.task.result()  # the loop never ends on its own: raise what ended it (the process exits 1)
     finally:
-        for t in (task, stop, *([following] if following else [])):
+        for t in (stop, *([following] if following else [])):
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        await watcher.stop()
-        await channels.close()
+        await balancer.stop()
     return 0

@@ -28,9 +28,9 @@ from collections.abc import Callable
 from triphase.common.process import endpoints_file
 from triphase.common.process.net import free_port
 from triphase.common.roles import Role
+from triphase.control import runner
 from triphase.control.metrics import PlannerMetrics
-from triphase.control.planner import Plan, Planner, PoolView, Signals
-from triphase.control.planning import PlannerLoop
+from triphase.control.planner import Plan, Planner, PoolView
 from triphase.control.signals import MetricsUnavailable, PrometheusSignals
 from triphase.local import prometheus
 from triphase.local.supervisor import Child, Supervisor
@@ -146,13 +146,6 @@ class LocalPools:
 
 def start_planner(planner: Planner, reader: PrometheusSignals, pools: LocalPools,
                   interval_s: float, metrics: PlannerMetrics | None = None) -> threading.Thread:
-    """The planner loop on an event loop in a daemon thread (it ends with the process)."""
+    """The planner loop in a daemon thread (control/runner.py), over these pools."""
     pools.reader = reader
-
-    async def read() -> Signals:
-        return await asyncio.to_thread(reader.read)
-
-    loop = PlannerLoop(planner, read, pools, pools, interval_s=interval_s, metrics=metrics)
-    thread = threading.Thread(target=lambda: asyncio.run(loop.run()), name="planner", daemon=True)
-    thread.start()
-    return thread
+    return runner.start_planner(planner, reader.read, pools, pools, interval_s, metrics)

@@ -86,36 +86,31 @@ class Control:
     async def __init__(self, args: dict[str, Any], bundle: dict[str, bytes] | None) -> None:  # type: ignore[misc]
         self.args = AppArgs.parse(args)
         self.directory = Directory(self.args.prefill_share, alone_serves_both=self.args.min_workers == 1)
-        self.watcher: Any = None
-        self.channels: Any = None
-        self.loop: Any = None
+        self.balancer: Any = None  # control/runner.py RunningBalancer, with role switching
         if self.args.role_switching.enabled:
             await self._start_balancer(bundle)
 
     async def _start_balancer(self, files: dict[str, bytes] | None) -> None:
-        from triphase.common.worker_stubs import WorkerStubs
-        from triphase.control.balancer import Balancer, Settings, Slo
-        from triphase.control.loop import BalancerLoop, SetRoleActuator
-        from triphase.control.stats import StatsWatcher
+        from triphase.control.balancer import Settings, Slo
+        from triphase.control.runner import start_balancer
 
         switching, slo = self.args.role_switching, self.args.slo
-        self.channels = WorkerStubs(mtls.Bundle.from_files(files) if files else None)
-        self.watcher = StatsWatcher(self.channels)
-        balancer = Balancer(Slo(slo.ttft_seconds, slo.tpot_seconds),
-                            Settings(max_switches_per_minute=switching.max_switches_per_minute,
-                                     min_per_role=switching.min_per_role, cooldown_s=switching.cooldown_seconds))
-        self.loop = BalancerLoop(self.watcher, SetRoleActuator(self.channels, switching.grace_seconds), balancer)
-        self.balancing = asyncio.create_task(self.loop.run())
+        self.balancer = start_balancer(Slo(slo.ttft_seconds, slo.tpot_seconds),
+                                       Settings(max_switches_per_minute=switching.max_switches_per_minute,
+                                                min_per_role=switching.min_per_role,
+                                                cooldown_s=switching.cooldown_seconds),
+                                       switching.grace_seconds, mtls.Bundle.from_files(files) if files else None)
 
     def _roles_now(self) -> dict[str, Role | None]:
         """By endpoint, the role each worker reports now; None for one whose stats stream broke."""
-        if self.watcher is None:
+        if self.balancer is None:
             return {}
-        return {endpoint: view.role if view.healthy else None for endpoint, view in self.watcher.views.items()}
+        return {endpoint: view.role if view.healthy else None
+                for endpoint, view in self.balancer.watcher.views.items()}
 
     def _changed(self) -> None:
-        if self.watcher is not None:
-            self.watcher.set_endpoints(self.directory.endpoints(time.monotonic()))
+        if self.balancer is not None:
+            self.balancer.set_endpoints(self.directory.endpoints(time.monotonic()))
 
     async def join(self, replica: str) -> str:
         role = self.directory.join(replica, time.monotonic(), self._roles_now())
@@ -146,15 +141,11 @@ class Control:
                 for m in self.directory.members.values()]
 
     async def switches(self) -> int:
-        return int(self.loop.completed) if self.loop is not None else 0
+        return int(self.balancer.loop.completed) if self.balancer is not None else 0
 
     async def __del__(self) -> None:
-        if self.loop is not None:
-            self.balancing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.balancing
-            await self.watcher.stop()
-            await self.channels.close()
+        if self.balancer is not None:
+            await self.balancer.stop()
 
 
 class Worker:
