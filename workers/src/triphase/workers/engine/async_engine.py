@@ -157,8 +157,8 @@ class AsyncEngine:
                     outputs = []
                 else:
                     consecutive = 0
-                for out in outputs:
-                    self._deliver(out.request_id, self._with_export(out))
+                if outputs:  # one callback for the step: every stream's consumer runs before anyone it wakes
+                    self._deliver_step([(out.request_id, self._with_export(out)) for out in outputs])
             if ran or stepped or block:  # idle: refreshed once per IDLE_REFRESH_S at most
                 self._publish_stats()
             self._expire_pins()
@@ -178,6 +178,16 @@ class AsyncEngine:
         stream = self._streams.get(request_id)
         if stream is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _deliver_step(self, items: list[tuple[str, Any]]) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._put_step, items)
+
+    def _put_step(self, items: list[tuple[str, Any]]) -> None:
+        streams = self._streams
+        for request_id, item in items:
+            if (stream := streams.get(request_id)) is not None:
+                stream.put_nowait(item)
 
     def _publish_stats(self) -> None:
         engine = self.engine
@@ -258,13 +268,15 @@ class AsyncEngine:
         """Stream a request's outputs; cancelling the consumer aborts the request at once."""
         stream: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[request_id] = stream
+        ended = False
         try:
             await self.call(lambda: self.engine.add_request(request_id, prompt, sampling, output_offset=output_offset,
                                                             images=images))
             async for out in self._drain(stream):
+                ended = out.done
                 yield out
         finally:
-            await self._finish(request_id)
+            await self._finish(request_id, ended)
 
     def interrupt(self, request_id: str, exc: BaseException) -> bool:
         """End a request's stream by raising `exc` in its consumer (which then aborts it)."""
@@ -285,10 +297,10 @@ class AsyncEngine:
             if out.done:
                 return
 
-    async def _finish(self, request_id: str) -> None:
+    async def _finish(self, request_id: str, ended: bool) -> None:
         self._streams.pop(request_id, None)
-        # Not finished (the consumer went away, or an error): abort frees its blocks now.
-        await self._abort(request_id)
+        if not ended:  # the consumer went away, or an error: abort frees its blocks now
+            await self._abort(request_id)
 
     async def _abort(self, request_id: str) -> None:
         def run() -> None:
@@ -358,6 +370,7 @@ class AsyncEngine:
         READ, off the engine thread). The first output repeats the prefill worker's first token."""
         stream: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[request_id] = stream
+        ended = False
         try:
             if fill is None:
                 first = await self.call(lambda: self.engine.import_kv(request_id, prompt, sampling, export,
@@ -372,12 +385,14 @@ class AsyncEngine:
                         await asyncio.shield(self.call(lambda: self.engine.cancel_import(request_id)))
                     raise
                 first = await self.call(lambda: self.engine.commit_import(request, export))
+            ended = first.done
             yield first
             if not first.done:
                 async for out in self._drain(stream):
+                    ended = out.done
                     yield out
         finally:
-            await self._finish(request_id)
+            await self._finish(request_id, ended)
 
 
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:
