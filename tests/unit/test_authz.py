@@ -17,7 +17,7 @@ def test_every_method_names_who_may_call_it():
 
 
 @pytest.mark.parametrize(("identity", "allowed"), [
-    ("router", {"Prefill", "Decode", "Generate", "Encode", "WatchStats", "HandOver", "ReleaseKv"}),
+    ("router", {"Prefill", "Decode", "Generate", "Session", "Encode", "WatchStats", "HandOver", "ReleaseKv"}),
     ("control", {"WatchStats", "HandOver", "SetRole", "Drain"}),
     ("worker", {"ReadKv", "ReleaseKv", "ReadEmbeddings"}),
     ("someone", set()),

@@ -1,11 +1,13 @@
 """gRPC transport to the workers: channels, deadlines, and protobuf <-> router types.
 
-Nothing above this module sees protobuf, except that a prefill's KV transfer parameters are passed
-through opaquely (`KvTicket`): the router moves metadata, the workers move the bytes.
+Nothing above this module and worker_session.py (the Session that carries Generate and Decode) sees
+protobuf, except that a prefill's KV transfer parameters are passed through opaquely (`KvTicket`):
+the router moves metadata, the workers move the bytes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -21,6 +23,7 @@ from triphase.common.security import mtls
 from triphase.common.worker_stubs import WorkerStubs
 from triphase.router.errors import BadRequest
 from triphase.router.policy.pairing import WorkerView
+from triphase.router.worker_session import WorkerSession
 
 FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
 OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.keepalive_time_ms", 10_000)]
@@ -137,7 +140,8 @@ class KvTicket:
 
 def _delta(d: pb.TokenDelta) -> Delta:
     return Delta(list(d.token_ids), d.text, FINISH.get(d.finish_reason), d.prompt_tokens, d.cached_tokens,
-                 d.kv_backend, _rows(d.logprobs), d.index, _rows(d.prompt_logprobs))
+                 d.kv_backend, _rows(d.logprobs) if d.logprobs else [], d.index,
+                 _rows(d.prompt_logprobs) if d.prompt_logprobs else [])
 
 
 def _rows(rows: Any) -> list[dict[int, float]]:
@@ -145,52 +149,70 @@ def _rows(rows: Any) -> list[dict[int, float]]:
 
 
 def _failure(exc: grpc.aio.AioRpcError) -> Exception:
-    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-        return BadRequest(exc.details() or "invalid request")
-    if exc.code() == grpc.StatusCode.ABORTED:
-        return HandOffFailed(exc.details() or "KV hand-off failed")
-    if exc.code() == grpc.StatusCode.UNAVAILABLE and any(
-            key == HANDED_OVER_METADATA for key, _ in (exc.trailing_metadata() or ())):
-        return HandedOver(exc.details() or "handed over")
-    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-        role = dict(exc.trailing_metadata() or ()).get(ROLE_METADATA)
-        if role in set(Role):
-            return RoleRefused(f"{exc.code().name}: {exc.details()}", Role(role))
-    return WorkerFailed(f"{exc.code().name}: {exc.details()}")
+    metadata = dict(exc.trailing_metadata() or ())
+    return _status_failure(exc.code(), exc.details() or "", HANDED_OVER_METADATA in metadata,
+                           metadata.get(ROLE_METADATA))
 
 
-async def _deltas(call: Any) -> AsyncGenerator[Delta, None]:
-    """Convert a TokenDelta stream; cancelling the call on exit (a no-op once it completed) makes
-    the worker abort the request when the consumer stops early."""
-    try:
-        async for d in call:
-            yield _delta(d)
-    except grpc.aio.AioRpcError as exc:
-        raise _failure(exc) from None
-    finally:
-        call.cancel()
+def _stream_failure(error: pb.StreamError) -> Exception:
+    """How one stream of a Session ended, as `_failure` maps the same status of a call."""
+    code = _CODES.get(error.code, grpc.StatusCode.UNKNOWN)
+    role = role_pb.from_pb(error.role) if error.role != pb.ROLE_UNSPECIFIED else None
+    return _status_failure(code, error.message, error.handed_over, role)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _status_failure(code: grpc.StatusCode, details: str, handed_over: bool, role: str | None) -> Exception:
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return BadRequest(details or "invalid request")
+    if code == grpc.StatusCode.ABORTED:
+        return HandOffFailed(details or "KV hand-off failed")
+    if code == grpc.StatusCode.UNAVAILABLE and handed_over:
+        return HandedOver(details or "handed over")
+    if code == grpc.StatusCode.FAILED_PRECONDITION and role in set(Role):
+        return RoleRefused(f"{code.name}: {details}", Role(role))
+    return WorkerFailed(f"{code.name}: {details}")
 
 
 class WorkerClient:
-    """`bundle`: the router's mTLS certificate and the deployment's CA (common/security/mtls.py); None: plaintext."""
+    """`bundle`: the router's mTLS certificate and the deployment's CA (common/security/mtls.py); None: plaintext.
+    Generate and Decode travel on one Session per worker (worker_session.py); the rest are calls."""
 
     def __init__(self, *, timeout_s: float = 600.0, bundle: mtls.Bundle | None = None) -> None:
         self.timeout_s = timeout_s
         self._stubs = WorkerStubs(bundle, OPTIONS)
         self._stub = self._stubs.stub
+        self._sessions: dict[str, WorkerSession] = {}
 
     async def close(self) -> None:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        await asyncio.gather(*(session.close() for session in sessions))
         await self._stubs.close()
 
-    async def generate(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
-                       resumed_output_tokens: int = 0, images: Sequence[PromptImage] = (),
-                       ) -> AsyncGenerator[Delta, None]:
-        call = self._stub(endpoint).Generate(
-            pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb(),
-                               resumed_output_tokens=resumed_output_tokens, images=[i.to_pb() for i in images]),
-            timeout=self.timeout_s)
-        async for delta in _deltas(call):
-            yield delta
+    def _session(self, endpoint: str) -> WorkerSession:
+        """The endpoint's session: a new one when it has none, its last one failed, or its channel changed
+        (a certificate rotation: the old one closes after its last stream)."""
+        stub = self._stub(endpoint)
+        session = self._sessions.get(endpoint)
+        if session is None or session.closed is not None or session.stub is not stub:
+            if session is not None:
+                session.retire()
+            session = self._sessions[endpoint] = WorkerSession(stub, _stream_failure, timeout_s=self.timeout_s)
+        return session
+
+    async def _stream(self, endpoint: str, kind: str, request: Any) -> AsyncGenerator[Delta, None]:
+        async with contextlib.aclosing(self._session(endpoint).deltas(kind, request)) as deltas:
+            async for d in deltas:
+                yield _delta(d)
+
+    def generate(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
+                 resumed_output_tokens: int = 0, images: Sequence[PromptImage] = (),
+                 ) -> AsyncGenerator[Delta, None]:
+        return self._stream(endpoint, "generate", pb.GenerateRequest(
+            request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb(),
+            resumed_output_tokens=resumed_output_tokens, images=[i.to_pb() for i in images]))
 
     async def prefill(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
                       images: Sequence[PromptImage] = ()) -> tuple[KvTicket, Delta]:
@@ -205,14 +227,11 @@ class WorkerClient:
         ticket = KvTicket(endpoint, kv, len(kv.block_ids), len(kv.block_ids) * kv.layout.block_bytes)
         return ticket, _delta(response.first)
 
-    async def decode(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
-                     ticket: KvTicket, images: Sequence[PromptImage] = ()) -> AsyncGenerator[Delta, None]:
-        call = self._stub(endpoint).Decode(
-            pb.DecodeRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb(),
-                             kv=ticket.params, images=[i.to_pb(with_data=False) for i in images]),
-            timeout=self.timeout_s)
-        async for delta in _deltas(call):
-            yield delta
+    def decode(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
+               ticket: KvTicket, images: Sequence[PromptImage] = ()) -> AsyncGenerator[Delta, None]:
+        return self._stream(endpoint, "decode", pb.DecodeRequest(
+            request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb(), kv=ticket.params,
+            images=[i.to_pb(with_data=False) for i in images]))
 
     async def encode(self, endpoint: str, data: bytes) -> tuple[bytes, Any, Any]:
         """Have an encode worker encode (and keep) one image; returns its digest, where the worker keeps

@@ -19,6 +19,7 @@ CALLERS: dict[str, frozenset[Identity]] = {
     "Prefill": frozenset({ROUTER}),
     "Decode": frozenset({ROUTER}),
     "Generate": frozenset({ROUTER}),
+    "Session": frozenset({ROUTER}),
     "Encode": frozenset({ROUTER}),
     "WatchStats": frozenset({ROUTER, CONTROL}),
     "HandOver": frozenset({ROUTER, CONTROL}),

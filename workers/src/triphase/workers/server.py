@@ -1,16 +1,11 @@
 """The gRPC WorkerService around the engine: protobuf <-> engine types and status codes.
 
 This is the only module that converts between protobuf messages and engine types; the role and
-admission state lives in roles.py, the decode side of the KV hand-off in kv/handoff.py. Errors become
-gRPC status codes: INVALID_ARGUMENT for bad input, NOT_FOUND for unknown pinned KV,
-RESOURCE_EXHAUSTED when the KV cache has no room, FAILED_PRECONDITION when the role or drain
-state refuses the call, UNAVAILABLE while the role is switching or the engine is not healthy (and
-for streams handed over by a switch or a shutdown), ABORTED when a Decode could not obtain its KV
-(the router then prefills elsewhere), INTERNAL when the engine failed computing the request (the
-message never carries internal exception text), PERMISSION_DENIED when the caller's certificate does not
-allow the method (authz.py) or a ticket does not hold (signing.py). Numbers a caller controls are bounded here or in
-SamplingParams before any work is done on them.
-"""
+admission state lives in roles.py, the decode side of the KV hand-off in kv/handoff.py, the router's
+Session (contract v2: its streams over one gRPC stream, one message per engine step) in session.py.
+Errors become the gRPC status codes of status.py, for a call or for one stream of a Session, and
+PERMISSION_DENIED when the caller's certificate does not allow the method (authz.py). Numbers a
+caller controls are bounded here or in SamplingParams before any work is done on them."""
 
 from __future__ import annotations
 
@@ -18,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -29,23 +24,25 @@ from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
 from triphase.common import role_pb
 from triphase.common.images import ImageLimits
-from triphase.common.roles import HANDED_OVER_METADATA, ROLE_METADATA, Role
+from triphase.common.roles import Role
 from triphase.common.sampling import DEFAULT_MAX_TOKENS
 from triphase.common.security import mtls
 from triphase.common.worker_stubs import WorkerStubs
 from triphase.workers.authz import refusal
-from triphase.workers.engine.async_engine import AsyncEngine, EngineFailed
+from triphase.workers.engine.async_engine import AsyncEngine
 from triphase.workers.engine.core import KvExport, RequestOutput
 from triphase.workers.engine.kv_cache_manager import cdiv
 from triphase.workers.engine.kv_layout import KvLayout
 from triphase.workers.engine.sampling import SamplingParams
 from triphase.workers.images import ImageService
 from triphase.workers.kv import grpc_stream
-from triphase.workers.kv.handoff import HandOffFailed, KvHandOff
+from triphase.workers.kv.handoff import KvHandOff
 from triphase.workers.kv.nixl import NixlConnector
 from triphase.workers.lifecycle import Health
 from triphase.workers.roles import HandedOver, Refused, RoleState
+from triphase.workers.session import Malformed, Session
 from triphase.workers.signing import Signer, TicketRefused
+from triphase.workers.status import status_of
 
 logger = logging.getLogger(__name__)
 
@@ -170,28 +167,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     @contextlib.asynccontextmanager
     async def _errors(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Map engine exceptions to status codes; count in-flight work."""
+        """Map engine exceptions to status codes (status_of); count in-flight work."""
         self.in_flight += 1
         try:
             yield
-        except HandedOver as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc), trailing_metadata=((HANDED_OVER_METADATA, "1"),))
-        except Refused as exc:
-            code = grpc.StatusCode.UNAVAILABLE if exc.transient else grpc.StatusCode.FAILED_PRECONDITION
-            await context.abort(code, str(exc),
-                                trailing_metadata=((ROLE_METADATA, str(exc.role)),) if exc.role else ())
-        except HandOffFailed as exc:
-            await context.abort(grpc.StatusCode.ABORTED, str(exc))
-        except TicketRefused as exc:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except KeyError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0] if exc.args else exc))
-        except MemoryError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except EngineFailed as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        except Exception as exc:
+            status = status_of(exc)
+            if status is None:
+                raise
+            await context.abort(status.code, status.message, trailing_metadata=status.metadata)
         finally:
             self.in_flight -= 1
 
@@ -202,19 +186,24 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     # ------------------------------------------------------------------ RPCs
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
                        ) -> AsyncIterator[pb.TokenDelta]:
-        async with self._errors(context):
-            self._admit(request.request_id, needs_decode=True)
-            sampling = sampling_from_pb(request.sampling)
-            prompt = self._prompt(request)
-            images = await self.images.inputs(request.images)
-            stream = self.engine.generate(request.request_id, prompt, sampling, request.resumed_output_tokens, images)
-            with self.state.tracked(request.request_id, len(prompt), sampling.max_tokens,
-                                    movable=not request.resumed_output_tokens):
-                async with contextlib.aclosing(stream) as outputs:
-                    first = True
-                    async for out in outputs:
-                        yield delta_to_pb(out, prompt_tokens=len(prompt) if first else 0)
-                        first = False
+        async with self._errors(context), contextlib.aclosing(self.generate(request)) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    async def generate(self, request: pb.GenerateRequest) -> AsyncGenerator[pb.TokenDelta, None]:
+        """A Generate's deltas; its failures raise the exceptions that status_of maps (here and in a Session)."""
+        self._admit(request.request_id, needs_decode=True)
+        sampling = sampling_from_pb(request.sampling)
+        prompt = self._prompt(request)
+        images = await self.images.inputs(request.images)
+        stream = self.engine.generate(request.request_id, prompt, sampling, request.resumed_output_tokens, images)
+        with self.state.tracked(request.request_id, len(prompt), sampling.max_tokens,
+                                movable=not request.resumed_output_tokens):
+            async with contextlib.aclosing(stream) as outputs:
+                first = True
+                async for out in outputs:
+                    yield delta_to_pb(out, prompt_tokens=len(prompt) if first else 0)
+                    first = False
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         async with self._errors(context):
@@ -240,23 +229,55 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext,
                      ) -> AsyncIterator[pb.TokenDelta]:
-        async with self._errors(context):
-            self._admit(request.request_id, needs_decode=True)
-            self._check_ticket(request.kv)  # before any connection to the endpoint it names
-            images = self.images.spans(request.images)  # bounded and checked before the KV is looked at
-            with self.state.tracked(request.request_id, len(request.prompt_token_ids), request.sampling.max_tokens):
-                kv = request.kv
-                export = KvExport(kv.request_id, layout_from_pb(kv.layout, len(kv.block_ids)), list(kv.block_ids),
-                                  kv.num_tokens, kv.first_token_id)
-                outputs, first, backend = await self.handoff.adopt(
-                    request.request_id, self._prompt(request), sampling_from_pb(request.sampling), export, kv,
-                    images)
-                async with contextlib.aclosing(outputs) as deltas:
-                    delta = delta_to_pb(first)
-                    delta.kv_backend = backend
+        async with self._errors(context), contextlib.aclosing(self.decode(request)) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    async def decode(self, request: pb.DecodeRequest) -> AsyncGenerator[pb.TokenDelta, None]:
+        """A Decode's deltas; failures raise as in `generate`."""
+        self._admit(request.request_id, needs_decode=True)
+        self._check_ticket(request.kv)  # before any connection to the endpoint it names
+        images = self.images.spans(request.images)  # bounded and checked before the KV is looked at
+        with self.state.tracked(request.request_id, len(request.prompt_token_ids), request.sampling.max_tokens):
+            kv = request.kv
+            export = KvExport(kv.request_id, layout_from_pb(kv.layout, len(kv.block_ids)), list(kv.block_ids),
+                              kv.num_tokens, kv.first_token_id)
+            outputs, first, backend = await self.handoff.adopt(
+                request.request_id, self._prompt(request), sampling_from_pb(request.sampling), export, kv, images)
+            async with contextlib.aclosing(outputs) as deltas:
+                delta = delta_to_pb(first)
+                delta.kv_backend = backend
+                yield delta
+                async for out in deltas:
+                    yield delta_to_pb(out)
+
+    async def Session(self, requests: AsyncIterator[pb.SessionRequest], context: grpc.aio.ServicerContext,
+                      ) -> AsyncIterator[pb.SessionBatch]:
+        """Contract v2: a router's streams multiplexed over one gRPC stream (session.py)."""
+        session = Session(self._open_stream)
+        try:
+            async with contextlib.aclosing(session.run(requests)) as batches:
+                async for batch in batches:
+                    yield batch
+        except Malformed as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed session request: {exc}")
+
+    def _open_stream(self, request: pb.SessionRequest) -> AsyncGenerator[pb.TokenDelta, None]:
+        kind = request.WhichOneof("kind")
+        if kind == "generate":
+            return self._counted(self.generate(request.generate))
+        if kind == "decode":
+            return self._counted(self.decode(request.decode))
+        raise ValueError("a session request must carry a generate, a decode or a cancel")
+
+    async def _counted(self, deltas: AsyncGenerator[pb.TokenDelta, None]) -> AsyncGenerator[pb.TokenDelta, None]:
+        self.in_flight += 1
+        try:
+            async with contextlib.aclosing(deltas):
+                async for delta in deltas:
                     yield delta
-                    async for out in deltas:
-                        yield delta_to_pb(out)
+        finally:
+            self.in_flight -= 1
 
     async def ReadKv(self, request: pb.ReadKvRequest, context: grpc.aio.ServicerContext,
                      ) -> AsyncIterator[pb.KvChunk]:
@@ -406,6 +427,15 @@ def _guard_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> C
     return guarded
 
 
+def _guard_session(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def guarded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await _admissible(method, None, context)  # each request is checked as the session reads it
+        async for item in behavior(requests, context):
+            yield item
+
+    return guarded
+
+
 def _handlers(servicer: WorkerServicer) -> grpc.GenericRpcHandler:
     """WorkerService's method handlers, as the generated `add_..._to_server` builds them, except that the
     caller's identity is checked first (PERMISSION_DENIED) and a request that does not parse is
@@ -415,7 +445,11 @@ def _handlers(servicer: WorkerServicer) -> grpc.GenericRpcHandler:
     for method in service.methods:
         request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
         behavior = getattr(servicer, method.name)
-        if method.server_streaming:
+        if method.client_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _guard_session(method.name, behavior), request_deserializer=_lenient(request.FromString),
+                response_serializer=response.SerializeToString)
+        elif method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 _guard_stream(method.name, behavior), request_deserializer=_lenient(request.FromString),
                 response_serializer=response.SerializeToString)

@@ -246,6 +246,52 @@ class GenerateRequest(_message.Message):
     images: _containers.RepeatedCompositeFieldContainer[PromptImage]
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., resumed_output_tokens: _Optional[int] = ..., images: _Optional[_Iterable[_Union[PromptImage, _Mapping]]] = ...) -> None: ...
 
+class SessionRequest(_message.Message):
+    __slots__ = ("stream_id", "generate", "decode", "cancel")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    stream_id: int
+    generate: GenerateRequest
+    decode: DecodeRequest
+    cancel: Cancel
+    def __init__(self, stream_id: _Optional[int] = ..., generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., decode: _Optional[_Union[DecodeRequest, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
+
+class Cancel(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StreamError(_message.Message):
+    __slots__ = ("code", "message", "handed_over", "role")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    HANDED_OVER_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    handed_over: bool
+    role: Role
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., handed_over: _Optional[bool] = ..., role: _Optional[_Union[Role, str]] = ...) -> None: ...
+
+class StreamEvent(_message.Message):
+    __slots__ = ("stream_id", "deltas", "error", "done")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    DELTAS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    stream_id: int
+    deltas: _containers.RepeatedCompositeFieldContainer[TokenDelta]
+    error: StreamError
+    done: bool
+    def __init__(self, stream_id: _Optional[int] = ..., deltas: _Optional[_Iterable[_Union[TokenDelta, _Mapping]]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ..., done: _Optional[bool] = ...) -> None: ...
+
+class SessionBatch(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[StreamEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[StreamEvent, _Mapping]]] = ...) -> None: ...
+
 class WatchStatsRequest(_message.Message):
     __slots__ = ("interval_seconds",)
     INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]

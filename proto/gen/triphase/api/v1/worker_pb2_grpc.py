@@ -49,6 +49,11 @@ class WorkerServiceStub:
                 request_serializer=triphase_dot_api_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=triphase_dot_api_dot_v1_dot_worker__pb2.TokenDelta.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/triphase.api.v1.WorkerService/Session',
+                request_serializer=triphase_dot_api_dot_v1_dot_worker__pb2.SessionRequest.SerializeToString,
+                response_deserializer=triphase_dot_api_dot_v1_dot_worker__pb2.SessionBatch.FromString,
+                _registered_method=True)
         self.WatchStats = channel.unary_stream(
                 '/triphase.api.v1.WorkerService/WatchStats',
                 request_serializer=triphase_dot_api_dot_v1_dot_worker__pb2.WatchStatsRequest.SerializeToString,
@@ -113,6 +118,19 @@ class WorkerServiceServicer:
 
     def Generate(self, request, context):
         """Prefill and decode on this worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """The router's path (contract v2): one long-lived stream per router connection. Submissions
+        (a Generate or Decode request each) and cancellations go one way; the other way, one
+        SessionBatch per engine step carries the deltas of every stream of the session that produced
+        output in it, and the end of each stream: finished, or failed with the status code that
+        Generate or Decode would have ended it with. A stream whose deltas pile up unsent is ended with
+        RESOURCE_EXHAUSTED and its KV freed; the session itself ends only when the router closes it or
+        the worker shuts down (UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -193,6 +211,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=triphase_dot_api_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=triphase_dot_api_dot_v1_dot_worker__pb2.TokenDelta.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=triphase_dot_api_dot_v1_dot_worker__pb2.SessionRequest.FromString,
+                    response_serializer=triphase_dot_api_dot_v1_dot_worker__pb2.SessionBatch.SerializeToString,
             ),
             'WatchStats': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchStats,
@@ -316,6 +339,33 @@ class WorkerService:
             '/triphase.api.v1.WorkerService/Generate',
             triphase_dot_api_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             triphase_dot_api_dot_v1_dot_worker__pb2.TokenDelta.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/triphase.api.v1.WorkerService/Session',
+            triphase_dot_api_dot_v1_dot_worker__pb2.SessionRequest.SerializeToString,
+            triphase_dot_api_dot_v1_dot_worker__pb2.SessionBatch.FromString,
             options,
             channel_credentials,
             insecure,

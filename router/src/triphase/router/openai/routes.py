@@ -52,9 +52,11 @@ from triphase.router.openai.openapi import document
 from triphase.router.openai.prepare import Preparer
 from triphase.router.pipeline import Pipeline, Trace
 from triphase.router.worker_client import Delta, PromptImage, Sampling
+from triphase.router.worker_session import BACKLOG
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_COALESCED = 64  # SSE events of one client written together at most
 END_S = 5.0  # at the drain deadline: how long the requests still running get to write their ending
 SHUTTING_DOWN = Unavailable("the server is shutting down and could not finish this request; retry it")
 OFF_LOOP_BYTES = 64 << 10  # bodies larger than this are parsed and tokenized on the parsing thread
@@ -226,8 +228,8 @@ class Api:
                     generated += len(delta.token_ids)
                     yield delta
             status = "ok"
-        except BadRequest:
-            status = "400"
+        except RouterError as exc:  # the client's doing (400, 408 ...) or a refusal of ours (503)
+            status = str(exc.status)
             raise
         except asyncio.CancelledError:  # aiohttp cancels the handler of a connection that was lost
             trace.client_gone = trace.client_gone or request.transport is None or request.transport.is_closing()
@@ -242,18 +244,27 @@ class Api:
     async def _sse(self, request: web.Request, frames: AsyncIterator[bytes], trace: Trace) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
+        # A client that fell behind (its request's deltas queued: BACKLOG) gets its pending events in one
+        # write. (A delta that makes no frame, such as held-back tool-call text, can keep the frames
+        # before it for one engine step.)
+        pending: list[bytes] = []
         try:
             async for frame in frames:
-                await response.write(frame)
+                pending.append(frame)
+                if not BACKLOG.get() or len(pending) >= MAX_COALESCED:
+                    await response.write(pending[0] if len(pending) == 1 else b"".join(pending))
+                    pending.clear()
+            if pending:
+                await response.write(b"".join(pending))
         except RouterError as exc:
-            await response.write(responses.frame(exc.body()))
+            await response.write(b"".join(pending) + responses.frame(exc.body()))
         except asyncio.CancelledError:
             if not self.ending:
                 raise
             task = asyncio.current_task()
             assert task is not None
             task.uncancel()  # ended by `_end_in_flight`: the client gets an error event, then [DONE]
-            await response.write(responses.frame(SHUTTING_DOWN.body()))
+            await response.write(b"".join(pending) + responses.frame(SHUTTING_DOWN.body()))
         except (ConnectionResetError, BrokenPipeError):
             trace.client_gone = True  # counted as CLIENT_CLOSED, not as an error of ours
             return response  # the client left: the closed stream cancels the workers' request

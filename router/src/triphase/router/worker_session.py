@@ -1,0 +1,183 @@
+"""Contract v2 on the router: one Session per worker carries every stream this router has there.
+
+A request's Generate or Decode is a submission on the session, its end a cancellation; the worker
+answers with one SessionBatch per engine step holding the deltas of all of this router's requests on
+it. One reader task per session decodes each batch once and hands every stream its deltas without
+waiting on anyone: a client that reads slowly only lengthens its own queue. A queue longer than
+MAX_BEHIND deltas cuts that client (SlowReader) and cancels its request on the worker, which frees
+its KV. While a stream has deltas queued, BACKLOG says how many, so that the HTTP side can write a
+client that fell behind all of its pending events at once.
+
+A session that fails (the worker died, the connection broke) ends each of its open streams as that
+worker's failure would (WorkerFailed: the pipeline resumes them elsewhere); the next request opens a
+new session. So does a certificate rotation: new requests go to a session on the new channel while
+the old session finishes its streams and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import itertools
+import logging
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+import grpc
+
+from triphase.api.v1 import worker_pb2 as pb
+from triphase.router.errors import RouterError
+
+logger = logging.getLogger(__name__)
+
+MAX_BEHIND = 2048  # deltas received for one request that its client has not taken yet
+
+# Deltas of the current request's stream received and not yet taken (in the request's task).
+BACKLOG: contextvars.ContextVar[int] = contextvars.ContextVar("triphase_backlog", default=0)
+
+
+class SlowReader(RouterError):
+    """The client read its stream so slowly that MAX_BEHIND deltas piled up: its request was ended."""
+
+    status = 408
+    type = "invalid_request_error"
+
+    def __init__(self) -> None:
+        super().__init__(f"the client fell {MAX_BEHIND} tokens behind its stream; the request was ended",
+                         code="client_too_slow")
+
+
+class _Stream:
+    __slots__ = ("ended", "error", "items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[pb.TokenDelta] = collections.deque()
+        self.ended = False
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    def finish(self, error: BaseException | None) -> None:
+        self.ended = True
+        self.error = error
+        self.wake()
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+class WorkerSession:
+    """`stub`: the worker's WorkerService stub (its channel); `failure(code, message, handed_over, role)`:
+    the exception a stream that ended with that status raises (worker_client.py maps them)."""
+
+    def __init__(self, stub: Any, failure: Callable[[pb.StreamError], Exception], *, timeout_s: float) -> None:
+        self.stub = stub
+        self.failure = failure
+        self.timeout_s = timeout_s
+        self.streams: dict[int, _Stream] = {}
+        self.closed: Exception | None = None  # why the session ended; None while it serves
+        self.retiring = False  # a newer session took over: close once the last stream ends
+        self._ids = itertools.count(1)
+        self._outbox: asyncio.Queue[pb.SessionRequest] = asyncio.Queue()
+        self._call = stub.Session()
+        self._reader = asyncio.create_task(self._read())
+        self._writer = asyncio.create_task(self._write())
+
+    async def deltas(self, kind: str, request: Any) -> AsyncGenerator[pb.TokenDelta, None]:
+        """Submit `request` (`kind`: "generate" or "decode") and yield its deltas; raises what the stream
+        ended with. Closing the generator early cancels the request on the worker."""
+        if self.closed is not None:
+            raise self.closed
+        stream_id = next(self._ids)
+        stream = self.streams[stream_id] = _Stream()
+        self._outbox.put_nowait(pb.SessionRequest(stream_id=stream_id, **{kind: request}))
+        loop = asyncio.get_running_loop()
+        deadline = loop.call_later(self.timeout_s, self._expire, stream_id)
+        items = stream.items
+        try:
+            while True:
+                if items:
+                    BACKLOG.set(len(items) - 1)
+                    yield items.popleft()
+                elif stream.ended:
+                    if stream.error is not None:
+                        raise stream.error
+                    return
+                else:
+                    stream.waiter = loop.create_future()
+                    await stream.waiter
+        finally:
+            BACKLOG.set(0)
+            deadline.cancel()
+            if self.streams.pop(stream_id, None) is not None:  # still open on the worker
+                self._cancel(stream_id)
+            self._retire_if_idle()
+
+    def retire(self) -> None:
+        self.retiring = True
+        self._retire_if_idle()
+
+    async def close(self) -> None:
+        self._end(RuntimeError("the router closed the session"))
+        self._call.cancel()
+        for task in (self._reader, self._writer):
+            task.cancel()
+        await asyncio.gather(self._reader, self._writer, return_exceptions=True)
+
+    # ------------------------------------------------------------------ internals
+    def _cancel(self, stream_id: int) -> None:
+        if self.closed is None:
+            self._outbox.put_nowait(pb.SessionRequest(stream_id=stream_id, cancel=pb.Cancel()))
+
+    def _expire(self, stream_id: int) -> None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            self._cancel(stream_id)
+            stream.finish(self.failure(pb.StreamError(
+                code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
+                message=f"no end within {self.timeout_s:g} s")))
+
+    def _retire_if_idle(self) -> None:
+        if self.retiring and not self.streams and self.closed is None:
+            self._end(RuntimeError("a newer session took over"))
+            self._call.cancel()
+
+    def _end(self, failure: Exception) -> None:
+        if self.closed is None:
+            self.closed = failure
+        for stream in self.streams.values():
+            stream.finish(failure)
+        self.streams.clear()
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self._call.write(await self._outbox.get())
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+            pass  # the call ended: the reader reports why
+
+    async def _read(self) -> None:
+        streams = self.streams
+        try:
+            async for batch in self._call:
+                for event in batch.events:
+                    stream = streams.get(event.stream_id)
+                    if stream is None:  # cancelled or expired here while its output was on the way
+                        continue
+                    stream.items.extend(event.deltas)
+                    if event.done:
+                        del streams[event.stream_id]
+                        stream.finish(self.failure(event.error) if event.HasField("error") else None)
+                    elif len(stream.items) > MAX_BEHIND:
+                        del streams[event.stream_id]
+                        self._cancel(event.stream_id)
+                        stream.items.clear()
+                        stream.finish(SlowReader())
+                    else:
+                        stream.wake()
+            failure = self.failure(pb.StreamError(code=grpc.StatusCode.UNAVAILABLE.value[0],
+                                                  message="the worker ended the session"))
+        except grpc.aio.AioRpcError as exc:
+            failure = self.failure(pb.StreamError(code=exc.code().value[0], message=exc.details() or ""))
+        self._end(failure)
