@@ -38,13 +38,16 @@ def generate(request_id: str, prompt: list[int], max_tokens: int = 12, **samplin
         max_tokens=max_tokens, temperature=0, ignore_eos=True, **sampling))
 
 
-async def session(endpoint: str, requests: list[pb.SessionRequest], *, cancel_after_first: int | None = None,
+async def session(endpoint: str, requests: list[pb.StreamRequest], *, cancel_after_first: int | None = None,
                   ) -> tuple[list[pb.SessionBatch], dict[int, list[pb.TokenDelta]], dict[int, pb.StreamEvent]]:
-    """Submit `requests` on one Session and read until each stream has ended."""
+    """Submit `requests` on one Session (one message for the first half, one each for the rest) and read
+    until each stream has ended."""
     async with grpc.aio.insecure_channel(endpoint) as channel:
         call = worker_pb2_grpc.WorkerServiceStub(channel).Session()
-        for request in requests:
-            await call.write(request)
+        half = len(requests) // 2
+        await call.write(pb.SessionRequest(requests=requests[:half]))
+        for request in requests[half:]:
+            await call.write(pb.SessionRequest(requests=[request]))
         open_ids = {r.stream_id for r in requests if r.WhichOneof("kind") != "cancel"}
         batches, deltas, ends = [], {}, {}
         async with asyncio.timeout(30):
@@ -57,7 +60,8 @@ async def session(endpoint: str, requests: list[pb.SessionRequest], *, cancel_af
                         ends[event.stream_id] = event
                         open_ids.discard(event.stream_id)
                     if event.stream_id == cancel_after_first:
-                        await call.write(pb.SessionRequest(stream_id=cancel_after_first, cancel=pb.Cancel()))
+                        await call.write(pb.SessionRequest(requests=[pb.StreamRequest(stream_id=cancel_after_first,
+                                                                                      cancel=pb.Cancel())]))
                         open_ids.discard(cancel_after_first)
                         cancel_after_first = None
         await call.done_writing()
@@ -89,7 +93,7 @@ def test_a_session_streams_what_generate_does_in_one_message_per_step(endpoint):
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             for i, prompt in enumerate(PROMPTS):
                 expected.append([d async for d in stub.Generate(generate(f"g{i}", prompt))])
-        requests = [pb.SessionRequest(stream_id=i + 1, generate=generate(f"s{i}", p)) for i, p in enumerate(PROMPTS)]
+        requests = [pb.StreamRequest(stream_id=i + 1, generate=generate(f"s{i}", p)) for i, p in enumerate(PROMPTS)]
         return expected, await session(endpoint, requests)
 
     expected, (batches, deltas, ends) = asyncio.run(scenario())
@@ -103,11 +107,11 @@ def test_a_session_streams_what_generate_does_in_one_message_per_step(endpoint):
 
 def test_a_failing_stream_ends_alone_and_a_cancelled_one_frees_its_kv(endpoint):
     requests = [
-        pb.SessionRequest(stream_id=1, generate=generate("long", PROMPTS[0], max_tokens=400)),
-        pb.SessionRequest(stream_id=2, generate=generate("bad", PROMPTS[1], max_tokens=4)),
-        pb.SessionRequest(stream_id=3, generate=generate("ok", PROMPTS[2])),
-        pb.SessionRequest(stream_id=4, decode=pb.DecodeRequest(request_id="no-kv", prompt_token_ids=PROMPTS[4])),
-        pb.SessionRequest(stream_id=5),
+        pb.StreamRequest(stream_id=1, generate=generate("long", PROMPTS[0], max_tokens=400)),
+        pb.StreamRequest(stream_id=2, generate=generate("bad", PROMPTS[1], max_tokens=4)),
+        pb.StreamRequest(stream_id=3, generate=generate("ok", PROMPTS[2])),
+        pb.StreamRequest(stream_id=4, decode=pb.DecodeRequest(request_id="no-kv", prompt_token_ids=PROMPTS[4])),
+        pb.StreamRequest(stream_id=5),
     ]
     requests[1].generate.sampling.temperature = -1
 

@@ -114,7 +114,7 @@ class PromptImage:
                               source_endpoint=self.source, slot=self.slot, ticket=self.ticket)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Delta:
     token_ids: list[int]
     text: str
@@ -184,14 +184,14 @@ class WorkerClient:
         self.timeout_s = timeout_s
         self._stubs = WorkerStubs(bundle, OPTIONS)
         self._stub = self._stubs.stub
-        self._sessions: dict[str, WorkerSession] = {}
+        self._sessions: dict[str, WorkerSession[Delta]] = {}
 
     async def close(self) -> None:
         sessions, self._sessions = list(self._sessions.values()), {}
         await asyncio.gather(*(session.close() for session in sessions))
         await self._stubs.close()
 
-    def _session(self, endpoint: str) -> WorkerSession:
+    def _session(self, endpoint: str) -> WorkerSession[Delta]:
         """The endpoint's session: a new one when it has none, its last one failed, or its channel changed
         (a certificate rotation: the old one closes after its last stream)."""
         stub = self._stub(endpoint)
@@ -199,18 +199,14 @@ class WorkerClient:
         if session is None or session.closed is not None or session.stub is not stub:
             if session is not None:
                 session.retire()
-            session = self._sessions[endpoint] = WorkerSession(stub, _stream_failure, timeout_s=self.timeout_s)
+            session = self._sessions[endpoint] = WorkerSession(stub, _delta, _stream_failure,
+                                                               timeout_s=self.timeout_s)
         return session
-
-    async def _stream(self, endpoint: str, kind: str, request: Any) -> AsyncGenerator[Delta, None]:
-        async with contextlib.aclosing(self._session(endpoint).deltas(kind, request)) as deltas:
-            async for d in deltas:
-                yield _delta(d)
 
     def generate(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
                  resumed_output_tokens: int = 0, images: Sequence[PromptImage] = (),
                  ) -> AsyncGenerator[Delta, None]:
-        return self._stream(endpoint, "generate", pb.GenerateRequest(
+        return self._session(endpoint).deltas("generate", pb.GenerateRequest(
             request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb(),
             resumed_output_tokens=resumed_output_tokens, images=[i.to_pb() for i in images]))
 
@@ -229,7 +225,7 @@ class WorkerClient:
 
     def decode(self, endpoint: str, request_id: str, prompt: list[int], sampling: Sampling,
                ticket: KvTicket, images: Sequence[PromptImage] = ()) -> AsyncGenerator[Delta, None]:
-        return self._stream(endpoint, "decode", pb.DecodeRequest(
+        return self._session(endpoint).deltas("decode", pb.DecodeRequest(
             request_id=request_id, prompt_token_ids=prompt, sampling=sampling.to_pb(), kv=ticket.params,
             images=[i.to_pb(with_data=False) for i in images]))
 

@@ -22,7 +22,7 @@ import contextvars
 import itertools
 import logging
 from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -30,6 +30,7 @@ from triphase.api.v1 import worker_pb2 as pb
 from triphase.router.errors import RouterError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_BEHIND = 2048  # deltas received for one request that its client has not taken yet
 
@@ -67,39 +68,42 @@ class _Stream:
             self.waiter.set_result(None)
 
 
-class WorkerSession:
-    """`stub`: the worker's WorkerService stub (its channel); `failure(code, message, handed_over, role)`:
-    the exception a stream that ended with that status raises (worker_client.py maps them)."""
+class WorkerSession(Generic[T]):
+    """`stub`: the worker's WorkerService stub (its channel); `convert`: a TokenDelta as the streams
+    yield it; `failure`: the exception a stream that ended with a StreamError raises (worker_client.py
+    maps both)."""
 
-    def __init__(self, stub: Any, failure: Callable[[pb.StreamError], Exception], *, timeout_s: float) -> None:
+    def __init__(self, stub: Any, convert: Callable[[pb.TokenDelta], T], failure: Callable[[pb.StreamError], Exception],
+                 *, timeout_s: float) -> None:
         self.stub = stub
+        self.convert = convert
         self.failure = failure
         self.timeout_s = timeout_s
         self.streams: dict[int, _Stream] = {}
         self.closed: Exception | None = None  # why the session ended; None while it serves
         self.retiring = False  # a newer session took over: close once the last stream ends
         self._ids = itertools.count(1)
-        self._outbox: asyncio.Queue[pb.SessionRequest] = asyncio.Queue()
+        self._outbox: asyncio.Queue[pb.StreamRequest] = asyncio.Queue()
         self._call = stub.Session()
         self._reader = asyncio.create_task(self._read())
         self._writer = asyncio.create_task(self._write())
 
-    async def deltas(self, kind: str, request: Any) -> AsyncGenerator[pb.TokenDelta, None]:
+    async def deltas(self, kind: str, request: Any) -> AsyncGenerator[T, None]:
         """Submit `request` (`kind`: "generate" or "decode") and yield its deltas; raises what the stream
         ended with. Closing the generator early cancels the request on the worker."""
         if self.closed is not None:
             raise self.closed
         stream_id = next(self._ids)
         stream = self.streams[stream_id] = _Stream()
-        self._outbox.put_nowait(pb.SessionRequest(stream_id=stream_id, **{kind: request}))
+        self._outbox.put_nowait(pb.StreamRequest(stream_id=stream_id, **{kind: request}))
         loop = asyncio.get_running_loop()
         deadline = loop.call_later(self.timeout_s, self._expire, stream_id)
-        items = stream.items
+        items, convert = stream.items, self.convert
         try:
             while True:
                 if items:
                     BACKLOG.set(len(items) - 1)
-                    yield items.popleft()
+                    yield convert(items.popleft())
                 elif stream.ended:
                     if stream.error is not None:
                         raise stream.error
@@ -128,7 +132,7 @@ class WorkerSession:
     # ------------------------------------------------------------------ internals
     def _cancel(self, stream_id: int) -> None:
         if self.closed is None:
-            self._outbox.put_nowait(pb.SessionRequest(stream_id=stream_id, cancel=pb.Cancel()))
+            self._outbox.put_nowait(pb.StreamRequest(stream_id=stream_id, cancel=pb.Cancel()))
 
     def _expire(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)
@@ -151,9 +155,15 @@ class WorkerSession:
         self.streams.clear()
 
     async def _write(self) -> None:
+        """Everything queued goes in one message: requests that arrive while a write is on its way
+        (a burst) share the next one."""
+        outbox = self._outbox
         try:
             while True:
-                await self._call.write(await self._outbox.get())
+                requests = [await outbox.get()]
+                while not outbox.empty():
+                    requests.append(outbox.get_nowait())
+                await self._call.write(pb.SessionRequest(requests=requests))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
             pass  # the call ended: the reader reports why
 

@@ -262,7 +262,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         except Malformed as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed session request: {exc}")
 
-    def _open_stream(self, request: pb.SessionRequest) -> AsyncGenerator[pb.TokenDelta, None]:
+    def _open_stream(self, request: pb.StreamRequest) -> AsyncGenerator[pb.TokenDelta, None]:
         kind = request.WhichOneof("kind")
         if kind == "generate":
             return self._counted(self.generate(request.generate))

@@ -1,6 +1,6 @@
 """Contract v2's Session on the worker: one router's streams over one gRPC stream, sent per engine step.
 
-The router submits Generate and Decode requests (and cancellations) on the session's request stream.
+The router submits Generate and Decode requests (and cancellations), a burst of them per message.
 Each runs as its own task over the same code as the per-request RPCs; its deltas go to an outbox, and
 one writer sends everything in the outbox as a single SessionBatch. The engine hands a step's outputs
 to the event loop in one callback (async_engine.py), so every stream's task runs before the writer
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 MAX_STREAMS = 4096  # open streams per session; more are refused with RESOURCE_EXHAUSTED
 MAX_UNSENT = 4096  # deltas of one stream waiting for the router to read
 
-OpenStream = Callable[[pb.SessionRequest], AsyncGenerator[pb.TokenDelta, None]]
+OpenStream = Callable[[pb.StreamRequest], AsyncGenerator[pb.TokenDelta, None]]
 
 
 class Malformed(Exception):
@@ -117,28 +117,32 @@ class Session:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _read(self, requests: AsyncIterator[pb.SessionRequest]) -> None:
-        async for request in requests:
-            if not isinstance(request, pb.SessionRequest):
-                raise Malformed(getattr(request, "reason", "not a SessionRequest"))
-            stream_id = request.stream_id
-            kind = request.WhichOneof("kind")
-            if kind == "cancel":
-                task = self.tasks.pop(stream_id, None)
-                if task is not None:
-                    task.cancel()
-                self.outbox.drop(stream_id)
-            elif stream_id in self.tasks:  # its events could not be told apart from the open stream's
-                raise Malformed(f"stream {stream_id} is open already")
-            elif len(self.tasks) >= self.max_streams:
-                self._refuse(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"a session holds at most {self.max_streams} open streams")
-            else:
-                self.tasks[stream_id] = asyncio.create_task(self._serve(stream_id, request))
+        async for message in requests:
+            if not isinstance(message, pb.SessionRequest):
+                raise Malformed(getattr(message, "reason", "not a SessionRequest"))
+            for request in message.requests:
+                self._take(request)
+
+    def _take(self, request: pb.StreamRequest) -> None:
+        stream_id = request.stream_id
+        kind = request.WhichOneof("kind")
+        if kind == "cancel":
+            task = self.tasks.pop(stream_id, None)
+            if task is not None:
+                task.cancel()
+            self.outbox.drop(stream_id)
+        elif stream_id in self.tasks:  # its events could not be told apart from the open stream's
+            raise Malformed(f"stream {stream_id} is open already")
+        elif len(self.tasks) >= self.max_streams:
+            self._refuse(stream_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"a session holds at most {self.max_streams} open streams")
+        else:
+            self.tasks[stream_id] = asyncio.create_task(self._serve(stream_id, request))
 
     def _refuse(self, stream_id: int, code: grpc.StatusCode, message: str) -> None:
         self.outbox.end(stream_id, pb.StreamError(code=code.value[0], message=message))
 
-    async def _serve(self, stream_id: int, request: pb.SessionRequest) -> None:
+    async def _serve(self, stream_id: int, request: pb.StreamRequest) -> None:
         error: pb.StreamError | None = None
         try:
             async with contextlib.aclosing(self.open_stream(request)) as deltas:

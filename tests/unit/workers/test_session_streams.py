@@ -22,7 +22,7 @@ class Steps:
         self.queues: dict[str, asyncio.Queue[object]] = {}
         self.closed: list[str] = []
 
-    async def open(self, request: pb.SessionRequest):
+    async def open(self, request: pb.StreamRequest):
         rid = request.generate.request_id
         if rid == "bad":
             raise ValueError("temperature must be >= 0")
@@ -44,7 +44,8 @@ class Steps:
 
 
 def submit(stream_id: int, request_id: str) -> pb.SessionRequest:
-    return pb.SessionRequest(stream_id=stream_id, generate=pb.GenerateRequest(request_id=request_id))
+    return pb.SessionRequest(requests=[pb.StreamRequest(stream_id=stream_id,
+                                                        generate=pb.GenerateRequest(request_id=request_id))])
 
 
 async def run(session: Session, script) -> list[pb.SessionBatch]:
@@ -126,7 +127,7 @@ def test_a_cancelled_stream_is_closed_and_sends_nothing_more():
         send(submit(7, "long"))
         send(submit(8, "short"))
         await until(lambda: len(steps.queues) == 2)
-        send(pb.SessionRequest(stream_id=7, cancel=pb.Cancel()))
+        send(pb.SessionRequest(requests=[pb.StreamRequest(stream_id=7, cancel=pb.Cancel())]))
         await until(lambda: "long" in steps.closed)
         steps.step(99)
 
