@@ -1,13 +1,17 @@
 """The per-token SSE frames assembled from pre-encoded bytes are the JSON a plain json.dumps of the
-chunk gives, for awkward text too."""
+chunk gives, for awkward text too; a client that fell behind gets its pending frames in one write."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
+from triphase.router.errors import BadRequest, RouterError
 from triphase.router.openai.responses import TAIL, frame, frame_head, json_reason
+from triphase.router.openai.routes import MAX_COALESCED, coalesced
+from triphase.router.worker_session import BACKLOG
 
 BASE = {"id": "cmpl-1", "object": "text_completion", "created": 1700000000, "model": 'we"ird\\model'}
 
@@ -21,3 +25,39 @@ def test_completion_frame_equals_json_dumps(text, reason, index):
     expected = {**BASE, "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}]}
     assert assembled == frame(expected)
     assert json.loads(assembled.removeprefix(b"data: ")) == expected
+
+
+def writes(events: list[tuple[bytes, int]], error: Exception | None = None) -> tuple[list[bytes], Exception | None]:
+    """What `coalesced` writes for frames each made while `backlog` more deltas of the request waited."""
+    async def frames():
+        for data, backlog in events:
+            BACKLOG.set(backlog)
+            yield data
+        if error is not None:
+            raise error
+
+    async def collect():
+        out: list[bytes] = []
+        try:
+            async for data in coalesced(frames()):
+                out.append(data)
+        except RouterError as exc:
+            return out, exc
+        return out, None
+
+    return asyncio.run(collect())
+
+
+def test_a_client_that_fell_behind_gets_its_pending_events_in_one_write():
+    out, _ = writes([(b"a", 0), (b"b", 2), (b"c", 1), (b"d", 0), (b"e", 0)])
+    assert out == [b"a", b"bcd", b"e"]
+
+
+def test_one_write_holds_at_most_max_coalesced_events():
+    out, _ = writes([(b"x", 5)] * (MAX_COALESCED + 3))
+    assert [len(data) for data in out] == [MAX_COALESCED, 3]
+
+
+def test_events_owed_before_an_error_are_written_before_it():
+    out, error = writes([(b"a", 1), (b"b", 1)], BadRequest("the request broke"))
+    assert out == [b"ab"] and isinstance(error, BadRequest)

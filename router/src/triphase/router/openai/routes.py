@@ -76,6 +76,26 @@ def _then_trim(fn: Callable[[], T]) -> T:
             _MALLOC_TRIM(0)
 
 
+async def coalesced(frames: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+    """SSE events as they should be written: a client that fell behind (more of its request's output
+    already here: BACKLOG) gets its pending events in one write, at most MAX_COALESCED of them; before
+    an error, what it is owed. (A delta that makes no event, such as held-back tool-call text, can keep
+    the events before it for one engine step.)"""
+    pending: list[bytes] = []
+    try:
+        async for frame in frames:
+            pending.append(frame)
+            if not BACKLOG.get() or len(pending) >= MAX_COALESCED:
+                yield pending[0] if len(pending) == 1 else b"".join(pending)
+                pending.clear()
+    except Exception:
+        if pending:
+            yield b"".join(pending)
+        raise
+    if pending:
+        yield b"".join(pending)
+
+
 class Api:
     def __init__(self, pipeline: Pipeline, tokenizer: Tokenizer, metrics: RouterMetrics, *, model: str,
                  max_model_len: int, admission: Admission | None = None, max_body_bytes: int = 2 << 20,
@@ -244,27 +264,19 @@ class Api:
     async def _sse(self, request: web.Request, frames: AsyncIterator[bytes], trace: Trace) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        # A client that fell behind (its request's deltas queued: BACKLOG) gets its pending events in one
-        # write. (A delta that makes no frame, such as held-back tool-call text, can keep the frames
-        # before it for one engine step.)
-        pending: list[bytes] = []
         try:
-            async for frame in frames:
-                pending.append(frame)
-                if not BACKLOG.get() or len(pending) >= MAX_COALESCED:
-                    await response.write(pending[0] if len(pending) == 1 else b"".join(pending))
-                    pending.clear()
-            if pending:
-                await response.write(b"".join(pending))
+            async with contextlib.aclosing(coalesced(frames)) as writes:
+                async for data in writes:
+                    await response.write(data)
         except RouterError as exc:
-            await response.write(b"".join(pending) + responses.frame(exc.body()))
+            await response.write(responses.frame(exc.body()))
         except asyncio.CancelledError:
             if not self.ending:
                 raise
             task = asyncio.current_task()
             assert task is not None
             task.uncancel()  # ended by `_end_in_flight`: the client gets an error event, then [DONE]
-            await response.write(b"".join(pending) + responses.frame(SHUTTING_DOWN.body()))
+            await response.write(responses.frame(SHUTTING_DOWN.body()))
         except (ConnectionResetError, BrokenPipeError):
             trace.client_gone = True  # counted as CLIENT_CLOSED, not as an error of ours
             return response  # the client left: the closed stream cancels the workers' request
