@@ -191,3 +191,4 @@ class WorkerSession(Generic[T]):
         except grpc.aio.AioRpcError as exc:
             failure = self.failure(pb.StreamError(code=exc.code().value[0], message=exc.details() or ""))
         self._end(failure)
+        self._writer.cancel()  # nothing more will be sent on this call
