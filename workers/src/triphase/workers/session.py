@@ -20,7 +20,6 @@ import grpc
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.common import role_pb
-from triphase.common.roles import HANDED_OVER_METADATA, ROLE_METADATA, Role
 from triphase.workers.status import Status, status_of
 
 logger = logging.getLogger(__name__)
@@ -74,11 +73,8 @@ class _Outbox:
 
 
 def stream_error(status: Status) -> pb.StreamError:
-    metadata = dict(status.metadata)
-    role = metadata.get(ROLE_METADATA)
-    return pb.StreamError(code=status.code.value[0], message=status.message,
-                          handed_over=HANDED_OVER_METADATA in metadata,
-                          role=role_pb.TO_PB[Role(role)] if role else pb.ROLE_UNSPECIFIED)
+    return pb.StreamError(code=status.code.value[0], message=status.message, handed_over=status.handed_over,
+                          role=role_pb.TO_PB[status.role] if status.role else pb.ROLE_UNSPECIFIED)
 
 
 class Session:

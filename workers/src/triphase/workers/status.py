@@ -14,7 +14,7 @@ import dataclasses
 
 import grpc
 
-from triphase.common.roles import HANDED_OVER_METADATA, ROLE_METADATA
+from triphase.common.roles import HANDED_OVER_METADATA, ROLE_METADATA, Role
 from triphase.workers.engine.async_engine import EngineFailed
 from triphase.workers.kv.handoff import HandOffFailed
 from triphase.workers.roles import HandedOver, Refused
@@ -25,17 +25,24 @@ from triphase.workers.signing import TicketRefused
 class Status:
     code: grpc.StatusCode
     message: str
-    metadata: tuple[tuple[str, str], ...] = ()
+    handed_over: bool = False  # the stream was given back for the router to resume elsewhere
+    role: Role | None = None  # the role that refused the call
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The marks as a per-request RPC's trailing metadata."""
+        marks = ((HANDED_OVER_METADATA, "1"),) if self.handed_over else ()
+        return marks + (((ROLE_METADATA, str(self.role)),) if self.role else ())
 
 
 def status_of(exc: BaseException) -> Status | None:
     """The status for `exc`; None for an exception that is not the caller's to see (a bug: it propagates)."""
     message = str(exc)
     if isinstance(exc, HandedOver):
-        return Status(grpc.StatusCode.UNAVAILABLE, message, ((HANDED_OVER_METADATA, "1"),))
+        return Status(grpc.StatusCode.UNAVAILABLE, message, handed_over=True)
     if isinstance(exc, Refused):
         code = grpc.StatusCode.UNAVAILABLE if exc.transient else grpc.StatusCode.FAILED_PRECONDITION
-        return Status(code, message, ((ROLE_METADATA, str(exc.role)),) if exc.role else ())
+        return Status(code, message, role=exc.role)
     if isinstance(exc, KeyError):
         return Status(grpc.StatusCode.NOT_FOUND, str(exc.args[0] if exc.args else exc))
     for kind, code in _CODES:
