@@ -11,7 +11,7 @@ import pytest
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.common.roles import Role
 from triphase.workers.roles import HandedOver, Refused
-from triphase.workers.session import Malformed, Session
+from triphase.workers.session import MAX_STREAMS, Malformed, Session
 
 
 class Steps:
@@ -180,7 +180,12 @@ def test_streams_beyond_the_bound_are_refused():
     assert ends == {0: 0, 1: 0, 2: grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}
 
 
-@pytest.mark.parametrize("bad", [object(), submit(1, "again")], ids=["does-not-parse", "stream-id-in-use"])
+TOO_MANY = pb.SessionRequest(requests=[pb.StreamRequest(stream_id=i, cancel=pb.Cancel())
+                                        for i in range(MAX_STREAMS + 1)])
+
+
+@pytest.mark.parametrize("bad", [object(), submit(1, "again"), TOO_MANY],
+                         ids=["does-not-parse", "stream-id-in-use", "more-requests-than-streams"])
 def test_a_request_that_is_not_well_formed_ends_the_session_and_its_streams(bad):
     steps = Steps()
     session = Session(steps.open)

@@ -116,6 +116,8 @@ class Session:
         async for message in requests:
             if not isinstance(message, pb.SessionRequest):
                 raise Malformed(getattr(message, "reason", "not a SessionRequest"))
+            if len(message.requests) > self.max_streams:  # bounded before any of them costs an event
+                raise Malformed(f"a message carries at most {self.max_streams} requests")
             for request in message.requests:
                 self._take(request)
 
