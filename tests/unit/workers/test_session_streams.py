@@ -48,8 +48,9 @@ def submit(stream_id: int, request_id: str) -> pb.SessionRequest:
                                                         generate=pb.GenerateRequest(request_id=request_id))])
 
 
-async def run(session: Session, script) -> list[pb.SessionBatch]:
-    """Serve `session` while `script(send)` drives it; the batches it sent."""
+async def run(session: Session, script, *, stop_reading_after: int | None = None) -> list[pb.SessionBatch]:
+    """Serve `session` while `script(send, batches)` drives it; the batches it sent. With
+    `stop_reading_after`, the router side takes no batch after that many until the script returns."""
     requests: asyncio.Queue[object] = asyncio.Queue()
 
     async def incoming():
@@ -57,13 +58,17 @@ async def run(session: Session, script) -> list[pb.SessionBatch]:
             yield item
 
     batches = []
+    script_done = asyncio.Event()
 
     async def serve():
         async for batch in session.run(incoming()):
             batches.append(batch)
+            if len(batches) == stop_reading_after:
+                await script_done.wait()
 
     server = asyncio.create_task(serve())
     await script(requests.put_nowait, batches)
+    script_done.set()
     requests.put_nowait(None)
     await asyncio.wait_for(server, 5)
     return batches
@@ -138,31 +143,23 @@ def test_a_cancelled_stream_is_closed_and_sends_nothing_more():
 def test_a_stream_the_router_leaves_unread_is_cut_and_the_others_are_not():
     steps = Steps()
     session = Session(steps.open, max_unsent=3)
-    requests: asyncio.Queue[object] = asyncio.Queue()
 
-    async def scenario():
-        async def incoming():
-            while (item := await requests.get()) is not None:
-                yield item
-
-        batches = session.run(incoming())
-        first = asyncio.create_task(anext(batches))
-        requests.put_nowait(submit(1, "a"))
-        await until(lambda: steps.queues)
+    async def script(send, batches):
+        send(submit(1, "a"))
+        send(submit(2, "b"))
+        await until(lambda: len(steps.queues) == 2)
         steps.step()
-        await first
+        await until(lambda: batches)
         queue = steps.queues["a"]
-        for _ in range(4):  # nobody takes the next batch: four deltas wait
-            steps.step()
+        for _ in range(4):  # the router takes no batch now: four deltas of "a" wait
+            queue.put_nowait(1)
             await until(queue.empty)
         await until(lambda: "a" in steps.closed)
-        batch = await anext(batches)
-        await batches.aclose()
-        return batch
+        steps.queues["b"].put_nowait(99)
 
-    batch = asyncio.run(scenario())
-    (event,) = batch.events
-    assert event.done and event.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    batches = asyncio.run(run(session, script, stop_reading_after=1))
+    ends = {e.stream_id: e.error.code for b in batches for e in b.events if e.done}
+    assert ends == {1: grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], 2: 0}
 
 
 def test_streams_beyond_the_bound_are_refused():
