@@ -16,13 +16,18 @@ import grpc
 from triphase.api.v1 import worker_pb2_grpc
 from triphase.common.security import mtls
 
+# A worker that restarted is reconnected to within 2 s by every caller: gRPC's default backoff grows to
+# two minutes over the failed attempts while it was down, leaving it out of the router's and the control
+# loop's view for that long.
+RECONNECT = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2_000))
+
 
 class WorkerStubs:
     """`bundle`: this component's certificate and the deployment's CA; None: plaintext. `options`:
-    gRPC channel options (message sizes, keepalive) for every channel."""
+    gRPC channel options (message sizes, keepalive) for every channel, besides RECONNECT."""
 
     def __init__(self, bundle: mtls.Bundle | None = None, options: Sequence[tuple[str, Any]] = ()) -> None:
-        self._channels = mtls.ChannelCache(bundle, options)
+        self._channels = mtls.ChannelCache(bundle, [*RECONNECT, *options])
         self._stubs: dict[str, tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerServiceStub]] = {}
 
     def stub(self, endpoint: str) -> worker_pb2_grpc.WorkerServiceStub:

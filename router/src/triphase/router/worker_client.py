@@ -26,10 +26,7 @@ from triphase.router.policy.pairing import WorkerView
 from triphase.router.worker_session import WorkerSession
 
 FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
-# A worker that restarted is reconnected to within 2 s (its stats stream re-watched as often): gRPC's
-# default backoff grows to two minutes over the failed attempts while it was down.
-OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.keepalive_time_ms", 10_000),
-           ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2_000)]
+OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.keepalive_time_ms", 10_000)]
 
 
 class WorkerFailed(Exception):
