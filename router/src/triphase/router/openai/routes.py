@@ -60,6 +60,8 @@ MAX_COALESCED = 64  # SSE events of one client written together at most
 END_S = 5.0  # at the drain deadline: how long the requests still running get to write their ending
 SHUTTING_DOWN = Unavailable("the server is shutting down and could not finish this request; retry it")
 OFF_LOOP_BYTES = 64 << 10  # bodies larger than this are parsed and tokenized on the parsing thread
+# Set once _timed has recorded how the request ended in triphase_requests_total.
+COUNTED = web.RequestKey("triphase.counted", bool)
 
 # glibc's malloc_trim (None elsewhere): gives freed heap back to the system
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
@@ -184,7 +186,8 @@ class Api:
         try:
             return await handler(request)
         except RouterError as exc:
-            self.metrics.refused(exc.status, request.get("api_key", ""))
+            if COUNTED not in request:
+                self.metrics.refused(exc.status, request.get("api_key", ""))
             headers = {"Retry-After": "1"} if isinstance(exc, Overloaded) else \
                 {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
             return web.json_response(exc.body(), status=exc.status, headers=headers)
@@ -202,7 +205,8 @@ class Api:
             raise
         except Exception:  # a bug: logged with its traceback, answered without it
             logger.exception("Unhandled error serving %s %s", request.method, request.path)
-            self.metrics.refused(500, request.get("api_key", ""))
+            if COUNTED not in request:
+                self.metrics.refused(500, request.get("api_key", ""))
             return web.json_response(RouterError("internal error").body(), status=500)
         finally:
             self._in_flight.discard(task)
@@ -260,6 +264,7 @@ class Api:
                 status = CLIENT_CLOSED if trace.client_gone else "503"
             self.metrics.finished(status, len(prompt), generated, end - start,
                                   None if first_at is None else end - first_at, key=trace.api_key)
+            request[COUNTED] = True  # the error, if any, reaches _errors with its count taken
 
     async def _sse(self, request: web.Request, frames: AsyncIterator[bytes], trace: Trace) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
