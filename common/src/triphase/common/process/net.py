@@ -24,6 +24,8 @@ def check_port(flag: str, port: int, host: str = "127.0.0.1") -> None:
     if not 0 <= port < 65536:
         raise ValueError(f"{flag} {port}: a port is in 1..65535 (0: any free port)")
     with socket.socket() as sock:
+        # As the servers do: a port whose last connections wait in TIME_WAIT is free to listen on.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as error:
