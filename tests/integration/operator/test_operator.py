@@ -24,6 +24,7 @@ from triphase.common import labels
 from triphase.common.security import mtls, pki
 from triphase.local.cluster import controlplane
 from triphase.local.processes import http_ok, triphase_process, wait_for
+from triphase.operator.kube import FIELD_MANAGER
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +89,13 @@ def test_sample_becomes_a_running_deployment(kube, operator_account, tmp_path):
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
         owner = decode["metadata"]["ownerReferences"][0]
         assert (owner["kind"], owner["name"], owner["controller"]) == ("ServingDeployment", "smollm2", True)
+        # Children are created by server-side apply (create-only), not POSTed: the operator is the Apply
+        # manager of every field it wrote, so a field a later spec drops is removed.
+        for kind, name in (("deployment", "smollm2-decode"), ("secret", "smollm2-mtls-worker")):
+            managers = {(m["manager"], m["operation"]) for m in
+                        _json(kube, "get", kind, name, "--show-managed-fields")["metadata"]["managedFields"]
+                        if m["manager"] == FIELD_MANAGER}
+            assert managers == {(FIELD_MANAGER, "Apply")}, (kind, name)
         # no finalizer: deleting it (or its namespace) never waits for the operator
         assert not _json(kube, "get", "tsd", "smollm2")["metadata"].get("finalizers")
         # The KV side-channel (UCX, no authentication) is reachable from the deployment's workers only,

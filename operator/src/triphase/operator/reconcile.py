@@ -91,20 +91,30 @@ class VerifiedUids:
 
 VERIFIED = VerifiedUids()
 
+# A server-side apply carrying this resourceVersion can only create: no stored object has it, so over
+# an existing object (ours or not) the API server answers 409 and writes nothing, while an absent one
+# is created with the operator as its apply manager. (A POST would record the operator as an Update
+# manager, which keeps owning the fields that later applies drop, so they would never be removed.)
+CREATE_ONLY = str(2**64 - 1)
 
-async def _apply_owned(kube: Kube, obj: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
+
+async def _apply_owned(kube: Kube, obj: dict[str, Any], owner: dict[str, Any], *, absent: bool = False
+                       ) -> dict[str, Any]:
     """Server-side apply a child, unless its name holds an object owned by someone else (NotOwned); an
-    update is pinned to the uid that was checked (now, or by an earlier reconcile: VerifiedUids)."""
+    update is pinned to the uid that was checked (now, or by an earlier reconcile: VerifiedUids).
+    `absent`: the name most likely holds nothing yet (a new deployment's child), so the child is created
+    without a look first, and looked at only when something is there."""
     meta = obj["metadata"]
     key = VerifiedUids.key(obj, owner)
     known = VERIFIED.get(key)
-    if known is not None:
+    pin = {"uid": known} if known is not None else {"resourceVersion": CREATE_ONLY} if absent else None
+    if pin is not None:
         try:
-            applied = await kube.apply(_owned({**obj, "metadata": {**meta, "uid": known}}, owner))
+            applied = await kube.apply(_owned({**obj, "metadata": {**meta, **pin}}, owner))
         except ApiError as exc:
-            if exc.status not in (409, 422):  # 422 "metadata.uid: field is immutable": the name holds
-                raise                             # another object now; look at it below
-            VERIFIED.forget(key)
+            if exc.status not in (409, 422):  # 409: something is there (CREATE_ONLY) or nothing is (a uid);
+                raise                         # 422 "metadata.uid: field is immutable": another object holds
+            VERIFIED.forget(key)              # the name now. Look at it below.
         else:
             VERIFIED.remember(key, applied["metadata"]["uid"])
             return applied
@@ -130,29 +140,39 @@ async def _delete_owned(kube: Kube, api_version: str, kind: str, namespace: str,
     return await kube.delete(api_version, kind, namespace, name, uid=existing["metadata"]["uid"])
 
 
-async def ensure_mtls(kube: Kube, name: str, namespace: str, owner: dict[str, Any]) -> security.Authority:
-    """The deployment's CA (made once), and component Secrets with good certificates (renewed here)."""
+async def ensure_mtls(kube: Kube, name: str, namespace: str, owner: dict[str, Any], *, new: bool = False
+                      ) -> security.Authority:
+    """The deployment's CA (made once), and component Secrets with good certificates (renewed here).
+    `new`: a deployment never reconciled before, so the CA is made without a look first."""
     ca_name = security.ca_secret_name(name)
-    found = await kube.get("v1", "Secret", namespace, ca_name)
+    found = None if new else await kube.get("v1", "Secret", namespace, ca_name)
+    made = False
     if found is None:
-        created = await kube.create(_owned(security.ca_secret(name, namespace, security.Authority.new(name)), owner),
-                                    FIELD_MANAGER)
-        found = created or await kube.get("v1", "Secret", namespace, ca_name)  # None: another replica won
+        created = await kube.create(
+            _owned(security.ca_secret(name, namespace, security.Authority.new(name)), owner), FIELD_MANAGER)
+        made = created is not None
+        found = created or await kube.get("v1", "Secret", namespace, ca_name)  # None: created and deleted since
         if found is None:
             raise ApiError(409, f"Secret {ca_name} could not be created or read")
-        logger.info("%s/%s: made the deployment's CA", namespace, name)
+        if made:
+            logger.info("%s/%s: made the deployment's CA", namespace, name)
     if not _owns(found, owner):
         raise NotOwned(f"Secret {ca_name} exists and is not owned by ServingDeployment {name}: rename or delete it")
     authority = security.Authority.from_secret(found)
     for identity in security.SECRETS:
-        bundle_name = security.bundle_secret_name(name, identity)
-        existing = await kube.get("v1", "Secret", namespace, bundle_name)
+        bundle = security.bundle_secret(name, namespace, identity, authority)
+        if made:  # certificates of a CA made just now cannot exist: issue them
+            await _apply_owned(kube, bundle, owner, absent=True)
+            continue
+        existing = await kube.get("v1", "Secret", namespace, bundle["metadata"]["name"])
         if existing is not None and not _owns(existing, owner):
-            raise NotOwned(f"Secret {bundle_name} exists and is not owned by ServingDeployment {name}: rename or "
-                           f"delete it")
+            raise NotOwned(f"Secret {bundle['metadata']['name']} exists and is not owned by ServingDeployment "
+                           f"{name}: rename or delete it")
         reason = security.reissue_reason(existing, authority)
         if reason is not None:
-            await _apply_owned(kube, security.bundle_secret(name, namespace, identity, authority), owner)
+            if existing is not None:  # checked just now: the apply is pinned to it
+                VERIFIED.remember(VerifiedUids.key(bundle, owner), existing["metadata"]["uid"])
+            await _apply_owned(kube, bundle, owner, absent=existing is None)
             logger.info("%s/%s: issued the %s certificate (%s)", namespace, name, identity.value, reason)
     return authority
 
@@ -230,13 +250,17 @@ async def _reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     spec = parse(body.get("spec") or {})
     owner = owner_reference(body)
     wanted = builders.pools(spec)
-    existing = await _owned_pools(kube, name, namespace, owner)
+    # Never reconciled: its children are made without looking for them first (each write is
+    # create-only, and only a name found taken is looked at). Nothing of it can be left to remove but
+    # what a reconcile cut short made; the resync, which takes the full path, removes that.
+    new = not (body.get("status") or {}).get("observedGeneration")
+    existing = {} if new else await _owned_pools(kube, name, namespace, owner)
     # A pool's Deployment counts too: one left behind without its ServingPool (an interrupted removal)
     # would otherwise never be removed, its owner being alive. Only ours: a label is no claim.
-    deployed = {d["metadata"]["labels"].get(labels.ROLE)
-                for d in await kube.list("apps/v1", "Deployment", namespace,
-                                         f"{labels.DEPLOYMENT}={name},{labels.COMPONENT}=worker")
-                if _owns(d, owner)}
+    workers = f"{labels.DEPLOYMENT}={name},{labels.COMPONENT}=worker"
+    deployed = set() if new else {d["metadata"]["labels"].get(labels.ROLE)
+                                  for d in await kube.list("apps/v1", "Deployment", namespace, workers)
+                                  if _owns(d, owner)}
     removed = (set(existing) | deployed) - set(wanted)
     applied_pools, _ = await asyncio.gather(  # wanted pools applied while removed ones go, all at once
         asyncio.gather(*(_pool(kube, name, namespace, role, pool, owner, existing.get(role))
@@ -247,12 +271,12 @@ async def _reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
 
     served = await kube.api_resources("monitoring.coreos.com/v1")
     monitoring = {kind for kind, (plural, _) in RESOURCES.items() if plural in served}
-    await ensure_mtls(kube, name, namespace, owner)  # before the pods that mount it
+    await ensure_mtls(kube, name, namespace, owner, new=new)  # before the pods that mount it
     objects = builders.children(name, namespace, spec, replicas, monitoring=monitoring,
                                 monitoring_labels=settings.monitoring_labels(),
                                 router_role=settings.SETTINGS.router_cluster_role,
                                 operator_namespace=settings.SETTINGS.operator_namespace)
-    results = await asyncio.gather(*(_apply_owned(kube, obj, owner) for obj in objects))  # independent: one wave
+    results = await asyncio.gather(*(_apply_owned(kube, obj, owner, absent=new) for obj in objects))  # one wave
     router = next(result for obj, result in zip(objects, results, strict=True)
                   if obj["kind"] == "Deployment" and obj["metadata"]["name"] == f"{name}-router")
     applied = [f"ServingPool/{name}-{role}" for role in pools] + [f"{o['kind']}/{o['metadata']['name']}"
