@@ -19,7 +19,6 @@ from typing import Any
 
 import kopf
 
-from triphase.common import labels
 from triphase.operator import metrics, settings
 from triphase.operator.api.v1alpha1 import GROUP, VERSION
 from triphase.operator.balancing import DeploymentBalancer
@@ -37,9 +36,11 @@ RESYNC_SECONDS = settings.SETTINGS.resync_seconds  # `--resync-seconds`, set bef
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.finalizer = FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=labels.DOMAIN)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=labels.DOMAIN, key="last-handled-configuration")
+    # kopf's records (status.kopf) go with the status the reconcile writes anyway: one write per handled
+    # change. In annotations they were a second write, of the object itself (and kopf brands an object
+    # whose annotations it uses with one more).
+    settings.persistence.progress_storage = kopf.StatusProgressStorage()
+    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage()
     # Events say what the operator did (posted explicitly below) and every warning; kopf's own
     # "handler succeeded" chatter stays in the log instead of costing API writes.
     settings.posting.level = logging.WARNING

@@ -296,6 +296,10 @@ class ServingDeploymentStatus(_Model):
     ready_summary: dict[str, str] | None = Field(default=None, description="ready/desired per role, for printing.")
     endpoint: str | None = Field(default=None, description="In-cluster URL of the OpenAI API.")
     last_scaling_decision: ScalingDecision | None = Field(default=None, description="The planner's last change.")
+    kopf: dict[str, Any] | None = Field(
+        default=None, description="The operator's own records: the spec it last handled (how it tells a spec change) "
+        "and the progress of a handler it is retrying.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
 
 
 class ServingPoolSpec(_Model):
