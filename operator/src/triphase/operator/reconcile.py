@@ -281,7 +281,7 @@ async def _reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
                   if obj["kind"] == "Deployment" and obj["metadata"]["name"] == f"{name}-router")
     applied = [f"ServingPool/{name}-{role}" for role in pools] + [f"{o['kind']}/{o['metadata']['name']}"
                                                                    for o in objects]
-    return await _observe(kube, body, spec, pools, replicas, router, applied)
+    return await _observe(kube, body, spec, pools, replicas, router, applied, new=new)
 
 
 async def observe(kube: Kube, body: dict[str, Any]) -> Outcome:
@@ -299,14 +299,18 @@ async def observe(kube: Kube, body: dict[str, Any]) -> Outcome:
 
 
 async def _observe(kube: Kube, body: dict[str, Any], spec: ServingDeploymentSpec, pools: dict[str, dict[str, Any]],
-                   replicas: dict[str, int], router: dict[str, Any], applied: list[str]) -> Outcome:
+                   replicas: dict[str, int], router: dict[str, Any], applied: list[str], *, new: bool = False
+                   ) -> Outcome:
+    """The status. `new`: the pools' Deployments were made just now, so none of their pods is ready
+    yet and the pods are not listed (one left by a reconcile cut short is counted at the resync)."""
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     previous = body.get("status") or {}
     conditions = list(previous.get("conditions") or [])
     # an observation speaks for the generation last reconciled, not for a newer one it has not applied
     generation = meta.get("generation") if applied else previous.get("observedGeneration")
-    pods = await kube.list("v1", "Pod", namespace, f"{labels.DEPLOYMENT}={name},{labels.COMPONENT}=worker")
+    workers = f"{labels.DEPLOYMENT}={name},{labels.COMPONENT}=worker"
+    pods = [] if new else await kube.list("v1", "Pod", namespace, workers)
     pool_status: dict[str, Any] = {}
     summary: dict[str, str] = {}
     all_ready = True
