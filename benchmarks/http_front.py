@@ -61,6 +61,19 @@ async def frames(body: bytes, steps: Steps):
     yield DONE
 
 
+async def serve_forever(port: int, completions, ready) -> None:
+    """aiohttp serving `completions` at /v1/completions on 127.0.0.1:`port`; `ready` set once it listens."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    ready.set()
+    await asyncio.Event().wait()
+
+
 def serve_aiohttp(port: int, step_s: float, ready) -> None:
     from aiohttp import web
 
@@ -76,13 +89,7 @@ def serve_aiohttp(port: int, step_s: float, ready) -> None:
             await response.write_eof()
             return response
 
-        app = web.Application()
-        app.router.add_post("/v1/completions", completions)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        ready.set()
-        await asyncio.Event().wait()
+        await serve_forever(port, completions, ready)
         ticker.cancel()
 
     asyncio.run(main())
@@ -121,13 +128,7 @@ def serve_aiohttp_per_step(port: int, step_s: float, ready) -> None:
             await response.write_eof()
             return response
 
-        app = web.Application()
-        app.router.add_post("/v1/completions", completions)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        ready.set()
-        await asyncio.Event().wait()
+        await serve_forever(port, completions, ready)
         ticker.cancel()
 
     asyncio.run(main())
