@@ -270,6 +270,14 @@ class Api:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         try:
+            await self._stream_events(response, frames)
+        except (ConnectionResetError, BrokenPipeError):  # also while writing the stream's ending
+            trace.client_gone = True  # counted as CLIENT_CLOSED, not as an error of ours
+        return response  # a client that left: the closed stream cancels the workers' request
+
+    async def _stream_events(self, response: web.StreamResponse, frames: AsyncIterator[bytes]) -> None:
+        """The events, then an error event if the stream failed, then `data: [DONE]`."""
+        try:
             async with contextlib.aclosing(coalesced(frames)) as writes:
                 async for data in writes:
                     await response.write(data)
@@ -283,14 +291,12 @@ class Api:
             task.uncancel()  # ended by `_end_in_flight`: the client gets an error event, then [DONE]
             await response.write(responses.frame(SHUTTING_DOWN.body()))
         except (ConnectionResetError, BrokenPipeError):
-            trace.client_gone = True  # counted as CLIENT_CLOSED, not as an error of ours
-            return response  # the client left: the closed stream cancels the workers' request
+            raise
         except Exception:
             logger.exception("Stream failed")
             await response.write(responses.frame(Unavailable("the request failed inside the serving system").body()))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
-        return response
 
     # ------------------------------------------------------------------ routes
     async def chat(self, request: web.Request) -> web.StreamResponse:
