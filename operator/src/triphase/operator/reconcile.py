@@ -160,16 +160,17 @@ async def ensure_mtls(kube: Kube, name: str, namespace: str, owner: dict[str, An
         raise NotOwned(f"Secret {ca_name} exists and is not owned by ServingDeployment {name}: rename or delete it")
     authority = security.Authority.from_secret(found)
     for identity in security.SECRETS:
-        bundle = security.bundle_secret(name, namespace, identity, authority)
         if made:  # certificates of a CA made just now cannot exist: issue them
-            await _apply_owned(kube, bundle, owner, absent=True)
+            await _apply_owned(kube, security.bundle_secret(name, namespace, identity, authority), owner, absent=True)
             continue
-        existing = await kube.get("v1", "Secret", namespace, bundle["metadata"]["name"])
+        bundle_name = security.bundle_secret_name(name, identity)
+        existing = await kube.get("v1", "Secret", namespace, bundle_name)
         if existing is not None and not _owns(existing, owner):
-            raise NotOwned(f"Secret {bundle['metadata']['name']} exists and is not owned by ServingDeployment "
-                           f"{name}: rename or delete it")
+            raise NotOwned(f"Secret {bundle_name} exists and is not owned by ServingDeployment {name}: rename or "
+                           f"delete it")
         reason = security.reissue_reason(existing, authority)
-        if reason is not None:
+        if reason is not None:  # only now a certificate is issued (a key made and signed)
+            bundle = security.bundle_secret(name, namespace, identity, authority)
             if existing is not None:  # checked just now: the apply is pinned to it
                 VERIFIED.remember(VerifiedUids.key(bundle, owner), existing["metadata"]["uid"])
             await _apply_owned(kube, bundle, owner, absent=existing is None)
