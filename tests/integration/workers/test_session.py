@@ -13,24 +13,12 @@ import pytest
 
 from triphase.api.v1 import worker_pb2 as pb
 from triphase.api.v1 import worker_pb2_grpc
-from triphase.local.processes import log_tail, start_triphase, stop
+from triphase.local.processes import start_triphase, stop
 from triphase.router import worker_session
 from triphase.router.worker_client import Sampling, WorkerClient, WorkerFailed
 
 pytestmark = pytest.mark.slow
 PROMPTS = [[1, 2, 3, 4 + i] for i in range(8)]
-
-
-@pytest.fixture(scope="module")
-def endpoint(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("session")
-    proc, port = start_triphase(tmp, "sim", ["worker", "--engine", "sim", "--port", "0", "--sim-prefill-ms", "5",
-                                             "--sim-decode-ms", "5", "--kv-cache-mib", "64"], timeout=120)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        stop(proc, grace=30)
-    assert proc.returncode == 0, log_tail(tmp / "sim.log", 40, "\n")
 
 
 def generate(request_id: str, prompt: list[int], max_tokens: int = 12, **sampling) -> pb.GenerateRequest:
@@ -86,15 +74,15 @@ async def until_idle(endpoint: str) -> pb.WorkerStats:
             await asyncio.sleep(0.05)
 
 
-def test_a_session_streams_what_generate_does_in_one_message_per_step(endpoint):
+def test_a_session_streams_what_generate_does_in_one_message_per_step(sim_endpoint):
     async def scenario():
         expected = []
-        async with grpc.aio.insecure_channel(endpoint) as channel:
+        async with grpc.aio.insecure_channel(sim_endpoint) as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             for i, prompt in enumerate(PROMPTS):
                 expected.append([d async for d in stub.Generate(generate(f"g{i}", prompt))])
         requests = [pb.StreamRequest(stream_id=i + 1, generate=generate(f"s{i}", p)) for i, p in enumerate(PROMPTS)]
-        return expected, await session(endpoint, requests)
+        return expected, await session(sim_endpoint, requests)
 
     expected, (batches, deltas, ends) = asyncio.run(scenario())
     for i, want in enumerate(expected):
@@ -105,7 +93,7 @@ def test_a_session_streams_what_generate_does_in_one_message_per_step(endpoint):
     assert total == 8 * 12 and len(batches) <= total / 4, f"{len(batches)} messages for {total} deltas"
 
 
-def test_a_failing_stream_ends_alone_and_a_cancelled_one_frees_its_kv(endpoint):
+def test_a_failing_stream_ends_alone_and_a_cancelled_one_frees_its_kv(sim_endpoint):
     requests = [
         pb.StreamRequest(stream_id=1, generate=generate("long", PROMPTS[0], max_tokens=400)),
         pb.StreamRequest(stream_id=2, generate=generate("bad", PROMPTS[1], max_tokens=4)),
@@ -116,8 +104,8 @@ def test_a_failing_stream_ends_alone_and_a_cancelled_one_frees_its_kv(endpoint):
     requests[1].generate.sampling.temperature = -1
 
     async def scenario():
-        result = await session(endpoint, requests, cancel_after_first=1)
-        return result, await until_idle(endpoint)
+        result = await session(sim_endpoint, requests, cancel_after_first=1)
+        return result, await until_idle(sim_endpoint)
 
     (_, deltas, ends), idle = asyncio.run(scenario())
     assert ends[2].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -127,9 +115,9 @@ def test_a_failing_stream_ends_alone_and_a_cancelled_one_frees_its_kv(endpoint):
     assert 1 not in ends and idle.running_requests == 0
 
 
-def test_a_session_request_that_does_not_parse_is_an_invalid_argument(endpoint):
+def test_a_session_request_that_does_not_parse_is_an_invalid_argument(sim_endpoint):
     async def scenario():
-        async with grpc.aio.insecure_channel(endpoint) as channel:
+        async with grpc.aio.insecure_channel(sim_endpoint) as channel:
             call = channel.stream_stream("/triphase.api.v1.WorkerService/Session")()
             await call.write(b"\xff\xff\xff")
             with contextlib.suppress(grpc.aio.AioRpcError):
@@ -140,21 +128,21 @@ def test_a_session_request_that_does_not_parse_is_an_invalid_argument(endpoint):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in details
 
 
-def test_a_reader_that_falls_behind_is_cut_and_the_workers_other_streams_go_on(endpoint, monkeypatch):
+def test_a_reader_that_falls_behind_is_cut_and_the_workers_other_streams_go_on(sim_endpoint, monkeypatch):
     monkeypatch.setattr(worker_session, "MAX_BEHIND", 8)
 
     async def scenario():
         client = WorkerClient()
         greedy = Sampling(max_tokens=200, temperature=0, ignore_eos=True)
         try:
-            slow = client.generate(endpoint, "slow", PROMPTS[0], greedy)
+            slow = client.generate(sim_endpoint, "slow", PROMPTS[0], greedy)
             first = await anext(slow)  # then nobody reads it while the other stream runs to its end
-            fast = [d async for d in client.generate(endpoint, "fast", PROMPTS[1], Sampling(
+            fast = [d async for d in client.generate(sim_endpoint, "fast", PROMPTS[1], Sampling(
                 max_tokens=40, temperature=0, ignore_eos=True))]
             with pytest.raises(worker_session.SlowReader):
                 async for _ in slow:
                     pass
-            return first, fast, await until_idle(endpoint)
+            return first, fast, await until_idle(sim_endpoint)
         finally:
             await client.close()
 

@@ -1,16 +1,19 @@
 """The per-token SSE frames assembled from pre-encoded bytes are the JSON a plain json.dumps of the
-chunk gives, for awkward text too; a client that fell behind gets its pending frames in one write."""
+chunk gives, for awkward text too; a client that fell behind gets its pending frames in one write; the
+fast path's writer frames a text's event as the response's body is framed and refuses what the
+request's task must write."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import pytest
 
 from triphase.router.errors import BadRequest, RouterError
 from triphase.router.openai.responses import TAIL, frame, frame_head, json_reason
-from triphase.router.openai.routes import MAX_COALESCED, coalesced
+from triphase.router.openai.routes import MAX_COALESCED, Straight, coalesced
 from triphase.router.worker_session import BACKLOG
 
 BASE = {"id": "cmpl-1", "object": "text_completion", "created": 1700000000, "model": 'we"ird\\model'}
@@ -61,3 +64,32 @@ def test_one_write_holds_at_most_max_coalesced_events():
 def test_events_owed_before_an_error_are_written_before_it():
     out, error = writes([(b"a", 1), (b"b", 1)], BadRequest("the request broke"))
     assert out == [b"ab"] and isinstance(error, BadRequest)
+
+
+def test_straight_writes_a_texts_event_framed_as_the_body_is_and_refuses_what_its_task_must_write():
+    """routes.Straight over a real socket whose peer reads when the test says: nothing before the
+    response's start went out, then each text as one event (a chunk of its own when the body is
+    chunked; an empty text accepted and nothing written), and a refusal once the socket holds more than
+    HIGH_WATER unsent bytes or is closing."""
+    def event(text: str) -> bytes:
+        return b"data: " + text.encode() + b"\n\n"
+
+    async def scenario() -> None:
+        ours, peer = socket.socketpair()
+        peer.setblocking(False)
+        _, writer = await asyncio.open_connection(sock=ours)
+        loop = asyncio.get_running_loop()
+        for chunked, expected in ((True, b"a\r\ndata: hi\n\n\r\n"), (False, b"data: hi\n\n")):
+            straight = Straight(writer.transport, chunked, event)
+            assert straight("hi") is False  # aiohttp has not written the status line and headers yet
+            straight.open = True
+            assert straight("") is True and straight("hi") is True
+            assert await loop.sock_recv(peer, 1024) == expected
+        writer.transport.write(b"x" * (Straight.HIGH_WATER * 64))  # more than the socket's buffers hold
+        assert writer.transport.get_write_buffer_size() > Straight.HIGH_WATER
+        assert straight("hi") is False
+        writer.close()
+        assert straight("") is False
+        peer.close()
+
+    asyncio.run(scenario())

@@ -126,6 +126,7 @@ class Delta:
     logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
     index: int = 0  # the choice this delta belongs to
     prompt_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)  # first delta: per prompt token
+    delivered: bool = False  # the client already has these tokens' text (worker_session.SINK): count, don't send
 
 
 @dataclasses.dataclass
@@ -142,6 +143,10 @@ def _delta(d: pb.TokenDelta) -> Delta:
     return Delta(list(d.token_ids), d.text, FINISH.get(d.finish_reason), d.prompt_tokens, d.cached_tokens,
                  d.kv_backend, _rows(d.logprobs) if d.logprobs else [], d.index,
                  _rows(d.prompt_logprobs) if d.prompt_logprobs else [])
+
+
+def _delivered(token_ids: list[int]) -> Delta:
+    return Delta(token_ids, "", delivered=True)
 
 
 def _rows(rows: Any) -> list[dict[int, float]]:
@@ -199,7 +204,7 @@ class WorkerClient:
         if session is None or session.closed is not None or session.stub is not stub:
             if session is not None:
                 session.retire()
-            session = self._sessions[endpoint] = WorkerSession(stub, _delta, _stream_failure,
+            session = self._sessions[endpoint] = WorkerSession(stub, _delta, _delivered, _stream_failure,
                                                                timeout_s=self.timeout_s)
         return session
 

@@ -8,6 +8,15 @@ MAX_BEHIND deltas cuts that client (SlowReader) and cancels its request on the w
 its KV. While a stream has deltas queued, BACKLOG says how many, so that the HTTP side can write a
 client that fell behind all of its pending events at once.
 
+The per-step fast path: a stream whose request installed a SINK (a streamed response with one
+choice, whose events need nothing but the text) and whose task is waiting for its next delta gets a
+step's plain deltas (text only: no finish, no logprobs) written by the reader itself, through the
+sink, without waking the task. The task wakes for what needs it: the stream's end, an error, a delta
+that is not plain, or a client the sink refused because its socket is backed up (the task then
+writes and waits for the client as before, so back-pressure and MAX_BEHIND hold). When it wakes, it
+first takes one `delivered` delta with the tokens the sink wrote meanwhile: the layers above count
+them (tokens sent, for a resume elsewhere; usage) and send nothing for it.
+
 A session that fails (the worker died, the connection broke) ends each of its open streams as that
 worker's failure would (WorkerFailed: the pipeline resumes them elsewhere); the next request opens a
 new session. So does a certificate rotation: new requests go to a session on the new channel while
@@ -21,7 +30,7 @@ import collections
 import contextvars
 import itertools
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -37,6 +46,12 @@ MAX_BEHIND = 2048  # deltas received for one request that its client has not tak
 # Deltas of the current request's stream received and not yet taken (in the request's task).
 BACKLOG: contextvars.ContextVar[int] = contextvars.ContextVar("triphase_backlog", default=0)
 
+# Writes the text of one delta of the current request to its client now, as its next event; False: it
+# cannot (the client is behind, gone, or not yet sent the response's start): the request's task gets
+# the delta instead.
+Sink = Callable[[str], bool]
+SINK: contextvars.ContextVar[Sink | None] = contextvars.ContextVar("triphase_sink", default=None)
+
 
 class SlowReader(RouterError):
     """The client read its stream so slowly that MAX_BEHIND deltas piled up: its request was ended."""
@@ -50,13 +65,19 @@ class SlowReader(RouterError):
 
 
 class _Stream:
-    __slots__ = ("ended", "error", "items", "waiter")
+    __slots__ = ("ended", "error", "items", "pushed", "sink", "waiter")
 
     def __init__(self) -> None:
         self.items: collections.deque[pb.TokenDelta] = collections.deque()
         self.ended = False
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.sink: Sink | None = None  # armed once the task took the stream's first delta
+        self.pushed: list[int] = []  # tokens the sink wrote that the task has not been told of
+
+    def idle(self) -> bool:
+        """The task waits for the next delta with nothing queued: everything before was written."""
+        return not self.items and self.waiter is not None and not self.waiter.done()
 
     def finish(self, error: BaseException | None) -> None:
         self.ended = True
@@ -70,13 +91,14 @@ class _Stream:
 
 class WorkerSession(Generic[T]):
     """`stub`: the worker's WorkerService stub (its channel); `convert`: a TokenDelta as the streams
-    yield it; `failure`: the exception a stream that ended with a StreamError raises (worker_client.py
-    maps both)."""
+    yield it; `delivered`: the tokens a sink wrote, as the streams yield them; `failure`: the exception
+    a stream that ended with a StreamError raises (worker_client.py maps all three)."""
 
-    def __init__(self, stub: Any, convert: Callable[[pb.TokenDelta], T], failure: Callable[[pb.StreamError], Exception],
-                 *, timeout_s: float) -> None:
+    def __init__(self, stub: Any, convert: Callable[[pb.TokenDelta], T], delivered: Callable[[list[int]], T],
+                 failure: Callable[[pb.StreamError], Exception], *, timeout_s: float) -> None:
         self.stub = stub
         self.convert = convert
+        self.delivered = delivered
         self.failure = failure
         self.timeout_s = timeout_s
         self.streams: dict[int, _Stream] = {}
@@ -98,12 +120,17 @@ class WorkerSession(Generic[T]):
         self._outbox.put_nowait(pb.StreamRequest(stream_id=stream_id, **{kind: request}))
         loop = asyncio.get_running_loop()
         deadline = loop.call_later(self.timeout_s, self._expire, stream_id)
-        items, convert = stream.items, self.convert
+        items, convert, sink = stream.items, self.convert, SINK.get()
         try:
             while True:
-                if items:
+                if stream.pushed:
+                    pushed, stream.pushed = stream.pushed, []
+                    BACKLOG.set(len(items))
+                    yield self.delivered(pushed)
+                elif items:
                     BACKLOG.set(len(items) - 1)
                     yield convert(items.popleft())
+                    stream.sink = sink  # the first delta went the whole way: the next may go straight
                 elif stream.ended:
                     if stream.error is not None:
                         raise stream.error
@@ -175,7 +202,13 @@ class WorkerSession(Generic[T]):
                     stream = streams.get(event.stream_id)
                     if stream is None:  # cancelled or expired here while its output was on the way
                         continue
-                    stream.items.extend(event.deltas)
+                    deltas = event.deltas
+                    if stream.sink is not None and not event.done and stream.idle():
+                        written = _push(stream, deltas)
+                        if written == len(deltas):
+                            continue
+                        deltas = deltas[written:]
+                    stream.items.extend(deltas)
                     if event.done:
                         del streams[event.stream_id]
                         stream.finish(self.failure(event.error) if event.HasField("error") else None)
@@ -192,3 +225,15 @@ class WorkerSession(Generic[T]):
             failure = self.failure(pb.StreamError(code=exc.code().value[0], message=exc.details() or ""))
         self._end(failure)
         self._writer.cancel()  # nothing more will be sent on this call
+
+
+def _push(stream: _Stream, deltas: Sequence[pb.TokenDelta]) -> int:
+    """How many of `deltas`, from the first, the stream's sink wrote: plain ones (text and tokens only:
+    no finish, no logprobs, choice 0) until it refuses one."""
+    sink, pushed = stream.sink, stream.pushed
+    assert sink is not None
+    for i, d in enumerate(deltas):
+        if d.finish_reason or d.index or d.logprobs or d.prompt_logprobs or not sink(d.text):
+            return i
+        pushed.extend(d.token_ids)
+    return len(deltas)

@@ -7,14 +7,17 @@ frame per delta: the per-token frames are assembled from bytes encoded once per 
 
 Three streams: chat (content, logprobs), chat whose output may hold tool calls (tools.py: content
 held back while it may open a call tag, each call sent as OpenAI's two deltas) and completions (text,
-the echoed prompt, logprobs with text offsets). Usage, when asked for, is the last chunk.
+the echoed prompt, logprobs with text offsets). Usage, when asked for, is the last chunk. A
+`delivered` delta's text was already written by the per-step fast path (`text_events`, routes.py's
+`Straight`): it counts toward usage and sends nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from triphase.router.openai import logprobs as lp
@@ -36,6 +39,18 @@ def frame_head(base: dict[str, Any], index: int = 0) -> bytes:
 
 def json_reason(reason: str | None) -> bytes:
     return b"null" if reason is None else json.dumps(reason).encode()
+
+
+def chat_event(head: bytes, text: str, reason: str | None = None) -> bytes:
+    """A chat chunk of `text` (none: an empty delta) after `frame_head`."""
+    content = b'{"content": ' + json.dumps(text).encode() + b"}" if text else b"{}"
+    return head + b'"delta": ' + content + b', "finish_reason": ' + json_reason(reason) + TAIL
+
+
+def completion_event(head: bytes, text: str, reason: str | None = None) -> bytes:
+    """A completion chunk of `text` without logprobs after `frame_head`."""
+    return head + b'"text": ' + json.dumps(text).encode() + b', "finish_reason": ' + json_reason(reason) + \
+        b', "logprobs": null' + TAIL
 
 
 @dataclasses.dataclass
@@ -134,6 +149,13 @@ class Responder:
     def _usage_frame(self, base: dict[str, Any], generated: int) -> bytes:
         return frame({**base, "choices": [], "usage": p.usage(self.prompt_tokens, generated)})
 
+    def text_events(self, kind: str) -> Callable[[str], bytes]:
+        """The event of a step's text of choice 0 (no finish, no logprobs) in `chat_chunks` ("chat") or
+        `completion_chunks` ("completion"): what worker_session.SINK writes."""
+        if kind == "chat":
+            return functools.partial(chat_event, frame_head(self._base("chat.completion.chunk")))
+        return functools.partial(completion_event, frame_head(self._base("text_completion")))
+
     async def chat_chunks(self, deltas: AsyncIterator[Delta], n: int, include_usage: bool,
                           logprobs_n: int | None) -> AsyncIterator[bytes]:
         base = self._base("chat.completion.chunk")
@@ -144,6 +166,8 @@ class Responder:
         generated = 0
         async for d in deltas:
             generated += len(d.token_ids)
+            if d.delivered:
+                continue
             head = heads[d.index]
             if logprobs_n is not None and d.token_ids:  # every token's logprobs, even one with no text yet
                 entries = lp.chat_entries(self.texts, d.token_ids, d.logprobs, logprobs_n)
@@ -151,8 +175,7 @@ class Responder:
                 yield (head + b'"delta": ' + content + b', "logprobs": ' + json.dumps({"content": entries}).encode()
                        + b', "finish_reason": ' + json_reason(d.finish_reason) + TAIL)
             elif d.text or d.finish_reason:
-                content = b'{"content": ' + json.dumps(d.text).encode() + b"}" if d.text else b"{}"
-                yield head + b'"delta": ' + content + b', "finish_reason": ' + json_reason(d.finish_reason) + TAIL
+                yield chat_event(head, d.text, d.finish_reason)
         if include_usage:
             yield self._usage_frame(base, generated)
 
@@ -171,6 +194,8 @@ class Responder:
         generated = 0
         async for d in deltas:
             generated += len(d.token_ids)
+            if d.delivered:  # (no sink serves a stream whose text may hold calls: nothing to parse)
+                continue
             parser = parsers[d.index]
             text, calls = parser.feed(d.text)
             if d.finish_reason:
@@ -212,13 +237,14 @@ class Responder:
                                                       "logprobs": None}]})
                 continue
             generated += len(d.token_ids)
+            if d.delivered:
+                continue
             head = heads[d.index]
             if logprobs is not None and d.token_ids:
                 yield (head + b'"text": ' + json.dumps(d.text).encode() + b', "finish_reason": '
                        + json_reason(d.finish_reason) + b', "logprobs": '
                        + json.dumps(logprobs[d.index].add(d.token_ids, d.logprobs)).encode() + TAIL)
             elif d.text or d.finish_reason:
-                yield (head + b'"text": ' + json.dumps(d.text).encode() + b', "finish_reason": '
-                       + json_reason(d.finish_reason) + b', "logprobs": null' + TAIL)
+                yield completion_event(head, d.text, d.finish_reason)
         if include_usage:
             yield self._usage_frame(base, generated)

@@ -52,7 +52,7 @@ from triphase.router.openai.openapi import document
 from triphase.router.openai.prepare import Preparer
 from triphase.router.pipeline import Pipeline, Trace
 from triphase.router.worker_client import Delta, PromptImage, Sampling
-from triphase.router.worker_session import BACKLOG
+from triphase.router.worker_session import BACKLOG, SINK
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,6 +76,34 @@ def _then_trim(fn: Callable[[], T]) -> T:
     finally:
         if _MALLOC_TRIM is not None:
             _MALLOC_TRIM(0)
+
+
+class Straight:
+    """The per-step fast path of one SSE response (worker_session.SINK): the worker session's reader
+    writes a step's text to the client's socket as the stream's next event (`event`), framed as the
+    response's body is (chunked or not), without waking the request's task. It refuses, and the task
+    writes instead, until the response's first event went out through aiohttp (with the status line
+    and headers), while the socket holds more than HIGH_WATER unsent bytes (the task waits for a
+    client that is behind), and once the connection is closing or the stream has ended."""
+
+    HIGH_WATER = 64 << 10  # aiohttp's own drain threshold
+
+    __slots__ = ("chunked", "event", "open", "transport")
+
+    def __init__(self, transport: asyncio.Transport, chunked: bool, event: Callable[[str], bytes]) -> None:
+        self.transport = transport
+        self.chunked = chunked
+        self.event = event
+        self.open = False  # set once aiohttp wrote the response's start
+
+    def __call__(self, text: str) -> bool:
+        transport = self.transport
+        if not self.open or transport.is_closing() or transport.get_write_buffer_size() > self.HIGH_WATER:
+            return False
+        if text:
+            data = self.event(text)
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        return True
 
 
 async def coalesced(frames: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
@@ -266,21 +294,33 @@ class Api:
                                   None if first_at is None else end - first_at, key=trace.api_key)
             request[COUNTED] = True  # the error, if any, reaches _errors with its count taken
 
-    async def _sse(self, request: web.Request, frames: AsyncIterator[bytes], trace: Trace) -> web.StreamResponse:
+    async def _sse(self, request: web.Request, frames: AsyncIterator[bytes], trace: Trace,
+                   events: Callable[[str], bytes] | None = None) -> web.StreamResponse:
+        """Stream `frames`; with `events` (a plain stream of one choice: Responder.text_events), a step's
+        text may go out on the fast path (`Straight`)."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
+        chunked = response.headers.get("Transfer-Encoding") == "chunked"  # as aiohttp chose in prepare()
+        straight = Straight(request.transport, chunked, events) \
+            if events is not None and request.transport is not None and not response.compression else None
+        reset = SINK.set(straight)
         try:
-            await self._stream_events(response, frames)
+            await self._stream_events(response, frames, straight)
         except (ConnectionResetError, BrokenPipeError):  # also while writing the stream's ending
             trace.client_gone = True  # counted as CLIENT_CLOSED, not as an error of ours
+        finally:
+            SINK.reset(reset)
         return response  # a client that left: the closed stream cancels the workers' request
 
-    async def _stream_events(self, response: web.StreamResponse, frames: AsyncIterator[bytes]) -> None:
+    async def _stream_events(self, response: web.StreamResponse, frames: AsyncIterator[bytes],
+                             straight: Straight | None) -> None:
         """The events, then an error event if the stream failed, then `data: [DONE]`."""
         try:
             async with contextlib.aclosing(coalesced(frames)) as writes:
                 async for data in writes:
                     await response.write(data)
+                    if straight is not None:
+                        straight.open = True
         except RouterError as exc:
             await response.write(responses.frame(exc.body()))
         except asyncio.CancelledError:
@@ -313,7 +353,8 @@ class Api:
                 if req.stream:
                     chunks = respond.tool_chunks(deltas, req.n, req.include_usage, plan.known) if plan.parse else \
                         respond.chat_chunks(deltas, req.n, req.include_usage, req.logprobs_n)
-                    return await self._sse(request, chunks, trace)
+                    plain = req.n == 1 and req.logprobs_n is None and not plan.parse
+                    return await self._sse(request, chunks, trace, respond.text_events("chat") if plain else None)
                 choices, cached = await self._collect(deltas, req.n)
             return web.json_response(respond.chat_body(choices, cached, req.logprobs_n, plan))
 
@@ -333,7 +374,9 @@ class Api:
                 if req.stream:
                     chunks = respond.completion_chunks(deltas, req.n, req.include_usage, req.logprobs_n, echo,
                                                        req.score_only)
-                    return await self._sse(request, chunks, trace)
+                    plain = req.n == 1 and req.logprobs_n is None and echo is None and not req.score_only
+                    return await self._sse(request, chunks, trace,
+                                           respond.text_events("completion") if plain else None)
                 choices, cached = await self._collect(deltas, req.n, echo)
             return web.json_response(respond.completion_body(choices, cached, req.logprobs_n, echo, req.score_only))
 
