@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import logging
 import pathlib
 import socket
@@ -247,6 +248,9 @@ async def start(args: argparse.Namespace, follow: Follow | None = None) -> Runni
         internal_port = internal_sock.getsockname()[1]
         logger.info("Router /readyz and /metrics on http://%s:%d", args.internal_host, internal_port)
     following = asyncio.create_task(tls.follow()) if tls else None
+    # What startup made (modules, the tokenizer, the app) lives as long as the process: full garbage
+    # collections while serving skip it (measured: ~60 ms per collection otherwise, one every ~1000 requests).
+    gc.freeze()
     logger.info("Router serving %s on %s://%s:%d (%s; workers over %s)", model, "https" if tls else "http", args.host,
                 port, f"{len(api_keys)} API keys" if api_keys else "no API keys",
                 "mTLS" if bundle is not None else "plaintext")
