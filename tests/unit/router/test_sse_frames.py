@@ -30,8 +30,10 @@ def test_completion_frame_equals_json_dumps(text, reason, index):
     assert json.loads(assembled.removeprefix(b"data: ")) == expected
 
 
-def writes(events: list[tuple[bytes, int]], error: Exception | None = None) -> tuple[list[bytes], Exception | None]:
-    """What `coalesced` writes for frames each made while `backlog` more deltas of the request waited."""
+def writes(events: list[tuple[bytes, int]], error: Exception | None = None,
+           ) -> tuple[list[bytes], list[bytes], Exception | None]:
+    """What `coalesced` writes for frames each made while `backlog` more deltas of the request waited,
+    what it leaves for the stream's ending, and the error the frames ended with."""
     async def frames():
         for data, backlog in events:
             BACKLOG.set(backlog)
@@ -41,29 +43,37 @@ def writes(events: list[tuple[bytes, int]], error: Exception | None = None) -> t
 
     async def collect():
         out: list[bytes] = []
+        tail: list[bytes] = []
         try:
-            async for data in coalesced(frames()):
+            async for data in coalesced(frames(), tail):
                 out.append(data)
         except RouterError as exc:
-            return out, exc
-        return out, None
+            return out, tail, exc
+        return out, tail, None
 
     return asyncio.run(collect())
 
 
 def test_a_client_that_fell_behind_gets_its_pending_events_in_one_write():
-    out, _ = writes([(b"a", 0), (b"b", 2), (b"c", 1), (b"d", 0), (b"e", 0)])
-    assert out == [b"a", b"bcd", b"e"]
+    out, tail, _ = writes([(b"a", 0), (b"b", 2), (b"c", 1), (b"d", 0), (b"e", 0)])
+    assert out == [b"a", b"bcd", b"e"] and tail == []
 
 
 def test_one_write_holds_at_most_max_coalesced_events():
-    out, _ = writes([(b"x", 5)] * (MAX_COALESCED + 3))
-    assert [len(data) for data in out] == [MAX_COALESCED, 3]
+    out, tail, _ = writes([(b"x", 5)] * (MAX_COALESCED + 3))
+    assert [len(data) for data in out] == [MAX_COALESCED] and tail == [b"x"] * 3
+
+
+def test_the_last_events_of_a_stream_whose_end_came_with_them_are_left_for_the_ending():
+    """The end counts in the backlog: the last delta's event and the usage event after it are written
+    with `data: [DONE]`, one write for the stream's end."""
+    out, tail, _ = writes([(b"a", 0), (b"last", 1), (b"usage", 1)])
+    assert out == [b"a"] and tail == [b"last", b"usage"]
 
 
 def test_events_owed_before_an_error_are_written_before_it():
-    out, error = writes([(b"a", 1), (b"b", 1)], BadRequest("the request broke"))
-    assert out == [b"ab"] and isinstance(error, BadRequest)
+    out, tail, error = writes([(b"a", 1), (b"b", 1)], BadRequest("the request broke"))
+    assert out == [] and tail == [b"a", b"b"] and isinstance(error, BadRequest)
 
 
 def test_straight_writes_a_texts_event_framed_as_the_body_is_and_refuses_what_its_task_must_write():

@@ -5,8 +5,9 @@ answers with one SessionBatch per engine step holding the deltas of all of this 
 it. One reader task per session decodes each batch once and hands every stream its deltas without
 waiting on anyone: a client that reads slowly only lengthens its own queue. A queue longer than
 MAX_BEHIND deltas cuts that client (SlowReader) and cancels its request on the worker, which frees
-its KV. While a stream has deltas queued, BACKLOG says how many, so that the HTTP side can write a
-client that fell behind all of its pending events at once.
+its KV. While a stream has deltas queued, BACKLOG says how many (counting its end when that came too),
+so that the HTTP side can write a client that fell behind all of its pending events at once, and a
+stream's last events with its ending.
 
 The per-step fast path: a stream whose request installed a SINK (a streamed response with one
 choice, whose events need nothing but the text) and whose task is waiting for its next delta gets a
@@ -43,7 +44,8 @@ T = TypeVar("T")
 
 MAX_BEHIND = 2048  # deltas received for one request that its client has not taken yet
 
-# Deltas of the current request's stream received and not yet taken (in the request's task).
+# Deltas of the current request's stream received and not yet taken (in the request's task), plus one
+# when the stream's clean end has arrived as well: what follows comes without waiting.
 BACKLOG: contextvars.ContextVar[int] = contextvars.ContextVar("triphase_backlog", default=0)
 
 # Writes the text of one delta of the current request to its client now, as its next event; False: it
@@ -128,7 +130,7 @@ class WorkerSession(Generic[T]):
                     BACKLOG.set(len(items))
                     yield self.delivered(pushed)
                 elif items:
-                    BACKLOG.set(len(items) - 1)
+                    BACKLOG.set(len(items) - 1 + (stream.ended and stream.error is None))
                     yield convert(items.popleft())
                     stream.sink = sink  # the first delta went the whole way: the next may go straight
                 elif stream.ended:

@@ -106,11 +106,13 @@ class Straight:
         return True
 
 
-async def coalesced(frames: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+async def coalesced(frames: AsyncIterator[bytes], tail: list[bytes]) -> AsyncGenerator[bytes, None]:
     """SSE events as they should be written: a client that fell behind (more of its request's output
-    already here: BACKLOG) gets its pending events in one write, at most MAX_COALESCED of them; before
-    an error, what it is owed. (A delta that makes no event, such as held-back tool-call text, can keep
-    the events before it for one engine step.)"""
+    already here: BACKLOG, which counts a stream's end that has arrived too) gets its pending events in
+    one write, at most MAX_COALESCED of them. What is pending when the frames end or fail goes to
+    `tail`, to be written with the stream's ending: a stream whose end came with its last delta ends
+    in one write. (A delta that makes no event, such as held-back tool-call text, can keep the events
+    before it for one engine step.)"""
     pending: list[bytes] = []
     try:
         async for frame in frames:
@@ -118,12 +120,8 @@ async def coalesced(frames: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]
             if not BACKLOG.get() or len(pending) >= MAX_COALESCED:
                 yield pending[0] if len(pending) == 1 else b"".join(pending)
                 pending.clear()
-    except Exception:
-        if pending:
-            yield b"".join(pending)
-        raise
-    if pending:
-        yield b"".join(pending)
+    finally:
+        tail.extend(pending)
 
 
 class Api:
@@ -314,29 +312,31 @@ class Api:
 
     async def _stream_events(self, response: web.StreamResponse, frames: AsyncIterator[bytes],
                              straight: Straight | None) -> None:
-        """The events, then an error event if the stream failed, then `data: [DONE]`."""
+        """The events, then an error event if the stream failed, then `data: [DONE]`: what is left of
+        the events, the error and [DONE] in one write."""
+        tail: list[bytes] = []
         try:
-            async with contextlib.aclosing(coalesced(frames)) as writes:
+            async with contextlib.aclosing(coalesced(frames, tail)) as writes:
                 async for data in writes:
                     await response.write(data)
                     if straight is not None:
                         straight.open = True
         except RouterError as exc:
-            await response.write(responses.frame(exc.body()))
+            tail.append(responses.frame(exc.body()))
         except asyncio.CancelledError:
             if not self.ending:
                 raise
             task = asyncio.current_task()
             assert task is not None
             task.uncancel()  # ended by `_end_in_flight`: the client gets an error event, then [DONE]
-            await response.write(responses.frame(SHUTTING_DOWN.body()))
+            tail.append(responses.frame(SHUTTING_DOWN.body()))
         except (ConnectionResetError, BrokenPipeError):
             raise
         except Exception:
             logger.exception("Stream failed")
-            await response.write(responses.frame(Unavailable("the request failed inside the serving system").body()))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+            tail.append(responses.frame(Unavailable("the request failed inside the serving system").body()))
+        tail.append(b"data: [DONE]\n\n")
+        await response.write_eof(b"".join(tail))
 
     # ------------------------------------------------------------------ routes
     async def chat(self, request: web.Request) -> web.StreamResponse:
