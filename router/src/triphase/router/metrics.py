@@ -7,6 +7,7 @@ balancer report what happened through the methods below and never touch a family
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -66,10 +67,14 @@ class RouterMetrics:
         self.requests.labels(model, "ok", "")
         for where in ("encode_pool", "prefill_worker"):
             self.images.labels(model, where)
+        # The series every request writes, looked up once: labels() costs more than the write itself.
+        self._ttft, self._tpot, self._e2e = (family.labels(model) for family in (self.ttft, self.tpot, self.e2e))
+        self._outcomes: dict[tuple[str, str], Any] = {}  # (status, key): its triphase_requests_total
+        self._tokens: dict[str, tuple[Any, Any]] = {}  # key: its prompt and generation token counters
 
     def first_token(self, seconds: float) -> None:
         """Arrival to the first token leaving the router."""
-        self.ttft.labels(self.model).observe(seconds)
+        self._ttft.observe(seconds)
 
     def finished(self, status: str, prompt_tokens: int, generated: int, seconds: float,
                  after_first_s: float | None, key: str = "") -> None:
@@ -77,17 +82,27 @@ class RouterMetrics:
         `after_first_s` is the time from its first token to its last (None without a first token): its
         TPOT when it streamed more than one (kept for a request whose client hung up: slow tokens are a
         reason to). `key`: the name of the client's API key."""
-        self.requests.labels(self.model, status, key).inc()
-        self.prompt_tokens.labels(self.model, key).inc(prompt_tokens)
-        self.generation_tokens.labels(self.model, key).inc(generated)
+        self._outcome(status, key).inc()
+        tokens = self._tokens.get(key)
+        if tokens is None:
+            tokens = self._tokens[key] = (self.prompt_tokens.labels(self.model, key),
+                                          self.generation_tokens.labels(self.model, key))
+        tokens[0].inc(prompt_tokens)
+        tokens[1].inc(generated)
         if status != CLIENT_CLOSED:  # it did not end: the time until its client left is no end-to-end latency
-            self.e2e.labels(self.model).observe(seconds)
+            self._e2e.observe(seconds)
         if after_first_s is not None and generated > 1:
-            self.tpot.labels(self.model).observe(after_first_s / (generated - 1))
+            self._tpot.observe(after_first_s / (generated - 1))
 
     def refused(self, status: int, key: str = "") -> None:
         """A request answered with an error before or instead of running (4xx, 429, 500...)."""
-        self.requests.labels(self.model, str(status), key).inc()
+        self._outcome(str(status), key).inc()
+
+    def _outcome(self, status: str, key: str) -> Any:
+        counter = self._outcomes.get((status, key))
+        if counter is None:
+            counter = self._outcomes[(status, key)] = self.requests.labels(self.model, status, key)
+        return counter
 
     def images_encoded(self, seconds: float | None, on_pool: int, on_prefill: int) -> None:
         """A request's images: how many the encode pool encoded (in `seconds`, when it did) and how many
