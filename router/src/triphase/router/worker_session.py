@@ -11,10 +11,10 @@ stream's last events with its ending.
 
 The per-step fast path: a stream whose request installed a SINK (a streamed response with one
 choice, whose events need nothing but the text) and whose task is waiting for its next delta gets a
-step's plain deltas (text only: no finish, no logprobs) written by the reader itself, through the
-sink, without waking the task. The task wakes for what needs it: the stream's end, an error, a delta
-that is not plain, or a client the sink refused because its socket is backed up (the task then
-writes and waits for the client as before, so back-pressure and MAX_BEHIND hold). When it wakes, it
+step's deltas, all but the finish, written by the reader itself through the sink, without waking the
+task. The task wakes for what needs it: the stream's end, an error, the finish, or a client the sink
+refused because its socket is backed up (the task then writes and waits for the client as before,
+so back-pressure and MAX_BEHIND hold). When it wakes, it
 first takes one `delivered` delta with the tokens the sink wrote meanwhile: the layers above count
 them (tokens sent, for a resume elsewhere; usage) and send nothing for it.
 
@@ -230,12 +230,13 @@ class WorkerSession(Generic[T]):
 
 
 def _push(stream: _Stream, deltas: Sequence[pb.TokenDelta]) -> int:
-    """How many of `deltas`, from the first, the stream's sink wrote: plain ones (text and tokens only:
-    no finish, no logprobs, choice 0) until it refuses one."""
+    """How many of `deltas`, from the first, the stream's sink wrote: all but the finish, until it refuses
+    one. (A sink serves only requests whose deltas carry nothing else its events show: one choice, no
+    logprobs.)"""
     sink, pushed = stream.sink, stream.pushed
     assert sink is not None
     for i, d in enumerate(deltas):
-        if d.finish_reason or d.index or d.logprobs or d.prompt_logprobs or not sink(d.text):
+        if d.finish_reason or not sink(d.text):
             return i
         pushed.extend(d.token_ids)
     return len(deltas)
