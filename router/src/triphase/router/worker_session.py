@@ -14,9 +14,9 @@ choice, whose events need nothing but the text) and whose task is waiting for it
 step's deltas, all but the finish, written by the reader itself through the sink, without waking the
 task. The task wakes for what needs it: the stream's end, an error, the finish, or a client the sink
 refused because its socket is backed up (the task then writes and waits for the client as before,
-so back-pressure and MAX_BEHIND hold). When it wakes, it
-first takes one `delivered` delta with the tokens the sink wrote meanwhile: the layers above count
-them (tokens sent, for a resume elsewhere; usage) and send nothing for it.
+so back-pressure and MAX_BEHIND hold). When it wakes, it first takes one `delivered` delta with the
+tokens the sink wrote meanwhile: the layers above count them (tokens sent, for a resume elsewhere;
+usage) and send nothing for it.
 
 A session that fails (the worker died, the connection broke) ends each of its open streams as that
 worker's failure would (WorkerFailed: the pipeline resumes them elsewhere); the next request opens a
