@@ -29,6 +29,7 @@ from triphase.control.metrics import BalancerMetrics
 from triphase.control.stats import StatsWatcher
 from triphase.operator import security
 from triphase.operator.api.v1alpha1 import API_VERSION, ServingDeploymentSpec
+from triphase.operator.builders import workers_selector
 from triphase.operator.daemon import DeploymentDaemon, PostEvent
 from triphase.operator.kube import ApiError, Kube
 from triphase.operator.reconcile import InvalidSpec, observe
@@ -127,8 +128,7 @@ class DeploymentBalancer(DeploymentDaemon):
             logger.info("%s: role balancer stopped", self.deployment)
 
     async def discover(self, watcher: StatsWatcher) -> None:
-        selector = f"{labels.DEPLOYMENT}={self.name},{labels.COMPONENT}=worker"
-        pods = await self.kube.list("v1", "Pod", self.namespace, selector)
+        pods = await self.kube.list("v1", "Pod", self.namespace, workers_selector(self.name))
         self.pods = {ep: p["metadata"]["name"] for p in pods if (ep := pod_endpoint(p))}
         self.labelled = {p["metadata"]["name"]: (p["metadata"].get("labels") or {}).get(labels.CURRENT_ROLE, "")
                          for p in pods}

@@ -100,6 +100,13 @@ def worker_selector(name: str, role: str) -> dict[str, str]:
     return {labels.DEPLOYMENT: name, labels.COMPONENT: "worker", labels.ROLE: role}
 
 
+def workers_selector(name: str, role: str | None = None) -> str:
+    """Deployment `name`'s worker pods (of the pool with `role`, when given) as a label selector
+    string, the form a LIST and the router's --selector take."""
+    wanted = {labels.DEPLOYMENT: name, labels.COMPONENT: "worker"} if role is None else worker_selector(name, role)
+    return ",".join(f"{k}={v}" for k, v in wanted.items())
+
+
 def _meta(name: str, namespace: str, parent: str, extra: dict[str, str] | None = None) -> dict[str, Any]:
     return {"name": name, "namespace": namespace, "labels": {**common_labels(parent), **(extra or {})}}
 
@@ -228,10 +235,9 @@ def worker_deployment(name: str, namespace: str, role: str, pool: PoolSpec, spec
 def router_deployment(name: str, namespace: str, spec: ServingDeploymentSpec, config_digest: str) -> dict[str, Any]:
     stack, volumes, mounts = _model_and_volumes(spec)
     selector = {labels.DEPLOYMENT: name, labels.COMPONENT: "router"}
-    workers = f"{labels.DEPLOYMENT}={name},{labels.COMPONENT}=worker"
-    args = [*stack.router_args(), "--discovery", "kubernetes", "--selector", workers, "--host", "0.0.0.0", "--port",
-            str(HTTP_PORT), "--internal-host", "0.0.0.0", "--internal-port", str(METRICS_PORT),
-            "--mtls-dir", MTLS_MOUNT]
+    args = [*stack.router_args(), "--discovery", "kubernetes", "--selector", workers_selector(name),
+            "--host", "0.0.0.0", "--port", str(HTTP_PORT), "--internal-host", "0.0.0.0",
+            "--internal-port", str(METRICS_PORT), "--mtls-dir", MTLS_MOUNT]
     mounts = [*mounts, {"name": "mtls", "mountPath": MTLS_MOUNT, "readOnly": True}]
     volumes = [*volumes, _secret_volume("mtls", f"{name}-mtls-router")]
     keys = spec.router.api_key_secret_ref

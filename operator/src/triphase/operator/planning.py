@@ -39,6 +39,7 @@ from triphase.control.planner import Plan, Planner, PoolView, Settings, StepMode
 from triphase.control.planning import Outcome, PlannerLoop
 from triphase.control.signals import PrometheusSignals, http_query
 from triphase.operator.api.v1alpha1 import API_VERSION, PoolSpec, ServingDeploymentSpec
+from triphase.operator.builders import workers_selector
 from triphase.operator.conditions import now, set_condition
 from triphase.operator.daemon import DeploymentDaemon, PostEvent
 from triphase.operator.kube import ApiError, Kube
@@ -171,7 +172,7 @@ class DeploymentPlanner(DeploymentDaemon):
         selector = f"{labels.DEPLOYMENT}={self.name}"
         pools = {p["metadata"]["labels"].get(labels.ROLE): p
                  for p in await self.kube.list(API_VERSION, "ServingPool", self.namespace, selector)}
-        pods = [p for p in await self.kube.list("v1", "Pod", self.namespace, f"{selector},{labels.COMPONENT}=worker")
+        pods = [p for p in await self.kube.list("v1", "Pod", self.namespace, workers_selector(self.name))
                 if pod_ready(p)]
         views: dict[Role, PoolView] = {}
         by_role = {role: 0 for role in PLANNED}

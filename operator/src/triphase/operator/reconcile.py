@@ -258,7 +258,7 @@ async def _reconcile(kube: Kube, body: dict[str, Any]) -> Outcome:
     existing = {} if new else await _owned_pools(kube, name, namespace, owner)
     # A pool's Deployment counts too: one left behind without its ServingPool (an interrupted removal)
     # would otherwise never be removed, its owner being alive. Only ours: a label is no claim.
-    workers = f"{labels.DEPLOYMENT}={name},{labels.COMPONENT}=worker"
+    workers = builders.workers_selector(name)
     deployed = set() if new else {d["metadata"]["labels"].get(labels.ROLE)
                                   for d in await kube.list("apps/v1", "Deployment", namespace, workers)
                                   if _owns(d, owner)}
@@ -310,7 +310,7 @@ async def _observe(kube: Kube, body: dict[str, Any], spec: ServingDeploymentSpec
     conditions = list(previous.get("conditions") or [])
     # an observation speaks for the generation last reconciled, not for a newer one it has not applied
     generation = meta.get("generation") if applied else previous.get("observedGeneration")
-    workers = f"{labels.DEPLOYMENT}={name},{labels.COMPONENT}=worker"
+    workers = builders.workers_selector(name)
     pods = [] if new else await kube.list("v1", "Pod", namespace, workers)
     pool_status: dict[str, Any] = {}
     summary: dict[str, str] = {}
@@ -326,8 +326,8 @@ async def _observe(kube: Kube, body: dict[str, Any], spec: ServingDeploymentSpec
         pool_status[role] = {"desired": replicas[role], "ready": len(ready), "byRole": by_role}
         summary[role] = f"{len(ready)}/{replicas[role]}"
         all_ready = all_ready and len(ready) >= replicas[role]
-        selector = ",".join(f"{k}={v}" for k, v in builders.worker_selector(name, role).items())
-        observed = {"replicas": len(mine), "readyReplicas": len(ready), "selector": selector}
+        observed = {"replicas": len(mine), "readyReplicas": len(ready),
+                    "selector": builders.workers_selector(name, role)}
         if {k: (pool.get("status") or {}).get(k) for k in observed} != observed:  # only what changed is written
             updates.append(kube.patch_status(API_VERSION, "ServingPool", namespace, f"{name}-{role}", observed))
     await asyncio.gather(*updates)
