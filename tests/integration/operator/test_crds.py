@@ -1,6 +1,6 @@
 """The generated CRDs on a real API server: a valid ServingDeployment is accepted and printed with its
 columns; invalid ones are rejected by the API server itself with the offending field path; a
-ServingPool scales through its /scale subresource."""
+ServingPool scales through its /scale subresource, which reports its pods' selector."""
 
 from __future__ import annotations
 
@@ -98,11 +98,27 @@ def test_every_sample_is_valid_for_the_models_and_the_api_server(crds, sample):
     assert result.returncode == 0, result.stderr
 
 
+POOL_SELECTOR = "triphase.dev/deployment=smollm2,triphase.dev/component=worker,triphase.dev/role=decode"
+
+
 def test_serving_pool_scales_through_the_scale_subresource(crds):
+    """/scale sets spec.replicas and reports the pool's pods' selector, which it has from the spec the
+    operator creates the pool with: an autoscaler can find the pods from the pool's first moment."""
     pool = {"apiVersion": "triphase.dev/v1alpha1", "kind": "ServingPool", "metadata": {"name": "smollm2-decode"},
-            "spec": {"deployment": "smollm2", "role": "decode", "replicas": 2}}
+            "spec": {"deployment": "smollm2", "role": "decode", "replicas": 2, "selector": POOL_SELECTOR}}
     assert _apply(crds, pool).returncode == 0
     crds.kubectl("scale", "servingpool/smollm2-decode", "--replicas=3")
     stored = json.loads(crds.kubectl("get", "tsp", "smollm2-decode", "-o", "json").stdout)
     assert stored["spec"]["replicas"] == 3
+    path = f"/apis/triphase.dev/v1alpha1/namespaces/{crds.namespace}/servingpools/smollm2-decode/scale"
+    scale = json.loads(crds.kubectl("get", "--raw", path).stdout)
+    assert scale["spec"]["replicas"] == 3 and scale["status"]["selector"] == POOL_SELECTOR
+
+
+def test_a_serving_pool_selector_other_than_its_own_pods_is_rejected(crds):
+    pool = {"apiVersion": "triphase.dev/v1alpha1", "kind": "ServingPool", "metadata": {"name": "smollm2-prefill"},
+            "spec": {"deployment": "smollm2", "role": "prefill", "selector": POOL_SELECTOR}}  # decode's pods
+    result = _apply(crds, pool)
+    assert result.returncode != 0 and "spec.selector" in result.stderr
+    assert "must select the pool's own pods" in result.stderr
 

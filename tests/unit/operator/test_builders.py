@@ -82,6 +82,15 @@ def test_serving_pool_carries_replicas_only_on_creation():
     assert "replicas" not in builders.serving_pool("llm", "ns", "decode", pool, with_replicas=False)["spec"]
 
 
+def test_serving_pool_names_its_pods_selector_for_scale():
+    """The selector /scale reports comes with the pool (no status write needed): the pods of its
+    Deployment, which the Deployment's own selector picks."""
+    pool = builders.serving_pool("llm", "ns", "decode", SPEC.pools.decode, with_replicas=True)
+    deployment = _by_name(builders.children("llm", "ns", SPEC, {"decode": 2}))[("Deployment", "llm-decode")]
+    wanted = dict(term.split("=") for term in pool["spec"]["selector"].split(","))
+    assert wanted == deployment["spec"]["selector"]["matchLabels"]
+
+
 def test_pods_drain_inside_their_grace_period():
     objects = _by_name(builders.children("llm", "ns", SPEC, {}, monitoring=()))
     for name in ("llm-decode", "llm-prefill", "llm-router"):

@@ -132,7 +132,7 @@ def config_hash(config: dict[str, Any]) -> str:
 
 def serving_pool(name: str, namespace: str, role: str, pool: PoolSpec, *, with_replicas: bool) -> dict[str, Any]:
     """The pool object; `with_replicas` only when creating it (afterwards /scale owns spec.replicas)."""
-    spec: dict[str, Any] = {"deployment": name, "role": role}
+    spec: dict[str, Any] = {"deployment": name, "role": role, "selector": workers_selector(name, role)}
     if with_replicas:
         spec["replicas"] = pool.replicas
     return {"apiVersion": API_VERSION, "kind": "ServingPool",

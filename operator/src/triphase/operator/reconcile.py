@@ -326,9 +326,9 @@ async def _observe(kube: Kube, body: dict[str, Any], spec: ServingDeploymentSpec
         pool_status[role] = {"desired": replicas[role], "ready": len(ready), "byRole": by_role}
         summary[role] = f"{len(ready)}/{replicas[role]}"
         all_ready = all_ready and len(ready) >= replicas[role]
-        observed = {"replicas": len(mine), "readyReplicas": len(ready),
-                    "selector": builders.workers_selector(name, role)}
-        if {k: (pool.get("status") or {}).get(k) for k in observed} != observed:  # only what changed is written
+        observed = {"replicas": len(mine), "readyReplicas": len(ready)}
+        # only what changed is written (a new pool's counts are 0, as an absent status reads)
+        if {k: (pool.get("status") or {}).get(k, 0) for k in observed} != observed:
             updates.append(kube.patch_status(API_VERSION, "ServingPool", namespace, f"{name}-{role}", observed))
     await asyncio.gather(*updates)
     router_ready = int((router.get("status") or {}).get("readyReplicas") or 0)

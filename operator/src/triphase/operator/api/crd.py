@@ -121,7 +121,7 @@ def serving_pool() -> dict[str, Any]:
     schema = _object(api.ServingPoolSpec, api.ServingPoolStatus,
                      "One role's workers of a ServingDeployment; /scale drives its replicas.")
     scale = {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
-             "labelSelectorPath": ".status.selector"}
+             "labelSelectorPath": ".spec.selector"}
     return _crd("ServingPool", "servingpools", "tsp", schema, columns, {"status": {}, "scale": scale})
 
 

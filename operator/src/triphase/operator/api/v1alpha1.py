@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
+from triphase.common import labels
+
 GROUP = "triphase.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -303,12 +305,22 @@ class ServingDeploymentStatus(_Model):
 
 
 class ServingPoolSpec(_Model):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": f"!has(self.selector) || self.selector == '{labels.DEPLOYMENT}=' + self.deployment + "
+                 f"',{labels.COMPONENT}=worker,{labels.ROLE}=' + self.role",
+         "fieldPath": ".selector",
+         "message": f"selector must select the pool's own pods: {labels.DEPLOYMENT}=<deployment>,"
+                    f"{labels.COMPONENT}=worker,{labels.ROLE}=<role>"},
+    ]})
+
     deployment: str = Field(description="The owning ServingDeployment.", min_length=1, max_length=253)
     role: Literal["encode", "prefill", "decode"] = Field(description="The role its workers start with.")
     replicas: int = Field(default=1, ge=0, le=1000, description="Desired workers (the /scale subresource).")
+    selector: str | None = Field(default=None, max_length=400,
+                                 description="Label selector of the pool's pods, which /scale reports (an "
+                                             "autoscaler finds the pods by it); written by the operator.")
 
 
 class ServingPoolStatus(_Model):
     replicas: int = Field(default=0, description="Worker pods that exist.")
     ready_replicas: int = Field(default=0, description="Worker pods Running and Ready.")
-    selector: str = Field(default="", description="Label selector of the pool's pods (for /scale).")
