@@ -102,6 +102,8 @@ class Responder:
     model: str
     texts: lp.TokenTexts
     prompt_tokens: int
+    # `frame_head` per (chunk object, choice): the streams' and the fast path's events share them
+    _heads: dict[tuple[str, int], bytes] = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def _usage(self, choices: list[Collected], cached: int) -> dict[str, Any]:
         return p.usage(self.prompt_tokens, sum(len(c.tokens) for c in choices), cached)
@@ -143,6 +145,12 @@ class Responder:
                 "choices": out, "usage": self._usage(choices, cached)}
 
     # ---------------------------------------------------------------- streams
+    def _head(self, kind: str, index: int = 0) -> bytes:
+        head = self._heads.get((kind, index))
+        if head is None:
+            head = self._heads[(kind, index)] = frame_head(self._base(kind), index)
+        return head
+
     def _base(self, kind: str) -> dict[str, Any]:
         return {"id": self.rid, "object": kind, "created": self.created, "model": self.model}
 
@@ -153,13 +161,13 @@ class Responder:
         """The event of a step's text of choice 0 (no finish, no logprobs) in `chat_chunks` ("chat") or
         `completion_chunks` ("completion"): what worker_session.SINK writes."""
         if kind == "chat":
-            return functools.partial(chat_event, frame_head(self._base("chat.completion.chunk")))
-        return functools.partial(completion_event, frame_head(self._base("text_completion")))
+            return functools.partial(chat_event, self._head("chat.completion.chunk"))
+        return functools.partial(completion_event, self._head("text_completion"))
 
     async def chat_chunks(self, deltas: AsyncIterator[Delta], n: int, include_usage: bool,
                           logprobs_n: int | None) -> AsyncIterator[bytes]:
         base = self._base("chat.completion.chunk")
-        heads = [frame_head(base, i) for i in range(n)]
+        heads = [self._head("chat.completion.chunk", i) for i in range(n)]
         for i in range(n):
             yield frame({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                               "finish_reason": None}]})
@@ -219,7 +227,7 @@ class Responder:
         """The echoed prompt (with its logprobs: they come with the first delta) is each choice's first
         chunk; with `score_only` it is all there is (and a `length` finish)."""
         base = self._base("text_completion")
-        heads = [frame_head(base, i) for i in range(n)]
+        heads = [self._head("text_completion", i) for i in range(n)]
         generated = 0
         logprobs = None if logprobs_n is None else [lp.CompletionLogprobs(self.texts, logprobs_n) for _ in range(n)]
         echoed = echo is None
